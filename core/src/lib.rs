@@ -1,0 +1,3 @@
+//! lb-core (being written)
+#![forbid(unsafe_code)]
+pub mod http1;
