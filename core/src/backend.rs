@@ -1,0 +1,155 @@
+//! Backend identity and what the pool knows about one backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::health::Health;
+
+/// Identifies one backend for as long as it is in the pool.
+///
+/// Ids are a slot and a generation: a slot freed by a removed backend is reused by a later
+/// one under a new generation, so an id held by a stale [`Lease`](crate::Lease) or probe
+/// result never matches the newcomer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId {
+    pub(crate) slot: u32,
+    pub(crate) gen: u32,
+}
+
+impl BackendId {
+    /// The backend's slot: a small index, unique among the backends present at one time
+    /// (adapters may use it to index their own per-backend tables).
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b{}.{}", self.slot, self.gen)
+    }
+}
+
+/// The largest weight a backend may have. Weighted policies precompute tables whose size
+/// grows with the sum of weights, so weights are kept small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// What a caller says about a backend when adding it to the pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// The backend's base URL, e.g. `http://10.0.0.5:8000`. The core treats it as a name;
+    /// adapters parse it.
+    pub url: String,
+    /// Relative weight, `1..=MAX_WEIGHT`; used by weighted policies.
+    pub weight: u32,
+    /// Cap on requests in flight to this backend; 0 = unlimited. A backend at its cap is
+    /// not eligible for selection.
+    pub max_conns: u32,
+}
+
+impl BackendSpec {
+    /// A backend with weight 1 and no cap.
+    pub fn new(url: impl Into<String>) -> Self {
+        BackendSpec {
+            url: url.into(),
+            weight: 1,
+            max_conns: 0,
+        }
+    }
+}
+
+/// Why the pool refused a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolError {
+    /// The weight was 0 or above [`MAX_WEIGHT`].
+    InvalidWeight {
+        /// The backend's URL.
+        url: String,
+        /// The refused weight.
+        weight: u32,
+    },
+    /// A backend with this URL is already in the pool.
+    Duplicate {
+        /// The backend's URL.
+        url: String,
+    },
+}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolError::InvalidWeight { url, weight } => write!(
+                f,
+                "backend {url}: weight {weight} is out of range (1..={MAX_WEIGHT})"
+            ),
+            PoolError::Duplicate { url } => write!(f, "backend {url} is listed twice"),
+        }
+    }
+}
+
+impl std::error::Error for PoolError {}
+
+/// One backend's state inside the pool.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub(crate) id: BackendId,
+    pub(crate) url: Arc<str>,
+    pub(crate) weight: u32,
+    pub(crate) max_conns: u32,
+    pub(crate) in_flight: u32,
+    pub(crate) draining: bool,
+    pub(crate) health: Health,
+    /// Hash of the URL: the backend's name for rendezvous hashing.
+    pub(crate) name_hash: u64,
+    /// When the next probe is due.
+    pub(crate) next_probe: Instant,
+    /// The probe in flight, if any: its sequence number and deadline.
+    pub(crate) probe: Option<(u64, Instant)>,
+    /// Sequence number of the last probe started.
+    pub(crate) probe_seq: u64,
+}
+
+impl Backend {
+    /// Whether this backend is at its in-flight cap.
+    #[inline]
+    pub(crate) fn at_cap(&self) -> bool {
+        self.max_conns != 0 && self.in_flight >= self.max_conns
+    }
+}
+
+/// A read-only view of one backend, for status pages and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// The backend's id.
+    pub id: BackendId,
+    /// Its URL.
+    pub url: Arc<str>,
+    /// Its weight.
+    pub weight: u32,
+    /// Its in-flight cap (0 = unlimited).
+    pub max_conns: u32,
+    /// Requests in flight to it (leases not yet released).
+    pub in_flight: u32,
+    /// Whether it is healthy.
+    pub healthy: bool,
+    /// Whether it is draining (no new requests; removed once idle).
+    pub draining: bool,
+    /// How many times it has been ejected (bumped on each healthy → unhealthy transition).
+    pub epoch: u64,
+}
+
+impl From<&Backend> for BackendView {
+    fn from(b: &Backend) -> Self {
+        BackendView {
+            id: b.id,
+            url: b.url.clone(),
+            weight: b.weight,
+            max_conns: b.max_conns,
+            in_flight: b.in_flight,
+            healthy: b.health.is_healthy(),
+            draining: b.draining,
+            epoch: b.health.epoch(),
+        }
+    }
+}

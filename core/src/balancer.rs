@@ -1,0 +1,792 @@
+//! The [`Balancer`]: the pool, its policy, health and status, driven by the adapter.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+
+use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
+use crate::hash::hash_bytes;
+use crate::health::{Health, HealthConfig, HealthState, ProbeOutcome};
+use crate::policy::{Policy, Selector};
+use crate::status::{StatusReport, Summary};
+
+/// The smallest interval or timeout the core works with: shorter ones are raised to it, so
+/// that a deadline is always strictly in the future (no busy loop).
+pub const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// Everything the balancer needs to know up front.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The balancing policy.
+    pub policy: Policy,
+    /// Active and passive health settings.
+    pub health: HealthConfig,
+    /// Time between [`Event::Status`] reports; `None` for no reports.
+    pub status_interval: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let health = HealthConfig::default();
+        Config {
+            policy: Policy::LeastConn,
+            status_interval: Some(health.interval),
+            health,
+        }
+    }
+}
+
+/// What a policy may use to choose a backend for one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestMeta<'a> {
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// An affinity key (a header's value, the OpenAI `user` field, ...). Hashing policies
+    /// use it instead of the client's address when present.
+    pub key: Option<&'a [u8]>,
+}
+
+impl<'a> RequestMeta<'a> {
+    /// Meta for a request from `client_ip`.
+    pub fn from_ip(client_ip: IpAddr) -> Self {
+        RequestMeta {
+            client_ip: Some(client_ip),
+            key: None,
+        }
+    }
+
+    /// The same meta with an affinity key.
+    pub fn with_key(self, key: &'a [u8]) -> Self {
+        RequestMeta {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    /// The hash hashing policies route by: the key's, else the client address's.
+    fn affinity_hash(&self) -> Option<u64> {
+        if let Some(k) = self.key {
+            return Some(hash_bytes(k));
+        }
+        self.client_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => hash_bytes(&v4.octets()),
+                None => hash_bytes(&v6.octets()),
+            },
+        })
+    }
+}
+
+/// A reserved slot on one backend: the request in flight.
+///
+/// Returned by [`Balancer::select`]; give it back exactly once with [`Balancer::release`],
+/// which consumes it. In debug builds, dropping a lease without releasing it panics, so
+/// tests catch a path that forgets (adapters tie the release to a guard's `Drop`).
+#[must_use = "a Lease must be given back with Balancer::release"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Lease {
+    backend: BackendId,
+    epoch: u64,
+    released: bool,
+}
+
+impl Lease {
+    /// The backend that serves this request.
+    pub fn backend(&self) -> BackendId {
+        self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if cfg!(debug_assertions) && !self.released && !std::thread::panicking() {
+            panic!(
+                "lease on backend {} dropped without Balancer::release",
+                self.backend
+            );
+        }
+    }
+}
+
+/// Why no backend was selected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// No backend is healthy (the proxy answers 503).
+    NoHealthyBackend,
+    /// Every healthy backend is at its in-flight cap (the proxy answers 429).
+    AllAtCapacity,
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reject::NoHealthyBackend => "no healthy backend",
+            Reject::AllAtCapacity => "every healthy backend is at its connection limit",
+        })
+    }
+}
+
+/// What kind of failure a backend exchange ended with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The connection could not be made (refused, unreachable, TLS handshake).
+    Connect,
+    /// The request's deadline passed.
+    Timeout,
+    /// The connection failed while in use (reset, closed early).
+    Io,
+    /// The backend sent something that is not valid HTTP.
+    Protocol,
+}
+
+/// A failed backend exchange: a kind for decisions, a message for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendError {
+    /// The kind of failure.
+    pub kind: ErrorKind,
+    /// What happened, e.g. `connection refused`.
+    pub message: String,
+}
+
+/// How a request's exchange with its backend ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered with this status and the exchange finished normally.
+    Response(u16),
+    /// The backend failed: before a response head (`status` is `None`) or after it.
+    Failed {
+        /// The response status, if a head arrived before the failure.
+        status: Option<u16>,
+        /// What went wrong.
+        error: BackendError,
+    },
+    /// The client went away, or the request ended for a reason not the backend's.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The passive-health signal of this outcome: `Some(true)` for a failure (5xx, a
+    /// transport error, a timeout before the response head), `Some(false)` for a success
+    /// (any status below 500: 4xx and 429 never count against a backend), `None` when it
+    /// says nothing about the backend (client gone; a timeout after the head, since the
+    /// backend was answering).
+    pub fn passive_failure(&self) -> Option<bool> {
+        match self {
+            Outcome::Response(status) => Some(*status >= 500),
+            Outcome::Failed {
+                status: Some(_),
+                error,
+            } if error.kind == ErrorKind::Timeout => None,
+            Outcome::Failed { .. } => Some(true),
+            Outcome::Cancelled => None,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Response(s) => write!(f, "status {s}"),
+            Outcome::Failed {
+                status: None,
+                error,
+            } => write!(f, "error: {}", error.message),
+            Outcome::Failed {
+                status: Some(s),
+                error,
+            } => write!(f, "error after status {s}: {}", error.message),
+            Outcome::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+/// Identifies one probe, to match its result to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeId {
+    backend: BackendId,
+    seq: u64,
+}
+
+impl ProbeId {
+    /// The probed backend.
+    pub fn backend(self) -> BackendId {
+        self.backend
+    }
+}
+
+/// Work the adapter must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Probe a backend's health path and report with [`Balancer::probe_result`]. The core
+    /// counts the probe as timed out at `deadline` whatever the adapter does.
+    StartProbe {
+        /// The probe, to hand back with its result.
+        probe: ProbeId,
+        /// The backend's URL.
+        url: Arc<str>,
+        /// When the probe must have finished.
+        deadline: Instant,
+    },
+}
+
+/// Why a backend's health changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// An active probe.
+    Probe(ProbeOutcome),
+    /// Real traffic.
+    Passive(Outcome),
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Probe(p) => write!(f, "{p}"),
+            Cause::Passive(o) => write!(f, "{o} from a proxied request"),
+        }
+    }
+}
+
+/// Something worth telling the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A backend changed health; emitted exactly once per transition.
+    Health {
+        /// The backend.
+        backend: BackendId,
+        /// Its URL.
+        url: Arc<str>,
+        /// The new state.
+        state: HealthState,
+        /// Why.
+        cause: Cause,
+        /// The backend's epoch after the transition (bumped when it turns unhealthy).
+        epoch: u64,
+    },
+    /// The periodic status report.
+    Status(StatusReport),
+    /// A backend left the pool (removed, or drained and idle).
+    Removed {
+        /// The backend.
+        backend: BackendId,
+        /// Its URL.
+        url: Arc<str>,
+    },
+}
+
+/// The sans-IO load balancer.
+///
+/// See the crate documentation for the driving contract. `R` is the injected random number
+/// generator; seed it to replay a run exactly.
+#[derive(Debug)]
+pub struct Balancer<R = SmallRng> {
+    config: Config,
+    rng: R,
+    slots: Vec<Option<Backend>>,
+    /// The generation the next backend placed in each slot gets.
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    selector: Selector,
+    outstanding: u64,
+    next_status: Option<Instant>,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+}
+
+impl<R: Rng> Balancer<R> {
+    /// An empty balancer. Intervals and timeouts below [`MIN_TICK`] are raised to it.
+    pub fn new(mut config: Config, rng: R, now: Instant) -> Self {
+        let h = &mut config.health;
+        h.interval = h.interval.max(MIN_TICK);
+        h.timeout = h.timeout.max(MIN_TICK);
+        h.fall = h.fall.max(1);
+        h.rise = h.rise.max(1);
+        config.status_interval = config.status_interval.map(|d| d.max(MIN_TICK));
+        Balancer {
+            next_status: config.status_interval.map(|d| now + d),
+            config,
+            rng,
+            slots: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            selector: Selector::new(),
+            outstanding: 0,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    // ------------------------------------------------------------------ getters
+
+    /// The configuration in force (after clamping).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counts for `/health`.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary {
+            in_flight: self.outstanding,
+            ..Summary::default()
+        };
+        for b in self.slots.iter().flatten() {
+            s.total += 1;
+            s.healthy += usize::from(b.health.is_healthy() && !b.draining);
+        }
+        s
+    }
+
+    /// One backend, if it is in the pool.
+    pub fn backend(&self, id: BackendId) -> Option<BackendView> {
+        self.get(id).map(BackendView::from)
+    }
+
+    /// Every backend, in slot order.
+    pub fn backends(&self) -> impl Iterator<Item = BackendView> + '_ {
+        self.slots.iter().flatten().map(BackendView::from)
+    }
+
+    /// Leases handed out and not yet released.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding
+    }
+
+    // ------------------------------------------------------------------ pool changes
+
+    /// Adds a backend. It starts healthy and is probed at the next [`handle_timeout`].
+    ///
+    /// [`handle_timeout`]: Balancer::handle_timeout
+    pub fn add_backend(&mut self, now: Instant, spec: BackendSpec) -> Result<BackendId, PoolError> {
+        if spec.weight == 0 || spec.weight > MAX_WEIGHT {
+            return Err(PoolError::InvalidWeight {
+                url: spec.url,
+                weight: spec.weight,
+            });
+        }
+        if self.slots.iter().flatten().any(|b| *b.url == *spec.url) {
+            return Err(PoolError::Duplicate { url: spec.url });
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.gens.push(0);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 backends")
+            }
+        };
+        let id = BackendId {
+            slot,
+            gen: self.gens[slot as usize],
+        };
+        self.slots[slot as usize] = Some(Backend {
+            id,
+            name_hash: hash_bytes(spec.url.as_bytes()),
+            url: spec.url.into(),
+            weight: spec.weight,
+            max_conns: spec.max_conns,
+            in_flight: 0,
+            draining: false,
+            health: Health::new(),
+            next_probe: now,
+            probe: None,
+            probe_seq: 0,
+        });
+        self.selector.invalidate();
+        Ok(id)
+    }
+
+    /// Removes a backend at once. Its outstanding leases stay valid and are released as
+    /// usual; their outcomes are ignored. Returns false if it was not in the pool.
+    pub fn remove_backend(&mut self, _now: Instant, id: BackendId) -> bool {
+        if self.get(id).is_none() {
+            return false;
+        }
+        let b = self.slots[id.slot as usize].take().expect("checked above");
+        self.gens[id.slot as usize] = id.gen.wrapping_add(1);
+        self.free.push(id.slot);
+        self.selector.invalidate();
+        self.events.push_back(Event::Removed {
+            backend: id,
+            url: b.url,
+        });
+        true
+    }
+
+    /// Stops sending new requests to a backend; it is removed once its in-flight requests
+    /// finish (at once if it has none). Returns false if it was not in the pool.
+    pub fn drain_backend(&mut self, now: Instant, id: BackendId) -> bool {
+        let Some(b) = self.get_mut(id) else {
+            return false;
+        };
+        b.draining = true;
+        b.probe = None;
+        let idle = b.in_flight == 0;
+        self.selector.invalidate();
+        if idle {
+            self.remove_backend(now, id);
+        }
+        true
+    }
+
+    // ------------------------------------------------------------------ requests
+
+    /// Picks a backend for one request and reserves a slot on it (its in-flight count goes
+    /// up by one). Never allocates.
+    pub fn select(&mut self, _now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
+        let policy = self.config.policy;
+        let key = match policy {
+            Policy::IpHash => meta.affinity_hash(),
+            _ => None,
+        };
+        match self.selector.pick(policy, &self.slots, &mut self.rng, key) {
+            Some(slot) => {
+                let b = self.slots[slot as usize]
+                    .as_mut()
+                    .expect("the selector only returns present slots");
+                b.in_flight += 1;
+                self.outstanding += 1;
+                Ok(Lease {
+                    backend: b.id,
+                    epoch: b.health.epoch(),
+                    released: false,
+                })
+            }
+            None if self.selector.ready(&self.slots).is_empty() => Err(Reject::NoHealthyBackend),
+            None => Err(Reject::AllAtCapacity),
+        }
+    }
+
+    /// Gives a lease back with how its exchange ended. Frees its slot and feeds passive
+    /// health (only if the backend has not been ejected since the lease was taken).
+    pub fn release(&mut self, now: Instant, mut lease: Lease, outcome: Outcome) {
+        lease.released = true;
+        self.outstanding -= 1;
+        let id = lease.backend;
+        let health = self.config.health.clone();
+        let Some(b) = self.get_mut(id) else {
+            return; // removed while in flight
+        };
+        debug_assert!(b.in_flight > 0, "in-flight underflow on {id}");
+        b.in_flight = b.in_flight.saturating_sub(1);
+        if b.draining {
+            if b.in_flight == 0 {
+                self.remove_backend(now, id);
+            }
+            return;
+        }
+        if lease.epoch != b.health.epoch() {
+            return;
+        }
+        let Some(failed) = outcome.passive_failure() else {
+            return;
+        };
+        if let Some(state) = b.health.on_passive(failed, &health) {
+            self.transition(id, state, Cause::Passive(outcome));
+        }
+    }
+
+    // ------------------------------------------------------------------ time and probes
+
+    /// Handles every deadline at or before `now`: probe deadlines (as timeouts), due
+    /// sweeps (queuing [`Action::StartProbe`]) and the status report. Afterwards
+    /// [`poll_timeout`](Balancer::poll_timeout) is later than `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let interval = self.config.health.interval;
+        let timeout = self.config.health.timeout;
+        for slot in 0..self.slots.len() {
+            let Some(b) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let id = b.id;
+            if let Some((_, deadline)) = b.probe {
+                if deadline <= now {
+                    b.probe = None;
+                    self.apply_probe(id, ProbeOutcome::TimedOut);
+                }
+            }
+            let Some(b) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            if !b.draining && b.next_probe <= now {
+                b.probe_seq += 1;
+                b.next_probe = next_after(b.next_probe, interval, now);
+                let deadline = (now + timeout).min(b.next_probe);
+                b.probe = Some((b.probe_seq, deadline));
+                self.actions.push_back(Action::StartProbe {
+                    probe: ProbeId {
+                        backend: id,
+                        seq: b.probe_seq,
+                    },
+                    url: b.url.clone(),
+                    deadline,
+                });
+            }
+        }
+        if let (Some(due), Some(every)) = (self.next_status, self.config.status_interval) {
+            if due <= now {
+                self.next_status = Some(next_after(due, every, now));
+                let report = StatusReport::new(self.backends().collect());
+                self.events.push_back(Event::Status(report));
+            }
+        }
+    }
+
+    /// The next instant [`handle_timeout`](Balancer::handle_timeout) must be called at, or
+    /// `None` when nothing is scheduled.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.next_status;
+        let mut earliest = |t: Instant| {
+            if next.is_none_or(|n| t < n) {
+                next = Some(t);
+            }
+        };
+        for b in self.slots.iter().flatten() {
+            if let Some((_, deadline)) = b.probe {
+                earliest(deadline);
+            }
+            if !b.draining {
+                earliest(b.next_probe);
+            }
+        }
+        next
+    }
+
+    /// Reports a probe's result. Results of superseded probes, of probes already timed out
+    /// and of removed backends are ignored; a result at or after the probe's deadline
+    /// counts as a timeout.
+    pub fn probe_result(&mut self, now: Instant, probe: ProbeId, outcome: ProbeOutcome) {
+        let Some(b) = self.get_mut(probe.backend) else {
+            return;
+        };
+        match b.probe {
+            Some((seq, deadline)) if seq == probe.seq => {
+                b.probe = None;
+                let outcome = if now >= deadline {
+                    ProbeOutcome::TimedOut
+                } else {
+                    outcome
+                };
+                self.apply_probe(probe.backend, outcome);
+            }
+            _ => {}
+        }
+    }
+
+    /// The next action to carry out, if any.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next event to report, if any.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn get(&self, id: BackendId) -> Option<&Backend> {
+        self.slots
+            .get(id.slot as usize)?
+            .as_ref()
+            .filter(|b| b.id == id)
+    }
+
+    fn get_mut(&mut self, id: BackendId) -> Option<&mut Backend> {
+        self.slots
+            .get_mut(id.slot as usize)?
+            .as_mut()
+            .filter(|b| b.id == id)
+    }
+
+    fn apply_probe(&mut self, id: BackendId, outcome: ProbeOutcome) {
+        let health = &self.config.health;
+        let Some(b) = self.slots[id.slot as usize].as_mut() else {
+            return;
+        };
+        if let Some(state) = b.health.on_probe(outcome.passed(), health) {
+            self.transition(id, state, Cause::Probe(outcome));
+        }
+    }
+
+    fn transition(&mut self, id: BackendId, state: HealthState, cause: Cause) {
+        let b = self
+            .get(id)
+            .expect("transitions happen on present backends");
+        let event = Event::Health {
+            backend: id,
+            url: b.url.clone(),
+            state,
+            cause,
+            epoch: b.health.epoch(),
+        };
+        self.events.push_back(event);
+        self.selector.invalidate();
+    }
+}
+
+/// The first instant of the series `from + k·every` (k ≥ 1) that is after `now`.
+fn next_after(from: Instant, every: Duration, now: Instant) -> Instant {
+    let next = from + every;
+    if next > now {
+        return next;
+    }
+    // Late by more than one period (the adapter was stalled): skip the missed ticks
+    // rather than firing them back to back.
+    let behind = now.duration_since(from).as_nanos() / every.as_nanos();
+    let steps = u32::try_from(behind + 1).unwrap_or(u32::MAX);
+    from + every * steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn lb(policy: Policy) -> (Balancer, Instant) {
+        let now = Instant::now();
+        let config = Config {
+            policy,
+            ..Config::default()
+        };
+        (Balancer::new(config, SmallRng::seed_from_u64(1), now), now)
+    }
+
+    #[test]
+    fn next_after_skips_missed_ticks() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_after(t, s, t), t + s);
+        assert_eq!(next_after(t, s, t + s), t + 2 * s);
+        assert_eq!(
+            next_after(t, s, t + s * 5 + Duration::from_millis(1)),
+            t + 6 * s
+        );
+    }
+
+    #[test]
+    fn select_and_release_count() {
+        let (mut b, now) = lb(Policy::LeastConn);
+        let id = b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        assert_eq!(l.backend(), id);
+        assert_eq!(b.backend(id).unwrap().in_flight, 1);
+        assert_eq!(b.summary().in_flight, 1);
+        b.release(now, l, Outcome::Response(200));
+        assert_eq!(b.backend(id).unwrap().in_flight, 0);
+        assert_eq!(b.outstanding(), 0);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without Balancer::release")]
+    fn forgotten_lease_panics_in_debug() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        let _ = b.select(now, &RequestMeta::default()).unwrap();
+    }
+
+    #[test]
+    fn rejects_tell_empty_from_full() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        assert_eq!(
+            b.select(now, &RequestMeta::default()),
+            Err(Reject::NoHealthyBackend)
+        );
+        let spec = BackendSpec {
+            max_conns: 1,
+            ..BackendSpec::new("http://a")
+        };
+        b.add_backend(now, spec).unwrap();
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        assert_eq!(
+            b.select(now, &RequestMeta::default()),
+            Err(Reject::AllAtCapacity)
+        );
+        b.release(now, l, Outcome::Cancelled);
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        b.release(now, l, Outcome::Cancelled);
+    }
+
+    #[test]
+    fn pool_errors() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        assert!(matches!(
+            b.add_backend(now, BackendSpec::new("http://a")),
+            Err(PoolError::Duplicate { .. })
+        ));
+        let heavy = BackendSpec {
+            weight: MAX_WEIGHT + 1,
+            ..BackendSpec::new("http://b")
+        };
+        assert!(matches!(
+            b.add_backend(now, heavy),
+            Err(PoolError::InvalidWeight { .. })
+        ));
+    }
+
+    #[test]
+    fn removed_slot_is_reused_with_a_new_generation() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        let a = b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        let lease = b.select(now, &RequestMeta::default()).unwrap();
+        assert!(b.remove_backend(now, a));
+        let c = b.add_backend(now, BackendSpec::new("http://c")).unwrap();
+        assert_eq!(a.slot(), c.slot());
+        assert_ne!(a, c);
+        b.release(now, lease, Outcome::Response(500));
+        assert_eq!(b.backend(c).unwrap().in_flight, 0);
+        assert!(
+            b.backend(c).unwrap().healthy,
+            "a stale lease's outcome is ignored"
+        );
+        assert_eq!(b.outstanding(), 0);
+    }
+
+    #[test]
+    fn first_sweep_is_immediate_and_deadline_bounded() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        let a = b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        assert_eq!(b.poll_timeout(), Some(now));
+        b.handle_timeout(now);
+        let Some(Action::StartProbe {
+            probe, deadline, ..
+        }) = b.poll_action()
+        else {
+            panic!("expected a probe");
+        };
+        assert_eq!(probe.backend(), a);
+        assert_eq!(deadline, now + b.config().health.timeout);
+        assert!(b.poll_timeout().unwrap() > now);
+        b.probe_result(deadline, probe, ProbeOutcome::Status(200));
+        let Some(Event::Health { state, cause, .. }) = b.poll_event() else {
+            panic!("a result at the deadline is a timeout");
+        };
+        assert_eq!(state, HealthState::Unhealthy);
+        assert_eq!(cause, Cause::Probe(ProbeOutcome::TimedOut));
+    }
+
+    #[test]
+    fn drain_removes_once_idle() {
+        let (mut b, now) = lb(Policy::RoundRobin);
+        let a = b.add_backend(now, BackendSpec::new("http://a")).unwrap();
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        assert!(b.drain_backend(now, a));
+        assert_eq!(
+            b.select(now, &RequestMeta::default()),
+            Err(Reject::NoHealthyBackend)
+        );
+        assert!(b.backend(a).is_some());
+        b.release(now, l, Outcome::Response(200));
+        assert!(b.backend(a).is_none());
+        assert!(matches!(b.poll_event(), Some(Event::Removed { backend, .. }) if backend == a));
+    }
+}

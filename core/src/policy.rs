@@ -1,0 +1,424 @@
+//! Balancing policies: which eligible backend serves the next request.
+//!
+//! The [`Selector`] keeps, per pool membership, the list of selectable backends (healthy,
+//! not draining) and the tables weighted policies need. Membership changes mark it stale;
+//! the next pick rebuilds it. A pick never allocates.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+
+use crate::backend::Backend;
+use crate::hash;
+
+/// A balancing policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Strict rotation over healthy backends.
+    RoundRobin,
+    /// nginx's smooth weighted round robin.
+    WeightedRoundRobin,
+    /// Fewest in flight relative to weight; ties broken uniformly at random.
+    LeastConn,
+    /// Uniform at random, weighted by weight.
+    Random,
+    /// Client IP (or the request's key) → backend by weighted rendezvous hashing.
+    IpHash,
+    /// Power of two choices: two distinct backends at random, the less loaded wins.
+    P2c,
+}
+
+impl Policy {
+    /// Every policy with its CLI name, in the order the help text lists them.
+    pub const ALL: [Policy; 6] = [
+        Policy::LeastConn,
+        Policy::RoundRobin,
+        Policy::WeightedRoundRobin,
+        Policy::Random,
+        Policy::IpHash,
+        Policy::P2c,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::WeightedRoundRobin => "weighted-round-robin",
+            Policy::LeastConn => "least-conn",
+            Policy::Random => "random",
+            Policy::IpHash => "ip-hash",
+            Policy::P2c => "p2c",
+        }
+    }
+
+    /// All accepted names, aliases included, comma-separated (for error messages).
+    pub fn names() -> String {
+        let mut names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
+        names.push("random-two-least");
+        names.join(", ")
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown policy name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownPolicy(pub String);
+
+impl fmt::Display for UnknownPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown routing policy '{}' (valid: {})",
+            self.0,
+            Policy::names()
+        )
+    }
+}
+
+impl std::error::Error for UnknownPolicy {}
+
+impl FromStr for Policy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "round-robin" | "rr" => Policy::RoundRobin,
+            "weighted-round-robin" | "wrr" => Policy::WeightedRoundRobin,
+            "least-conn" | "least-connections" => Policy::LeastConn,
+            "random" => Policy::Random,
+            "ip-hash" => Policy::IpHash,
+            "p2c" | "random-two-least" => Policy::P2c,
+            other => return Err(UnknownPolicy(other.to_string())),
+        })
+    }
+}
+
+/// Above this many steps (sum of reduced weights × backends) the smooth WRR schedule is not
+/// precomputed and each pick runs nginx's algorithm over the backends directly.
+const MAX_SCHEDULE_WORK: usize = 1 << 24;
+
+/// Selection state derived from the pool's membership.
+#[derive(Debug, Default)]
+pub(crate) struct Selector {
+    stale: bool,
+    /// Slots of selectable backends (healthy, not draining), ascending.
+    ready: Vec<u32>,
+    /// Whether every ready backend has the same weight.
+    uniform: bool,
+    /// Each ready slot repeated weight/gcd times: uniform picks from it are weighted picks.
+    expanded: Vec<u32>,
+    /// One period of the smooth WRR sequence over `ready`, if small enough to precompute.
+    schedule: Vec<u32>,
+    /// Live smooth WRR state (current weight per ready index), when `schedule` is empty.
+    current: Vec<i64>,
+    /// Next position in `ready` (round robin) or `schedule` (smooth WRR).
+    cursor: usize,
+}
+
+impl Selector {
+    pub(crate) fn new() -> Self {
+        Selector {
+            stale: true,
+            ..Selector::default()
+        }
+    }
+
+    /// Marks the derived state stale (membership, health or weights changed).
+    pub(crate) fn invalidate(&mut self) {
+        self.stale = true;
+    }
+
+    /// Number of selectable backends (after a rebuild).
+    pub(crate) fn ready(&mut self, slots: &[Option<Backend>]) -> &[u32] {
+        self.refresh(slots);
+        &self.ready
+    }
+
+    fn refresh(&mut self, slots: &[Option<Backend>]) {
+        if !self.stale {
+            return;
+        }
+        self.stale = false;
+        self.ready.clear();
+        self.ready.extend(
+            slots
+                .iter()
+                .flatten()
+                .filter(|b| b.health.is_healthy() && !b.draining)
+                .map(|b| b.id.slot),
+        );
+        let weight = |s: u32| backend(slots, s).weight;
+        let g = self.ready.iter().fold(0, |g, &s| gcd(g, weight(s)));
+        self.uniform = self.ready.windows(2).all(|w| weight(w[0]) == weight(w[1]));
+        self.expanded.clear();
+        for &s in &self.ready {
+            for _ in 0..weight(s) / g.max(1) {
+                self.expanded.push(s);
+            }
+        }
+        self.schedule.clear();
+        self.current.clear();
+        self.current.resize(self.ready.len(), 0);
+        if self.expanded.len().saturating_mul(self.ready.len()) <= MAX_SCHEDULE_WORK {
+            let mut current = vec![0i64; self.ready.len()];
+            for _ in 0..self.expanded.len() {
+                let i = swrr_step(&self.ready, &mut current, slots, |_| true)
+                    .expect("the ready set is not empty when expanded is not");
+                self.schedule.push(self.ready[i]);
+            }
+        }
+        self.cursor = 0;
+    }
+
+    /// Picks a backend slot for `policy`, or `None` when every ready backend is at its cap
+    /// (or none is ready: check `ready` first to tell the two apart).
+    pub(crate) fn pick<R: Rng>(
+        &mut self,
+        policy: Policy,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+        key: Option<u64>,
+    ) -> Option<u32> {
+        self.refresh(slots);
+        if self.ready.is_empty() {
+            return None;
+        }
+        match policy {
+            Policy::RoundRobin => self.round_robin(slots),
+            Policy::WeightedRoundRobin => self.smooth_wrr(slots),
+            Policy::LeastConn => least_conn(&self.ready, slots, rng),
+            Policy::Random => self.random(slots, rng),
+            Policy::IpHash => match key {
+                Some(k) => self
+                    .rendezvous(slots, k)
+                    .or_else(|| least_conn(&self.ready, slots, rng)),
+                None => least_conn(&self.ready, slots, rng),
+            },
+            Policy::P2c => self.p2c(slots, rng),
+        }
+    }
+
+    fn round_robin(&mut self, slots: &[Option<Backend>]) -> Option<u32> {
+        let n = self.ready.len();
+        for i in 0..n {
+            let at = (self.cursor + i) % n;
+            let s = self.ready[at];
+            if !backend(slots, s).at_cap() {
+                self.cursor = (at + 1) % n;
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn smooth_wrr(&mut self, slots: &[Option<Backend>]) -> Option<u32> {
+        if self.schedule.is_empty() {
+            let ready = &self.ready;
+            return swrr_step(ready, &mut self.current, slots, |s| {
+                !backend(slots, s).at_cap()
+            })
+            .map(|i| ready[i]);
+        }
+        let n = self.schedule.len();
+        for i in 0..n {
+            let at = (self.cursor + i) % n;
+            let s = self.schedule[at];
+            if !backend(slots, s).at_cap() {
+                self.cursor = (at + 1) % n;
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn random<R: Rng>(&mut self, slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
+        // A few tries at the weighted table, then an exact weighted draw among the
+        // backends below their cap.
+        for _ in 0..4 {
+            let s = self.expanded[rng.random_range(0..self.expanded.len())];
+            if !backend(slots, s).at_cap() {
+                return Some(s);
+            }
+        }
+        let mut total = 0u64;
+        let mut chosen = None;
+        for &s in &self.ready {
+            let b = backend(slots, s);
+            if b.at_cap() {
+                continue;
+            }
+            total += u64::from(b.weight);
+            if rng.random_range(0..total) < u64::from(b.weight) {
+                chosen = Some(s);
+            }
+        }
+        chosen
+    }
+
+    fn p2c<R: Rng>(&mut self, slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
+        let n = self.ready.len();
+        if n == 1 {
+            let s = self.ready[0];
+            return (!backend(slots, s).at_cap()).then_some(s);
+        }
+        let i = rng.random_range(0..n);
+        let mut j = rng.random_range(0..n - 1);
+        if j >= i {
+            j += 1;
+        }
+        let (a, b) = (self.ready[i], self.ready[j]);
+        let (ba, bb) = (backend(slots, a), backend(slots, b));
+        match (ba.at_cap(), bb.at_cap()) {
+            (false, false) => Some(match load_cmp(ba, bb) {
+                std::cmp::Ordering::Less => a,
+                std::cmp::Ordering::Greater => b,
+                std::cmp::Ordering::Equal => {
+                    if rng.random::<bool>() {
+                        a
+                    } else {
+                        b
+                    }
+                }
+            }),
+            (false, true) => Some(a),
+            (true, false) => Some(b),
+            (true, true) => least_conn(&self.ready, slots, rng),
+        }
+    }
+
+    /// Weighted rendezvous (highest random weight) hashing: the backend with the highest
+    /// score for `key` wins, so a departing backend moves only its own keys. Backends at
+    /// their cap are skipped (their keys overflow to their runner-up).
+    fn rendezvous(&self, slots: &[Option<Backend>], key: u64) -> Option<u32> {
+        let mut best: Option<(f64, u64, u32)> = None;
+        for &s in &self.ready {
+            let b = backend(slots, s);
+            if b.at_cap() {
+                continue;
+            }
+            let h = hash::mix64(key ^ b.name_hash);
+            let score = if self.uniform {
+                0.0
+            } else {
+                // -w / ln(u), u uniform in (0, 1): the weighted HRW score.
+                let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                -f64::from(b.weight) / u.ln()
+            };
+            let better = match best {
+                None => true,
+                Some((bs, bh, _)) => score > bs || (score == bs && h > bh),
+            };
+            if better {
+                best = Some((score, h, s));
+            }
+        }
+        best.map(|(_, _, s)| s)
+    }
+}
+
+/// Fewest in flight relative to weight among backends below their cap; ties uniformly at
+/// random (reservoir sampling, so no allocation).
+fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
+    let mut best: Option<u32> = None;
+    let mut ties = 0u32;
+    for &s in ready {
+        let b = backend(slots, s);
+        if b.at_cap() {
+            continue;
+        }
+        match best.map(|cur| load_cmp(b, backend(slots, cur))) {
+            None | Some(std::cmp::Ordering::Less) => {
+                best = Some(s);
+                ties = 1;
+            }
+            Some(std::cmp::Ordering::Equal) => {
+                ties += 1;
+                if rng.random_range(0..ties) == 0 {
+                    best = Some(s);
+                }
+            }
+            Some(std::cmp::Ordering::Greater) => {}
+        }
+    }
+    best
+}
+
+/// Compares `in_flight / weight` of two backends without division.
+#[inline]
+fn load_cmp(a: &Backend, b: &Backend) -> std::cmp::Ordering {
+    (u64::from(a.in_flight) * u64::from(b.weight))
+        .cmp(&(u64::from(b.in_flight) * u64::from(a.weight)))
+}
+
+/// One step of nginx's smooth weighted round robin over `ready` (indices into it are
+/// returned): every eligible backend's current weight grows by its weight, the largest
+/// wins (the first on ties) and gives back the total.
+fn swrr_step(
+    ready: &[u32],
+    current: &mut [i64],
+    slots: &[Option<Backend>],
+    eligible: impl Fn(u32) -> bool,
+) -> Option<usize> {
+    let mut total = 0i64;
+    let mut best: Option<usize> = None;
+    for (i, &s) in ready.iter().enumerate() {
+        if !eligible(s) {
+            continue;
+        }
+        let w = i64::from(backend(slots, s).weight);
+        current[i] += w;
+        total += w;
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    let b = best?;
+    current[b] -= total;
+    Some(b)
+}
+
+#[inline]
+fn backend(slots: &[Option<Backend>], slot: u32) -> &Backend {
+    slots[slot as usize]
+        .as_ref()
+        .expect("the selector is rebuilt whenever a backend is removed")
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for p in Policy::ALL {
+            assert_eq!(p.name().parse::<Policy>(), Ok(p));
+        }
+        assert_eq!("random-two-least".parse::<Policy>(), Ok(Policy::P2c));
+        let err = "fastest".parse::<Policy>().unwrap_err().to_string();
+        assert!(
+            err.contains("fastest") && err.contains("least-conn") && err.contains("p2c"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gcd_works() {
+        assert_eq!(gcd(0, 4), 4);
+        assert_eq!(gcd(6, 4), 2);
+        assert_eq!(gcd(5, 1), 1);
+    }
+}
