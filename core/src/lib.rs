@@ -63,6 +63,8 @@ mod hash;
 mod health;
 pub mod http1;
 mod policy;
+pub mod reply;
+pub mod settings;
 mod status;
 
 pub use backend::{BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
@@ -73,4 +75,5 @@ pub use balancer::{
 pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};
 pub use policy::{Policy, UnknownPolicy};
+pub use settings::{Notice, NoticeSink, Settings, Target, UrlError};
 pub use status::{StatusReport, Summary, LOADS_ELIDE_ABOVE, LOADS_KEPT_EACH_END};

@@ -1,0 +1,180 @@
+//! What the proxy answers by itself: `/health`, and errors in the OpenAI error shape.
+//!
+//! Both adapters answer from here so the two builds say the same bytes.
+
+use crate::{Reject, Summary};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1); a proxy never
+/// forwards them. Headers named in `Connection` are hop-by-hop too.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// A complete small response: status, extra headers, JSON body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Extra headers besides `Content-Type: application/json` and `Content-Length`.
+    pub headers: &'static [(&'static str, &'static str)],
+    /// The JSON body.
+    pub body: String,
+}
+
+/// The answer to `GET /health`: 200 `ok` when a backend is healthy, else 503 `degraded`.
+pub fn health(summary: Summary) -> Reply {
+    let (status, word) = if summary.healthy > 0 {
+        (200, "ok")
+    } else {
+        (503, "degraded")
+    };
+    Reply {
+        status,
+        headers: &[("cache-control", "no-store")],
+        body: format!(
+            r#"{{"status":"{word}","healthy_backends":{},"total_backends":{},"active_conns":{}}}"#,
+            summary.healthy, summary.total, summary.in_flight
+        ),
+    }
+}
+
+/// Why the proxy itself answers with an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The core found no backend (503) or every backend full (429).
+    Rejected(Reject),
+    /// The backend could not be reached or failed before a response head (502).
+    BadGateway,
+    /// The request's deadline passed before the response head (504).
+    GatewayTimeout,
+    /// The backend's response was not valid HTTP (502).
+    BadResponse,
+    /// The request was malformed (400).
+    BadRequest,
+    /// The request head was too large (431).
+    HeadTooLarge,
+    /// The request head did not arrive in time (408).
+    HeadTimeout,
+    /// The proxy is shutting down (503).
+    ShuttingDown,
+}
+
+/// The error response for `e`, in the OpenAI error shape
+/// `{"error":{"message":..,"type":..,"param":null,"code":..}}`. A 429 carries
+/// `Retry-After: 1`.
+pub fn error(e: ProxyError) -> Reply {
+    let (status, kind, code, message): (u16, &str, &str, &str) = match e {
+        ProxyError::Rejected(Reject::NoHealthyBackend) => (
+            503,
+            "server_error",
+            "no_healthy_backend",
+            "no healthy backend is available",
+        ),
+        ProxyError::Rejected(Reject::AllAtCapacity) => (
+            429,
+            "rate_limit_error",
+            "all_backends_busy",
+            "every backend is at its connection limit; retry shortly",
+        ),
+        ProxyError::BadGateway => (
+            502,
+            "server_error",
+            "bad_gateway",
+            "the backend failed before answering",
+        ),
+        ProxyError::GatewayTimeout => (
+            504,
+            "server_error",
+            "gateway_timeout",
+            "the backend did not answer in time",
+        ),
+        ProxyError::BadResponse => (
+            502,
+            "server_error",
+            "bad_gateway",
+            "the backend sent an invalid response",
+        ),
+        ProxyError::BadRequest => (
+            400,
+            "invalid_request_error",
+            "bad_request",
+            "malformed HTTP request",
+        ),
+        ProxyError::HeadTooLarge => (
+            431,
+            "invalid_request_error",
+            "request_header_fields_too_large",
+            "request head too large",
+        ),
+        ProxyError::HeadTimeout => (
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            "request head not received in time",
+        ),
+        ProxyError::ShuttingDown => (
+            503,
+            "server_error",
+            "shutting_down",
+            "the load balancer is shutting down",
+        ),
+    };
+    let headers: &'static [(&'static str, &'static str)] = if status == 429 {
+        &[("retry-after", "1")]
+    } else {
+        &[]
+    };
+    Reply {
+        status,
+        headers,
+        body: format!(
+            r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}}}"#
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_bodies() {
+        let ok = health(Summary {
+            healthy: 3,
+            total: 3,
+            in_flight: 5,
+        });
+        assert_eq!(ok.status, 200);
+        assert_eq!(
+            ok.body,
+            r#"{"status":"ok","healthy_backends":3,"total_backends":3,"active_conns":5}"#
+        );
+        let down = health(Summary {
+            healthy: 0,
+            total: 2,
+            in_flight: 0,
+        });
+        assert_eq!(down.status, 503);
+        assert!(down.body.contains(r#""status":"degraded""#));
+    }
+
+    #[test]
+    fn rate_limit_has_retry_after() {
+        let r = error(ProxyError::Rejected(Reject::AllAtCapacity));
+        assert_eq!(r.status, 429);
+        assert_eq!(r.headers, &[("retry-after", "1")]);
+        assert!(r.body.contains(r#""type":"rate_limit_error""#));
+        assert_eq!(
+            error(ProxyError::Rejected(Reject::NoHealthyBackend)).status,
+            503
+        );
+        assert_eq!(error(ProxyError::GatewayTimeout).status, 504);
+    }
+}

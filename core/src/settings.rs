@@ -1,0 +1,270 @@
+//! What an adapter needs to run a proxy: validated settings and parsed backend targets.
+//!
+//! Plain data, no IO: the CLI builds a [`Settings`], both adapters consume it, so the two
+//! builds behave the same.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{BackendSpec, Config, Event};
+
+/// Idle pooled connections to a backend are closed after this long. vLLM's server
+/// (uvicorn) closes idle keep-alive connections after 5 s; reusing one it is closing
+/// fails the request, so ours must be shorter.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Default cap on a request or response head.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Everything one run of the proxy needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The backends, in the order given.
+    pub backends: Vec<BackendSpec>,
+    /// The core's configuration.
+    pub core: Config,
+    /// Whole-request deadline (head and body, both ways); exceeded → 504 or a cut stream.
+    pub request_timeout: Duration,
+    /// Deadline for establishing a backend connection (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// Path probed on each backend (appended to its URL's path).
+    pub health_path: String,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// Extra PEM CA bundle trusted for `https://` backends (besides the system roots).
+    pub backend_ca: Option<PathBuf>,
+    /// Idle pooled connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Largest request or response head accepted (bigger requests get 431).
+    pub max_head_bytes: usize,
+    /// A client must send a complete request head within this long (else 408).
+    pub head_timeout: Duration,
+}
+
+/// A backend URL taken apart for the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The URL as given (normalised: a scheme is always present, no trailing slash).
+    pub url: Arc<str>,
+    /// Whether to speak TLS.
+    pub tls: bool,
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// Port (the scheme's default when none is given).
+    pub port: u16,
+    /// `host:port` as the backend expects it in `Host` (brackets kept for IPv6).
+    pub authority: String,
+    /// Path prefix every proxied path is appended to: empty, or `/base` (no trailing slash).
+    pub path_prefix: String,
+}
+
+/// Why a backend URL was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlError {
+    /// The offending URL.
+    pub url: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid backend URL '{}': {}", self.url, self.reason)
+    }
+}
+
+impl std::error::Error for UrlError {}
+
+impl Target {
+    /// Parses `http://host[:port][/prefix]`, `https://...`, or `host:port` (meaning http).
+    /// Query strings, fragments and user info are refused.
+    pub fn parse(input: &str) -> Result<Target, UrlError> {
+        let err = |reason: &str| UrlError {
+            url: input.to_string(),
+            reason: reason.to_string(),
+        };
+        let s = input.trim();
+        if s.is_empty() {
+            return Err(err("empty"));
+        }
+        let (tls, rest) = match s.split_once("://") {
+            Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+                "http" => (false, rest),
+                "https" => (true, rest),
+                other => {
+                    return Err(err(&format!(
+                        "unsupported scheme '{other}' (use http or https)"
+                    )))
+                }
+            },
+            None => (false, s),
+        };
+        if rest.contains(['?', '#']) {
+            return Err(err("query strings and fragments are not allowed"));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(err("user info is not supported"));
+        }
+        if authority.is_empty() {
+            return Err(err("missing host"));
+        }
+        let (host, port) = split_host_port(authority).map_err(|r| err(&r))?;
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        if port == 0 {
+            return Err(err("port 0 is not a valid backend port"));
+        }
+        if path
+            .chars()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        {
+            return Err(err("the path contains spaces or control characters"));
+        }
+        let path_prefix = path.trim_end_matches('/').to_string();
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let authority = format!("{bracketed}:{port}");
+        let url = format!(
+            "{}://{authority}{path_prefix}",
+            if tls { "https" } else { "http" }
+        );
+        Ok(Target {
+            url: url.into(),
+            tls,
+            host,
+            port,
+            authority,
+            path_prefix,
+        })
+    }
+}
+
+fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("'{h}' is not an IPv6 address"));
+        }
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("junk after ']'")?),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    if !host.starts_with('[')
+        && !host.contains(':')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
+        return Err(format!("'{host}' is not a valid host name"));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("'{p}' is not a valid port (1-65535)"))?,
+        ),
+    };
+    Ok((host, port))
+}
+
+/// Something for the operator's log: the core's events plus what only adapters see.
+#[derive(Clone, Debug)]
+pub enum Notice {
+    /// A core event (health transition, status report, removal).
+    Core(Event),
+    /// The proxy is listening.
+    Listening(SocketAddr),
+    /// A proxied request failed at or because of its backend.
+    ProxyError {
+        /// The backend's URL.
+        backend: Arc<str>,
+        /// Method and path of the request.
+        request: String,
+        /// The status the client got (502, 504, ...), or 0 if the response had started.
+        status: u16,
+        /// What went wrong.
+        error: String,
+    },
+    /// A signal arrived: no new connections; waiting for this many requests.
+    ShuttingDown {
+        /// Requests in flight at that moment.
+        in_flight: u64,
+    },
+    /// Shutdown finished; `abandoned` requests were still in flight at the deadline.
+    Stopped {
+        /// Requests cut at the shutdown deadline.
+        abandoned: u64,
+    },
+}
+
+/// Where adapters send notices (the CLI prints them).
+pub type NoticeSink = Arc<dyn Fn(Notice) + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_common_forms() {
+        let t = Target::parse("http://localhost:8000").unwrap();
+        assert_eq!(
+            (t.tls, t.host.as_str(), t.port, t.path_prefix.as_str()),
+            (false, "localhost", 8000, "")
+        );
+        assert_eq!(&*t.url, "http://localhost:8000");
+        let t = Target::parse("localhost:8001").unwrap();
+        assert_eq!(&*t.url, "http://localhost:8001");
+        let t = Target::parse("https://api.example.com/base/").unwrap();
+        assert_eq!(
+            (t.tls, t.port, t.path_prefix.as_str()),
+            (true, 443, "/base")
+        );
+        assert_eq!(t.authority, "api.example.com:443");
+        let t = Target::parse("http://[::1]:9000/v").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.authority.as_str()),
+            ("::1", "[::1]:9000")
+        );
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        for bad in [
+            "",
+            "ftp://x:1",
+            "http://",
+            "http://host:0",
+            "http://host:65536",
+            "http://host:abc",
+            "http://us@host:1",
+            "http://host:1/?q",
+            "http://ho st:1",
+            "http://[::1:80",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad} should be refused");
+        }
+        let e = Target::parse("ftp://x:1").unwrap_err().to_string();
+        assert!(e.contains("unsupported scheme 'ftp'"), "{e}");
+    }
+}
