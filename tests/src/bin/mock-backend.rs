@@ -1,1 +1,1376 @@
-fn main() {}
+//! `mock-backend`: a fake OpenAI-compatible LLM inference server for black-box
+//! tests, demos and benchmarks of the `lb` load balancer.
+//!
+//! # Startup
+//!
+//! On startup it prints exactly one line to stdout, `listening on ADDR:PORT`
+//! (e.g. `listening on 127.0.0.1:40123`, the real bound port, also with
+//! `--port 0`), and flushes it. Nothing else is ever written to stdout;
+//! diagnostics go to stderr. SIGTERM and SIGINT make it exit 0 at once.
+//!
+//! # Flags
+//!
+//! | flag | default | meaning |
+//! | --- | --- | --- |
+//! | `--port N` | `0` | port to listen on; `0` picks a free port |
+//! | `--bind IP` | `127.0.0.1` | address to listen on |
+//! | `--mode healthy\|failing\|flaky\|timeout` | `healthy` | behaviour, see below |
+//! | `--delay D` | `0` | wait this long before answering each request |
+//! | `--failure-rate R` | `0.5` | probability (0.0..=1.0) that `flaky` fails a request |
+//! | `--seed N` | random | seed (u64) of the `flaky` RNG: same seed, same sequence |
+//! | `--response-size N` | `0` | bytes of padding added to non-streaming completion JSON |
+//! | `--health-endpoint PATH` | `/v1/models` | the health-check path |
+//! | `--tokens N` | `10` | tokens per completion (chunks per stream) |
+//! | `--token-interval D` | `50ms` | time between streamed chunks |
+//! | `--idle-timeout D` | never | close keep-alive connections idle this long |
+//!
+//! Durations (`D`) are a number with an optional unit: `500ms`, `2s`, `1.5m`,
+//! `250us`, `100ns`, `1h`, or a plain number of seconds such as `0.5`.
+//! For `--idle-timeout`, `0`, `never` and `none` mean "never".
+//!
+//! # Modes
+//!
+//! * `healthy`: everything answers normally.
+//! * `failing`: the health endpoint answers 503, every other request 500.
+//! * `flaky`: each request except the health endpoint fails with 500 with
+//!   probability `--failure-rate` (one draw per request, in arrival order, from
+//!   an RNG seeded by `--seed`); the health endpoint always answers 200.
+//! * `timeout`: connections are accepted and requests (head and body) are read,
+//!   but nothing is ever answered, not even the health endpoint.
+//!
+//! The control endpoints `/stats`, `/prefixstats` and `/prefixstats/reset` are
+//! exempt from the modes and from `--delay`: they always answer at once, so a
+//! test can inspect a failing or hanging backend. `--delay` applies to every
+//! other request (including the health endpoint) before anything is answered.
+//! Error bodies are OpenAI-style:
+//! `{"error":{"message":..,"type":..,"code":N},"backend_port":P}`.
+//!
+//! # Endpoints
+//!
+//! Every response carries the header `x-backend-port: P`, and every JSON body
+//! a field `"backend_port": P` (P = the bound port).
+//!
+//! * `<health endpoint>` (any method, default `GET /v1/models`): 200 with an
+//!   OpenAI model list `{"object":"list","data":[{"id":"mock-model",..}],..}`.
+//!   Counted in `/stats` as `health_checks`, not as `requests`.
+//! * `GET /v1/models` (when it is not the health endpoint): the same list.
+//! * `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI-shaped JSON
+//!   (`text_completion` / `chat.completion`, with `choices`, `usage`, the
+//!   request's `model` or `mock-model`) of `--tokens` tokens (`token0 token1
+//!   ...`), plus `"padding": "xxx.."` of `--response-size` bytes when that is
+//!   not 0. With `"stream": true` the answer is `text/event-stream` (chunked):
+//!   one `data: {json}\n\n` chunk per token (`text_completion` /
+//!   `chat.completion.chunk`, each with `backend_port`), the first at once and
+//!   then one every `--token-interval`, each flushed immediately; with
+//!   `"stream_options": {"include_usage": true}` a usage chunk follows; the
+//!   stream ends with `data: [DONE]\n\n`. Invalid JSON (or JSON that is not an
+//!   object) gets 400 `{"error":{"message":..,"type":"invalid_request_error"}}`.
+//!   Each served request feeds the simulated prefix cache (below).
+//! * `GET /prefixstats`: `{"requests","matched_chars","total_chars","ratio"}`
+//!   of the simulated prefix cache. It remembers the canonical text of the
+//!   last 1024 served completion/chat requests (chat: each message as
+//!   `role\u0000content\u0001`, concatenated; completions: the `prompt`
+//!   string). For each request, matched = the longest common prefix in chars
+//!   with any remembered text (computed before remembering it); totals are
+//!   summed over requests; ratio = matched/total (0 when total is 0).
+//! * `POST /prefixstats/reset`: clears the cache and its counters.
+//! * `GET /stats`: `{"requests","in_flight","health_checks","connections",
+//!   "open_connections","idle_closes","backend_port"}`. `requests` counts
+//!   every request (including failed and never-answered ones) except the
+//!   health endpoint and the control endpoints; `in_flight` is how many of
+//!   those are being handled now (until their response body is fully sent);
+//!   `connections` counts accepted TCP connections, `open_connections` those
+//!   still open, `idle_closes` those closed by `--idle-timeout`.
+//! * `GET /ws`: WebSocket echo (text and binary messages are sent back
+//!   unchanged; pings are answered).
+//! * `POST /upload` (or PUT): reads the body as a stream (never buffered) and
+//!   answers `{"bytes":n,"fnv1a":"<16 hex digits>","backend_port":P}`, the
+//!   FNV-1a 64 hash of all body bytes.
+//! * `GET /download?bytes=N`: N bytes (byte i is `(i % 251) as u8`) streamed
+//!   in 64 KiB chunks, with `Content-Length: N`.
+//! * `GET /sse?events=N&interval_ms=M`: an SSE stream of N events
+//!   `data: {"event":i,"backend_port":P}\n\n` (first at once, then one every
+//!   M ms) ending with `data: [DONE]\n\n`; defaults: `--tokens` and
+//!   `--token-interval`.
+//! * Anything else: 200 `{"ok":true,"backend_port":P,"path":"/x","uri":
+//!   "/x?q=1","method":"GET","version":"HTTP/1.1","headers":{..}}` where
+//!   `headers` maps each lowercased request header name to its value (repeated
+//!   headers joined with `", "`). Methods other than GET and HEAD also get
+//!   `"body_bytes": n` (the body is counted as a stream, not buffered).
+//!
+//! # Connections
+//!
+//! HTTP/1.1 with keep-alive (hyper 1). With `--idle-timeout D`, a connection
+//! with no request in progress (a request is in progress from its first byte
+//! until its response is fully written) and no bytes received for `D` is
+//! closed: the TCP socket is dropped, so a client that reuses it sees EOF (or
+//! a reset). Upgraded WebSocket connections are not subject to it.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+/// How the backend behaves; see the crate documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Answer everything normally.
+    Healthy,
+    /// 503 on the health endpoint, 500 on everything else.
+    Failing,
+    /// Fail (500) a fraction `--failure-rate` of requests; health stays 200.
+    Flaky,
+    /// Read requests but never answer.
+    Timeout,
+}
+
+/// A fake OpenAI-compatible inference server for tests, demos and benchmarks.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "mock-backend", version)]
+struct Args {
+    /// Port to listen on (0 = pick a free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Behaviour of the backend.
+    #[arg(long, value_enum, default_value_t = Mode::Healthy)]
+    mode: Mode,
+    /// Delay before answering each request (e.g. `500ms`, `2s`, `0.5`).
+    #[arg(long, value_parser = parse_duration, default_value = "0")]
+    delay: Duration,
+    /// Probability (0.0..=1.0) that a request fails in `flaky` mode.
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.5)]
+    failure_rate: f64,
+    /// Seed of the `flaky` RNG (makes failures deterministic).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Bytes of padding added to non-streaming completion responses.
+    #[arg(long, default_value_t = 0)]
+    response_size: usize,
+    /// Path of the health endpoint.
+    #[arg(long, default_value = "/v1/models", value_parser = parse_path)]
+    health_endpoint: String,
+    /// Tokens per completion (chunks per streamed completion).
+    #[arg(long, default_value_t = 10)]
+    tokens: usize,
+    /// Time between streamed chunks.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    token_interval: Duration,
+    /// Close keep-alive connections idle for this long (`0`/`never` = never).
+    #[arg(long, value_parser = parse_idle_timeout)]
+    idle_timeout: Option<Duration>,
+}
+
+/// Parses `500ms`, `2s`, `1.5m`, `1h`, `250us`, `100ns` or plain seconds `0.5`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit_secs) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("us").or_else(|| t.strip_suffix("µs")) {
+        (n, 1e-6)
+    } else if let Some(n) = t.strip_suffix("ns") {
+        (n, 1e-9)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 500ms, 2s or 0.5)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("invalid duration {s:?}: must be >= 0"));
+    }
+    Duration::try_from_secs_f64(v * unit_secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Like [`parse_duration`], but `never`/`none` mean zero (= disabled).
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "never" | "none" | "off" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate {s:?}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("failure rate {v} not in 0.0..=1.0"))
+    }
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("path {s:?} must start with '/'"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared state
+// ---------------------------------------------------------------------------
+
+/// State shared by all connections.
+struct App {
+    args: Args,
+    /// The bound port, reported as `backend_port`.
+    port: u16,
+    /// Reference point for the per-connection activity clocks.
+    start: Instant,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    health_checks: AtomicU64,
+    connections: AtomicU64,
+    open_connections: AtomicU64,
+    idle_closes: AtomicU64,
+    next_id: AtomicU64,
+    rng: Mutex<SmallRng>,
+    prefix: Mutex<PrefixCache>,
+}
+
+impl App {
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Per-connection bookkeeping for `--idle-timeout`.
+struct ConnState {
+    app: Arc<App>,
+    /// Requests in progress on this connection.
+    active: AtomicUsize,
+    /// `App::nanos()` when bytes were last received or a request ended.
+    last_activity: AtomicU64,
+}
+
+impl ConnState {
+    fn touch(&self) {
+        self.last_activity
+            .store(self.app.nanos(), Ordering::Relaxed);
+    }
+
+    /// When the connection becomes closable if nothing else happens.
+    fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        if self.active.load(Ordering::Acquire) > 0 {
+            return now + timeout;
+        }
+        let idle_for = self
+            .app
+            .nanos()
+            .saturating_sub(self.last_activity.load(Ordering::Relaxed));
+        now + timeout.saturating_sub(Duration::from_nanos(idle_for))
+    }
+
+    fn idle_for_at_least(&self, timeout: Duration) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+            && self
+                .app
+                .nanos()
+                .saturating_sub(self.last_activity.load(Ordering::Relaxed))
+                >= u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Marks a request as in progress until dropped (which happens when its
+/// response body has been fully sent, or when hyper gives up on it).
+struct RequestGuard {
+    conn: Arc<ConnState>,
+    /// Whether it counts in the global `in_flight`.
+    counted: bool,
+}
+
+impl RequestGuard {
+    fn new(conn: Arc<ConnState>, counted: bool) -> Self {
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        conn.touch();
+        if counted {
+            conn.app.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        Self { conn, counted }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.counted {
+            self.conn.app.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.conn.touch();
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------
+
+type BoxBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A response body that keeps its request's [`RequestGuard`] alive.
+struct TrackedBody {
+    inner: BoxBody,
+    _guard: RequestGuard,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).boxed_unsync()
+}
+
+/// An SSE body of `n` events made by `make(i)`: the first at once, then events
+/// `1..paced` each `interval` after the previous one, the rest (if any) at once,
+/// then `data: [DONE]`.
+fn sse_body<F>(n: usize, paced: usize, interval: Duration, make: F) -> BoxBody
+where
+    F: Fn(usize) -> Value + Send + 'static,
+{
+    let stream = futures_util::stream::unfold((0usize, make), move |(i, make)| async move {
+        if i > n {
+            return None;
+        }
+        let bytes = if i == n {
+            Bytes::from_static(b"data: [DONE]\n\n")
+        } else {
+            if i > 0 && i < paced && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Bytes::from(format!("data: {}\n\n", make(i)))
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), (i + 1, make)))
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// FNV-1a 64-bit hash, fed incrementally.
+#[derive(Clone, Copy)]
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Self(Self::OFFSET)
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(Self::PRIME);
+        }
+    }
+}
+
+/// Reads a request body to its end without buffering it; returns its length
+/// and, if asked, its FNV-1a hash.
+async fn drain(body: Incoming, mut hash: Option<&mut Fnv1a>) -> Result<u64, hyper::Error> {
+    let mut body = body;
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            n += data.len() as u64;
+            if let Some(h) = hash.as_deref_mut() {
+                h.update(&data);
+            }
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
+// Simulated prefix cache
+// ---------------------------------------------------------------------------
+
+/// Remembers the canonical texts of the last [`PrefixCache::CAPACITY`]
+/// requests and measures how much of each new text is a prefix already seen.
+#[derive(Default)]
+struct PrefixCache {
+    /// Remembered texts, oldest first.
+    order: VecDeque<Arc<str>>,
+    /// The same texts sorted, with multiplicities: the remembered text with the
+    /// longest common prefix with `q` is a sorted neighbour of `q`.
+    sorted: BTreeMap<Arc<str>, usize>,
+    requests: u64,
+    matched_chars: u64,
+    total_chars: u64,
+}
+
+impl PrefixCache {
+    const CAPACITY: usize = 1024;
+
+    /// Scores `text` against the remembered texts, then remembers it.
+    fn observe(&mut self, text: &str) {
+        let matched = self.longest_match_chars(text);
+        self.requests += 1;
+        self.matched_chars += matched as u64;
+        self.total_chars += text.chars().count() as u64;
+        self.remember(text);
+    }
+
+    /// Longest common prefix (in chars) of `text` with any remembered text.
+    fn longest_match_chars(&self, text: &str) -> usize {
+        let below = self
+            .sorted
+            .range::<str, _>((Bound::Unbounded, Bound::Included(text)))
+            .next_back();
+        let above = self
+            .sorted
+            .range::<str, _>((Bound::Excluded(text), Bound::Unbounded))
+            .next();
+        let mut best = [below, above]
+            .into_iter()
+            .flatten()
+            .map(|(s, _)| common_prefix_bytes(text.as_bytes(), s.as_bytes()))
+            .max()
+            .unwrap_or(0);
+        while !text.is_char_boundary(best) {
+            best -= 1;
+        }
+        text[..best].chars().count()
+    }
+
+    fn remember(&mut self, text: &str) {
+        let text: Arc<str> = Arc::from(text);
+        *self.sorted.entry(text.clone()).or_insert(0) += 1;
+        self.order.push_back(text);
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(count) = self.sorted.get_mut(&old) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.sorted.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stats(&self, port: u16) -> Value {
+        let ratio = if self.total_chars == 0 {
+            0.0
+        } else {
+            self.matched_chars as f64 / self.total_chars as f64
+        };
+        json!({
+            "requests": self.requests,
+            "matched_chars": self.matched_chars,
+            "total_chars": self.total_chars,
+            "ratio": ratio,
+            "backend_port": port,
+        })
+    }
+}
+
+fn common_prefix_bytes(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Text of a message `content`: a string, or the `text` of its parts.
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => s.clone(),
+                other => other
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| other.to_string(), str::to_owned),
+            })
+            .collect(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Canonical text of a request for the prefix cache: for chat, each message as
+/// `role\0content\x01`; for completions, the prompt (a list of strings is
+/// concatenated; anything else is its JSON text).
+fn canonical_text(req: &Value, chat: bool) -> String {
+    if chat {
+        let mut out = String::new();
+        for m in req
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
+            out.push('\u{0}');
+            out.push_str(&content_text(m.get("content")));
+            out.push('\u{1}');
+        }
+        out
+    } else {
+        match req.get("prompt") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                a.iter().filter_map(Value::as_str).collect()
+            }
+            Some(other) => other.to_string(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Request handling
+// ---------------------------------------------------------------------------
+
+/// What a request is asking for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Health,
+    Stats,
+    PrefixStats,
+    PrefixReset,
+    Completion { chat: bool },
+    Models,
+    Ws,
+    Upload,
+    Download,
+    Sse,
+    Echo,
+}
+
+impl Route {
+    fn of(method: &Method, path: &str, health: &str) -> Self {
+        if path == health {
+            return Self::Health;
+        }
+        match (method, path) {
+            (&Method::GET, "/stats") => Self::Stats,
+            (&Method::GET, "/prefixstats") => Self::PrefixStats,
+            (&Method::POST, "/prefixstats/reset") => Self::PrefixReset,
+            (&Method::POST, "/v1/completions") => Self::Completion { chat: false },
+            (&Method::POST, "/v1/chat/completions") => Self::Completion { chat: true },
+            (&Method::GET | &Method::HEAD, "/v1/models") => Self::Models,
+            (&Method::GET, "/ws") => Self::Ws,
+            (&Method::POST | &Method::PUT, "/upload") => Self::Upload,
+            (&Method::GET | &Method::HEAD, "/download") => Self::Download,
+            (&Method::GET, "/sse") => Self::Sse,
+            _ => Self::Echo,
+        }
+    }
+
+    /// Control endpoints: not counted, and exempt from modes and delay.
+    fn is_control(self) -> bool {
+        matches!(self, Self::Stats | Self::PrefixStats | Self::PrefixReset)
+    }
+}
+
+fn respond(
+    app: &App,
+    status: StatusCode,
+    content_type: &'static str,
+    body: BoxBody,
+) -> Response<BoxBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert("x-backend-port", HeaderValue::from(app.port));
+    resp
+}
+
+fn json_resp(app: &App, status: StatusCode, v: &Value) -> Response<BoxBody> {
+    respond(app, status, "application/json", full(v.to_string()))
+}
+
+fn error_resp(app: &App, status: StatusCode, kind: &str, message: &str) -> Response<BoxBody> {
+    let v = json!({
+        "error": {"message": message, "type": kind, "code": status.as_u16()},
+        "backend_port": app.port,
+    });
+    json_resp(app, status, &v)
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Parses query parameter `name` as `T`, `default` when absent; `Err` is the
+/// message for a 400 answer.
+fn numeric_param<T: std::str::FromStr>(
+    req: &Request<Incoming>,
+    name: &str,
+    default: T,
+) -> Result<T, String> {
+    match query_param(req, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("invalid query parameter {name}={v:?}")),
+    }
+}
+
+fn bad_request(app: &App, message: &str) -> Response<BoxBody> {
+    error_resp(
+        app,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+    )
+}
+
+/// hyper service entry point: wraps [`route`] with the request bookkeeping.
+async fn handle(
+    conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Result<Response<TrackedBody>, Infallible> {
+    let app = conn.app.clone();
+    let r = Route::of(req.method(), req.uri().path(), &app.args.health_endpoint);
+    let counted = !r.is_control() && r != Route::Health;
+    let guard = RequestGuard::new(conn, counted);
+    if counted {
+        app.requests.fetch_add(1, Ordering::Relaxed);
+    } else if r == Route::Health {
+        app.health_checks.fetch_add(1, Ordering::Relaxed);
+    }
+    let resp = route(&app, r, req).await;
+    Ok(resp.map(|inner| TrackedBody {
+        inner,
+        _guard: guard,
+    }))
+}
+
+/// Applies the mode and delay, then dispatches to the endpoint.
+async fn route(app: &App, r: Route, req: Request<Incoming>) -> Response<BoxBody> {
+    if !r.is_control() {
+        if app.args.mode == Mode::Timeout {
+            // Read the whole request, then hang until the client goes away.
+            let _ = drain(req.into_body(), None).await;
+            return std::future::pending().await;
+        }
+        if !app.args.delay.is_zero() {
+            tokio::time::sleep(app.args.delay).await;
+        }
+        let fail = match app.args.mode {
+            Mode::Failing => true,
+            Mode::Flaky if r != Route::Health => {
+                let rate = app.args.failure_rate;
+                app.rng
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .random_bool(rate)
+            }
+            _ => false,
+        };
+        if fail {
+            let _ = drain(req.into_body(), None).await;
+            return if r == Route::Health {
+                error_resp(
+                    app,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "mock-backend: unhealthy (failing mode)",
+                )
+            } else {
+                let mode = format!("{:?}", app.args.mode).to_lowercase();
+                let msg = format!("mock-backend: simulated failure ({mode} mode)");
+                error_resp(app, StatusCode::INTERNAL_SERVER_ERROR, "server_error", &msg)
+            };
+        }
+    }
+    match r {
+        Route::Health | Route::Models => models(app),
+        Route::Stats => stats(app),
+        Route::PrefixStats => {
+            let v = app
+                .prefix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stats(app.port);
+            json_resp(app, StatusCode::OK, &v)
+        }
+        Route::PrefixReset => {
+            let _ = drain(req.into_body(), None).await;
+            let mut cache = app.prefix.lock().unwrap_or_else(|e| e.into_inner());
+            *cache = PrefixCache::default();
+            let v = cache.stats(app.port);
+            drop(cache);
+            json_resp(app, StatusCode::OK, &v)
+        }
+        Route::Completion { chat } => completion(app, req, chat).await,
+        Route::Ws => websocket(app, req),
+        Route::Upload => upload(app, req).await,
+        Route::Download => download(app, &req),
+        Route::Sse => sse(app, &req),
+        Route::Echo => echo(app, req).await,
+    }
+}
+
+fn models(app: &App) -> Response<BoxBody> {
+    let v = json!({
+        "object": "list",
+        "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock-backend"}],
+        "backend_port": app.port,
+    });
+    json_resp(app, StatusCode::OK, &v)
+}
+
+fn stats(app: &App) -> Response<BoxBody> {
+    let v = json!({
+        "requests": app.requests.load(Ordering::Relaxed),
+        "in_flight": app.in_flight.load(Ordering::Relaxed),
+        "health_checks": app.health_checks.load(Ordering::Relaxed),
+        "connections": app.connections.load(Ordering::Relaxed),
+        "open_connections": app.open_connections.load(Ordering::Relaxed),
+        "idle_closes": app.idle_closes.load(Ordering::Relaxed),
+        "backend_port": app.port,
+    });
+    json_resp(app, StatusCode::OK, &v)
+}
+
+/// `POST /v1/completions` and `POST /v1/chat/completions`.
+async fn completion(app: &App, req: Request<Incoming>, chat: bool) -> Response<BoxBody> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let msg = format!("could not read request body: {e}");
+            return bad_request(app, &msg);
+        }
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            let msg = "request body must be a JSON object";
+            return bad_request(app, msg);
+        }
+        Err(e) => {
+            let msg = format!("invalid JSON in request body: {e}");
+            return bad_request(app, &msg);
+        }
+    };
+    let text = canonical_text(&v, chat);
+    app.prefix
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .observe(&text);
+
+    let n = app.args.tokens;
+    let port = app.port;
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_owned();
+    let seq = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = format!(
+        "{}-mock-{port}-{seq}",
+        if chat { "chatcmpl" } else { "cmpl" }
+    );
+    let created = unix_secs();
+    let prompt_tokens = text.split_whitespace().count();
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": prompt_tokens + n,
+    });
+    let finish = if chat { "stop" } else { "length" };
+    let token = |i: usize| format!("{}token{i}", if i == 0 { "" } else { " " });
+
+    if v.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let include_usage = v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let events = n + usize::from(include_usage);
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let make = move |i: usize| {
+            let choices = if i >= n {
+                json!([])
+            } else {
+                let fin = if i + 1 == n {
+                    json!(finish)
+                } else {
+                    Value::Null
+                };
+                if chat {
+                    let delta = if i == 0 {
+                        json!({"role": "assistant", "content": token(i)})
+                    } else {
+                        json!({"content": token(i)})
+                    };
+                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": fin}])
+                } else {
+                    json!([{"index": 0, "text": token(i), "logprobs": null, "finish_reason": fin}])
+                }
+            };
+            let mut chunk = json!({
+                "id": id,
+                "object": object,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "backend_port": port,
+            });
+            if i >= n {
+                chunk["usage"] = usage.clone();
+            }
+            chunk
+        };
+        let mut resp = respond(
+            app,
+            StatusCode::OK,
+            "text/event-stream",
+            sse_body(events, n, app.args.token_interval, make),
+        );
+        resp.headers_mut()
+            .insert("cache-control", HeaderValue::from_static("no-cache"));
+        return resp;
+    }
+
+    let text_out: String = (0..n).map(token).collect();
+    let mut out = if chat {
+        json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text_out},
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+            "usage": usage,
+            "backend_port": port,
+        })
+    } else {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text_out, "logprobs": null, "finish_reason": finish}],
+            "usage": usage,
+            "backend_port": port,
+        })
+    };
+    if app.args.response_size > 0 {
+        out["padding"] = Value::String("x".repeat(app.args.response_size));
+    }
+    json_resp(app, StatusCode::OK, &out)
+}
+
+/// `GET /ws`: accepts the WebSocket upgrade and echoes messages.
+fn websocket(app: &App, mut req: Request<Incoming>) -> Response<BoxBody> {
+    let h = req.headers();
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = h.get(hyper::header::SEC_WEBSOCKET_KEY).filter(|_| is_ws) else {
+        let msg = "expected a WebSocket upgrade request";
+        return bad_request(app, msg);
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("mock-backend: websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(msg) = ws.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+            match msg {
+                Message::Text(_) | Message::Binary(_) => {
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                // tungstenite queues the close reply and pongs itself; reading
+                // on sends them, and ends the stream once closed.
+                Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        // If echoing failed, still try to say goodbye properly.
+        let _ = ws.close(None).await;
+    });
+    let mut resp = respond(app, StatusCode::SWITCHING_PROTOCOLS, "text/plain", full(""));
+    let h = resp.headers_mut();
+    h.remove(CONTENT_TYPE);
+    h.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        hyper::header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).unwrap_or_else(|_| HeaderValue::from_static("")),
+    );
+    resp
+}
+
+/// `POST /upload`: counts and hashes the body as it streams in.
+async fn upload(app: &App, req: Request<Incoming>) -> Response<BoxBody> {
+    let mut hash = Fnv1a::new();
+    match drain(req.into_body(), Some(&mut hash)).await {
+        Ok(n) => {
+            let v =
+                json!({"bytes": n, "fnv1a": format!("{:016x}", hash.0), "backend_port": app.port});
+            json_resp(app, StatusCode::OK, &v)
+        }
+        Err(e) => {
+            let msg = format!("could not read request body: {e}");
+            bad_request(app, &msg)
+        }
+    }
+}
+
+/// `GET /download?bytes=N`: N pattern bytes in 64 KiB chunks.
+fn download(app: &App, req: &Request<Incoming>) -> Response<BoxBody> {
+    const CHUNK: usize = 64 * 1024;
+    const PERIOD: usize = 251;
+    let total: u64 = match numeric_param(req, "bytes", 0) {
+        Ok(n) => n,
+        Err(msg) => return bad_request(app, &msg),
+    };
+    // One buffer holding the pattern from every phase: chunk k starting at
+    // offset `pos` is `pattern[pos % 251..][..len]`, a zero-copy slice.
+    let pattern: Bytes = (0..CHUNK + PERIOD).map(|i| (i % PERIOD) as u8).collect();
+    let stream = futures_util::stream::unfold(0u64, move |pos| {
+        let pattern = pattern.clone();
+        async move {
+            if pos >= total {
+                return None;
+            }
+            let len = (total - pos).min(CHUNK as u64) as usize;
+            let start = (pos % PERIOD as u64) as usize;
+            let chunk = pattern.slice(start..start + len);
+            Some((Ok::<_, Infallible>(Frame::data(chunk)), pos + len as u64))
+        }
+    });
+    let mut resp = respond(
+        app,
+        StatusCode::OK,
+        "application/octet-stream",
+        StreamBody::new(stream).boxed_unsync(),
+    );
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(total));
+    resp
+}
+
+/// `GET /sse?events=N&interval_ms=M`.
+fn sse(app: &App, req: &Request<Incoming>) -> Response<BoxBody> {
+    let events = match numeric_param(req, "events", app.args.tokens) {
+        Ok(n) => n,
+        Err(msg) => return bad_request(app, &msg),
+    };
+    let default_ms = app.args.token_interval.as_secs_f64() * 1000.0;
+    let interval_ms: f64 = match numeric_param(req, "interval_ms", default_ms) {
+        Ok(ms) if ms.is_finite() && ms >= 0.0 => ms,
+        _ => return bad_request(app, "invalid query parameter interval_ms"),
+    };
+    let port = app.port;
+    let body = sse_body(
+        events,
+        events,
+        Duration::from_secs_f64(interval_ms / 1000.0),
+        move |i| json!({"event": i, "backend_port": port}),
+    );
+    let mut resp = respond(app, StatusCode::OK, "text/event-stream", body);
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Any other request: describes it back as JSON.
+async fn echo(app: &App, req: Request<Incoming>) -> Response<BoxBody> {
+    let (parts, body) = req.into_parts();
+    let mut headers = Map::new();
+    for name in parts.headers.keys() {
+        let joined = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        headers.insert(name.as_str().to_owned(), Value::String(joined));
+    }
+    let mut v = json!({
+        "ok": true,
+        "backend_port": app.port,
+        "path": parts.uri.path(),
+        "uri": parts.uri.to_string(),
+        "method": parts.method.as_str(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+    });
+    let n = drain(body, None).await;
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        match n {
+            Ok(n) => v["body_bytes"] = json!(n),
+            Err(e) => {
+                let msg = format!("could not read request body: {e}");
+                return bad_request(app, &msg);
+            }
+        }
+    }
+    json_resp(app, StatusCode::OK, &v)
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------
+
+/// A TCP stream that records when bytes arrive (for `--idle-timeout`).
+struct ActivityIo {
+    inner: TcpStream,
+    conn: Arc<ConnState>,
+}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.conn.touch();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves one TCP connection until it ends or is closed for idleness.
+async fn serve_connection(app: Arc<App>, stream: TcpStream) {
+    app.connections.fetch_add(1, Ordering::Relaxed);
+    app.open_connections.fetch_add(1, Ordering::Relaxed);
+    let _ = stream.set_nodelay(true);
+    let state = Arc::new(ConnState {
+        app: app.clone(),
+        active: AtomicUsize::new(0),
+        last_activity: AtomicU64::new(app.nanos()),
+    });
+    let io = TokioIo::new(ActivityIo {
+        inner: stream,
+        conn: state.clone(),
+    });
+    let svc_state = state.clone();
+    let svc = hyper::service::service_fn(move |req| handle(svc_state.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    match app.args.idle_timeout {
+        None => {
+            let _ = conn.await;
+        }
+        Some(timeout) => loop {
+            let deadline = state.idle_deadline(timeout);
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                () = tokio::time::sleep_until(deadline) => {
+                    if state.idle_for_at_least(timeout) {
+                        // Returning drops `conn` and with it the socket.
+                        app.idle_closes.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        },
+    }
+    app.open_connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let mut args = Args::parse();
+    args.idle_timeout = args.idle_timeout.filter(|d| !d.is_zero());
+    let listener = TcpListener::bind(SocketAddr::new(args.bind, args.port)).await?;
+    let addr = listener.local_addr()?;
+    let seed = args.seed.unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (u64::from(std::process::id()) << 32)
+    });
+    let app = Arc::new(App {
+        port: addr.port(),
+        start: Instant::now(),
+        requests: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        health_checks: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        open_connections: AtomicU64::new(0),
+        idle_closes: AtomicU64::new(0),
+        next_id: AtomicU64::new(0),
+        rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+        prefix: Mutex::new(PrefixCache::default()),
+        args,
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {addr}")?;
+        out.flush()?;
+    }
+
+    let shutdown = shutdown_signal();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = shutdown.as_mut() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    tokio::spawn(serve_connection(app.clone(), stream));
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: back off briefly.
+                    eprintln!("mock-backend: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert_eq!(parse_idle_timeout("never"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn args() {
+        let a = Args::try_parse_from([
+            "mock-backend",
+            "--port",
+            "0",
+            "--mode",
+            "flaky",
+            "--failure-rate",
+            "0.25",
+            "--seed",
+            "7",
+            "--delay",
+            "10ms",
+            "--idle-timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(a.mode, Mode::Flaky);
+        assert_eq!(a.failure_rate, 0.25);
+        assert_eq!(a.seed, Some(7));
+        assert_eq!(a.delay, Duration::from_millis(10));
+        assert_eq!(a.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(a.health_endpoint, "/v1/models");
+        assert_eq!(a.token_interval, Duration::from_millis(50));
+        assert!(Args::try_parse_from(["mock-backend", "--failure-rate", "1.5"]).is_err());
+        assert!(Args::try_parse_from(["mock-backend", "--health-endpoint", "x"]).is_err());
+    }
+
+    #[test]
+    fn prefix_cache() {
+        let mut c = PrefixCache::default();
+        c.observe("hello world");
+        c.observe("hello there");
+        c.observe("help");
+        c.observe("");
+        c.observe("hello world");
+        assert_eq!(c.requests, 5);
+        // 0 + 6 ("hello ") + 3 ("hel") + 0 + 11
+        assert_eq!(c.matched_chars, 20);
+        assert_eq!(c.total_chars, 11 + 11 + 4 + 11);
+        // Multi-byte chars are counted as chars, never split.
+        let mut c = PrefixCache::default();
+        c.observe("héé");
+        c.observe("hé\u{e9}x");
+        c.observe("hè");
+        assert_eq!(c.matched_chars, 3 + 1);
+    }
+
+    #[test]
+    fn prefix_cache_evicts() {
+        let mut c = PrefixCache::default();
+        c.observe("first");
+        for i in 0..PrefixCache::CAPACITY {
+            c.observe(&format!("{i}"));
+        }
+        assert_eq!(c.order.len(), PrefixCache::CAPACITY);
+        let before = c.matched_chars;
+        c.observe("first");
+        assert_eq!(c.matched_chars, before);
+    }
+
+    #[test]
+    fn canonical() {
+        let v: Value = serde_json::from_str(
+            r#"{"messages":[{"role":"system","content":"be nice"},{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            canonical_text(&v, true),
+            "system\u{0}be nice\u{1}user\u{0}hi\u{1}"
+        );
+        let v: Value = serde_json::from_str(r#"{"prompt":"abc"}"#).unwrap();
+        assert_eq!(canonical_text(&v, false), "abc");
+    }
+
+    #[test]
+    fn fnv() {
+        let mut h = Fnv1a::new();
+        h.update(b"a");
+        assert_eq!(h.0, 0xaf63_dc4c_8601_ec8c);
+    }
+}
