@@ -1,1 +1,71 @@
-fn main() {}
+//! `lb`: the command-line entry point. Parses flags, prints the startup summary, and runs
+//! the proxy on the runtime chosen at build time (tokio by default, smol with
+//! `--no-default-features --features smol`).
+#![forbid(unsafe_code)]
+
+mod args;
+mod print;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use lb_core::{Notice, NoticeSink};
+
+#[cfg(feature = "tokio")]
+const RUNTIME: &str = "tokio";
+#[cfg(all(feature = "smol", not(feature = "tokio")))]
+const RUNTIME: &str = "smol";
+
+fn main() -> ExitCode {
+    let cli = match args::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&one_line(&e.to_string())),
+    };
+    let verbose = cli.verbose;
+    let settings = match cli.into_settings() {
+        Ok(s) => s,
+        Err(msg) => return fail(&msg),
+    };
+    // 1000 concurrent requests need two descriptors each; the soft limit is often 1024.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    print::emit(&print::summary(&settings, RUNTIME));
+    let sink: NoticeSink = Arc::new(move |n: Notice| print::emit(&print::lines(&n, verbose)));
+    match run(settings, sink) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => fail(&msg),
+    }
+}
+
+#[cfg(feature = "tokio")]
+fn run(settings: lb_core::Settings, sink: NoticeSink) -> Result<(), String> {
+    lb_tokio::run(settings, sink).map_err(|e| e.to_string())
+}
+
+#[cfg(all(feature = "smol", not(feature = "tokio")))]
+fn run(settings: lb_core::Settings, sink: NoticeSink) -> Result<(), String> {
+    lb_smol::run(settings, sink).map_err(|e| e.to_string())
+}
+
+/// Clap's errors span several lines; users and scripts get one that names the flag.
+fn one_line(msg: &str) -> String {
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("lb: error: {msg}");
+    ExitCode::from(2)
+}

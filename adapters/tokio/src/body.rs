@@ -1,0 +1,134 @@
+//! The response body streamed to the client: the backend's body, frame by frame, holding
+//! the request's lease until the stream ends and enforcing the request deadline.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use lb_core::{BackendError, ErrorKind, Notice, Outcome};
+use tokio::time::Sleep;
+
+use crate::proxy::{describe, ReqLine};
+use crate::shared::LeaseGuard;
+
+pin_project_lite::pin_project! {
+    /// Forwards each frame as soon as it arrives (no buffering). When the backend's body
+    /// ends the lease is released with `Response(status)`; on a backend error or the
+    /// deadline, with `Failed`; if the client goes away first (the body is dropped), with
+    /// `Cancelled`.
+    pub(crate) struct Streamed {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        deadline: Sleep,
+        guard: Option<LeaseGuard>,
+        status: u16,
+        request: ReqLine,
+    }
+}
+
+impl Streamed {
+    pub(crate) fn new(
+        inner: Incoming,
+        deadline: Sleep,
+        guard: LeaseGuard,
+        status: u16,
+        request: ReqLine,
+    ) -> Self {
+        Streamed {
+            inner,
+            deadline,
+            guard: Some(guard),
+            status,
+            request,
+        }
+    }
+}
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    // hyper stops polling once the body says it has ended.
+                    if let Some(g) = this.guard.take() {
+                        g.finish(Outcome::Response(*this.status));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                if let Some(g) = this.guard.take() {
+                    g.finish(Outcome::Response(*this.status));
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let message = describe(&e);
+                fail(
+                    this.guard,
+                    *this.status,
+                    ErrorKind::Io,
+                    message,
+                    this.request,
+                );
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                ready!(this.deadline.poll(cx));
+                let message =
+                    "request timeout (--timeout) reached while streaming the response".to_string();
+                fail(
+                    this.guard,
+                    *this.status,
+                    ErrorKind::Timeout,
+                    message.clone(),
+                    this.request,
+                );
+                Poll::Ready(Some(Err(message.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.guard.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn fail(
+    guard: &mut Option<LeaseGuard>,
+    status: u16,
+    kind: ErrorKind,
+    message: String,
+    request: &ReqLine,
+) {
+    let Some(g) = guard.take() else { return };
+    let shared = g.shared().clone();
+    let backend = shared.upstream(g.backend()).url.clone();
+    g.finish(Outcome::Failed {
+        status: Some(status),
+        error: BackendError {
+            kind,
+            message: message.clone(),
+        },
+    });
+    (shared.log)(Notice::ProxyError {
+        backend,
+        request: request.to_string(),
+        status: 0,
+        error: message,
+    });
+}

@@ -1,0 +1,79 @@
+//! HTTP clients to backends: pooled keep-alive connections, connect timeout, TLS.
+
+use std::sync::Arc;
+
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use lb_core::Settings;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::shared::StartError;
+
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
+
+/// TCP with `TCP_NODELAY` and the connect timeout, wrapped in TLS for `https://` backends
+/// (system roots plus `--backend-ca`).
+pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates only matter for https:// backends; those then fail
+    // their probes with a TLS error that names the problem.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &settings.backend_ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(StartError::Tls(format!(
+                "{}: no PEM certificate found",
+                path.display()
+            )));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StartError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
+}
+
+/// A pooled HTTP/1.1 client. Idle connections close after `pool_idle_timeout` (below
+/// uvicorn's 5 s keep-alive), and a request whose pooled connection turned out closed
+/// before any byte was written is re-sent once on a fresh connection (hyper-util's
+/// `retry_canceled_requests`); nothing else is retried.
+pub(crate) fn build<B>(connector: Connector, settings: &Settings) -> Client<Connector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .retry_canceled_requests(true)
+        .set_host(false)
+        .build(connector)
+}

@@ -1,0 +1,326 @@
+//! The request path: answer `/health`, ask the core for a backend, forward, stream back.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use lb_core::reply::{self, ProxyError, Reply};
+use lb_core::{BackendError, ErrorKind, Notice, Outcome, RequestMeta};
+
+use crate::body::Streamed;
+use crate::shared::{LeaseGuard, Shared};
+
+pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
+
+/// Method and target of a request, kept for error messages (cheap clones, formatted only
+/// when something goes wrong).
+pub(crate) struct ReqLine {
+    method: Method,
+    uri: Uri,
+}
+
+impl fmt::Display for ReqLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method, self.uri)
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if req.uri().path() == "/health" {
+        return Ok(local(reply::health(shared.core().summary())));
+    }
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        // Ambiguous framing is the classic request-smuggling vector: refuse it (hyper
+        // would let chunked win), and close the connection.
+        let mut resp = local(reply::error(ProxyError::BadRequest));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
+    let meta = RequestMeta::from_ip(peer.ip());
+    let guard = match shared.select(&meta) {
+        Ok(g) => g,
+        Err(reject) => return Ok(local(reply::error(ProxyError::Rejected(reject)))),
+    };
+    Ok(forward(shared, guard, peer, req).await)
+}
+
+async fn forward(
+    shared: Arc<Shared>,
+    guard: LeaseGuard,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + shared.settings.request_timeout);
+    let upstream = shared.upstream(guard.backend());
+    let line = ReqLine {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+    };
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let uri = match upstream.uri(req.uri().path_and_query()) {
+        Ok(u) => u,
+        Err(_) => {
+            guard.finish(Outcome::Cancelled);
+            return local(reply::error(ProxyError::BadRequest));
+        }
+    };
+    *req.uri_mut() = uri;
+    rewrite_request_headers(req.headers_mut(), peer, &upstream.authority, upgrade);
+
+    let sent = tokio::time::timeout_at(deadline, shared.traffic.request(req)).await;
+    let mut resp = match sent {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            if client_side(&e) {
+                // The client's request body failed (it went away mid-upload): not the
+                // backend's fault.
+                guard.finish(Outcome::Cancelled);
+                return local(reply::error(ProxyError::BadRequest));
+            }
+            let kind = if e.is_connect() {
+                ErrorKind::Connect
+            } else {
+                ErrorKind::Io
+            };
+            return fail(
+                &shared,
+                guard,
+                &line,
+                ProxyError::BadGateway,
+                kind,
+                describe(&e),
+            );
+        }
+        Err(_) => {
+            let msg = "no response before the request timeout (--timeout)".to_string();
+            return fail(
+                &shared,
+                guard,
+                &line,
+                ProxyError::GatewayTimeout,
+                ErrorKind::Timeout,
+                msg,
+            );
+        }
+    };
+    let status = resp.status().as_u16();
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, true);
+            return Response::from_parts(parts, Either::Left(Full::default()));
+        }
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        drop(body);
+        guard.finish(Outcome::Response(status));
+        Either::Left(Full::default())
+    } else {
+        Either::Right(Streamed::new(
+            body,
+            tokio::time::sleep_until(deadline),
+            guard,
+            status,
+            line,
+        ))
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Joins an upgraded client connection with the upgraded backend connection (WebSocket
+/// and any other `Upgrade`); the request stays in flight until either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    guard: LeaseGuard,
+    status: u16,
+) {
+    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+        guard.finish(Outcome::Cancelled);
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+    guard.finish(Outcome::Response(status));
+}
+
+fn fail(
+    shared: &Shared,
+    guard: LeaseGuard,
+    line: &ReqLine,
+    answer: ProxyError,
+    kind: ErrorKind,
+    message: String,
+) -> Response<ProxyBody> {
+    let reply = reply::error(answer);
+    (shared.log)(Notice::ProxyError {
+        backend: shared.upstream(guard.backend()).url.clone(),
+        request: line.to_string(),
+        status: reply.status,
+        error: message.clone(),
+    });
+    guard.finish(Outcome::Failed {
+        status: None,
+        error: BackendError { kind, message },
+    });
+    local(reply)
+}
+
+/// A response the proxy makes itself.
+pub(crate) fn local(reply: Reply) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::from(reply.body))));
+    *resp.status_mut() =
+        StatusCode::from_u16(reply.status).expect("replies use valid status codes");
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in reply.headers {
+        h.insert(*name, HeaderValue::from_static(value));
+    }
+    resp
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE) && connection_has(h, "upgrade")
+}
+
+fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those `Connection` names. An upgrade
+/// keeps `Upgrade` and `Connection: upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                h.remove(&name);
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    for name in [
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::PROXY_AUTHENTICATE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ] {
+        h.remove(name);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Hop-by-hop headers out; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` set; `Host` becomes the backend's authority (what it would see if
+/// called directly, like nginx's default `proxy_set_header Host $proxy_host`).
+fn rewrite_request_headers(
+    h: &mut HeaderMap,
+    peer: SocketAddr,
+    authority: &http::uri::Authority,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(h, upgrade);
+    let ip = peer.ip().to_canonical();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")),
+        None => HeaderValue::try_from(ip.to_string()),
+    };
+    if let Ok(v) = xff {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = h.remove(header::HOST) {
+        h.insert(&X_FORWARDED_HOST, host);
+    }
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        h.insert(header::HOST, v);
+    }
+}
+
+/// Whether a client error was caused by the client's own request body.
+fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() || h.is_body_write_aborted() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// A short, human description of an error: the innermost I/O error in plain words, else
+/// the innermost message.
+pub(crate) fn describe(e: &(dyn StdError + 'static)) -> String {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    let mut last = e.to_string();
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                io::ErrorKind::ConnectionReset => "connection reset by backend".into(),
+                io::ErrorKind::ConnectionAborted => "connection aborted".into(),
+                io::ErrorKind::TimedOut => "connect timeout (--connect-timeout)".into(),
+                io::ErrorKind::UnexpectedEof => "backend closed the connection".into(),
+                _ => io.to_string(),
+            };
+        }
+        last = err.to_string();
+        cur = err.source();
+    }
+    last
+}

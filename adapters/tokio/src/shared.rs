@@ -1,0 +1,239 @@
+//! State shared by every task: the core behind a mutex, backend targets, HTTP clients.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use lb_core::{
+    BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, PoolError, RequestMeta, Settings,
+    Target,
+};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tokio::sync::Notify;
+
+use crate::client::{self, Connector};
+
+/// Why the proxy could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The tokio runtime could not be built.
+    Runtime(io::Error),
+    /// The listen address could not be bound.
+    Bind(SocketAddr, io::Error),
+    /// TLS setup failed (e.g. an unreadable `--backend-ca`).
+    Tls(String),
+    /// The core refused a backend.
+    Backend(PoolError),
+    /// A backend URL could not be turned into a request URI.
+    Url(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Runtime(e) => write!(f, "cannot start the tokio runtime: {e}"),
+            StartError::Bind(a, e) => write!(f, "cannot listen on {a} (--port/--bind): {e}"),
+            StartError::Tls(e) => write!(f, "TLS setup failed (--backend-ca): {e}"),
+            StartError::Backend(e) => write!(f, "--backends: {e}"),
+            StartError::Url(e) => write!(f, "--backends: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A backend as the adapter addresses it.
+pub(crate) struct Upstream {
+    pub(crate) url: Arc<str>,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    /// Path prefix from the backend URL, empty or `/base`.
+    pub(crate) prefix: String,
+    /// The health-probe URI.
+    pub(crate) probe_uri: Uri,
+}
+
+impl Upstream {
+    fn new(t: &Target, health_path: &str) -> Result<Self, StartError> {
+        let bad = |e: &dyn fmt::Display| StartError::Url(format!("backend {}: {e}", t.url));
+        let scheme = if t.tls { Scheme::HTTPS } else { Scheme::HTTP };
+        let authority: Authority = t.authority.parse().map_err(|e| bad(&e))?;
+        let probe_uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query(format!("{}{}", t.path_prefix, health_path))
+            .build()
+            .map_err(|e| bad(&e))?;
+        Ok(Upstream {
+            url: t.url.clone(),
+            scheme,
+            authority,
+            prefix: t.path_prefix.clone(),
+            probe_uri,
+        })
+    }
+
+    /// The URI of `pq` on this backend.
+    pub(crate) fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let b = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
+        match (self.prefix.is_empty(), pq) {
+            (true, Some(pq)) => b.path_and_query(pq.clone()).build(),
+            (true, None) => b.path_and_query("/").build(),
+            (false, pq) => {
+                let pq = pq.map_or("/", |p| p.as_str());
+                b.path_and_query(format!("{}{}", self.prefix, pq)).build()
+            }
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    core: Mutex<Balancer<SmallRng>>,
+    /// Backends by slot.
+    upstreams: Vec<Option<Upstream>>,
+    pub(crate) traffic: Client<Connector, Incoming>,
+    pub(crate) probes: Client<Connector, Empty<Bytes>>,
+    pub(crate) settings: Settings,
+    pub(crate) log: NoticeSink,
+    shutting_down: AtomicBool,
+    idle: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        settings: Settings,
+        log: NoticeSink,
+        now: Instant,
+    ) -> Result<Arc<Self>, StartError> {
+        let mut core = Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now);
+        let mut upstreams: Vec<Option<Upstream>> = Vec::new();
+        for spec in &settings.backends {
+            let target = Target::parse(&spec.url).map_err(|e| StartError::Url(e.to_string()))?;
+            let id = core
+                .add_backend(now, spec.clone())
+                .map_err(StartError::Backend)?;
+            if upstreams.len() <= id.slot() {
+                upstreams.resize_with(id.slot() + 1, || None);
+            }
+            upstreams[id.slot()] = Some(Upstream::new(&target, &settings.health_path)?);
+        }
+        let connector = client::connector(&settings)?;
+        Ok(Arc::new(Shared {
+            core: Mutex::new(core),
+            upstreams,
+            traffic: client::build(connector.clone(), &settings),
+            probes: client::build(connector, &settings),
+            settings,
+            log,
+            shutting_down: AtomicBool::new(false),
+            idle: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, Balancer<SmallRng>> {
+        // A panic while holding the lock cannot leave the core half-updated in a way that
+        // matters more than stopping the proxy would, so keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn upstream(&self, id: BackendId) -> &Upstream {
+        self.upstreams[id.slot()]
+            .as_ref()
+            .expect("every backend the core knows was registered at startup")
+    }
+
+    /// Selects a backend; the lease comes back wrapped in a guard that releases it.
+    pub(crate) fn select(
+        self: &Arc<Self>,
+        meta: &RequestMeta<'_>,
+    ) -> Result<LeaseGuard, lb_core::Reject> {
+        let lease = self.core().select(Instant::now(), meta)?;
+        Ok(LeaseGuard {
+            shared: self.clone(),
+            lease: Some(lease),
+            outcome: Outcome::Cancelled,
+        })
+    }
+
+    fn release(&self, lease: Lease, outcome: Outcome) {
+        let mut events = Vec::new();
+        let idle = {
+            let mut core = self.core();
+            core.release(Instant::now(), lease, outcome);
+            while let Some(e) = core.poll_event() {
+                events.push(e);
+            }
+            core.outstanding() == 0
+        };
+        for e in events {
+            (self.log)(Notice::Core(e));
+        }
+        if idle && self.shutting_down.load(Ordering::Acquire) {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.core().outstanding()
+    }
+
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Resolves once no lease is outstanding (call after `begin_shutdown`).
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Owns a lease; releases it exactly once, with the recorded outcome, when dropped (so a
+/// cancelled future, a dropped body or a panic all release it). The outcome starts as
+/// `Cancelled` and is set as the exchange progresses.
+pub(crate) struct LeaseGuard {
+    shared: Arc<Shared>,
+    lease: Option<Lease>,
+    outcome: Outcome,
+}
+
+impl LeaseGuard {
+    pub(crate) fn backend(&self) -> BackendId {
+        self.lease.as_ref().expect("present until drop").backend()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Records how the exchange ended and releases the lease now.
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let outcome = std::mem::replace(&mut self.outcome, Outcome::Cancelled);
+            self.shared.release(lease, outcome);
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Command-line flags and their validation into [`Settings`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use lb_core::settings::{MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
+use lb_core::{BackendSpec, Config, HealthConfig, Policy, Settings, Target, MAX_WEIGHT};
+
+/// The smallest health-check interval accepted.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// lb: one address in front of many HTTP backends (vLLM, SGLang, llama.cpp, TGI, or any
+/// HTTP service). Streams without buffering, checks health, balances load.
+#[derive(Parser, Debug)]
+#[command(name = "lb", version = version(), about, long_about = None)]
+pub struct Cli {
+    /// Backend URLs, space-separated (bash expansion works: http://localhost:800{0..2});
+    /// repeatable. `host:port` means http://host:port. Give a weight with `URL#weight=3`.
+    #[arg(long = "backends", visible_alias = "backend", value_name = "URL", num_args = 1.., action = clap::ArgAction::Append)]
+    pub backends: Vec<String>,
+
+    /// More backend URLs (same syntax as --backends).
+    #[arg(value_name = "URL")]
+    pub extra_backends: Vec<String>,
+
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind: IpAddr,
+
+    /// Whole-request timeout (response head and body); exceeded → 504 or a cut stream.
+    #[arg(long, default_value = "4h", value_parser = duration, allow_hyphen_values = true)]
+    pub timeout: Duration,
+
+    /// Timeout for connecting to a backend.
+    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    pub connect_timeout: Duration,
+
+    /// Time between health-check sweeps (at least 5s).
+    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    pub health_check_interval: Duration,
+
+    /// Timeout of one health probe (capped by the interval).
+    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    pub health_timeout: Duration,
+
+    /// Path probed on every backend; 2xx or 429 means alive.
+    #[arg(long, default_value = "/v1/models")]
+    pub health_path: String,
+
+    /// Consecutive failed probes that mark a backend unhealthy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fall: u32,
+
+    /// Consecutive passing probes that bring an unhealthy backend back.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rise: u32,
+
+    /// Consecutive proxy errors (transport error or 5xx) that mark a backend unhealthy; 0 = off.
+    #[arg(long, default_value_t = 1)]
+    pub passive_threshold: u32,
+
+    /// Balancing policy.
+    #[arg(long, default_value = "least-conn", value_parser = policy)]
+    pub routing: Policy,
+
+    /// Per-backend cap on requests in flight; 0 = unlimited. When every healthy backend is
+    /// full, requests get 429 with Retry-After: 1.
+    #[arg(long, default_value_t = 0)]
+    pub max_conns: u32,
+
+    /// Time between [STATUS] lines (default: the health-check interval).
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    pub status_interval: Option<Duration>,
+
+    /// How long in-flight requests may finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    pub shutdown_timeout: Duration,
+
+    /// Extra CA bundle (PEM) to trust for https:// backends, besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub backend_ca: Option<PathBuf>,
+
+    /// A client must send its request head within this long.
+    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    pub head_timeout: Duration,
+
+    /// Log one line per backend (URL, state, in-flight) with each status line.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+fn version() -> &'static str {
+    if cfg!(feature = "tokio") {
+        concat!(env!("CARGO_PKG_VERSION"), " (tokio)")
+    } else {
+        concat!(env!("CARGO_PKG_VERSION"), " (smol)")
+    }
+}
+
+/// Parses Go-style durations: `500ms`, `30s`, `5m`, `4h`, `1h30m`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m"
+        ));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m"))
+}
+
+fn policy(s: &str) -> Result<Policy, String> {
+    s.parse::<Policy>().map_err(|e| e.to_string())
+}
+
+/// Parses one backend argument: `URL` or `URL#weight=N`.
+pub fn backend(arg: &str, max_conns: u32) -> Result<BackendSpec, String> {
+    let (url, weight) = match arg.split_once('#') {
+        None => (arg, 1),
+        Some((url, opt)) => {
+            let w = opt
+                .strip_prefix("weight=")
+                .ok_or_else(|| format!("--backends: '{arg}': expected URL#weight=N after '#'"))?;
+            let w: u32 = w
+                .parse()
+                .ok()
+                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .ok_or_else(|| {
+                    format!(
+                        "--backends: '{arg}': weight must be a whole number from 1 to {MAX_WEIGHT}"
+                    )
+                })?;
+            (url, w)
+        }
+    };
+    let target = Target::parse(url).map_err(|e| format!("--backends: {e}"))?;
+    Ok(BackendSpec {
+        url: target.url.to_string(),
+        weight,
+        max_conns,
+    })
+}
+
+impl Cli {
+    /// Checks what clap cannot and builds the settings.
+    pub fn into_settings(self) -> Result<Settings, String> {
+        let args: Vec<&String> = self.backends.iter().chain(&self.extra_backends).collect();
+        if args.is_empty() {
+            return Err("no backends given: pass --backends URL [URL...] (e.g. --backends http://localhost:8000)".into());
+        }
+        let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.len());
+        for arg in args {
+            let spec = backend(arg, self.max_conns)?;
+            if backends.iter().any(|b| b.url == spec.url) {
+                return Err(format!("--backends: {} is listed twice", spec.url));
+            }
+            backends.push(spec);
+        }
+        if self.health_check_interval < MIN_HEALTH_INTERVAL {
+            return Err(format!(
+                "--health-check-interval must be at least 5s (got {})",
+                humantime::format_duration(self.health_check_interval)
+            ));
+        }
+        for (flag, d) in [
+            ("--timeout", self.timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--health-timeout", self.health_timeout),
+            ("--head-timeout", self.head_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{flag} must be greater than 0"));
+            }
+        }
+        if self
+            .status_interval
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return Err("--status-interval must be at least 1s".into());
+        }
+        if !self.health_path.starts_with('/') || self.health_path.contains(char::is_whitespace) {
+            return Err(format!(
+                "--health-path must start with '/' and contain no spaces (got '{}')",
+                self.health_path
+            ));
+        }
+        Ok(Settings {
+            listen: SocketAddr::new(self.bind, self.port),
+            backends,
+            core: Config {
+                policy: self.routing,
+                health: HealthConfig {
+                    interval: self.health_check_interval,
+                    timeout: self.health_timeout,
+                    fall: self.fall,
+                    rise: self.rise,
+                    passive_threshold: self.passive_threshold,
+                },
+                status_interval: Some(self.status_interval.unwrap_or(self.health_check_interval)),
+            },
+            request_timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
+            health_path: self.health_path,
+            shutdown_timeout: self.shutdown_timeout,
+            backend_ca: self.backend_ca,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
+            head_timeout: self.head_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let cli = Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.into_settings()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert!(duration("-5s").unwrap_err().contains("negative"));
+        assert!(duration("soon").is_err());
+    }
+
+    #[test]
+    fn backends_from_flags_and_positionals() {
+        let s = parse(&[
+            "--backends",
+            "http://a:1",
+            "b:2",
+            "--backends",
+            "http://c:3#weight=4",
+            "http://d:4",
+        ])
+        .unwrap();
+        let urls: Vec<&str> = s.backends.iter().map(|b| b.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            ["http://a:1", "http://b:2", "http://c:3", "http://d:4"]
+        );
+        assert_eq!(s.backends[2].weight, 4);
+        assert_eq!(s.core.policy, Policy::LeastConn);
+        assert_eq!(s.request_timeout, Duration::from_secs(4 * 3600));
+        assert_eq!(s.core.status_interval, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        for (args, needle) in [
+            (&[][..], "backends"),
+            (&["--backends", "ftp://x:1"][..], "--backends"),
+            (&["--backends", "a:1", "--port", "0"][..], "--port"),
+            (&["--backends", "a:1", "--port", "70000"][..], "--port"),
+            (&["--backends", "a:1", "--timeout", "-5s"][..], "--timeout"),
+            (&["--backends", "a:1", "--timeout", "abc"][..], "--timeout"),
+            (
+                &["--backends", "a:1", "--health-check-interval", "1s"][..],
+                "health-check-interval",
+            ),
+            (
+                &["--backends", "a:1", "--routing", "fastest"][..],
+                "least-conn",
+            ),
+            (&["--backends", "a:1#weight=0"][..], "weight"),
+            (&["--backends", "a:1", "a:1"][..], "twice"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! How notices look on stderr. The core decides what is worth saying; this decides how.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::SystemTime;
+
+use lb_core::{Event, HealthState, Notice, Settings, StatusReport};
+
+/// Formats one notice as log lines (without timestamps). `/health` is never logged.
+pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
+    match notice {
+        Notice::Core(Event::Health {
+            url, state, cause, ..
+        }) => {
+            let word = match state {
+                HealthState::Healthy => "healthy",
+                HealthState::Unhealthy => "unhealthy",
+            };
+            vec![format!("[HEALTH] {url} marked as {word} ({cause})")]
+        }
+        Notice::Core(Event::Status(report)) => status(report, verbose),
+        Notice::Core(Event::Removed { url, .. }) => vec![format!("[POOL] {url} removed")],
+        Notice::Listening(addr) => vec![format!("[INFO] listening on http://{addr}")],
+        Notice::ProxyError {
+            backend,
+            request,
+            status,
+            error,
+        } => {
+            let answered = if *status == 0 {
+                "response cut".to_string()
+            } else {
+                format!("answered {status}")
+            };
+            vec![format!(
+                "[ERROR] {request} -> {backend}: {error} ({answered})"
+            )]
+        }
+        Notice::ShuttingDown { in_flight } => vec![format!(
+            "[INFO] shutting down: no new connections, waiting for {in_flight} in-flight request(s)"
+        )],
+        Notice::Stopped { abandoned: 0 } => vec!["[INFO] stopped".to_string()],
+        Notice::Stopped { abandoned } => vec![format!(
+            "[INFO] stopped at --shutdown-timeout with {abandoned} request(s) still in flight"
+        )],
+    }
+}
+
+/// `[STATUS] Active: 12 | Healthy: 3/3 | Conns/node: [5, 4, 3]`, plus one line per backend
+/// when verbose.
+fn status(r: &StatusReport, verbose: bool) -> Vec<String> {
+    let mut loads = String::new();
+    for (i, l) in r.loads.iter().enumerate() {
+        if i > 0 {
+            loads.push_str(", ");
+        }
+        if r.elided > 0 && i == lb_core::LOADS_KEPT_EACH_END {
+            let _ = write!(loads, "... {} more ..., ", r.elided);
+        }
+        let _ = write!(loads, "{l}");
+    }
+    let mut out = vec![format!(
+        "[STATUS] Active: {} | Healthy: {}/{} | Conns/node: [{loads}]",
+        r.in_flight, r.healthy, r.total
+    )];
+    if verbose {
+        for b in &r.backends {
+            let state = match (b.draining, b.healthy) {
+                (true, _) => "draining",
+                (false, true) => "healthy",
+                (false, false) => "unhealthy",
+            };
+            out.push(format!(
+                "[STATUS]   {} {state} in-flight {}",
+                b.url, b.in_flight
+            ));
+        }
+    }
+    out
+}
+
+/// The startup summary: version, every setting, every backend.
+pub fn summary(s: &Settings, runtime: &str) -> Vec<String> {
+    let h = &s.core.health;
+    let d = |d| humantime::format_duration(d).to_string();
+    let mut out = vec![
+        format!("[INFO] lb {} ({runtime}) starting", env!("CARGO_PKG_VERSION")),
+        format!(
+            "[INFO] listen {} | routing {} | timeout {} | connect-timeout {} | shutdown-timeout {}",
+            s.listen,
+            s.core.policy,
+            d(s.request_timeout),
+            d(s.connect_timeout),
+            d(s.shutdown_timeout)
+        ),
+        format!(
+            "[INFO] health GET {} every {} (timeout {}, fall {}, rise {}, passive-threshold {}) | status every {}",
+            s.health_path,
+            d(h.interval),
+            d(h.timeout.min(h.interval)),
+            h.fall,
+            h.rise,
+            h.passive_threshold,
+            s.core.status_interval.map_or("never".into(), d)
+        ),
+        format!(
+            "[INFO] max-conns {} | pool idle timeout {} | head timeout {}",
+            match s.backends.first().map_or(0, |b| b.max_conns) {
+                0 => "unlimited".to_string(),
+                n => format!("{n} per backend"),
+            },
+            d(s.pool_idle_timeout),
+            d(s.head_timeout)
+        ),
+    ];
+    for b in &s.backends {
+        out.push(format!("[INFO] backend {} (weight {})", b.url, b.weight));
+    }
+    out
+}
+
+/// Writes lines to stderr with a UTC timestamp, in one write so lines from several
+/// threads do not interleave.
+pub fn emit(lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    let ts = humantime::format_rfc3339_seconds(SystemTime::now());
+    let mut buf = String::new();
+    for l in lines {
+        let _ = writeln!(buf, "{ts} {l}");
+    }
+    let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_core::{BackendSpec, Balancer, Cause, Config, ProbeOutcome};
+    use rand::{rngs::SmallRng, SeedableRng};
+
+    #[test]
+    fn health_line() {
+        let now = std::time::Instant::now();
+        let mut lb = Balancer::new(Config::default(), SmallRng::seed_from_u64(0), now);
+        let backend = lb
+            .add_backend(now, BackendSpec::new("http://localhost:8001"))
+            .unwrap();
+        let n = Notice::Core(Event::Health {
+            backend,
+            url: "http://localhost:8001".into(),
+            state: HealthState::Unhealthy,
+            cause: Cause::Probe(ProbeOutcome::Error("connection refused".into())),
+            epoch: 1,
+        });
+        assert_eq!(
+            lines(&n, false),
+            ["[HEALTH] http://localhost:8001 marked as unhealthy (error: connection refused)"]
+        );
+    }
+
+    #[test]
+    fn status_line_and_elision() {
+        let mut r = StatusReport {
+            in_flight: 12,
+            healthy: 3,
+            total: 3,
+            loads: vec![5, 4, 3],
+            elided: 0,
+            backends: vec![],
+        };
+        assert_eq!(
+            lines(&Notice::Core(Event::Status(r.clone())), false),
+            ["[STATUS] Active: 12 | Healthy: 3/3 | Conns/node: [5, 4, 3]"]
+        );
+        r.loads = (0..30).rev().collect();
+        r.elided = 10;
+        let line = lines(&Notice::Core(Event::Status(r)), false).remove(0);
+        assert!(line.contains("15, ... 10 more ..., 14,"), "{line}");
+    }
+}
