@@ -57,7 +57,8 @@ pub struct Target {
     pub host: String,
     /// Port (the scheme's default when none is given).
     pub port: u16,
-    /// `host:port` as the backend expects it in `Host` (brackets kept for IPv6).
+    /// `host[:port]` as the backend sees it in `Host`: brackets kept for IPv6, the port left
+    /// out when it is the scheme's default.
     pub authority: String,
     /// Path prefix every proxied path is appended to: empty, or `/base` (no trailing slash).
     pub path_prefix: String,
@@ -118,7 +119,8 @@ impl Target {
             return Err(err("missing host"));
         }
         let (host, port) = split_host_port(authority).map_err(|r| err(&r))?;
-        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        let default_port = if tls { 443 } else { 80 };
+        let port = port.unwrap_or(default_port);
         if port == 0 {
             return Err(err("port 0 is not a valid backend port"));
         }
@@ -134,7 +136,11 @@ impl Target {
         } else {
             host.clone()
         };
-        let authority = format!("{bracketed}:{port}");
+        let authority = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
         let url = format!(
             "{}://{authority}{path_prefix}",
             if tls { "https" } else { "http" }
@@ -240,7 +246,8 @@ mod tests {
             (t.tls, t.port, t.path_prefix.as_str()),
             (true, 443, "/base")
         );
-        assert_eq!(t.authority, "api.example.com:443");
+        assert_eq!(t.authority, "api.example.com");
+        assert_eq!(&*t.url, "https://api.example.com/base");
         let t = Target::parse("http://[::1]:9000/v").unwrap();
         assert_eq!(
             (t.host.as_str(), t.authority.as_str()),
