@@ -1,0 +1,446 @@
+//! Command-line contract of `lb`: flags that are refused (with a message that
+//! names the flag) before anything listens, flags that are accepted, the
+//! backend list syntax and the routing policies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lb_tests::*;
+
+/// Run `lb` with `args`, expect a non-zero exit, and a stderr that contains
+/// every one of `needles` (case-insensitive).
+fn refused(args: &[&str], needles: &[&str]) {
+    let out = run_lb(args, Duration::from_secs(10));
+    assert!(
+        !out.status.success(),
+        "lb {args:?} exited with {} but should refuse its input; stderr: {:?}",
+        out.status,
+        out.stderr
+    );
+    let err = out.stderr.to_lowercase();
+    assert!(
+        !err.trim().is_empty(),
+        "lb {args:?} exited with {} and an empty stderr",
+        out.status
+    );
+    for n in needles {
+        assert!(
+            err.contains(&n.to_lowercase()),
+            "lb {args:?}: stderr should mention {n:?}, got: {:?}",
+            out.stderr
+        );
+    }
+}
+
+/// A backend argument that refers to a port nothing listens on.
+fn some_backend() -> String {
+    format!("http://127.0.0.1:{}", dead_port())
+}
+
+#[test]
+fn harness_finds_the_mock_backend_cargo_built() {
+    assert_eq!(
+        std::fs::canonicalize(mock_bin()).unwrap(),
+        std::fs::canonicalize(env!("CARGO_BIN_EXE_mock-backend")).unwrap()
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let out = run_lb(&["--version"], Duration::from_secs(10));
+    assert!(out.status.success(), "--version: {out:?}");
+    assert!(
+        out.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "--version should print the version, got {:?}",
+        out.stdout
+    );
+
+    let out = run_lb(&["--help"], Duration::from_secs(10));
+    assert!(out.status.success(), "--help: {out:?}");
+    for flag in [
+        "--backends",
+        "--port",
+        "--timeout",
+        "--health-check-interval",
+        "--routing",
+        "--max-conns",
+        "--verbose",
+    ] {
+        assert!(
+            out.stdout.contains(flag),
+            "--help should document {flag}; got:\n{}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn refuses_missing_backends() {
+    refused(&[], &["backends"]);
+    let p = free_port().to_string();
+    refused(&["--port", &p, "--bind", "127.0.0.1"], &["backends"]);
+}
+
+#[test]
+fn refuses_malformed_backend_urls() {
+    let p = free_port().to_string();
+    for bad in [
+        "http://",
+        "http://127.0.0.1:notaport",
+        "http://127.0.0.1:99999",
+        "http://exa mple.com:80",
+        "://127.0.0.1:80",
+    ] {
+        refused(
+            &["--backends", bad, "--port", &p, "--bind", "127.0.0.1"],
+            &["backend"],
+        );
+    }
+}
+
+#[test]
+fn refuses_unsupported_schemes() {
+    let p = free_port().to_string();
+    for bad in [
+        "ftp://127.0.0.1:21",
+        "gopher://127.0.0.1:70",
+        "file:///etc/passwd",
+    ] {
+        refused(
+            &["--backends", bad, "--port", &p, "--bind", "127.0.0.1"],
+            &["backend"],
+        );
+    }
+}
+
+#[test]
+fn refuses_bad_ports() {
+    let b = some_backend();
+    for bad in ["0", "65536", "70000", "-1", "http"] {
+        refused(
+            &["--backends", &b, "--port", bad, "--bind", "127.0.0.1"],
+            &["port"],
+        );
+    }
+}
+
+#[test]
+fn refuses_bad_durations() {
+    let b = some_backend();
+    let p = free_port().to_string();
+    for (flag, value) in [
+        ("--timeout", "-5s"),
+        ("--timeout", "soon"),
+        ("--timeout", "10 parsecs"),
+        ("--connect-timeout", "-1s"),
+        ("--connect-timeout", "abc"),
+        ("--shutdown-timeout", "-30s"),
+        ("--shutdown-timeout", "xyz"),
+        ("--health-check-interval", "-30s"),
+        ("--health-check-interval", "often"),
+    ] {
+        let name = flag.trim_start_matches("--");
+        refused(
+            &[
+                "--backends",
+                &b,
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                flag,
+                value,
+            ],
+            &[name],
+        );
+    }
+    // The `--flag=value` spelling too.
+    refused(
+        &[
+            "--backends",
+            &b,
+            "--port",
+            &p,
+            "--bind",
+            "127.0.0.1",
+            "--timeout=-5s",
+        ],
+        &["timeout"],
+    );
+}
+
+#[test]
+fn refuses_health_check_interval_under_5s() {
+    let b = some_backend();
+    let p = free_port().to_string();
+    for value in ["4s", "4999ms", "500ms", "1s"] {
+        refused(
+            &[
+                "--backends",
+                &b,
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--health-check-interval",
+                value,
+            ],
+            &["health-check-interval"],
+        );
+    }
+}
+
+#[test]
+fn refuses_unknown_routing_policy() {
+    let b = some_backend();
+    let p = free_port().to_string();
+    refused(
+        &[
+            "--backends",
+            &b,
+            "--port",
+            &p,
+            "--bind",
+            "127.0.0.1",
+            "--routing",
+            "fastest-first",
+        ],
+        &["least-conn", "round-robin"],
+    );
+}
+
+#[test]
+fn refuses_bad_max_conns() {
+    let b = some_backend();
+    let p = free_port().to_string();
+    for value in ["-1", "many"] {
+        refused(
+            &[
+                "--backends",
+                &b,
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--max-conns",
+                value,
+            ],
+            &["max-conns"],
+        );
+    }
+}
+
+#[test]
+fn accepts_every_documented_flag() {
+    let m = Mock::spawn::<&str>(&[]);
+    let url = m.url();
+    let lb = Lb::spawn(&[
+        "--backends",
+        &url,
+        "--timeout",
+        "1h30m",
+        "--connect-timeout",
+        "500ms",
+        "--health-check-interval",
+        "5m",
+        "--health-path",
+        "/v1/models",
+        "--routing",
+        "random-two-least",
+        "--max-conns",
+        "0",
+        "--shutdown-timeout",
+        "30s",
+        "--verbose",
+    ]);
+    let (status, h) = lb.health();
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(lb.completion().status, 200);
+    // Durations in other spellings.
+    for t in ["4h", "5m", "30s", "2500ms"] {
+        let lb = Lb::spawn(&["--backends", &url, "--timeout", t]);
+        assert_eq!(lb.completion().status, 200, "--timeout {t}");
+    }
+}
+
+#[test]
+fn port_flag_is_honoured() {
+    let m = Mock::spawn::<&str>(&[]);
+    let port = free_port();
+    let ps = port.to_string();
+    let lb = Lb::spawn(&["--backends", &m.url(), "--port", &ps, "--bind", "127.0.0.1"]);
+    assert_eq!(lb.port, port);
+    let r = get(port, "/health");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["total_backends"], 1);
+    let r = try_completion(port).expect("request on --port");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.backend_port(), Some(m.port));
+}
+
+#[test]
+fn schemeless_backends_work() {
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &a.addr(), "--backends", &b.addr()]);
+    let h = lb.wait_healthy(2);
+    assert_eq!(h["total_backends"], 2, "{h}");
+    let ports = concurrent_completions(lb.port, 12);
+    assert!(
+        ports.contains_key(&a.port) && ports.contains_key(&b.port),
+        "both scheme-less backends should get traffic: {ports:?}"
+    );
+}
+
+#[test]
+fn backend_list_forms() {
+    // `--backends A B` (several values, as bash expansion gives), positional
+    // URLs, and repeated `--backends`, mixed.
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let c = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &a.url(), &b.url(), "--backends", &c.addr()]);
+    assert_eq!(lb.health().1["total_backends"], 3);
+    let lb = Lb::spawn(&[&a.url(), &b.url(), &c.url()]);
+    assert_eq!(lb.health().1["total_backends"], 3);
+    let lb = Lb::spawn(&[&a.url(), "--backends", &b.url()]);
+    assert_eq!(lb.health().1["total_backends"], 2);
+    assert_eq!(lb.completion().status, 200);
+}
+
+/// `n` concurrent completions through `lb` (the mocks should have a delay so
+/// they overlap); returns how many each backend port answered.
+fn concurrent_completions(port: u16, n: usize) -> HashMap<u16, usize> {
+    let res = run_concurrently(n, move |_| try_completion(port));
+    let mut by_port = HashMap::new();
+    for r in res {
+        let r = r.expect("completion through lb");
+        assert_eq!(r.status, 200, "{}", r.text());
+        *by_port
+            .entry(r.backend_port().expect("backend_port"))
+            .or_insert(0) += 1;
+    }
+    by_port
+}
+
+/// `n` sequential completions through `lb`; how many each backend answered.
+fn sequential_completions(lb: &Lb, n: usize) -> HashMap<u16, usize> {
+    let mut by_port = HashMap::new();
+    for _ in 0..n {
+        let r = lb.completion();
+        assert_eq!(r.status, 200, "{}", r.text());
+        *by_port
+            .entry(r.backend_port().expect("backend_port"))
+            .or_insert(0) += 1;
+    }
+    by_port
+}
+
+#[test]
+fn every_routing_policy_serves_traffic() {
+    let a = Mock::spawn(&["--delay", "200ms", "--health-endpoint", "/healthz"]);
+    let b = Mock::spawn(&["--delay", "200ms", "--health-endpoint", "/healthz"]);
+    for policy in [
+        "least-conn",
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "ip-hash",
+        "p2c",
+        "random-two-least",
+    ] {
+        let lb = Lb::spawn(&[
+            "--backends",
+            &a.url(),
+            "--backends",
+            &b.url(),
+            "--health-path",
+            "/healthz",
+            "--routing",
+            policy,
+        ]);
+        lb.wait_healthy(2);
+        let by_port = concurrent_completions(lb.port, 6);
+        assert_eq!(by_port.values().sum::<usize>(), 6, "{policy}");
+        if policy != "ip-hash" {
+            assert_eq!(
+                by_port.len(),
+                2,
+                "--routing {policy}: 6 concurrent requests should reach both backends: {by_port:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn round_robin_rotates_evenly() {
+    let mocks: Vec<Mock> = (0..3).map(|_| Mock::spawn::<&str>(&[])).collect();
+    let mut args = vec!["--routing".to_string(), "round-robin".to_string()];
+    for m in &mocks {
+        args.push("--backends".into());
+        args.push(m.url());
+    }
+    let lb = Lb::spawn(&args);
+    lb.wait_healthy(3);
+    let by_port = sequential_completions(&lb, 30);
+    for m in &mocks {
+        let n = by_port.get(&m.port).copied().unwrap_or(0);
+        assert!(
+            (9..=11).contains(&n),
+            "round-robin over 3 backends, 30 requests: {by_port:?}"
+        );
+    }
+}
+
+#[test]
+fn weighted_round_robin_follows_weights() {
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--routing",
+        "weighted-round-robin",
+        "--backends",
+        &format!("{}#weight=3", a.url()),
+        "--backends",
+        &b.url(),
+    ]);
+    lb.wait_healthy(2);
+    let by_port = sequential_completions(&lb, 40);
+    let na = by_port.get(&a.port).copied().unwrap_or(0);
+    assert!(
+        (28..=32).contains(&na),
+        "weights 3:1 over 40 requests should give ~30 to the first: {by_port:?}"
+    );
+}
+
+#[test]
+fn ip_hash_sticks_to_one_backend() {
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let c = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--routing",
+        "ip-hash",
+        "--backends",
+        &a.url(),
+        &b.url(),
+        &c.url(),
+    ]);
+    lb.wait_healthy(3);
+    let by_port = sequential_completions(&lb, 15);
+    assert_eq!(
+        by_port.len(),
+        1,
+        "every request comes from 127.0.0.1, so ip-hash should pick one backend: {by_port:?}"
+    );
+}
+
+#[test]
+fn random_reaches_every_backend() {
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--routing", "random", "--backends", &a.url(), &b.url()]);
+    lb.wait_healthy(2);
+    let by_port = sequential_completions(&lb, 40);
+    assert_eq!(by_port.len(), 2, "{by_port:?}");
+}

@@ -1,0 +1,502 @@
+//! Proxying: traffic reaches every healthy backend, requests and responses
+//! pass through unchanged (plus the X-Forwarded-* headers), slow backends are
+//! waited for, and the OpenAI-style errors 400/502/503/504.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use lb_tests::*;
+
+/// `n` concurrent completions through `lb`; how many each backend answered.
+fn concurrent_completions(port: u16, n: usize) -> HashMap<u16, usize> {
+    let res = run_concurrently(n, move |_| try_completion(port));
+    let mut by_port = HashMap::new();
+    for r in res {
+        let r = r.expect("completion through lb");
+        assert_eq!(r.status, 200, "{}", r.text());
+        *by_port
+            .entry(r.backend_port().expect("backend_port"))
+            .or_insert(0) += 1;
+    }
+    by_port
+}
+
+#[test]
+fn three_healthy_backends_all_receive_traffic() {
+    let mocks: Vec<Mock> = (0..3)
+        .map(|_| Mock::spawn(&["--delay", "300ms", "--health-endpoint", "/v1/models"]))
+        .collect();
+    let urls: Vec<String> = mocks.iter().map(|m| m.url()).collect();
+    let mut args = vec!["--backends".to_string()];
+    args.extend(urls);
+    let lb = Lb::spawn(&args);
+
+    let h = lb.wait_healthy(3);
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["total_backends"], 3, "{h}");
+    assert!(h["active_conns"].is_u64(), "active_conns in {h}");
+
+    // Default policy (least-conn): overlapping requests spread out.
+    let mut by_port = HashMap::new();
+    for _ in 0..2 {
+        for (p, n) in concurrent_completions(lb.port, 12) {
+            *by_port.entry(p).or_insert(0) += n;
+        }
+    }
+    for m in &mocks {
+        let n = by_port.get(&m.port).copied().unwrap_or(0);
+        assert!(n > 0, "backend {} got no traffic: {by_port:?}", m.port);
+        assert_eq!(
+            m.requests() as usize,
+            n,
+            "mock {} /stats requests vs responses seen",
+            m.port
+        );
+    }
+    let (status, h) = lb.health();
+    assert_eq!(status, 200);
+    assert_eq!(h["healthy_backends"], 3, "{h}");
+}
+
+#[test]
+fn backends_delayed_half_a_second_to_three_seconds_all_answer() {
+    // The mock's --delay also slows its health endpoint; lb probes /stats
+    // (never delayed) so that only the proxied requests are slow.
+    let delays = ["500ms", "1500ms", "3s"];
+    let mocks: Vec<Mock> = delays
+        .iter()
+        .map(|d| Mock::spawn(&["--delay", d]))
+        .collect();
+    let mut args = vec!["--health-path".to_string(), "/stats".to_string()];
+    for m in &mocks {
+        args.push("--backends".into());
+        args.push(m.url());
+    }
+    let lb = Lb::spawn(&args);
+    lb.wait_healthy(3);
+
+    let port = lb.port;
+    let t0 = Instant::now();
+    let res = run_concurrently(9, move |_| {
+        let t = Instant::now();
+        (try_completion(port), t.elapsed())
+    });
+    let mut by_port: HashMap<u16, Vec<Duration>> = HashMap::new();
+    for (r, took) in res {
+        let r = r.expect("completion through lb");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert!(v["choices"].is_array(), "OpenAI completion expected: {v}");
+        by_port
+            .entry(r.backend_port().unwrap())
+            .or_default()
+            .push(took);
+    }
+    for (m, d) in mocks.iter().zip([0.5, 1.5, 3.0]) {
+        let took = by_port
+            .get(&m.port)
+            .unwrap_or_else(|| panic!("backend with delay {d}s got nothing: {by_port:?}"));
+        for t in took {
+            assert!(
+                t.as_secs_f64() >= d * 0.9,
+                "a {d}s backend answered in {t:?}"
+            );
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn request_passes_through_with_forwarded_headers() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let lb_host = format!("127.0.0.1:{}", lb.port);
+
+    let body = b"{\"hello\":\"world\"}";
+    let r = request(
+        lb.port,
+        "POST",
+        "/some/path?x=1&y=two",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Custom", "kept"),
+            ("Authorization", "Bearer sk-test"),
+        ],
+        Some(body),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/some/path");
+    assert_eq!(v["uri"], "/some/path?x=1&y=two");
+    assert_eq!(v["body_bytes"], body.len());
+    let h = &v["headers"];
+    assert_eq!(h["x-custom"], "kept", "{h}");
+    assert_eq!(h["authorization"], "Bearer sk-test", "{h}");
+    assert_eq!(h["content-type"], "application/json", "{h}");
+    assert_eq!(
+        h["host"],
+        m.addr(),
+        "the backend should see Host = its own host:port: {h}"
+    );
+    let xff = h["x-forwarded-for"].as_str().unwrap_or_default();
+    assert!(xff.contains("127.0.0.1"), "x-forwarded-for: {h}");
+    assert_eq!(h["x-forwarded-proto"], "http", "{h}");
+    assert_eq!(h["x-forwarded-host"], lb_host.as_str(), "{h}");
+    assert_eq!(
+        r.header("x-backend-port"),
+        Some(m.port.to_string().as_str())
+    );
+
+    // An existing X-Forwarded-For is appended to, as Go's ReverseProxy does.
+    let r = request(
+        lb.port,
+        "GET",
+        "/xff",
+        &[("X-Forwarded-For", "10.1.2.3")],
+        None,
+    )
+    .unwrap();
+    let v = r.json();
+    let xff = v["headers"]["x-forwarded-for"].as_str().unwrap_or_default();
+    assert!(
+        xff.contains("10.1.2.3") && xff.contains("127.0.0.1"),
+        "x-forwarded-for should keep the client's value and add the peer: {xff:?}"
+    );
+
+    // Other methods.
+    for method in ["GET", "PUT", "DELETE", "PATCH"] {
+        let r = request(lb.port, method, "/m", &[], None).unwrap();
+        assert_eq!(r.status, 200, "{method}: {}", r.text());
+        assert_eq!(r.json()["method"], method);
+    }
+    let r = request(lb.port, "HEAD", "/m", &[], None).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+}
+
+#[test]
+fn openai_endpoints_and_large_responses() {
+    let m = Mock::spawn(&["--response-size", "1000000", "--tokens", "5"]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let r = lb.post_json(
+        "/v1/chat/completions",
+        &json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion", "{}", &r.text()[..200]);
+    assert_eq!(v["model"], "llama");
+    assert_eq!(v["padding"].as_str().map(str::len), Some(1_000_000));
+    let r = lb.get("/v1/models");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["object"], "list");
+    // The backend's own 400 passes through untouched.
+    let r = request(
+        lb.port,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        Some(b"{not json"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.backend_port(), Some(m.port), "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+}
+
+#[test]
+fn client_keep_alive_connection_is_reused() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let mut c = Conn::open(lb.port).unwrap();
+    for i in 0..5 {
+        let path = format!("/ka/{i}");
+        let r = c.request("GET", &path, &[], None).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["path"], path.as_str());
+        let b = serde_json::to_vec(&json!({"prompt": "x"})).unwrap();
+        let r = c
+            .request(
+                "POST",
+                "/v1/completions",
+                &[("Content-Type", "application/json")],
+                Some(&b),
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.request("GET", "/health", &[], None).unwrap();
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[test]
+fn chunked_request_body_passes_through() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let mut c = Conn::open(lb.port).unwrap();
+    c.send_head(
+        "POST",
+        "/upload",
+        &[("Transfer-Encoding", "chunked"), ("Connection", "close")],
+        None,
+    )
+    .unwrap();
+    let mut fnv = Fnv1a::default();
+    let mut total = 0u64;
+    let mut x: u32 = 12345;
+    for i in 0..200usize {
+        let len = 1 + (i * 7919) % 9000;
+        let chunk: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        fnv.update(&chunk);
+        total += len as u64;
+        c.write_raw(format!("{len:x}\r\n").as_bytes()).unwrap();
+        c.write_raw(&chunk).unwrap();
+        c.write_raw(b"\r\n").unwrap();
+    }
+    c.write_raw(b"0\r\n\r\n").unwrap();
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["bytes"], total, "{v}");
+    assert_eq!(
+        v["fnv1a"].as_str().map(str::to_lowercase),
+        Some(fnv.hex()),
+        "{v}"
+    );
+}
+
+/// Send raw bytes on a fresh connection and read what comes back (until EOF,
+/// or the first complete response head).
+fn raw_exchange(port: u16, data: &[u8]) -> String {
+    let mut c = Conn::open(port).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    c.write_raw(data).unwrap();
+    match c.read_head("GET") {
+        Ok(h) => format!("HTTP/1.1 {}", h.status),
+        Err(e) => format!("no response head: {e}"),
+    }
+}
+
+#[test]
+fn malformed_requests_get_400_and_lb_keeps_serving() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let cases: [&[u8]; 4] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nThis is not a header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+    ];
+    for raw in cases {
+        let got = raw_exchange(lb.port, raw);
+        assert!(
+            got.starts_with("HTTP/1.1 400"),
+            "{:?} should get 400, got {got}",
+            String::from_utf8_lossy(raw)
+        );
+        // Still serving.
+        let (status, _) = lb.health();
+        assert_eq!(status, 200);
+        assert_eq!(lb.completion().status, 200);
+    }
+    // A client that sends half a head and leaves does not hurt either.
+    {
+        let mut c = Conn::open(lb.port).unwrap();
+        c.write_raw(b"GET /half HTTP/1.1\r\nHost: x\r\nX-Par")
+            .unwrap();
+        c.close();
+    }
+    assert_eq!(lb.completion().status, 200);
+    assert_eq!(
+        m.requests(),
+        5,
+        "only the well-formed requests reach the backend"
+    );
+}
+
+#[test]
+fn no_healthy_backend_gives_503_and_degraded_health() {
+    // One port with nothing behind it, one backend that fails its probes.
+    let failing = Mock::spawn(&["--mode", "failing"]);
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    let lb = Lb::spawn(&["--backends", &dead, "--backends", &failing.url()]);
+    let h = wait_until(
+        DEADLINE,
+        "/health 503 after the startup probe sweep",
+        || lb.try_health(),
+        |h| matches!(h, Some((503, _))),
+    )
+    .unwrap()
+    .1;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["healthy_backends"], 0, "{h}");
+    assert_eq!(h["total_backends"], 2, "{h}");
+
+    for _ in 0..3 {
+        let r = lb.completion();
+        assert_error_json(&r, 503);
+    }
+    let r = lb.get("/anything");
+    assert_error_json(&r, 503);
+    assert_eq!(
+        failing.requests(),
+        0,
+        "no request may reach a failing backend"
+    );
+    assert!(
+        lb.log
+            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(
+                l,
+                failing.port
+            ))
+            .is_some(),
+        "expected a [HEALTH] ... marked as unhealthy line for the failing backend"
+    );
+}
+
+#[test]
+fn timeout_gives_504_in_about_the_timeout() {
+    // The mock never answers, but its /stats (used as the probe path) does,
+    // so the backend stays healthy and only the request hangs.
+    let m = Mock::spawn(&["--mode", "timeout"]);
+    let lb = Lb::spawn(&[
+        "--backends",
+        &m.url(),
+        "--timeout",
+        "2s",
+        "--health-path",
+        "/stats",
+    ]);
+    lb.wait_healthy(1);
+    let t = Instant::now();
+    let r = lb.completion();
+    let took = t.elapsed();
+    assert_error_json(&r, 504);
+    assert!(
+        took >= Duration::from_millis(1500) && took <= Duration::from_secs(10),
+        "--timeout 2s answered 504 after {took:?}"
+    );
+    // lb is fine afterwards.
+    let (status, _) = lb.try_health().expect("lb still answers /health");
+    assert!(status == 200 || status == 503);
+}
+
+#[test]
+fn connect_failure_gives_502_and_the_backend_is_ejected() {
+    // With a 60 s probe interval, only proxy errors can find a dead backend.
+    let a = Mock::spawn::<&str>(&[]);
+    let mut b = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--routing",
+        "round-robin",
+        "--health-check-interval",
+        "60s",
+        "--backends",
+        &a.url(),
+        "--backends",
+        &b.url(),
+    ]);
+    lb.wait_healthy(2);
+    // Let the startup sweep finish (both probed) before killing b.
+    wait_until(
+        DEADLINE,
+        "startup probes",
+        || (a.health_checks(), b.health_checks()),
+        |(x, y)| *x >= 1 && *y >= 1,
+    );
+    let b_port = b.port;
+    b.kill();
+
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = lb.completion();
+        if r.status == 502 {
+            assert_error_json(&r, 502);
+        } else {
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.backend_port(), Some(a.port));
+        }
+        statuses.push(r.status);
+    }
+    let n502 = statuses.iter().filter(|s| **s == 502).count();
+    assert_eq!(
+        n502, 1,
+        "round-robin: the first request to the dead backend gets 502, then it is \
+         ejected and every later request goes to the live one; statuses: {statuses:?}"
+    );
+    assert!(
+        lb.log
+            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, b_port))
+            .is_some(),
+        "the log should show the dead backend marked as unhealthy"
+    );
+    let (status, h) = lb.health();
+    assert_eq!(status, 200);
+    assert_eq!(h["healthy_backends"], 1, "{h}");
+    assert_eq!(h["total_backends"], 2, "{h}");
+}
+
+#[test]
+fn reset_before_response_head_gives_502() {
+    // A "backend" that answers its health probes but closes every other
+    // connection right after reading the request, without a response.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    listener.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || {
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    if buf[..n].starts_with(b"GET /v1/models ") {
+                        let body = r#"{"object":"list","data":[]}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = std::io::Write::write_all(&mut s, resp.as_bytes());
+                    }
+                    drop(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let lb = Lb::spawn(&[
+        "--backends",
+        &format!("http://127.0.0.1:{port}"),
+        "--health-check-interval",
+        "60s",
+    ]);
+    lb.wait_healthy(1);
+    let r = lb.completion();
+    assert_error_json(&r, 502);
+    // Passive ejection: the only backend is now unhealthy.
+    assert!(
+        lb.log
+            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, port))
+            .is_some(),
+        "the backend that reset the connection should be marked unhealthy"
+    );
+    let r = lb.completion();
+    assert_error_json(&r, 503);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.join().unwrap();
+}
