@@ -1,0 +1,146 @@
+//! Message body length decisions (RFC 9112 §6.3).
+//!
+//! Which headers are accepted:
+//!
+//! * `Content-Length`: one or more lines, each a comma list of decimal
+//!   numbers; all numbers must be equal (`5` and `5, 5` are fine, `5` and
+//!   `6` are [`Error::ConflictingContentLength`]).
+//! * `Transfer-Encoding`: the combined list over all lines must be exactly
+//!   `chunked` (case-insensitive). Anything else (`gzip`, `chunked, gzip`,
+//!   `gzip, chunked`, `identity`, `chunked, chunked`) is
+//!   [`Error::UnsupportedTransferEncoding`], as is any `Transfer-Encoding` in
+//!   an HTTP/1.0 message.
+//! * Both at once is [`Error::ContentLengthAndTransferEncoding`].
+//!
+//! These rules are checked by the head parsers, so heads coming from
+//! [`parse_request`](super::parse_request) / [`parse_response`](super::parse_response)
+//! only fail [`ResponseHead::body_kind`] for an unexpected 101.
+
+use super::head::{header_values, list_items, RequestHead, ResponseHead, Version};
+use super::{Error, Header};
+
+/// How the body after a head is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BodyKind {
+    /// No body: the next message starts right after the head.
+    None,
+    /// Exactly this many bytes (`Content-Length`).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`: chunks up to the zero-size chunk and
+    /// the trailer section.
+    Chunked,
+    /// Everything until the connection closes (responses only). The
+    /// connection cannot be reused.
+    CloseDelimited,
+    /// The response was `101 Switching Protocols`: after the head both
+    /// directions are an opaque byte tunnel until either side closes.
+    Tunnel,
+}
+
+/// What the framing headers of a message declare, before taking the
+/// request method or the status code into account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Declared {
+    /// Neither `Content-Length` nor `Transfer-Encoding`.
+    Nothing,
+    /// A valid `Content-Length`.
+    Length(u64),
+    /// A valid `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Validates the framing headers and says what they declare.
+pub(crate) fn declared_framing(version: Version, headers: &[Header]) -> Result<Declared, Error> {
+    let length = content_length(headers)?;
+    let has_te = header_values(headers, "transfer-encoding").next().is_some();
+    match (length, has_te) {
+        (Some(_), true) => Err(Error::ContentLengthAndTransferEncoding),
+        (Some(n), false) => Ok(Declared::Length(n)),
+        (None, true) => {
+            let mut codings = header_values(headers, "transfer-encoding").flat_map(list_items);
+            let only_chunked = codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none();
+            if only_chunked && version == Version::Http11 {
+                Ok(Declared::Chunked)
+            } else {
+                Err(Error::UnsupportedTransferEncoding)
+            }
+        }
+        (None, false) => Ok(Declared::Nothing),
+    }
+}
+
+/// The `Content-Length`, if present and valid.
+pub(crate) fn content_length(headers: &[Header]) -> Result<Option<u64>, Error> {
+    let mut found = None;
+    for value in header_values(headers, "content-length") {
+        // An empty value or an empty list element is invalid, not skipped.
+        for item in value.split(|&b| b == b',') {
+            let n = parse_decimal(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
+            match found {
+                Some(m) if m != n => return Err(Error::ConflictingContentLength),
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `1*DIGIT` as a u64; `None` if empty, not digits, or too large.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+impl RequestHead {
+    /// How the request body is delimited (RFC 9112 §6.3 rules 4-7):
+    /// chunked if `Transfer-Encoding: chunked`, else `Length(n)` if
+    /// `Content-Length: n`, else no body. Never `CloseDelimited`.
+    pub fn body_kind(&self) -> Result<BodyKind, Error> {
+        Ok(match declared_framing(self.version, &self.headers)? {
+            Declared::Nothing => BodyKind::None,
+            Declared::Length(n) => BodyKind::Length(n),
+            Declared::Chunked => BodyKind::Chunked,
+        })
+    }
+}
+
+impl ResponseHead {
+    /// How the body of this response to `req` is delimited (RFC 9112 §6.3):
+    ///
+    /// 1. `101` to an upgrade request (with an `Upgrade` header) -> `Tunnel`;
+    ///    `101` otherwise -> [`Error::UnexpectedUpgrade`].
+    /// 2. Response to `HEAD`, any other 1xx, `204`, `304` -> `None`
+    ///    (a `Content-Length` there describes the would-be body).
+    /// 3. `Transfer-Encoding: chunked` -> `Chunked`.
+    /// 4. `Content-Length: n` -> `Length(n)`.
+    /// 5. Otherwise -> `CloseDelimited`.
+    pub fn body_kind(&self, req: &RequestHead) -> Result<BodyKind, Error> {
+        let declared = declared_framing(self.version, &self.headers)?;
+        if self.status == 101 {
+            let has_upgrade = header_values(&self.headers, "upgrade").any(|v| !v.is_empty());
+            return if req.is_upgrade() && has_upgrade {
+                Ok(BodyKind::Tunnel)
+            } else {
+                Err(Error::UnexpectedUpgrade)
+            };
+        }
+        if req.is_head() || self.status < 200 || self.status == 204 || self.status == 304 {
+            return Ok(BodyKind::None);
+        }
+        Ok(match declared {
+            Declared::Nothing => BodyKind::CloseDelimited,
+            Declared::Length(n) => BodyKind::Length(n),
+            Declared::Chunked => BodyKind::Chunked,
+        })
+    }
+}

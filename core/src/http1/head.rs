@@ -1,0 +1,502 @@
+//! Message heads: owned types, push-style parsing, serialization.
+//!
+//! Parsing is two passes over the bytes received so far:
+//!
+//! 1. [`scan_head`] walks the lines to find the end of the head (the first
+//!    empty line) and enforces what httparse is lenient about: CRLF line
+//!    endings only (no bare CR, no bare LF), no obs-fold, the size limit and
+//!    the header count limit. Until the empty line arrives the answer is
+//!    [`Status::Partial`] (or an error if a rule is already broken).
+//! 2. httparse (default, strict `ParserConfig`) parses the complete head;
+//!    the result is copied into an owned [`RequestHead`] / [`ResponseHead`],
+//!    then target, `Host` and framing headers are checked.
+//!
+//! A parse error is final: the caller must not retry with more bytes.
+
+use super::framing::declared_framing;
+use super::Error;
+
+/// Default for [`Limits::max_head_bytes`]: 64 KiB.
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Default for [`Limits::max_headers`].
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Limits applied while parsing a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum size of a head in bytes, from the first byte (including any
+    /// empty lines before the start line) to the final CRLF included.
+    /// Exceeding it is [`Error::HeadTooLarge`].
+    pub max_head_bytes: usize,
+    /// Maximum number of header lines. Exceeding it is
+    /// [`Error::TooManyHeaders`].
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+        }
+    }
+}
+
+/// Outcome of a push-style parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status<T> {
+    /// The head is complete; the `usize` is the number of bytes it used.
+    /// Bytes after that belong to the body or the next message.
+    Complete(T, usize),
+    /// More bytes are needed. Call again with the same bytes plus more.
+    Partial,
+}
+
+/// An HTTP/1.x version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Version {
+    /// `HTTP/1.0`
+    Http10,
+    /// `HTTP/1.1`
+    Http11,
+}
+
+impl Version {
+    /// The version as it appears on the wire, e.g. `"HTTP/1.1"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        }
+    }
+
+    fn from_minor(minor: u8) -> Version {
+        if minor == 0 {
+            Version::Http10
+        } else {
+            Version::Http11
+        }
+    }
+}
+
+/// One header line: a name and a value, as received.
+///
+/// The name keeps its case (compare with `eq_ignore_ascii_case`); the value
+/// has leading and trailing whitespace removed and may contain obs-text
+/// (bytes >= 0x80), hence bytes rather than a string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// Header name, a token (`Content-Type`).
+    pub name: String,
+    /// Header value, without surrounding whitespace.
+    pub value: Vec<u8>,
+}
+
+impl Header {
+    /// Builds a header. The caller guarantees `name` is a token and `value`
+    /// has no CR, LF or NUL (heads from the parser always satisfy this).
+    pub fn new(name: impl Into<String>, value: impl Into<Vec<u8>>) -> Header {
+        Header {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    /// Whether this header is called `name` (ASCII case-insensitive).
+    pub fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+    }
+}
+
+/// An owned request head: request line plus headers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestHead {
+    /// Method token, e.g. `GET`.
+    pub method: String,
+    /// Request target as sent: `/path?q`, `http://host/path` or `*`.
+    pub target: String,
+    /// Protocol version.
+    pub version: Version,
+    /// Header lines in order.
+    pub headers: Vec<Header>,
+}
+
+/// An owned response head: status line plus headers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResponseHead {
+    /// Protocol version.
+    pub version: Version,
+    /// Status code, 100..=999.
+    pub status: u16,
+    /// Reason phrase; empty if it was empty or contained obs-text.
+    pub reason: String,
+    /// Header lines in order.
+    pub headers: Vec<Header>,
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// Returns `Complete(head, consumed)` once the whole head (through the
+/// empty line) is in `buf`, `Partial` if more bytes are needed, or an error
+/// if the bytes can never become a valid head. Empty lines before the
+/// request line are skipped (RFC 9112 §2.2) and counted in `consumed`.
+///
+/// Besides syntax this checks: only HTTP/1.0 and 1.1; a target in origin-,
+/// absolute- or asterisk-form (no CONNECT); exactly one valid `Host` in
+/// HTTP/1.1; consistent framing headers (see [`RequestHead::body_kind`]).
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>, Error> {
+    let Some(span) = scan_head(buf, limits)? else {
+        return Ok(Status::Partial);
+    };
+    check_request_line(&buf[span.start..span.first_line_end])?;
+    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(&buf[..span.end]) {
+        Ok(httparse::Status::Complete(n)) if n == span.end => {}
+        Ok(_) => return Err(Error::InvalidRequestLine),
+        Err(e) => return Err(map_httparse(e, Error::InvalidRequestLine)),
+    }
+    let head = RequestHead {
+        method: req.method.unwrap_or_default().to_owned(),
+        target: req.path.unwrap_or_default().to_owned(),
+        version: Version::from_minor(req.version.unwrap_or(1)),
+        headers: owned_headers(req.headers),
+    };
+    check_target(&head.method, &head.target)?;
+    check_host(&head)?;
+    declared_framing(head.version, &head.headers)?;
+    Ok(Status::Complete(head, span.end))
+}
+
+/// Parses a response head from the start of `buf`.
+///
+/// Same contract as [`parse_request`]. Checks: only HTTP/1.0 and 1.1, a
+/// 3-digit status >= 100, consistent framing headers. Whether the response
+/// has a body depends on the request; see [`ResponseHead::body_kind`].
+pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead>, Error> {
+    let Some(span) = scan_head(buf, limits)? else {
+        return Ok(Status::Partial);
+    };
+    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
+    let mut res = httparse::Response::new(&mut slots);
+    match res.parse(&buf[..span.end]) {
+        Ok(httparse::Status::Complete(n)) if n == span.end => {}
+        Ok(_) => return Err(Error::InvalidStatusLine),
+        Err(e) => return Err(map_httparse(e, Error::InvalidStatusLine)),
+    }
+    let status = res.code.unwrap_or(0);
+    if status < 100 {
+        return Err(Error::InvalidStatusLine);
+    }
+    let head = ResponseHead {
+        version: Version::from_minor(res.version.unwrap_or(1)),
+        status,
+        reason: res.reason.unwrap_or_default().to_owned(),
+        headers: owned_headers(res.headers),
+    };
+    declared_framing(head.version, &head.headers)?;
+    Ok(Status::Complete(head, span.end))
+}
+
+impl RequestHead {
+    /// Appends the head as is (request line, headers, empty line) to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for part in [
+            &self.method,
+            " ",
+            &self.target,
+            " ",
+            self.version.as_str(),
+            "\r\n",
+        ] {
+            out.extend_from_slice(part.as_bytes());
+        }
+        write_headers(out, &self.headers);
+    }
+
+    /// The value of the first header called `name`, if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        header_values(&self.headers, name).next()
+    }
+
+    /// Whether the client wants the connection kept open after this
+    /// exchange: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
+    /// `Connection: keep-alive` (and no `close`).
+    pub fn keep_alive(&self) -> bool {
+        keep_alive(self.version, &self.headers)
+    }
+
+    /// Whether this is an upgrade request (e.g. WebSocket): HTTP/1.1, a
+    /// non-empty `Upgrade` header, and `upgrade` among the `Connection`
+    /// tokens. (`Upgrade` in HTTP/1.0 is ignored, RFC 9110 §7.8.)
+    pub fn is_upgrade(&self) -> bool {
+        self.version == Version::Http11
+            && header_values(&self.headers, "upgrade").any(|v| !v.is_empty())
+            && has_token(&self.headers, "connection", b"upgrade")
+    }
+
+    /// Whether the client waits for `100 Continue` before sending the body
+    /// (`Expect: 100-continue` in HTTP/1.1).
+    pub fn expects_continue(&self) -> bool {
+        self.version == Version::Http11
+            && header_values(&self.headers, "expect")
+                .any(|v| v.eq_ignore_ascii_case(b"100-continue"))
+    }
+
+    /// Whether the method is `HEAD` (its response never has a body).
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+impl ResponseHead {
+    /// Appends the head as is (status line, headers, empty line) to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let code = [
+            b'0' + (self.status / 100 % 10) as u8,
+            b'0' + (self.status / 10 % 10) as u8,
+            b'0' + (self.status % 10) as u8,
+        ];
+        for part in [self.version.as_str().as_bytes(), b" ", &code, b" "] {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(self.reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        write_headers(out, &self.headers);
+    }
+
+    /// The value of the first header called `name`, if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        header_values(&self.headers, name).next()
+    }
+
+    /// Whether the backend keeps the connection open after this response
+    /// (same rule as [`RequestHead::keep_alive`]). A close-delimited body
+    /// also ends the connection, whatever this says.
+    pub fn keep_alive(&self) -> bool {
+        keep_alive(self.version, &self.headers)
+    }
+
+    /// Whether this is an interim response (1xx other than 101): it is
+    /// followed by another response head for the same request.
+    pub fn is_interim(&self) -> bool {
+        (100..200).contains(&self.status) && self.status != 101
+    }
+
+    /// Whether this is `101 Switching Protocols`.
+    pub fn is_upgrade(&self) -> bool {
+        self.status == 101
+    }
+}
+
+/// Where a complete head lies in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadSpan {
+    /// Start of the start line (after skipped empty lines).
+    start: usize,
+    /// End of the start line, excluding its CRLF.
+    first_line_end: usize,
+    /// End of the head, after the final CRLF.
+    end: usize,
+    /// Number of header lines.
+    header_lines: usize,
+}
+
+/// Finds the end of the head in `buf` while enforcing the line rules.
+///
+/// `Ok(None)` means "no empty line yet, and nothing wrong so far". The scan
+/// only looks at the first `max_head_bytes` bytes, so it is bounded, and an
+/// error found in a prefix of `buf` is also found in `buf` (never a
+/// different verdict on more bytes).
+fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
+    let limit = buf.len().min(limits.max_head_bytes);
+    let mut i = 0;
+    // Skip empty lines before the start line.
+    while i + 1 < limit && buf[i] == b'\r' && buf[i + 1] == b'\n' {
+        i += 2;
+    }
+    let start = i;
+    let mut line_start = i;
+    let mut first_line_end = None;
+    let mut header_lines = 0;
+    while i < limit {
+        match buf[i] {
+            b'\r' => {
+                if i + 1 >= limit {
+                    break;
+                }
+                if buf[i + 1] != b'\n' {
+                    return Err(Error::BareCr);
+                }
+                if let Some(first_line_end) = first_line_end {
+                    if i == line_start {
+                        return Ok(Some(HeadSpan {
+                            start,
+                            first_line_end,
+                            end: i + 2,
+                            header_lines,
+                        }));
+                    }
+                    header_lines += 1;
+                    if header_lines > limits.max_headers {
+                        return Err(Error::TooManyHeaders);
+                    }
+                } else {
+                    first_line_end = Some(i);
+                }
+                i += 2;
+                line_start = i;
+                if i < limit && (buf[i] == b' ' || buf[i] == b'\t') {
+                    return Err(Error::ObsFold);
+                }
+            }
+            b'\n' => return Err(Error::BareLf),
+            _ => i += 1,
+        }
+    }
+    if buf.len() >= limits.max_head_bytes {
+        Err(Error::HeadTooLarge)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Checks what httparse would report vaguely: a missing version (HTTP/0.9)
+/// and a well-formed but unsupported `HTTP/x.y`.
+fn check_request_line(line: &[u8]) -> Result<(), Error> {
+    let mut parts = line.split(|&b| b == b' ');
+    let (_method, target, version) = (parts.next(), parts.next(), parts.next());
+    match (target, version) {
+        (Some(t), None) if !t.is_empty() => Err(Error::MissingVersion),
+        (Some(_), Some(v)) if v.starts_with(b"HTTP/") && v != b"HTTP/1.0" && v != b"HTTP/1.1" => {
+            Err(Error::UnsupportedVersion)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn map_httparse(e: httparse::Error, start_line: Error) -> Error {
+    match e {
+        httparse::Error::HeaderName => Error::InvalidHeaderName,
+        httparse::Error::HeaderValue => Error::InvalidHeaderValue,
+        httparse::Error::TooManyHeaders => Error::TooManyHeaders,
+        httparse::Error::Version => Error::UnsupportedVersion,
+        httparse::Error::Status => Error::InvalidStatusLine,
+        httparse::Error::NewLine | httparse::Error::Token => start_line,
+    }
+}
+
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|h| Header::new(h.name, h.value))
+        .collect()
+}
+
+/// Origin-form, absolute-form (http/https, no userinfo) or `*` for OPTIONS.
+fn check_target(method: &str, target: &str) -> Result<(), Error> {
+    if method == "CONNECT" || !target.is_ascii() {
+        return Err(Error::InvalidTarget);
+    }
+    if target.starts_with('/') || (target == "*" && method == "OPTIONS") {
+        return Ok(());
+    }
+    match split_absolute(target) {
+        Some((authority, _)) if !authority.is_empty() && !authority.contains('@') => Ok(()),
+        _ => Err(Error::InvalidTarget),
+    }
+}
+
+/// Splits an absolute-form `http(s)://authority/rest` target into the
+/// authority and the origin-form rest (`/` if empty, `/?q` if only a query).
+pub(crate) fn split_absolute(target: &str) -> Option<(&str, std::borrow::Cow<'_, str>)> {
+    let scheme_len = if starts_with_ignore_case(target, "http://") {
+        7
+    } else if starts_with_ignore_case(target, "https://") {
+        8
+    } else {
+        return None;
+    };
+    let rest = &target[scheme_len..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let path = if path.starts_with('/') {
+        std::borrow::Cow::Borrowed(path)
+    } else {
+        std::borrow::Cow::Owned(format!("/{path}"))
+    };
+    Some((authority, path))
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+/// HTTP/1.1 needs exactly one `Host`; any `Host` must look like an authority.
+fn check_host(head: &RequestHead) -> Result<(), Error> {
+    let mut hosts = header_values(&head.headers, "host");
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Error::InvalidHost);
+    }
+    match first {
+        None if head.version == Version::Http11 => Err(Error::InvalidHost),
+        Some(v) if !v.iter().all(|&b| is_authority_byte(b)) => Err(Error::InvalidHost),
+        _ => Ok(()),
+    }
+}
+
+/// unreserved / sub-delims / pct-encoded / `:` / `[` / `]` (RFC 3986).
+fn is_authority_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)
+}
+
+fn write_headers(out: &mut Vec<u8>, headers: &[Header]) {
+    for h in headers {
+        write_header(out, h.name.as_bytes(), &h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `name: value\r\n`.
+pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    debug_assert!(!value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Values of all headers called `name`, in order.
+pub(crate) fn header_values<'a, 'n>(
+    headers: &'a [Header],
+    name: &'n str,
+) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+    headers
+        .iter()
+        .filter(move |h| h.is(name))
+        .map(|h| h.value.as_slice())
+}
+
+/// The elements of a comma-separated list value, whitespace-trimmed,
+/// empty elements skipped (RFC 9110 §5.6.1).
+pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|item| item.trim_ascii())
+        .filter(|item| !item.is_empty())
+}
+
+/// Whether any `name` header lists `token` (ASCII case-insensitive).
+pub(crate) fn has_token(headers: &[Header], name: &str, token: &[u8]) -> bool {
+    header_values(headers, name)
+        .flat_map(list_items)
+        .any(|item| item.eq_ignore_ascii_case(token))
+}
+
+fn keep_alive(version: Version, headers: &[Header]) -> bool {
+    if has_token(headers, "connection", b"close") {
+        return false;
+    }
+    version == Version::Http11 || has_token(headers, "connection", b"keep-alive")
+}

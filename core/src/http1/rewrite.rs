@@ -1,0 +1,252 @@
+//! Rewriting heads for the other side of the proxy.
+//!
+//! Both directions drop the hop-by-hop headers (RFC 9110 §7.6.1):
+//! `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! `Transfer-Encoding`, `Upgrade` (kept when upgrading) and every header
+//! named in `Connection`. `Content-Length` and `Transfer-Encoding` are not
+//! copied but written again from the [`BodyKind`], so the emitted head always
+//! frames the (verbatim forwarded) body exactly as it was framed on input.
+//! Headers the proxy adds itself are written after the filtering and can't
+//! be removed by a `Connection` token.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use super::framing::content_length;
+use super::head::{has_token, header_values, list_items, split_absolute, write_header};
+use super::{BodyKind, Error, Header, RequestHead, ResponseHead, Version};
+
+/// Where and how a request is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarding<'a> {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: IpAddr,
+    /// The scheme the client used (`"http"` or `"https"`), sent as
+    /// `X-Forwarded-Proto`.
+    pub client_proto: &'a str,
+    /// The backend's `host[:port]`, sent as `Host`.
+    pub backend_authority: &'a str,
+    /// The path of the backend URL (`"/base"` for `http://h:1/base`), put in
+    /// front of every request path. `""` or `"/"` for none; a trailing `/`
+    /// is ignored.
+    pub backend_path_prefix: &'a str,
+}
+
+/// Writes the head to send to the backend for `req` into `out` and returns
+/// how the request body that follows is framed (forward it verbatim).
+///
+/// The emitted head:
+///
+/// * request line: same method and version (an HTTP/1.0 client's request
+///   goes out as HTTP/1.0, so the backend never answers it with chunked
+///   encoding the client could not read); the target's path gets the
+///   backend path prefix (`/base` + `/v1/models?x=1` ->
+///   `/base/v1/models?x=1`, no double slash; `/` -> `/base/`). An
+///   absolute-form target is sent in origin-form; `*` is sent unchanged.
+/// * `Host` is the **backend's** authority, like nginx's default
+///   `proxy_set_header Host $proxy_host`: the backend sees its own
+///   `host:port`. The client's `Host` (or the authority of an absolute-form
+///   target) goes to `X-Forwarded-Host` instead.
+/// * `X-Forwarded-For`: the client's list (all lines merged) with
+///   `client_ip` appended; `X-Forwarded-Proto` and `X-Forwarded-Host` are
+///   replaced, never merged.
+/// * hop-by-hop headers dropped (see the module docs); for an upgrade
+///   request ([`RequestHead::is_upgrade`]) `Upgrade` is kept and
+///   `Connection: upgrade` is sent.
+/// * `Content-Length: n` or `Transfer-Encoding: chunked` per the body.
+///
+/// Fails only if the framing headers are invalid (never for a head from
+/// [`parse_request`](super::parse_request)).
+pub fn rewrite_request(
+    req: &RequestHead,
+    fwd: &Forwarding<'_>,
+    out: &mut Vec<u8>,
+) -> Result<BodyKind, Error> {
+    let body = req.body_kind()?;
+    let upgrade = req.is_upgrade();
+    let (client_host, path) = match split_absolute(&req.target) {
+        Some((authority, path)) => (Some(authority.as_bytes()), path),
+        None => (req.header("host"), req.target.as_str().into()),
+    };
+
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    if path == "*" {
+        out.push(b'*');
+    } else {
+        write_prefixed(out, fwd.backend_path_prefix, &path);
+    }
+    out.push(b' ');
+    out.extend_from_slice(req.version.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    write_header(out, b"Host", fwd.backend_authority.as_bytes());
+    const REPLACED: [&str; 4] = [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    for h in kept(&req.headers, upgrade, &REPLACED) {
+        write_header(out, h.name.as_bytes(), &h.value);
+    }
+
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if !has_token(&req.headers, "connection", b"x-forwarded-for") {
+        for item in header_values(&req.headers, "x-forwarded-for").flat_map(list_items) {
+            out.extend_from_slice(item);
+            out.extend_from_slice(b", ");
+        }
+    }
+    let _ = write!(out, "{}\r\n", fwd.client_ip);
+    write_header(out, b"X-Forwarded-Proto", fwd.client_proto.as_bytes());
+    if let Some(host) = client_host.filter(|h| !h.is_empty()) {
+        write_header(out, b"X-Forwarded-Host", host);
+    }
+    write_framing(out, body);
+    if upgrade {
+        write_header(out, b"Connection", b"upgrade");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(body)
+}
+
+/// What the proxy must do after forwarding a response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponsePlan {
+    /// How the response body that follows is framed (`Tunnel` after a 101).
+    pub body: BodyKind,
+    /// Whether the client connection stays open for the next request after
+    /// this response. (Whether the *backend* connection can be reused is
+    /// [`ResponseHead::keep_alive`] plus a self-delimited body.)
+    pub keep_alive: bool,
+}
+
+impl ResponsePlan {
+    /// Whether the response switched protocols (101): after its head, copy
+    /// bytes both ways until either side closes.
+    pub fn is_upgrade(&self) -> bool {
+        self.body == BodyKind::Tunnel
+    }
+}
+
+/// Writes the head to send to the client for the backend's response `resp`
+/// to `req` into `out`, and says how to continue.
+///
+/// `close` asks to close the client connection after this response (e.g.
+/// when shutting down). The emitted head:
+///
+/// * status line `HTTP/1.1 <status> <reason>` (a proxy sends its own
+///   version);
+/// * hop-by-hop headers dropped; for a 101, `Upgrade` is kept and
+///   `Connection: upgrade` is sent;
+/// * framing re-emitted from the body kind; for a response without body
+///   (HEAD, 304) a valid `Content-Length` is kept as information, for 1xx
+///   and 204 it is dropped;
+/// * `Connection: close` if the client connection will not be kept open
+///   (client asked, `close`, or close-delimited body), and
+///   `Connection: keep-alive` for an HTTP/1.0 client that keeps it open.
+///
+/// Interim responses (1xx other than 101, [`ResponseHead::is_interim`]) get
+/// no `Connection` header; another response head follows. For an HTTP/1.0
+/// client they are not written at all (RFC 9110 §15.2).
+///
+/// Fails with [`Error::UnexpectedUpgrade`] for a 101 the request did not ask
+/// for (answer 502).
+pub fn rewrite_response(
+    resp: &ResponseHead,
+    req: &RequestHead,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponsePlan, Error> {
+    let body = resp.body_kind(req)?;
+    let self_delimited = matches!(
+        body,
+        BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
+    );
+    let keep_alive = !close && req.keep_alive() && self_delimited;
+    let plan = ResponsePlan { body, keep_alive };
+    if resp.is_interim() && req.version == Version::Http10 {
+        return Ok(plan);
+    }
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let _ = write!(out, "{:03} ", resp.status);
+    out.extend_from_slice(resp.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in kept(&resp.headers, plan.is_upgrade(), &[]) {
+        write_header(out, h.name.as_bytes(), &h.value);
+    }
+    match body {
+        BodyKind::None if resp.status >= 200 && resp.status != 204 => {
+            if let Ok(Some(n)) = content_length(&resp.headers) {
+                write_framing(out, BodyKind::Length(n));
+            }
+        }
+        _ => write_framing(out, body),
+    }
+    if plan.is_upgrade() {
+        write_header(out, b"Connection", b"upgrade");
+    } else if resp.is_interim() {
+        // The final response will say.
+    } else if !keep_alive {
+        write_header(out, b"Connection", b"close");
+    } else if req.version == Version::Http10 {
+        write_header(out, b"Connection", b"keep-alive");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(plan)
+}
+
+/// Hop-by-hop headers, always dropped (`upgrade` unless upgrading).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The headers to copy: not hop-by-hop, not named in `Connection`, not
+/// framing, not in `replaced`. `Upgrade` survives when `upgrade` is true.
+fn kept<'a>(
+    headers: &'a [Header],
+    upgrade: bool,
+    replaced: &'a [&'a str],
+) -> impl Iterator<Item = &'a Header> + 'a {
+    headers.iter().filter(move |h| {
+        if upgrade && h.is("upgrade") {
+            return true;
+        }
+        let dropped = HOP_BY_HOP.iter().any(|&n| h.is(n))
+            || h.is("content-length")
+            || replaced.iter().any(|&n| h.is(n))
+            || has_token(headers, "connection", h.name.as_bytes());
+        !dropped
+    })
+}
+
+fn write_framing(out: &mut Vec<u8>, body: BodyKind) {
+    match body {
+        BodyKind::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        BodyKind::Chunked => write_header(out, b"Transfer-Encoding", b"chunked"),
+        BodyKind::None | BodyKind::CloseDelimited | BodyKind::Tunnel => {}
+    }
+}
+
+/// Appends `prefix` + `path` with exactly one `/` between them.
+fn write_prefixed(out: &mut Vec<u8>, prefix: &str, path: &str) {
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.is_empty() && !prefix.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(prefix.as_bytes());
+    if !path.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(path.as_bytes());
+}
