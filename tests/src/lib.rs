@@ -135,7 +135,7 @@ pub fn fd_limit() -> u64 {
             rlim_max: 0,
         };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur as u64
+            lim.rlim_cur
         } else {
             0
         }

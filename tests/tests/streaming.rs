@@ -141,7 +141,8 @@ fn websocket_echo_through_lb() {
             Ok(_) => {}
         }
     }
-    // The upgraded connection is released.
+    // The upgraded connection is released once both sides closed.
+    drop(ws);
     lb.wait_active(0, DEADLINE);
 }
 
