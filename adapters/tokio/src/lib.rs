@@ -15,39 +15,119 @@ mod proxy;
 mod shared;
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lb_core::{Notice, NoticeSink, Settings};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 pub use shared::StartError;
 
 /// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
 /// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS setup).
+///
+/// One single-threaded runtime per CPU ("shard"), each with its own `SO_REUSEPORT`
+/// listener and its own backend connection pool, so a request never changes thread: no
+/// cross-thread wake-ups on the hot path, as in nginx's worker model. The core is shared by
+/// all shards behind one mutex. The main thread's shard also runs the control path (timer,
+/// probes) and signal handling.
 pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("lb-worker")
-        .build()
-        .map_err(StartError::Runtime)?;
-    rt.block_on(serve(settings, log))
-}
-
-async fn serve(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
-    let listener = TcpListener::bind(settings.listen)
-        .await
+    let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rt = runtime().map_err(StartError::Runtime)?;
+    // Binding registers a socket with a reactor, so it happens in the main runtime's
+    // context; `into_std` hands each shard a plain socket to register with its own.
+    let entered = rt.enter();
+    let mut listeners = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        listeners.push(
+            bind(settings.listen, shards > 1).map_err(|e| StartError::Bind(settings.listen, e))?,
+        );
+    }
+    let local = listeners[0]
+        .local_addr()
         .map_err(|e| StartError::Bind(settings.listen, e))?;
     let shared = shared::Shared::new(settings, log.clone(), Instant::now())?;
-    tokio::spawn(driver::drive(shared.clone()));
-    log(Notice::Listening(
-        listener
-            .local_addr()
-            .map_err(|e| StartError::Bind(shared.settings.listen, e))?,
-    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut first = None;
+    for (i, listener) in listeners.into_iter().enumerate() {
+        if i == 0 {
+            first = Some(listener);
+            continue;
+        }
+        let (shared, stop_rx, done_tx) = (shared.clone(), stop_rx.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("lb-shard-{i}"))
+            .spawn(move || {
+                if let Ok(rt) = runtime() {
+                    rt.block_on(shard(shared, listener, stop_rx));
+                }
+                let _ = done_tx.send(());
+            })
+            .map_err(StartError::Runtime)?;
+    }
+    let first = first.expect("at least one shard");
+    drop(entered);
+    rt.block_on(async move {
+        tokio::spawn(driver::drive(shared.clone()));
+        let own = tokio::spawn(shard(shared.clone(), first, stop_rx));
+        log(Notice::Listening(local));
+        shutdown_signal().await;
+        shared.begin_shutdown();
+        log(Notice::ShuttingDown {
+            in_flight: shared.in_flight(),
+        });
+        let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout_at(deadline, own).await;
+        drop(done_tx);
+        let _ =
+            tokio::time::timeout_at(deadline, async { while done_rx.recv().await.is_some() {} })
+                .await;
+        let _ = tokio::time::timeout_at(deadline, shared.idle()).await;
+        log(Notice::Stopped {
+            abandoned: shared.in_flight(),
+        });
+    });
+    Ok(())
+}
 
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// A listening socket; with `reuse_port`, several shards bind the same address and the
+/// kernel spreads connections among them.
+fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    // into_std needs no runtime; each shard registers its listener with its own reactor.
+    socket.listen(4096)?.into_std()
+}
+
+/// One shard: accepts on its listener until told to stop, then lets its connections finish.
+async fn shard(
+    shared: Arc<shared::Shared>,
+    listener: std::net::TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(listener) = TcpListener::from_std(listener) else {
+        return;
+    };
+    let traffic = Arc::new(client::build(shared.connector.clone(), &shared.settings));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -56,9 +136,7 @@ async fn serve(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         .keep_alive(true);
     // Every connection task holds a receiver: a send asks them to finish gracefully, and
     // `closed()` resolves once the last one is gone.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
+    let (conns_tx, conns_rx) = tokio::sync::watch::channel(false);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -71,15 +149,15 @@ async fn serve(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                let service = service_fn(move |req| proxy::handle(shared.clone(), peer, req));
+                let (shared, traffic) = (shared.clone(), traffic.clone());
+                let service = service_fn(move |req| proxy::handle(shared.clone(), traffic.clone(), peer, req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-                let mut stop_rx = stop_rx.clone();
+                let mut conns_rx = conns_rx.clone();
                 tokio::spawn(async move {
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => return,
-                        _ = stop_rx.changed() => {}
+                        _ = conns_rx.changed() => {}
                     }
                     // Finish the request in progress, then close (idle keep-alive
                     // connections close at once).
@@ -87,23 +165,16 @@ async fn serve(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
                     let _ = conn.await;
                 });
             }
-            _ = &mut stop => break,
+            _ = stop.changed() => break,
         }
     }
     drop(listener);
-    shared.begin_shutdown();
-    log(Notice::ShuttingDown {
-        in_flight: shared.in_flight(),
-    });
     let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
-    let _ = stop_tx.send(true);
-    drop(stop_rx);
-    let _ = tokio::time::timeout_at(deadline, stop_tx.closed()).await;
+    let _ = conns_tx.send(true);
+    drop(conns_rx);
+    let _ = tokio::time::timeout_at(deadline, conns_tx.closed()).await;
+    // Upgraded connections (WebSockets) have left hyper; they hold leases until closed.
     let _ = tokio::time::timeout_at(deadline, shared.idle()).await;
-    log(Notice::Stopped {
-        abandoned: shared.in_flight(),
-    });
-    Ok(())
 }
 
 async fn accept_error(e: &io::Error) {

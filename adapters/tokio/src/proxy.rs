@@ -41,8 +41,13 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The pooled client of the shard serving the request.
+pub(crate) type Traffic =
+    Arc<hyper_util::client::legacy::Client<crate::client::Connector, Incoming>>;
+
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    traffic: Traffic,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -64,11 +69,12 @@ pub(crate) async fn handle(
         Ok(g) => g,
         Err(reject) => return Ok(local(reply::error(ProxyError::Rejected(reject)))),
     };
-    Ok(forward(shared, guard, peer, req).await)
+    Ok(forward(shared, traffic, guard, peer, req).await)
 }
 
 async fn forward(
     shared: Arc<Shared>,
+    traffic: Traffic,
     guard: LeaseGuard,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -93,7 +99,7 @@ async fn forward(
     *req.uri_mut() = uri;
     rewrite_request_headers(req.headers_mut(), peer, &upstream.authority, upgrade);
 
-    let sent = tokio::time::timeout_at(deadline, shared.traffic.request(req)).await;
+    let sent = tokio::time::timeout_at(deadline, traffic.request(req)).await;
     let mut resp = match sent {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {

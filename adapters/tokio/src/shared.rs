@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use lb_core::{
     BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, PoolError, RequestMeta, Settings,
@@ -103,7 +102,8 @@ pub(crate) struct Shared {
     core: Mutex<Balancer<SmallRng>>,
     /// Backends by slot.
     upstreams: Vec<Option<Upstream>>,
-    pub(crate) traffic: Client<Connector, Incoming>,
+    /// Each shard builds its own traffic client from this (its own pool, its own thread).
+    pub(crate) connector: Connector,
     pub(crate) probes: Client<Connector, Empty<Bytes>>,
     pub(crate) settings: Settings,
     pub(crate) log: NoticeSink,
@@ -133,8 +133,8 @@ impl Shared {
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
             upstreams,
-            traffic: client::build(connector.clone(), &settings),
-            probes: client::build(connector, &settings),
+            probes: client::build(connector.clone(), &settings),
+            connector,
             settings,
             log,
             shutting_down: AtomicBool::new(false),
