@@ -1,0 +1,333 @@
+//! Fuzz harness `pool_ops`: an arbitrary sequence of pool changes, selects, releases,
+//! probe results and time steps against the balancer's invariants.
+//!
+//! Checked after every operation:
+//! - each present backend's in-flight count equals the leases outstanding on it, and
+//!   `outstanding()` / `summary().in_flight` equal all leases outstanding;
+//! - a pick is healthy, not draining and below its cap, and a reject says truly why;
+//! - after `handle_timeout(t)`, `poll_timeout()` is `None` or later than `t`, and every
+//!   probe's deadline is later than `t`;
+//! - health events alternate per backend (each transition once), bump the epoch on
+//!   ejection only, agree with the backend's view, and have a cause that can cause them
+//!   (a 4xx, 429, cancellation or passing probe never ejects; only a passing probe
+//!   restores);
+//! - at the end every lease is released, so the debug drop-bomb never fires.
+//!
+//! Shared by the cargo-fuzz target and by `core/tests/fuzz_corpus.rs`, which replays the
+//! corpus on stable.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use arbitrary::{Arbitrary, Unstructured};
+use lb_core::{
+    Action, BackendError, BackendId, BackendSpec, BackendView, Balancer, Cause, Config, ErrorKind,
+    Event, HealthConfig, HealthState, Lease, Outcome, Policy, ProbeId, ProbeOutcome, Reject,
+    RequestMeta,
+};
+use rand::{rngs::SmallRng, SeedableRng};
+
+#[derive(Arbitrary, Debug)]
+struct Setup {
+    policy: u8,
+    seed: u64,
+    interval_ms: u8,
+    timeout_ms: u8,
+    status_ms: Option<u8>,
+    fall: u8,
+    rise: u8,
+    passive_threshold: u8,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Add { url: u8, weight: u16, max_conns: u8 },
+    Remove(u8),
+    Drain(u8),
+    Select(Option<u8>),
+    Release { lease: u8, outcome: u8 },
+    Probe { probe: u8, outcome: u8 },
+    Advance(u8),
+    Tick,
+    FireDue,
+}
+
+fn outcome(k: u8) -> Outcome {
+    let failed = |status, kind| Outcome::Failed {
+        status,
+        error: BackendError {
+            kind,
+            message: "fuzz".into(),
+        },
+    };
+    let kinds = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Io,
+        ErrorKind::Protocol,
+    ];
+    match k % 8 {
+        0..=3 => Outcome::Response(100 + u16::from(k) * 2),
+        4 => failed(None, kinds[usize::from(k / 8) % 4]),
+        5 => failed(Some(200), kinds[usize::from(k / 8) % 4]),
+        6 => Outcome::Response(429),
+        _ => Outcome::Cancelled,
+    }
+}
+
+fn probe_outcome(k: u8) -> ProbeOutcome {
+    match k % 4 {
+        0 | 1 => ProbeOutcome::Status(100 + u16::from(k) * 2),
+        2 => ProbeOutcome::Error("fuzz".into()),
+        _ => ProbeOutcome::TimedOut,
+    }
+}
+
+/// Whether a passive outcome may count against a backend.
+fn may_eject(o: &Outcome) -> bool {
+    match o {
+        Outcome::Response(s) => *s >= 500,
+        Outcome::Failed {
+            status: Some(_),
+            error,
+        } => error.kind != ErrorKind::Timeout,
+        Outcome::Failed { status: None, .. } => true,
+        Outcome::Cancelled => false,
+    }
+}
+
+fn passes(o: &ProbeOutcome) -> bool {
+    matches!(o, ProbeOutcome::Status(s) if (200..300).contains(s) || *s == 429)
+}
+
+struct State {
+    t0: Instant,
+    now: Instant,
+    bal: Balancer,
+    held: Vec<Lease>,
+    known: Vec<BackendId>,
+    probes: Vec<ProbeId>,
+    /// Last known (healthy, epoch) per backend in the pool.
+    health: HashMap<BackendId, (bool, u64)>,
+}
+
+impl State {
+    fn view(&self, id: BackendId) -> Option<BackendView> {
+        self.bal.backend(id)
+    }
+
+    fn step(&mut self, op: Op) {
+        let now = self.now;
+        match op {
+            Op::Add {
+                url,
+                weight,
+                max_conns,
+            } => {
+                let spec = BackendSpec {
+                    url: format!("http://b{}", url % 16),
+                    weight: u32::from(weight % 1003),
+                    max_conns: u32::from(max_conns % 5),
+                };
+                if let Ok(id) = self.bal.add_backend(now, spec) {
+                    assert!(!self.known.contains(&id), "id {id} reused");
+                    self.known.push(id);
+                    self.health.insert(id, (true, 0));
+                }
+            }
+            Op::Remove(i) => {
+                if let Some(&id) = pick(&self.known, i) {
+                    let present = self.view(id).is_some();
+                    assert_eq!(self.bal.remove_backend(now, id), present);
+                }
+            }
+            Op::Drain(i) => {
+                if let Some(&id) = pick(&self.known, i) {
+                    let present = self.view(id).is_some();
+                    assert_eq!(self.bal.drain_backend(now, id), present);
+                }
+            }
+            Op::Select(key) => self.select(key),
+            Op::Release { lease, outcome: k } => {
+                if !self.held.is_empty() {
+                    let l = self.held.swap_remove(usize::from(lease) % self.held.len());
+                    self.bal.release(now, l, outcome(k));
+                }
+            }
+            Op::Probe { probe, outcome: k } => {
+                if let Some(&p) = pick(&self.probes, probe) {
+                    self.bal.probe_result(now, p, probe_outcome(k));
+                }
+            }
+            Op::Advance(ms) => self.now += Duration::from_millis(u64::from(ms)),
+            Op::Tick => self.tick(),
+            Op::FireDue => {
+                if let Some(t) = self.bal.poll_timeout() {
+                    self.now = self.now.max(t);
+                }
+                self.tick();
+            }
+        }
+        self.check();
+    }
+
+    fn select(&mut self, key: Option<u8>) {
+        let before: Vec<BackendView> = self.bal.backends().collect();
+        let ready = || before.iter().filter(|v| v.healthy && !v.draining);
+        let below_cap = |v: &&BackendView| v.max_conns == 0 || v.in_flight < v.max_conns;
+        let kb = key.map(|k| [k]);
+        let meta = match (key, &kb) {
+            (Some(k), _) if k % 2 == 0 => {
+                RequestMeta::from_ip(IpAddr::V4(Ipv4Addr::new(10, 0, k, 1)))
+            }
+            (Some(_), Some(b)) => RequestMeta::default().with_key(b),
+            _ => RequestMeta::default(),
+        };
+        match self.bal.select(self.now, &meta) {
+            Ok(lease) => {
+                let id = lease.backend();
+                self.held.push(lease);
+                let v = before
+                    .iter()
+                    .find(|v| v.id == id)
+                    .expect("picked a pooled backend");
+                assert!(v.healthy && !v.draining, "picked {v:?}");
+                assert!(below_cap(&v), "picked a backend at its cap: {v:?}");
+            }
+            Err(Reject::NoHealthyBackend) => assert_eq!(ready().count(), 0),
+            Err(Reject::AllAtCapacity) => {
+                assert!(ready().count() > 0);
+                assert_eq!(ready().filter(below_cap).count(), 0);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now;
+        self.bal.handle_timeout(now);
+        while let Some(a) = self.bal.poll_action() {
+            let Action::StartProbe {
+                probe, deadline, ..
+            } = a;
+            assert!(deadline > now, "probe deadline not in the future");
+            let v = self
+                .view(probe.backend())
+                .expect("probe of a removed backend");
+            assert!(!v.draining, "probe of a draining backend");
+            self.probes.push(probe);
+        }
+        if let Some(t) = self.bal.poll_timeout() {
+            assert!(t > now, "poll_timeout() is not after handle_timeout(now)");
+        }
+    }
+
+    fn check(&mut self) {
+        assert_eq!(self.bal.poll_action(), None);
+        while let Some(e) = self.bal.poll_event() {
+            match e {
+                Event::Health {
+                    backend,
+                    state,
+                    cause,
+                    epoch,
+                    ..
+                } => {
+                    let (healthy, old_epoch) = self.health[&backend];
+                    let now_healthy = state == HealthState::Healthy;
+                    assert_ne!(
+                        healthy, now_healthy,
+                        "{backend}: a transition to the same state"
+                    );
+                    let want_epoch = old_epoch + u64::from(!now_healthy);
+                    assert_eq!(epoch, want_epoch, "{backend}: epoch");
+                    match (&cause, now_healthy) {
+                        (Cause::Probe(o), true) => assert!(passes(o), "restored by {o:?}"),
+                        (Cause::Probe(o), false) => assert!(!passes(o), "ejected by {o:?}"),
+                        (Cause::Passive(o), false) => assert!(may_eject(o), "ejected by {o:?}"),
+                        (Cause::Passive(o), true) => panic!("restored by traffic: {o:?}"),
+                    }
+                    self.health.insert(backend, (now_healthy, epoch));
+                }
+                Event::Removed { backend, .. } => {
+                    assert!(
+                        self.view(backend).is_none(),
+                        "{backend} removed but present"
+                    );
+                    assert!(
+                        self.health.remove(&backend).is_some(),
+                        "{backend} removed twice"
+                    );
+                }
+                Event::Status(r) => {
+                    assert_eq!(r.total, r.backends.len());
+                    assert!(r.healthy <= r.total);
+                }
+            }
+        }
+        let views: Vec<BackendView> = self.bal.backends().collect();
+        assert_eq!(views.len(), self.health.len(), "pool and events disagree");
+        for v in &views {
+            let leases = self.held.iter().filter(|l| l.backend() == v.id).count();
+            assert_eq!(
+                v.in_flight as usize, leases,
+                "in-flight != leases on {}",
+                v.id
+            );
+            assert_eq!(self.health[&v.id], (v.healthy, v.epoch), "{}", v.id);
+        }
+        let outstanding = self.held.len() as u64;
+        assert_eq!(self.bal.outstanding(), outstanding);
+        assert_eq!(self.bal.summary().in_flight, outstanding);
+    }
+}
+
+/// The `i`-th item counted from the end (recent items are likelier), if any.
+fn pick<T>(items: &[T], i: u8) -> Option<&T> {
+    let n = items.len();
+    (n > 0).then(|| &items[n - 1 - usize::from(i) % n])
+}
+
+/// Runs one input.
+pub fn run(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(setup) = Setup::arbitrary(&mut u) else {
+        return;
+    };
+    let ms = |n: u8| Duration::from_millis(u64::from(n));
+    let config = Config {
+        policy: Policy::ALL[usize::from(setup.policy) % Policy::ALL.len()],
+        health: HealthConfig {
+            interval: ms(setup.interval_ms),
+            timeout: ms(setup.timeout_ms),
+            fall: u32::from(setup.fall % 5),
+            rise: u32::from(setup.rise % 5),
+            passive_threshold: u32::from(setup.passive_threshold % 4),
+        },
+        status_interval: setup.status_ms.map(ms),
+    };
+    let t0 = Instant::now();
+    let mut s = State {
+        t0,
+        now: t0,
+        bal: Balancer::new(config, SmallRng::seed_from_u64(setup.seed), t0),
+        held: Vec::new(),
+        known: Vec::new(),
+        probes: Vec::new(),
+        health: HashMap::new(),
+    };
+    while let Ok(op) = Op::arbitrary(&mut u) {
+        s.step(op);
+        if u.is_empty() {
+            break;
+        }
+    }
+    while let Some(l) = s.held.pop() {
+        let now = s.now;
+        s.bal.release(now, l, Outcome::Cancelled);
+        s.check();
+    }
+    assert_eq!(s.bal.outstanding(), 0);
+    assert!(s.bal.backends().all(|v| v.in_flight == 0));
+    assert!(s.now >= s.t0);
+}
