@@ -903,6 +903,114 @@ impl Drop for Mock {
 }
 
 // ---------------------------------------------------------------------------
+// Scripted raw backend
+// ---------------------------------------------------------------------------
+
+/// What a [`FakeBackend`] does with one request.
+pub enum FakeReply {
+    /// Write these bytes (a whole raw HTTP response), then close.
+    Raw(Vec<u8>),
+    /// Close the connection without a word.
+    Close,
+}
+
+impl FakeReply {
+    /// A complete response with a JSON body and `Connection: close`.
+    pub fn json(status: u16, extra_headers: &[(&str, &str)], body: &str) -> FakeReply {
+        let mut r = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (k, v) in extra_headers {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+        r.push_str("\r\n");
+        r.push_str(body);
+        FakeReply::Raw(r.into_bytes())
+    }
+}
+
+/// A minimal in-process backend for cases the mock cannot produce (resets,
+/// odd statuses): each connection's request head (and up to 64 KiB after
+/// it) is handed to a handler, whose [`FakeReply`] is sent before the
+/// connection is closed. Stops when dropped.
+pub struct FakeBackend {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl FakeBackend {
+    /// Start it; `handler` gets the raw bytes read (at least the head).
+    pub fn spawn(handler: impl Fn(&[u8]) -> FakeReply + Send + Sync + 'static) -> FakeBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handler = Arc::new(handler);
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let handler = handler.clone();
+                        thread::spawn(move || {
+                            let _ = serve_fake(s, &*handler);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeBackend {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn serve_fake(mut s: TcpStream, handler: &dyn Fn(&[u8]) -> FakeReply) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    match handler(&buf) {
+        FakeReply::Raw(bytes) => {
+            s.write_all(&bytes)?;
+            let _ = s.shutdown(Shutdown::Write);
+            // Let the peer read it all before the socket goes away.
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            while s.read(&mut chunk).map(|n| n > 0).unwrap_or(false) {}
+        }
+        FakeReply::Close => {}
+    }
+    Ok(())
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // HTTP/1.1 client
 // ---------------------------------------------------------------------------
 

@@ -304,6 +304,44 @@ fn port_flag_is_honoured() {
 }
 
 #[test]
+fn bind_flag_is_honoured() {
+    let m = Mock::spawn::<&str>(&[]);
+    let port = free_port();
+    let ps = port.to_string();
+    // Any 127.0.0.0/8 address is loopback on Linux.
+    let lb = Lb::spawn_with(
+        &["--backends", &m.url(), "--port", &ps, "--bind", "127.0.0.2"],
+        LbOptions {
+            no_wait: true,
+            ..LbOptions::default()
+        },
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 2], port));
+    let ok = poll(DEADLINE, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()
+    });
+    assert!(ok.is_some(), "lb --bind 127.0.0.2 does not listen there");
+    assert!(
+        Conn::open_timeout(port, Duration::from_millis(500)).is_err(),
+        "lb --bind 127.0.0.2 also listens on 127.0.0.1"
+    );
+    drop(lb);
+}
+
+#[test]
+fn ipv6_backend_url() {
+    let m = Mock::spawn(&["--bind", "::1"]);
+    let lb = Lb::spawn(&["--backends", &format!("http://[::1]:{}", m.port)]);
+    let h = lb.wait_healthy(1);
+    assert_eq!(h["total_backends"], 1);
+    let r = lb.completion();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.backend_port(), Some(m.port));
+    let r = lb.get("/v6");
+    assert_eq!(r.json()["headers"]["host"], format!("[::1]:{}", m.port));
+}
+
+#[test]
 fn schemeless_backends_work() {
     let a = Mock::spawn::<&str>(&[]);
     let b = Mock::spawn::<&str>(&[]);

@@ -345,3 +345,61 @@ fn backend_closing_idle_connections_after_1s_is_fine() {
     // closed pooled connection (or retry on a fresh one) rather than fail.
     idle_closing_backend("1s", Duration::from_millis(1300), 4);
 }
+
+/// A backend whose probe path answers `probe_status` and whose other paths
+/// answer 200 with its port.
+fn probe_answering(probe_status: u16) -> FakeBackend {
+    FakeBackend::spawn(move |req| {
+        if req.starts_with(b"GET /v1/models ") {
+            FakeReply::json(probe_status, &[("Retry-After", "1")], r#"{"probe":true}"#)
+        } else {
+            FakeReply::json(200, &[], r#"{"ok":true}"#)
+        }
+    })
+}
+
+#[test]
+fn probe_passes_on_2xx_and_429_and_fails_on_5xx() {
+    let ok = probe_answering(202);
+    let busy = probe_answering(429);
+    let broken = probe_answering(500);
+    let lb = Lb::spawn(&[
+        "--health-check-interval",
+        "5s",
+        "--backends",
+        &ok.url(),
+        &busy.url(),
+        &broken.url(),
+    ]);
+    lb.log
+        .wait_for(Duration::from_secs(10), |l| {
+            is_unhealthy_line(l, broken.port)
+        })
+        .expect("a probe answered 500 marks the backend unhealthy");
+    // 2xx and 429 keep their backends in, sweep after sweep.
+    let h = lb.wait_healthy(2);
+    assert_eq!(h["total_backends"], 3);
+    wait_until(
+        Duration::from_secs(20),
+        "two [STATUS] lines with Healthy: 2/3",
+        || {
+            lb.log
+                .matching(|l| l.contains("[STATUS]") && l.contains("Healthy: 2/3"))
+                .len()
+        },
+        |n| *n >= 2,
+    );
+    let (status, h) = lb.health();
+    assert_eq!(status, 200);
+    assert_eq!(
+        h["healthy_backends"], 2,
+        "probes answered 202 and 429 count as passing: {h}"
+    );
+    for port in [ok.port, busy.port] {
+        assert!(
+            lb.log.matching(|l| is_unhealthy_line(l, port)).is_empty(),
+            "backend {port} was marked unhealthy: {}",
+            lb.log.text()
+        );
+    }
+}

@@ -231,3 +231,36 @@ fn shutdown_timeout_bounds_the_drain() {
         "the request cut off by the shutdown timeout cannot have succeeded: {r:?}"
     );
 }
+
+#[test]
+fn sigterm_lets_an_sse_stream_finish() {
+    let m = Mock::spawn::<&str>(&[]);
+    let mut lb = Lb::spawn(&["--backends", &m.url()]);
+    let mut c = Conn::open(lb.port).unwrap();
+    c.send_head("GET", "/sse?events=12&interval_ms=200", &[], None)
+        .unwrap();
+    let head = c.read_head("GET").unwrap();
+    assert_eq!(head.status, 200);
+    let mut body = c.body(&head);
+    let first = body.read_line().unwrap().expect("first event");
+    assert!(first.starts_with("data:"), "{first:?}");
+    lb.signal("TERM");
+    let mut events = 1;
+    let mut done = false;
+    while let Some(line) = body
+        .read_line()
+        .unwrap_or_else(|e| panic!("stream cut by SIGTERM after {events} events: {e}"))
+    {
+        if line == "data: [DONE]" {
+            done = true;
+        } else if line.starts_with("data:") {
+            events += 1;
+        }
+    }
+    assert_eq!(events, 12, "every event arrives");
+    assert!(done, "the stream ends with [DONE]");
+    let st = lb
+        .wait_exit(Duration::from_secs(10))
+        .expect("lb exits after the stream");
+    assert!(st.success(), "lb exited with {st}");
+}

@@ -3,7 +3,6 @@
 //! waited for, and the OpenAI-style errors 400/502/503/504.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use lb_tests::*;
@@ -449,54 +448,100 @@ fn connect_failure_gives_502_and_the_backend_is_ejected() {
 
 #[test]
 fn reset_before_response_head_gives_502() {
-    // A "backend" that answers its health probes but closes every other
+    // A backend that answers its health probes but closes every other
     // connection right after reading the request, without a response.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    listener.set_nonblocking(true).unwrap();
-    let server = std::thread::spawn(move || {
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
-                    let mut buf = [0u8; 4096];
-                    let n = s.read(&mut buf).unwrap_or(0);
-                    if buf[..n].starts_with(b"GET /v1/models ") {
-                        let body = r#"{"object":"list","data":[]}"#;
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = std::io::Write::write_all(&mut s, resp.as_bytes());
-                    }
-                    drop(s);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
+    let fake = FakeBackend::spawn(|req| {
+        if req.starts_with(b"GET /v1/models ") {
+            FakeReply::json(200, &[], r#"{"object":"list","data":[]}"#)
+        } else {
+            FakeReply::Close
         }
     });
-    let lb = Lb::spawn(&[
-        "--backends",
-        &format!("http://127.0.0.1:{port}"),
-        "--health-check-interval",
-        "60s",
-    ]);
+    let lb = Lb::spawn(&["--backends", &fake.url(), "--health-check-interval", "60s"]);
     lb.wait_healthy(1);
     let r = lb.completion();
     assert_error_json(&r, 502);
     // Passive ejection: the only backend is now unhealthy.
     assert!(
         lb.log
-            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, port))
+            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, fake.port))
             .is_some(),
-        "the backend that reset the connection should be marked unhealthy"
+        "the backend that closed the connection should be marked unhealthy"
     );
     let r = lb.completion();
     assert_error_json(&r, 503);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    server.join().unwrap();
+}
+
+#[test]
+fn expect_100_continue_upload() {
+    // curl sends `Expect: 100-continue` for bodies over 1 KiB and waits up to
+    // a second for `100 Continue` before sending the body anyway.
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    let mut fnv = Fnv1a::default();
+    fnv.update(&body);
+    let mut c = Conn::open(lb.port).unwrap();
+    c.send_head(
+        "POST",
+        "/upload",
+        &[("Expect", "100-continue"), ("Connection", "close")],
+        Some(body.len() as u64),
+    )
+    .unwrap();
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut peek = [0u8; 16];
+    let _ = c.stream().peek(&mut peek); // a `100 Continue`, or a 1 s wait
+    c.set_timeout(IO_TIMEOUT).unwrap();
+    c.write_raw(&body).unwrap();
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["bytes"], body.len(), "{v}");
+    assert_eq!(v["fnv1a"].as_str().map(str::to_lowercase), Some(fnv.hex()));
+}
+
+#[test]
+fn http_1_0_client_is_served() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let mut c = Conn::open(lb.port).unwrap();
+    c.write_raw(b"GET /old-client HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let r = c.read_response("GET").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/old-client");
+}
+
+#[test]
+fn hop_by_hop_headers_are_not_forwarded() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let r = request(
+        lb.port,
+        "GET",
+        "/a%20b/c%2Fd?q=%26x&y",
+        &[
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("X-End-To-End", "yes"),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        v["uri"], "/a%20b/c%2Fd?q=%26x&y",
+        "the URI is forwarded as sent"
+    );
+    let h = &v["headers"];
+    assert_eq!(h["x-end-to-end"], "yes", "{h}");
+    for hop in ["x-hop", "keep-alive", "proxy-connection"] {
+        assert!(h.get(hop).is_none(), "{hop} reached the backend: {h}");
+    }
 }
