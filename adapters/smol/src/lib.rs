@@ -1,1 +1,120 @@
-//! placeholder
+//! Runs the `lb` core on smol's parts: `async-io` (sockets, timers), `async-executor` (one
+//! thread), `async-signal`. The tiny build of `lb`: no tokio, no hyper.
+//!
+//! What it does: accepts connections; reads request heads and frames bodies with
+//! `lb_core::http1` (it parses no HTTP of its own); answers `/health` and errors from
+//! `lb_core::reply`; forwards everything else over pooled keep-alive backend connections
+//! (TLS for `https://` with the `tls` feature), streaming both bodies through fixed-size
+//! buffers and writing each chunk through at once; splices upgraded connections
+//! (WebSocket); runs health probes when the core asks; and drains gracefully on
+//! SIGTERM/SIGINT.
+//!
+//! What it does not do: decide anything. Which backend, whether it is healthy, when to
+//! probe and what to report are the core's (`lb_core::Balancer`, behind one mutex); every
+//! lease goes back through a guard's `Drop` with the exchange's outcome. Nor does it
+//! retry: the one re-send is of a request whose pooled connection failed before any of
+//! its bytes were written.
+//!
+//! Entry points: [`run`] blocks until a signal and the drain; [`serve`] is the same
+//! server as a future that any executor can drive (it only needs `async-io`'s reactor),
+//! stopped by the `shutdown` future it is given.
+#![forbid(unsafe_code)]
+
+mod conn;
+mod connect;
+mod driver;
+mod exchange;
+mod io;
+mod pool;
+mod shared;
+mod stream;
+#[cfg(feature = "tls")]
+mod tls;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use async_io::{Async, Timer};
+use async_signal::{Signal, Signals};
+use futures_lite::{future, StreamExt};
+use lb_core::{Notice, NoticeSink, Settings};
+
+pub use shared::StartError;
+
+/// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
+/// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS
+/// setup, signal handlers).
+pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
+    let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(StartError::Signal)?;
+    async_io::block_on(serve(settings, log, async move {
+        let _ = signals.next().await;
+    }))
+}
+
+/// The proxy as a future: binds, serves until `shutdown` resolves, then stops accepting
+/// and lets in-flight requests and streams finish for up to `settings.shutdown_timeout`.
+///
+/// Every task it starts runs on its own executor, driven by this future, so it runs
+/// under any executor (`async_io::block_on`, async-std, ...) on the calling thread.
+pub async fn serve(
+    settings: Settings,
+    log: NoticeSink,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let listen = settings.listen;
+    let listener = Async::<TcpListener>::bind(listen).map_err(|e| StartError::Bind(listen, e))?;
+    let local = listener
+        .get_ref()
+        .local_addr()
+        .map_err(|e| StartError::Bind(listen, e))?;
+    let shared = shared::Shared::new(settings, log.clone(), Instant::now())?;
+    let ex = Arc::new(Executor::new());
+    let served = ex.run(async {
+        ex.spawn(driver::drive(shared.clone(), Arc::downgrade(&ex)))
+            .detach();
+        let reaper = shared.clone();
+        ex.spawn(async move { reaper.pool.reap().await }).detach();
+        log(Notice::Listening(local));
+
+        let accept = async {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.get_ref().set_nodelay(true);
+                        let open = shared.open_connection();
+                        ex.spawn(conn::serve(open, stream::Stream::Tcp(stream), peer))
+                            .detach();
+                    }
+                    // Out of file descriptors and the like: the listener stays readable,
+                    // so back off briefly instead of spinning.
+                    Err(_) => {
+                        Timer::after(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        };
+        future::or(accept, shutdown).await;
+        drop(listener);
+
+        shared.begin_shutdown();
+        log(Notice::ShuttingDown {
+            in_flight: shared.in_flight(),
+        });
+        let deadline = Instant::now() + shared.settings.shutdown_timeout;
+        future::or(shared.drained(), async {
+            Timer::at(deadline).await;
+        })
+        .await;
+        log(Notice::Stopped {
+            abandoned: shared.in_flight(),
+        });
+    });
+    served.await;
+    // Dropping the executor drops the tasks still running (streams cut at the deadline):
+    // their connections close and their leases are released.
+    drop(ex);
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! New backend connections: name resolution, TCP with `TCP_NODELAY`, TLS for `https://`.
+//! The callers bound each attempt with `--connect-timeout`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+
+use async_io::Async;
+use lb_core::Settings;
+
+use crate::shared::{StartError, Upstream};
+use crate::stream::Stream;
+
+/// Opens backend connections; holds the TLS configuration when a backend needs it.
+pub(crate) struct Connector {
+    #[cfg(feature = "tls")]
+    tls: Option<futures_rustls::TlsConnector>,
+}
+
+impl Connector {
+    pub(crate) fn new<'a>(
+        settings: &Settings,
+        mut upstreams: impl Iterator<Item = &'a Upstream>,
+    ) -> Result<Self, StartError> {
+        let https = upstreams.find(|u| u.target.tls);
+        #[cfg(feature = "tls")]
+        {
+            let tls = crate::tls::connector(settings.backend_ca.as_deref(), https.is_some())?;
+            Ok(Connector { tls })
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            if let Some(u) = https {
+                return Err(StartError::NoTls(u.url.to_string()));
+            }
+            if let Some(path) = &settings.backend_ca {
+                std::fs::metadata(path)
+                    .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
+            }
+            Ok(Connector {})
+        }
+    }
+
+    /// A new connection to `up`; the error is a short description for the log.
+    pub(crate) async fn connect(&self, up: &Upstream) -> Result<Stream, String> {
+        let t = &up.target;
+        let addrs: Vec<SocketAddr> = match t.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, t.port)],
+            Err(_) => async_net::resolve((t.host.as_str(), t.port))
+                .await
+                .map_err(|e| format!("cannot resolve {}: {e}", t.host))?,
+        };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            match Async::<TcpStream>::connect(addr).await {
+                Ok(tcp) => {
+                    let _ = tcp.get_ref().set_nodelay(true);
+                    return self.secure(up, tcp).await;
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(describe(&last))
+    }
+
+    #[cfg(feature = "tls")]
+    async fn secure(&self, up: &Upstream, tcp: Async<TcpStream>) -> Result<Stream, String> {
+        match (&self.tls, up.target.tls) {
+            (Some(tls), true) => crate::tls::handshake(tls, &up.target.host, tcp).await,
+            _ => Ok(Stream::Tcp(tcp)),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    async fn secure(&self, _up: &Upstream, tcp: Async<TcpStream>) -> Result<Stream, String> {
+        Ok(Stream::Tcp(tcp))
+    }
+}
+
+/// A short, human description of a connection error, worded like the tokio build's.
+pub(crate) fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::ConnectionReset => "connection reset by backend".into(),
+        io::ErrorKind::ConnectionAborted => "connection aborted".into(),
+        io::ErrorKind::BrokenPipe => "backend closed the connection (broken pipe)".into(),
+        io::ErrorKind::TimedOut => "connect timeout (--connect-timeout)".into(),
+        io::ErrorKind::UnexpectedEof => "backend closed the connection".into(),
+        _ => e.to_string(),
+    }
+}

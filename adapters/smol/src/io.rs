@@ -1,0 +1,148 @@
+//! Byte-moving helpers over futures-lite's `AsyncRead`/`AsyncWrite`: cancel-safe buffered
+//! reads, the upgrade splice, and a lingering close. No HTTP here.
+
+use std::future::{pending, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_io::Timer;
+use futures_lite::future;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::stream::Stream;
+
+/// Bytes moved per read while streaming a body or a tunnel: the most buffered per
+/// direction, whatever the size of the body.
+pub(crate) const CHUNK: usize = 32 * 1024;
+
+/// First read size for a head; doubled while the head grows, up to the head limit.
+const HEAD_READ: usize = 4 * 1024;
+
+/// Reads once from `r`, appending at most `max` bytes to `buf`; returns how many (0 at
+/// end of stream). Cancel-safe: `buf` only ever holds bytes that were actually read.
+pub(crate) async fn read_more<R>(mut r: R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+{
+    poll_fn(|cx| {
+        let old = buf.len();
+        buf.resize(old + max, 0);
+        let res = Pin::new(&mut r).poll_read(cx, &mut buf[old..]);
+        let n = match res {
+            Poll::Ready(Ok(n)) => n,
+            _ => 0,
+        };
+        buf.truncate(old + n);
+        res
+    })
+    .await
+}
+
+/// How much to read next while a head of `held` bytes is incomplete, given the limit:
+/// small at first (most heads are small), growing with the head, at least one byte past
+/// the limit so that an oversized head is detected.
+pub(crate) fn head_read_size(held: usize, limit: usize) -> usize {
+    held.max(HEAD_READ)
+        .min(limit.saturating_sub(held) + 1)
+        .max(1)
+}
+
+/// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
+/// CRLF or bare-LF form. Parsing is retried only then, so a head trickled in byte by byte
+/// costs linear time, not quadratic. (The parser itself decides; this only saves calls.)
+pub(crate) fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let window = &buf[from.saturating_sub(3)..];
+    window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Writes all of `data`, counting in `written` the bytes that reached the socket (so a
+/// caller knows whether a failed write sent anything).
+pub(crate) async fn write_counted<W>(mut w: W, data: &[u8], written: &mut usize) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    while *written < data.len() {
+        match w.write(&data[*written..]).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => *written += n,
+        }
+    }
+    w.flush().await
+}
+
+/// Writes all of `data` to `s`.
+pub(crate) async fn send(mut s: &Stream, data: &[u8]) -> io::Result<()> {
+    s.write_all(data).await
+}
+
+/// Reads from the client while nothing else does (waiting for the backend), keeping what
+/// arrives (a pipelined request, early tunnel bytes) up to `cap` bytes. Resolves when the
+/// client closes or fails: it went away.
+pub(crate) async fn watch<R>(mut r: R, buf: &mut Vec<u8>, cap: usize)
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        if buf.len() >= cap {
+            // Enough buffered; stop reading (the client waits for our answer anyway).
+            pending::<()>().await;
+        }
+        match read_more(&mut r, buf, 1024.min(cap - buf.len())).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to` down for writing.
+async fn copy_half<R, W>(mut from: R, mut to: W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.close().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+    }
+}
+
+/// Joins two connections after an upgrade: bytes flow both ways until both directions
+/// have ended (each end's EOF is passed on as a write shutdown), or either fails.
+pub(crate) async fn splice<A, B>(a: A, b: B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Copy,
+    B: AsyncRead + AsyncWrite + Unpin + Copy,
+{
+    future::try_zip(copy_half(a, b), copy_half(b, a))
+        .await
+        .map(|_| ())
+}
+
+/// Closes a client connection that may still have unread input (a rejected request, an
+/// answer sent before the request body ended): shut down our side, then read and drop
+/// what the client still sends for a moment, so that the kernel does not answer the
+/// unread bytes with a reset that would destroy our last response in flight.
+pub(crate) async fn linger_close(s: &Stream) {
+    s.shutdown_write();
+    let drain = async {
+        let mut buf = vec![0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match (&*s).read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    future::or(drain, async {
+        Timer::after(Duration::from_secs(2)).await;
+    })
+    .await;
+}

@@ -1,0 +1,132 @@
+//! Idle keep-alive connections to backends, per backend, newest first. A connection idle
+//! for `--pool-idle-timeout` (4 s, below uvicorn's 5 s) is closed by the reaper task; one
+//! the backend closed meanwhile is noticed (and dropped) when it is taken.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use event_listener::Event;
+use futures_lite::future;
+use lb_core::BackendId;
+
+use crate::stream::Stream;
+
+struct Idle {
+    conn: Stream,
+    since: Instant,
+}
+
+struct Lists {
+    /// By backend slot; oldest first.
+    by_slot: Vec<Vec<Idle>>,
+    /// Connections over all slots.
+    total: usize,
+}
+
+pub(crate) struct Pool {
+    lists: Mutex<Lists>,
+    timeout: Duration,
+    /// Notified when a connection arrives in an empty pool (the reaper then has work).
+    filled: Event,
+}
+
+impl Pool {
+    pub(crate) fn new(slots: usize, timeout: Duration) -> Self {
+        Pool {
+            lists: Mutex::new(Lists {
+                by_slot: (0..slots).map(|_| Vec::new()).collect(),
+                total: 0,
+            }),
+            timeout,
+            filled: Event::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lists> {
+        self.lists.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection to `backend` that still looks usable (not
+    /// expired, not closed by the backend); stale ones are dropped on the way.
+    pub(crate) fn take(&self, backend: BackendId) -> Option<Stream> {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        let found = {
+            let mut lists = self.lock();
+            let mut found = None;
+            while let Some(idle) = lists.by_slot[backend.slot()].pop() {
+                lists.total -= 1;
+                if now.duration_since(idle.since) < self.timeout && !idle.conn.is_stale() {
+                    found = Some(idle.conn);
+                    break;
+                }
+                stale.push(idle);
+            }
+            found
+        };
+        drop(stale); // closed outside the lock
+        found
+    }
+
+    /// Keeps `conn` for the next request to `backend`.
+    pub(crate) fn put(&self, backend: BackendId, conn: Stream) {
+        if self.timeout.is_zero() {
+            return;
+        }
+        let was_empty = {
+            let mut lists = self.lock();
+            lists.by_slot[backend.slot()].push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+            lists.total += 1;
+            lists.total == 1
+        };
+        if was_empty {
+            self.filled.notify(1);
+        }
+    }
+
+    /// Runs forever: closes connections as their idle time runs out.
+    pub(crate) async fn reap(&self) {
+        loop {
+            let filled = self.filled.listen();
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            let next = {
+                let mut lists = self.lock();
+                let mut next: Option<Instant> = None;
+                let mut removed = 0;
+                for list in &mut lists.by_slot {
+                    let n = list
+                        .iter()
+                        .take_while(|i| now.duration_since(i.since) >= self.timeout)
+                        .count();
+                    removed += n;
+                    expired.extend(list.drain(..n));
+                    if let Some(first) = list.first() {
+                        let due = first.since + self.timeout;
+                        next = Some(next.map_or(due, |t| t.min(due)));
+                    }
+                }
+                lists.total -= removed;
+                next
+            };
+            drop(expired);
+            match next {
+                // Connections added meanwhile expire later than the oldest one.
+                Some(due) => {
+                    Timer::at(due).await;
+                }
+                None => {
+                    future::or(filled, async {
+                        // Bounds the wait should a notification be missed.
+                        Timer::after(Duration::from_secs(3600)).await;
+                    })
+                    .await
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! One byte stream type for both sides: a TCP connection, or (backends only) TLS over
+//! one. `&Stream` reads and writes, so one task can read and write a connection from two
+//! futures at once (the request body going up while the response comes down).
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_io::Async;
+use futures_lite::{AsyncRead, AsyncWrite};
+
+pub(crate) enum Stream {
+    Tcp(Async<TcpStream>),
+    #[cfg(feature = "tls")]
+    Tls(std::sync::Mutex<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+}
+
+impl Stream {
+    /// Whether an idle connection can no longer carry a request: the peer closed it, reset
+    /// it, or sent bytes nobody asked for. Never blocks.
+    pub(crate) fn is_stale(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let peeked = match self {
+            Stream::Tcp(s) => s.get_ref().peek(&mut byte),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                guard.get_ref().0.get_ref().peek(&mut byte)
+            }
+        };
+        !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Shuts the TCP connection down for writing, without a TLS close_notify (for a
+    /// connection we give up on).
+    pub(crate) fn shutdown_write(&self) {
+        match self {
+            Stream::Tcp(s) => {
+                let _ = s.get_ref().shutdown(Shutdown::Write);
+            }
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = guard.get_ref().0.get_ref().shutdown(Shutdown::Write);
+            }
+        }
+    }
+}
+
+impl AsyncRead for &Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match *self {
+            Stream::Tcp(s) => Pin::new(&mut &*s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                Pin::new(&mut *guard).poll_read(cx, buf)
+            }
+        }
+    }
+}
+
+impl AsyncWrite for &Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match *self {
+            Stream::Tcp(s) => Pin::new(&mut &*s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                Pin::new(&mut *guard).poll_write(cx, buf)
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match *self {
+            Stream::Tcp(s) => Pin::new(&mut &*s).poll_flush(cx),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                Pin::new(&mut *guard).poll_flush(cx)
+            }
+        }
+    }
+
+    /// Flushes, then shuts the connection down for writing (TLS first sends close_notify):
+    /// the peer reads end of stream.
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match *self {
+            Stream::Tcp(s) => {
+                futures_lite::ready!(Pin::new(&mut &*s).poll_flush(cx))?;
+                Poll::Ready(s.get_ref().shutdown(Shutdown::Write))
+            }
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
+                futures_lite::ready!(Pin::new(&mut *guard).poll_close(cx))?;
+                Poll::Ready(guard.get_ref().0.get_ref().shutdown(Shutdown::Write))
+            }
+        }
+    }
+}
