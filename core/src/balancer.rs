@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::Rng;
 
+use crate::affinity::table::{Owner, Table};
+use crate::affinity::{AffinityConfig, RequestKey, Route, RoutingStats, UNCAPPED_CONNS};
 use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 use crate::hash::hash_bytes;
 use crate::health::{Health, HealthConfig, HealthState, ProbeOutcome};
 use crate::policy::{Policy, Selector};
+use crate::queue::{Admission, OwnedMeta, Queue, QueueConfig, QueueStats, Ticket};
 use crate::status::{StatusReport, Summary};
 
 /// The smallest interval or timeout the core works with: shorter ones are raised to it, so
@@ -28,6 +31,10 @@ pub struct Config {
     pub health: HealthConfig,
     /// Time between [`Event::Status`] reports; `None` for no reports.
     pub status_interval: Option<Duration>,
+    /// Cache-aware routing settings (used by [`Policy::CacheAware`] only).
+    pub affinity: AffinityConfig,
+    /// The admission queue (off by default).
+    pub queue: QueueConfig,
 }
 
 impl Default for Config {
@@ -37,9 +44,59 @@ impl Default for Config {
             policy: Policy::LeastConn,
             status_interval: Some(health.interval),
             health,
+            affinity: AffinityConfig::default(),
+            queue: QueueConfig::default(),
         }
     }
 }
+
+impl Config {
+    /// Checks the settings against the backends they will run with: what the balancer
+    /// would otherwise quietly clamp or work around. The CLI calls it before starting.
+    ///
+    /// - [`Policy::CacheAware`] needs every backend to have `max_conns > 0`: its load
+    ///   guard and its table bound scale with it.
+    /// - The affinity TTL must be positive and `entries_per_conn` at least 1.
+    /// - A queue timeout needs a queue size above 0.
+    pub fn validate(&self, backends: &[BackendSpec]) -> Result<(), ConfigError> {
+        if self.policy == Policy::CacheAware {
+            if let Some(b) = backends.iter().find(|b| b.max_conns == 0) {
+                return Err(ConfigError(format!(
+                    "routing {} needs a connection limit (--max-conns > 0): backend {} has none",
+                    self.policy, b.url
+                )));
+            }
+            if self.affinity.ttl.is_zero() {
+                return Err(ConfigError(
+                    "the affinity TTL must be greater than 0".into(),
+                ));
+            }
+            if self.affinity.entries_per_conn == 0 {
+                return Err(ConfigError(
+                    "the affinity table needs at least 1 entry per connection".into(),
+                ));
+            }
+        }
+        if self.queue.timeout.is_some() && self.queue.size == 0 {
+            return Err(ConfigError(
+                "a queue timeout needs a queue size greater than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Settings that cannot work together, from [`Config::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// What a policy may use to choose a backend for one request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,6 +106,9 @@ pub struct RequestMeta<'a> {
     /// An affinity key (a header's value, the OpenAI `user` field, ...). Hashing policies
     /// use it instead of the client's address when present.
     pub key: Option<&'a [u8]>,
+    /// The request's cache-aware key, computed once by the adapter with
+    /// [`RequestKey::from_body`]; used by [`Policy::CacheAware`] only.
+    pub affinity: Option<&'a RequestKey>,
 }
 
 impl<'a> RequestMeta<'a> {
@@ -57,6 +117,15 @@ impl<'a> RequestMeta<'a> {
         RequestMeta {
             client_ip: Some(client_ip),
             key: None,
+            affinity: None,
+        }
+    }
+
+    /// The same meta with a cache-aware key.
+    pub fn with_affinity(self, key: &'a RequestKey) -> Self {
+        RequestMeta {
+            affinity: Some(key),
+            ..self
         }
     }
 
@@ -297,6 +366,26 @@ pub struct Balancer<R = SmallRng> {
     next_status: Option<Instant>,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
+    /// The affinity table (cache-aware routing only).
+    affinity: Option<Table>,
+    /// Cache-aware counters since the start, and at the last status report.
+    routing: RoutingStats,
+    routing_reported: RoutingStats,
+    /// Requests waiting for a slot.
+    queue: Queue,
+    admissions: VecDeque<Admission>,
+}
+
+impl<R> Drop for Balancer<R> {
+    fn drop(&mut self) {
+        // Leases in admissions nobody polled die with the balancer: nothing to release
+        // them to.
+        for a in self.admissions.drain(..) {
+            if let Admission::Admitted(_, mut lease) = a {
+                lease.released = true;
+            }
+        }
+    }
 }
 
 impl<R: Rng> Balancer<R> {
@@ -308,10 +397,22 @@ impl<R: Rng> Balancer<R> {
         h.fall = h.fall.max(1);
         h.rise = h.rise.max(1);
         config.status_interval = config.status_interval.map(|d| d.max(MIN_TICK));
+        config.affinity.ttl = config.affinity.ttl.max(MIN_TICK);
+        config.affinity.entries_per_conn = config.affinity.entries_per_conn.max(1);
+        config.queue.timeout = config.queue.timeout.map(|d| d.max(MIN_TICK));
+        let mut rng = rng;
+        // Only cache-aware routing draws from the RNG here, so the other policies' pick
+        // sequences for a given seed are unchanged.
+        let affinity = (config.policy == Policy::CacheAware).then(|| Table::new(rng.random()));
         Balancer {
             next_status: config.status_interval.map(|d| now + d),
             config,
             rng,
+            affinity,
+            routing: RoutingStats::default(),
+            routing_reported: RoutingStats::default(),
+            queue: Queue::default(),
+            admissions: VecDeque::new(),
             slots: Vec::new(),
             gens: Vec::new(),
             free: Vec::new(),
@@ -352,9 +453,27 @@ impl<R: Rng> Balancer<R> {
         self.slots.iter().flatten().map(BackendView::from)
     }
 
-    /// Leases handed out and not yet released.
+    /// Leases handed out and not yet released (those in unpolled admissions included).
     pub fn outstanding(&self) -> u64 {
         self.outstanding
+    }
+
+    /// Cache-aware routing counters since the start (`None` under other policies).
+    pub fn routing_stats(&self) -> Option<RoutingStats> {
+        self.affinity.as_ref().map(|t| RoutingStats {
+            keys: t.len(),
+            ..self.routing
+        })
+    }
+
+    /// Requests waiting in the admission queue.
+    pub fn queued(&self) -> usize {
+        self.queue.waiting.len()
+    }
+
+    /// Admission queue counters since the start (`None` when the queue is off).
+    pub fn queue_stats(&self) -> Option<QueueStats> {
+        self.config.queue.enabled().then(|| self.queue.snapshot())
     }
 
     // ------------------------------------------------------------------ pool changes
@@ -398,6 +517,7 @@ impl<R: Rng> Balancer<R> {
             probe_seq: 0,
         });
         self.selector.invalidate();
+        self.admit(now);
         Ok(id)
     }
 
@@ -437,14 +557,25 @@ impl<R: Rng> Balancer<R> {
     // ------------------------------------------------------------------ requests
 
     /// Picks a backend for one request and reserves a slot on it (its in-flight count goes
-    /// up by one). Never allocates.
-    pub fn select(&mut self, _now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
+    /// up by one). Never allocates, except that [`Policy::CacheAware`] records the
+    /// request's chain in its table (amortised growth up to the table's bound).
+    ///
+    /// A backend at its `max_conns` is never picked, whatever the policy. When every
+    /// healthy backend is full the answer is [`Reject::AllAtCapacity`]; with a queue
+    /// configured, hand the request to [`Balancer::enqueue`] then.
+    pub fn select(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
         let policy = self.config.policy;
-        let key = match policy {
-            Policy::IpHash => meta.affinity_hash(),
-            _ => None,
+        let picked = match policy {
+            Policy::CacheAware => self.pick_cache_aware(now, meta),
+            _ => {
+                let key = match policy {
+                    Policy::IpHash | Policy::ConsistentHash => meta.affinity_hash(),
+                    _ => None,
+                };
+                self.selector.pick(policy, &self.slots, &mut self.rng, key)
+            }
         };
-        match self.selector.pick(policy, &self.slots, &mut self.rng, key) {
+        match picked {
             Some(slot) => {
                 let b = self.slots[slot as usize]
                     .as_mut()
@@ -463,8 +594,14 @@ impl<R: Rng> Balancer<R> {
     }
 
     /// Gives a lease back with how its exchange ended. Frees its slot and feeds passive
-    /// health (only if the backend has not been ejected since the lease was taken).
-    pub fn release(&mut self, now: Instant, mut lease: Lease, outcome: Outcome) {
+    /// health (only if the backend has not been ejected since the lease was taken). If
+    /// requests are queued, the freed slot goes to the oldest ([`Balancer::poll_admission`]).
+    pub fn release(&mut self, now: Instant, lease: Lease, outcome: Outcome) {
+        self.release_inner(now, lease, outcome);
+        self.admit(now);
+    }
+
+    fn release_inner(&mut self, now: Instant, mut lease: Lease, outcome: Outcome) {
         lease.released = true;
         self.outstanding -= 1;
         let id = lease.backend;
@@ -528,19 +665,40 @@ impl<R: Rng> Balancer<R> {
                 });
             }
         }
+        if let Some(table) = self.affinity.as_mut() {
+            let slots = &self.slots;
+            table.sweep(now, self.config.affinity.ttl, |s| ready_owner(slots, s));
+        }
+        let admissions = &mut self.admissions;
+        self.queue
+            .expire(now, |t| admissions.push_back(Admission::Expired(t)));
+        self.admit(now);
         if let (Some(due), Some(every)) = (self.next_status, self.config.status_interval) {
             if due <= now {
                 self.next_status = Some(next_after(due, every, now));
-                let report = StatusReport::new(self.backends().collect());
+                let mut report = StatusReport::new(self.backends().collect());
+                if let Some(total) = self.routing_stats() {
+                    report.routing = Some(total.since(&self.routing_reported));
+                    self.routing_reported = total;
+                }
+                if let Some(total) = self.queue_stats() {
+                    report.queue = Some(total.since(&self.queue.reported));
+                    self.queue.reported = total;
+                }
                 self.events.push_back(Event::Status(report));
             }
         }
     }
 
     /// The next instant [`handle_timeout`](Balancer::handle_timeout) must be called at, or
-    /// `None` when nothing is scheduled.
+    /// `None` when nothing is scheduled. Queue deadlines are included.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next = self.next_status;
+        if let Some(d) = self.queue.next_deadline() {
+            if next.is_none_or(|n| d < n) {
+                next = Some(d);
+            }
+        }
         let mut earliest = |t: Instant| {
             if next.is_none_or(|n| t < n) {
                 next = Some(t);
@@ -573,6 +731,7 @@ impl<R: Rng> Balancer<R> {
                     outcome
                 };
                 self.apply_probe(probe.backend, outcome);
+                self.admit(now);
             }
             _ => {}
         }
@@ -590,7 +749,132 @@ impl<R: Rng> Balancer<R> {
         self.events.pop_front()
     }
 
+    // ------------------------------------------------------------------ admission queue
+
+    /// Puts a request that found every backend full (`select` returned
+    /// [`Reject::AllAtCapacity`]) in the admission queue. Its wait ends with exactly one
+    /// [`Admission`] from [`poll_admission`](Balancer::poll_admission), unless it is
+    /// [cancelled](Balancer::cancel) first: `Admitted` with a lease as soon as a slot
+    /// frees (at once if one is free now), or `Expired` at `now + timeout`.
+    ///
+    /// Refuses with [`Reject::AllAtCapacity`] (429) when the queue is off or full, and
+    /// with [`Reject::NoHealthyBackend`] (503) when no backend is healthy.
+    pub fn enqueue(&mut self, now: Instant, meta: OwnedMeta) -> Result<Ticket, Reject> {
+        let Some(timeout) = self
+            .config
+            .queue
+            .timeout
+            .filter(|_| self.config.queue.enabled())
+        else {
+            return Err(Reject::AllAtCapacity);
+        };
+        if self.selector.ready(&self.slots).is_empty() {
+            return Err(Reject::NoHealthyBackend);
+        }
+        if self.queue.waiting.len() >= self.config.queue.size {
+            self.queue.stats.full += 1;
+            return Err(Reject::AllAtCapacity);
+        }
+        let ticket = self.queue.push(now + timeout, meta);
+        self.admit(now);
+        Ok(ticket)
+    }
+
+    /// The client of a queued request went away: frees its place. If it was already
+    /// admitted but the admission not yet polled, the lease is released (as
+    /// [`Outcome::Cancelled`]) and the admission withdrawn. Returns false when the ticket
+    /// is unknown or its admission was already polled (then the adapter holds the lease
+    /// and releases it itself).
+    pub fn cancel(&mut self, now: Instant, ticket: Ticket) -> bool {
+        if self.queue.remove(ticket).is_some() {
+            self.queue.stats.cancelled += 1;
+            return true;
+        }
+        let Some(i) = self.admissions.iter().position(|a| a.ticket() == ticket) else {
+            return false;
+        };
+        self.queue.stats.cancelled += 1;
+        if let Some(Admission::Admitted(_, lease)) = self.admissions.remove(i) {
+            self.release_inner(now, lease, Outcome::Cancelled);
+            self.admit(now);
+        }
+        true
+    }
+
+    /// The next end of a wait in the queue, if any. Drain it after every input, like
+    /// [`poll_event`](Balancer::poll_event): admissions are produced by `release`,
+    /// `enqueue`, `cancel`, `add_backend`, `probe_result` and `handle_timeout`.
+    pub fn poll_admission(&mut self) -> Option<Admission> {
+        self.admissions.pop_front()
+    }
+
     // ------------------------------------------------------------------ internals
+
+    /// Hands free slots to the queue, oldest first; drops waiters past their deadline.
+    /// Stops at the first waiter no backend can take: then no slot is free for anyone.
+    fn admit(&mut self, now: Instant) {
+        while let Some(w) = self.queue.waiting.pop_front() {
+            if w.deadline <= now {
+                self.queue.stats.expired += 1;
+                self.admissions.push_back(Admission::Expired(w.ticket));
+                continue;
+            }
+            match self.select(now, &w.meta.as_meta()) {
+                Ok(lease) => {
+                    self.queue.stats.admitted += 1;
+                    self.admissions
+                        .push_back(Admission::Admitted(w.ticket, lease));
+                }
+                Err(_) => {
+                    self.queue.waiting.push_front(w);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Cache-aware pick: the longest known prefix's backend unless load says otherwise,
+    /// then the request's chain is re-pointed at the pick.
+    fn pick_cache_aware(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Option<u32> {
+        let units = meta.affinity.map_or(&[][..], RequestKey::units);
+        let ttl = self.config.affinity.ttl;
+        let slots = &self.slots;
+        let table = self.affinity.as_mut()?;
+        if self.selector.ready(slots).is_empty() {
+            return None;
+        }
+        let holder = if units.is_empty() {
+            None
+        } else {
+            table
+                .lookup(now, ttl, units, |s| ready_owner(slots, s))
+                .map(|(_, slot)| slot)
+        };
+        let (slot, route) = self.selector.cache_aware(
+            slots,
+            &mut self.rng,
+            holder,
+            self.config.affinity.overflow_percent,
+        );
+        let slot = slot?;
+        let r = &mut self.routing;
+        r.requests += 1;
+        match route {
+            Route::Warm => r.warm += 1,
+            Route::Cold => r.cold += 1,
+            Route::Overflow => r.overflow += 1,
+        }
+        if units.is_empty() {
+            r.unkeyed += 1;
+        } else {
+            let b = slots[slot as usize]
+                .as_ref()
+                .expect("picked slots are present");
+            let cap = conns(b) as usize * self.config.affinity.entries_per_conn as usize;
+            table.record(now, units, slot, (b.id, b.health.epoch()), cap);
+        }
+        Some(slot)
+    }
 
     fn get(&self, id: BackendId) -> Option<&Backend> {
         self.slots
@@ -629,6 +913,25 @@ impl<R: Rng> Balancer<R> {
         };
         self.events.push_back(event);
         self.selector.invalidate();
+    }
+}
+
+/// The backend in `slot` and its epoch, if it is ready (healthy, not draining): the owner
+/// its affinity entries must match to be live.
+fn ready_owner(slots: &[Option<Backend>], slot: u32) -> Option<Owner> {
+    slots
+        .get(slot as usize)?
+        .as_ref()
+        .filter(|b| b.health.is_healthy() && !b.draining)
+        .map(|b| (b.id, b.health.epoch()))
+}
+
+/// A backend's `max_conns` for the cache-aware guard and table bound.
+pub(crate) fn conns(b: &Backend) -> u32 {
+    if b.max_conns == 0 {
+        UNCAPPED_CONNS
+    } else {
+        b.max_conns
     }
 }
 

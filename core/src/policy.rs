@@ -9,7 +9,9 @@ use std::str::FromStr;
 
 use rand::Rng;
 
+use crate::affinity::Route;
 use crate::backend::Backend;
+use crate::balancer::conns;
 use crate::hash;
 
 /// A balancing policy.
@@ -27,17 +29,28 @@ pub enum Policy {
     IpHash,
     /// Power of two choices: two distinct backends at random, the less loaded wins.
     P2c,
+    /// LLM prefix-cache affinity: the backend that last served the request's longest
+    /// known prompt prefix, unless it is full or too far ahead of the least-loaded one;
+    /// otherwise least connections. See [`crate::affinity`].
+    CacheAware,
+    /// Session affinity: the request's key (a header, the OpenAI `user` field, else the
+    /// client IP) → backend by weighted rendezvous hashing, like [`Policy::IpHash`]: only
+    /// the keys of a backend that leaves move. A key whose backend is full goes to its
+    /// runner-up.
+    ConsistentHash,
 }
 
 impl Policy {
     /// Every policy with its CLI name, in the order the help text lists them.
-    pub const ALL: [Policy; 6] = [
+    pub const ALL: [Policy; 8] = [
         Policy::LeastConn,
         Policy::RoundRobin,
         Policy::WeightedRoundRobin,
         Policy::Random,
         Policy::IpHash,
         Policy::P2c,
+        Policy::CacheAware,
+        Policy::ConsistentHash,
     ];
 
     /// The CLI name.
@@ -49,6 +62,8 @@ impl Policy {
             Policy::Random => "random",
             Policy::IpHash => "ip-hash",
             Policy::P2c => "p2c",
+            Policy::CacheAware => "cache-aware",
+            Policy::ConsistentHash => "consistent-hash",
         }
     }
 
@@ -94,6 +109,8 @@ impl FromStr for Policy {
             "random" => Policy::Random,
             "ip-hash" => Policy::IpHash,
             "p2c" | "random-two-least" => Policy::P2c,
+            "cache-aware" => Policy::CacheAware,
+            "consistent-hash" => Policy::ConsistentHash,
             other => return Err(UnknownPolicy(other.to_string())),
         })
     }
@@ -194,14 +211,46 @@ impl Selector {
             Policy::WeightedRoundRobin => self.smooth_wrr(slots),
             Policy::LeastConn => least_conn(&self.ready, slots, rng),
             Policy::Random => self.random(slots, rng),
-            Policy::IpHash => match key {
+            Policy::IpHash | Policy::ConsistentHash => match key {
                 Some(k) => self
                     .rendezvous(slots, k)
                     .or_else(|| least_conn(&self.ready, slots, rng)),
                 None => least_conn(&self.ready, slots, rng),
             },
             Policy::P2c => self.p2c(slots, rng),
+            // The balancer routes cache-aware requests itself (through `cache_aware`);
+            // a pick without the table is least connections.
+            Policy::CacheAware => least_conn(&self.ready, slots, rng),
         }
+    }
+
+    /// The cache-aware decision, given the backend holding the request's longest known
+    /// prefix (`holder`, a ready slot): the holder if it is below its cap and at most
+    /// `overflow_percent` of its `max_conns` ahead of the least-loaded ready backend
+    /// (warm); least connections otherwise (overflow, or cold without a holder).
+    pub(crate) fn cache_aware<R: Rng>(
+        &mut self,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+        holder: Option<u32>,
+        overflow_percent: u32,
+    ) -> (Option<u32>, Route) {
+        self.refresh(slots);
+        let Some(h) = holder else {
+            return (least_conn(&self.ready, slots, rng), Route::Cold);
+        };
+        let b = backend(slots, h);
+        let min = self
+            .ready
+            .iter()
+            .map(|&s| backend(slots, s).in_flight)
+            .min()
+            .unwrap_or(0);
+        let ahead = u64::from(b.in_flight.saturating_sub(min));
+        if !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b)) {
+            return (Some(h), Route::Warm);
+        }
+        (least_conn(&self.ready, slots, rng), Route::Overflow)
     }
 
     fn round_robin(&mut self, slots: &[Option<Backend>]) -> Option<u32> {
@@ -418,6 +467,12 @@ mod tests {
             assert_eq!(p.name().parse::<Policy>(), Ok(p));
         }
         assert_eq!("random-two-least".parse::<Policy>(), Ok(Policy::P2c));
+        assert_eq!("cache-aware".parse::<Policy>(), Ok(Policy::CacheAware));
+        assert_eq!(
+            "consistent-hash".parse::<Policy>(),
+            Ok(Policy::ConsistentHash)
+        );
+        assert!(Policy::names().contains("cache-aware, consistent-hash"));
         let err = "fastest".parse::<Policy>().unwrap_err().to_string();
         assert!(
             err.contains("fastest") && err.contains("least-conn") && err.contains("p2c"),
