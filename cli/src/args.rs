@@ -203,6 +203,7 @@ impl Cli {
                     passive_threshold: self.passive_threshold,
                 },
                 status_interval: Some(self.status_interval.unwrap_or(self.health_check_interval)),
+                ..Config::default()
             },
             request_timeout: self.timeout,
             connect_timeout: self.connect_timeout,

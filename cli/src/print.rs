@@ -168,6 +168,7 @@ mod tests {
             loads: vec![5, 4, 3],
             elided: 0,
             backends: vec![],
+            ..StatusReport::default()
         };
         assert_eq!(
             lines(&Notice::Core(Event::Status(r.clone())), false),
