@@ -264,3 +264,31 @@ fn sigterm_lets_an_sse_stream_finish() {
         .expect("lb exits after the stream");
     assert!(st.success(), "lb exited with {st}");
 }
+
+#[test]
+fn sigterm_as_soon_as_lb_accepts_exits_0() {
+    // Once lb accepts connections, SIGTERM must mean a graceful exit (0),
+    // not death by the signal: handlers go in before the listener opens.
+    let m = Mock::spawn::<&str>(&[]);
+    let mut lb = Lb::spawn_with(
+        &["--backends", &m.url()],
+        LbOptions {
+            no_wait: true,
+            ..LbOptions::default()
+        },
+    );
+    let port = lb.port;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let up = poll(DEADLINE, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+    });
+    assert!(up.is_some(), "lb never accepted a connection");
+    lb.signal("TERM");
+    let st = lb
+        .wait_exit(Duration::from_secs(10))
+        .expect("lb exits on SIGTERM");
+    assert!(
+        st.success(),
+        "lb accepted a connection, then a SIGTERM made it exit with {st}"
+    );
+}
