@@ -25,6 +25,7 @@ mod connect;
 mod driver;
 mod exchange;
 mod io;
+mod listen;
 mod pool;
 mod shared;
 mod stream;
@@ -32,12 +33,11 @@ mod stream;
 mod tls;
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_executor::Executor;
-use async_io::{Async, Timer};
+use async_io::Timer;
 use async_signal::{Signal, Signals};
 use futures_lite::{future, StreamExt};
 use lb_core::{Notice, NoticeSink, Settings};
@@ -65,7 +65,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let listen = settings.listen;
-    let listener = Async::<TcpListener>::bind(listen).map_err(|e| StartError::Bind(listen, e))?;
+    let listener = listen::bind(listen).map_err(|e| StartError::Bind(listen, e))?;
     let local = listener
         .get_ref()
         .local_addr()

@@ -13,7 +13,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 pub(crate) enum Stream {
     Tcp(Async<TcpStream>),
     #[cfg(feature = "tls")]
-    Tls(std::sync::Mutex<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+    Tls(Box<std::sync::Mutex<futures_rustls::client::TlsStream<Async<TcpStream>>>>),
 }
 
 impl Stream {

@@ -58,7 +58,7 @@ pub(crate) async fn handshake(
 ) -> Result<Stream, String> {
     let name = ServerName::try_from(host.to_string()).map_err(|e| format!("TLS: {e}"))?;
     match connector.connect(name, tcp).await {
-        Ok(s) => Ok(Stream::Tls(std::sync::Mutex::new(s))),
+        Ok(s) => Ok(Stream::Tls(Box::new(std::sync::Mutex::new(s)))),
         Err(e) => Err(format!("TLS handshake failed: {e}")),
     }
 }
