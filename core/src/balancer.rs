@@ -793,10 +793,16 @@ impl<R: Rng> Balancer<R> {
         let Some(i) = self.admissions.iter().position(|a| a.ticket() == ticket) else {
             return false;
         };
+        // Not delivered: counted as cancelled instead.
         self.queue.stats.cancelled += 1;
-        if let Some(Admission::Admitted(_, lease)) = self.admissions.remove(i) {
-            self.release_inner(now, lease, Outcome::Cancelled);
-            self.admit(now);
+        match self.admissions.remove(i) {
+            Some(Admission::Admitted(_, lease)) => {
+                self.queue.stats.admitted -= 1;
+                self.release_inner(now, lease, Outcome::Cancelled);
+                self.admit(now);
+            }
+            Some(Admission::Expired(_)) => self.queue.stats.expired -= 1,
+            None => {}
         }
         true
     }

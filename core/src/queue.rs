@@ -154,7 +154,8 @@ pub struct QueueStats {
     pub expired: u64,
     /// Requests refused because the queue was full (429).
     pub full: u64,
-    /// Waiters whose client left.
+    /// Waiters whose client left (before their admission was polled).
+    /// `enqueued = admitted + expired + cancelled` once nobody waits.
     pub cancelled: u64,
 }
 

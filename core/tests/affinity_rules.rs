@@ -444,7 +444,9 @@ fn validate_wants_a_connection_limit() {
         .validate(&[capped.clone(), uncapped.clone()])
         .unwrap_err();
     assert!(err.to_string().contains("--max-conns"), "{err}");
-    assert!(Config::default().validate(&[uncapped.clone()]).is_ok());
+    assert!(Config::default()
+        .validate(std::slice::from_ref(&uncapped))
+        .is_ok());
     let mut bad = cfg.clone();
     bad.affinity.entries_per_conn = 0;
     assert!(bad.validate(std::slice::from_ref(&capped)).is_err());
