@@ -305,6 +305,7 @@ pub fn run(data: &[u8]) {
             passive_threshold: u32::from(setup.passive_threshold % 4),
         },
         status_interval: setup.status_ms.map(ms),
+        ..Config::default()
     };
     let t0 = Instant::now();
     let mut s = State {
