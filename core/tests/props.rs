@@ -13,7 +13,8 @@
 //! - in-flight counts equal the leases outstanding, per backend and in total;
 //! - a pick is always eligible (healthy, not draining, below its cap), and obeys its
 //!   policy where that is observable (least-conn: a minimum of `in_flight / weight`;
-//!   p2c: never the unique most loaded; ip-hash: stable while the eligible set is);
+//!   p2c: never the unique most loaded; ip-hash and consistent-hash: stable while the
+//!   eligible set is; cache-aware: least-loaded, or a holder within its load guard);
 //! - `poll_timeout()` equals the model's next deadline, and after `handle_timeout(t)` it
 //!   is `None` or later than `t`.
 //!
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use lb_core::{
     Action, BackendError, BackendId, BackendSpec, Balancer, Cause, Config, ErrorKind, Event,
     Health, HealthConfig, HealthState, Lease, Outcome, Policy, PoolError, ProbeId, ProbeOutcome,
-    Reject, RequestMeta, MAX_WEIGHT,
+    Reject, RequestKey, RequestMeta, MAX_WEIGHT,
 };
 use proptest::prelude::*;
 use rand::{rngs::SmallRng, SeedableRng};
@@ -353,6 +354,7 @@ impl Harness {
                 passive_threshold,
             },
             status_interval: Some(ms(STATUS)),
+            ..Config::default()
         };
         Harness {
             t0,
@@ -500,13 +502,18 @@ impl Harness {
     fn select(&mut self, key: Option<u8>) {
         let now = self.now();
         let kb = key.map(|k| [k]);
-        let meta = match (key, &kb) {
+        // Cache-aware keys: chains sharing their first unit by sixteens.
+        let rk = key.map(|k| RequestKey::Prefix(vec![u64::from(k / 16), u64::from(k)]));
+        let mut meta = match (key, &kb) {
             (Some(k), _) if k % 2 == 0 => {
                 RequestMeta::from_ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, k)))
             }
             (Some(_), Some(b)) => RequestMeta::default().with_key(b),
             _ => RequestMeta::default(),
         };
+        if let Some(rk) = &rk {
+            meta = meta.with_affinity(rk);
+        }
         let ready: Vec<&MBackend> = self.model.backends.values().filter(|b| b.ready()).collect();
         let eligible: Vec<&MBackend> = ready.iter().copied().filter(|b| !b.capped()).collect();
         let policy = self.bal.config().policy;
@@ -526,8 +533,10 @@ impl Harness {
                 assert!(b.eligible(), "picked an ineligible backend: {b:?}");
                 match policy {
                     Policy::LeastConn => assert_min_load(b, &eligible),
-                    Policy::IpHash if key.is_none() => assert_min_load(b, &eligible),
-                    Policy::IpHash => {
+                    Policy::IpHash | Policy::ConsistentHash if key.is_none() => {
+                        assert_min_load(b, &eligible)
+                    }
+                    Policy::IpHash | Policy::ConsistentHash => {
                         let set: Vec<BackendId> = eligible.iter().map(|b| b.id).collect();
                         let k = key.unwrap();
                         if let Some((prev_set, prev)) = self.affinity.get(&k) {
@@ -546,6 +555,19 @@ impl Harness {
                                 .any(|o| o.id != id && load_le(b.load(), o.load())),
                             "p2c picked the unique most loaded backend {b:?} of {eligible:?}"
                         );
+                    }
+                    Policy::CacheAware => {
+                        // Least connections, or a warm holder within the load guard:
+                        // at most overflow_percent of its cap ahead of the least-loaded
+                        // ready backend.
+                        let least = eligible.iter().all(|o| load_le(b.load(), o.load()));
+                        let min = ready.iter().map(|o| o.in_flight).min().unwrap();
+                        let conns = if b.max_conns == 0 { 64 } else { b.max_conns };
+                        let pct = self.bal.config().affinity.overflow_percent;
+                        let within = (b.in_flight - min) * 100 <= pct * conns;
+                        assert!(least || within, "cache-aware pick {b:?} of {ready:?}");
+                        let r = self.bal.routing_stats().unwrap();
+                        assert_eq!(r.warm + r.cold + r.overflow, r.requests);
                     }
                     _ => {}
                 }
@@ -736,6 +758,7 @@ fn pool(
             ..HealthConfig::default()
         },
         status_interval: None,
+        ..Config::default()
     };
     let mut bal = Balancer::new(config, SmallRng::seed_from_u64(seed), t0);
     let ids: Vec<BackendId> = weights
@@ -901,17 +924,18 @@ proptest! {
         }
     }
 
-    /// Weighted rendezvous hashing: stable for an unchanged set; when one backend leaves
+    /// Weighted rendezvous hashing (ip-hash, consistent-hash): stable for an unchanged set; when one backend leaves
     /// (removed, drained or ejected) only its keys move; when it comes back they return.
     #[test]
     fn ip_hash_moves_only_the_departed_backends_keys(
+        policy in prop_oneof![Just(Policy::IpHash), Just(Policy::ConsistentHash)],
         weights in proptest::collection::vec(1u32..=5, 2..8),
         leave in any::<usize>(),
         how in 0u8..3,
     ) {
         let n = weights.len();
         let healthy = vec![true; n];
-        let (mut bal, mut now, ids) = pool(Policy::IpHash, &weights, &healthy, 0);
+        let (mut bal, mut now, ids) = pool(policy, &weights, &healthy, 0);
         let keys: Vec<[u8; 2]> = (0u16..400).map(|k| k.to_le_bytes()).collect();
         let map = |bal: &mut Balancer, now| -> Vec<BackendId> {
             keys.iter().map(|k| pick(bal, now, &RequestMeta::default().with_key(k))).collect()
@@ -977,6 +1001,7 @@ proptest! {
             policy: Policy::RoundRobin,
             health: HealthConfig { passive_threshold: threshold, fall: 1, ..HealthConfig::default() },
             status_interval: None,
+            ..Config::default()
         };
         let mut bal = Balancer::new(config, SmallRng::seed_from_u64(1), t0);
         let id = bal.add_backend(t0, BackendSpec::new("http://a")).unwrap();
@@ -1015,6 +1040,7 @@ proptest! {
             policy: Policy::RoundRobin,
             health: HealthConfig { fall, rise, passive_threshold: 0, ..HealthConfig::default() },
             status_interval: None,
+            ..Config::default()
         };
         let mut bal = Balancer::new(config, SmallRng::seed_from_u64(1), t0);
         let id = bal.add_backend(t0, BackendSpec::new("http://a")).unwrap();
@@ -1115,6 +1141,7 @@ proptest! {
                 ..HealthConfig::default()
             },
             status_interval: status_us.map(us),
+            ..Config::default()
         };
         let mut bal = Balancer::new(config, SmallRng::seed_from_u64(3), t0);
         let mut now = t0;
