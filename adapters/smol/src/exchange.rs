@@ -31,7 +31,7 @@ use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{
-    head_read_size, may_end_head, read_more, send, splice, watch, write_counted, CHUNK,
+    head_read_size, may_end_head, read_more, send, splice, watch, write_counted, Budget, ReadSize,
 };
 use crate::shared::{LeaseGuard, Shared, Upstream};
 use crate::stream::Stream;
@@ -405,11 +405,13 @@ async fn upload(
     mut framer: BodyFramer,
     done: &AtomicBool,
 ) -> UpEnd {
+    let mut size = ReadSize::new();
+    let mut budget = Budget::new();
     while !framer.is_done() {
         if cbuf.is_empty() {
-            match read_more(client, cbuf, CHUNK).await {
+            match read_more(client, cbuf, size.get()).await {
                 Ok(0) | Err(_) => return UpEnd::ClientGone,
-                Ok(_) => {}
+                Ok(n) => size.record(n),
             }
         }
         let p = match framer.push(cbuf) {
@@ -421,6 +423,7 @@ async fn upload(
             return UpEnd::BackendWrite(e);
         }
         cbuf.drain(..p.consumed);
+        budget.spend(p.consumed).await;
     }
     done.store(true, Ordering::Release);
     watch(client, cbuf, WATCH_CAP).await;
@@ -489,15 +492,17 @@ async fn download(
         return DownEnd::ClientGone;
     }
     drop(out);
+    let mut size = ReadSize::new();
+    let mut budget = Budget::new();
     while !framer.is_done() {
-        match read_more(conn, bbuf, CHUNK).await {
+        match read_more(conn, bbuf, size.get()).await {
             Ok(0) => {
                 return match framer.finish() {
                     Ok(()) => DownEnd::Done, // close-delimited: complete at EOF
                     Err(e) => DownEnd::Backend(ErrorKind::Io, e.to_string()),
                 };
             }
-            Ok(_) => {}
+            Ok(n) => size.record(n),
             Err(e) => return DownEnd::Backend(ErrorKind::Io, describe(&e)),
         }
         let p = match framer.push(bbuf) {
@@ -510,6 +515,7 @@ async fn download(
             return DownEnd::ClientGone;
         }
         bbuf.drain(..p.consumed);
+        budget.spend(p.consumed).await;
     }
     DownEnd::Done
 }

@@ -13,12 +13,34 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::stream::Stream;
 
-/// Bytes moved per read while streaming a body or a tunnel: the most buffered per
+/// Most bytes moved per read while streaming a body or a tunnel: the most buffered per
 /// direction, whatever the size of the body.
 pub(crate) const CHUNK: usize = 32 * 1024;
 
-/// First read size for a head; doubled while the head grows, up to the head limit.
-const HEAD_READ: usize = 4 * 1024;
+/// First read size for a head, and for a body; doubled while reads fill it.
+const FIRST_READ: usize = 2 * 1024;
+
+/// The read size for a stream of body bytes: small for small messages and server-sent
+/// events (a thousand open streams stay cheap), doubling up to [`CHUNK`] while reads fill
+/// it (bulk transfers).
+pub(crate) struct ReadSize(usize);
+
+impl ReadSize {
+    pub(crate) fn new() -> Self {
+        ReadSize(FIRST_READ)
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.0
+    }
+
+    /// Records that a read of `self.get()` bytes returned `n`.
+    pub(crate) fn record(&mut self, n: usize) {
+        if n == self.0 {
+            self.0 = (self.0 * 2).min(CHUNK);
+        }
+    }
+}
 
 /// Reads once from `r`, appending at most `max` bytes to `buf`; returns how many (0 at
 /// end of stream). Cancel-safe: `buf` only ever holds bytes that were actually read.
@@ -40,11 +62,34 @@ where
     .await
 }
 
+/// Lets other tasks run now and then during a long transfer: the executor does not
+/// preempt, and a socket that is always ready would otherwise keep one task running (and
+/// `/health` waiting) for a whole 100 MiB body.
+pub(crate) struct Budget(usize);
+
+impl Budget {
+    /// Bytes moved between two yields.
+    const BYTES: usize = 256 * 1024;
+
+    pub(crate) fn new() -> Self {
+        Budget(0)
+    }
+
+    /// Counts `n` bytes moved; yields once the budget is spent.
+    pub(crate) async fn spend(&mut self, n: usize) {
+        self.0 += n;
+        if self.0 >= Self::BYTES {
+            self.0 = 0;
+            future::yield_now().await;
+        }
+    }
+}
+
 /// How much to read next while a head of `held` bytes is incomplete, given the limit:
 /// small at first (most heads are small), growing with the head, at least one byte past
 /// the limit so that an oversized head is detected.
 pub(crate) fn head_read_size(held: usize, limit: usize) -> usize {
-    held.max(HEAD_READ)
+    held.max(FIRST_READ)
         .min(limit.saturating_sub(held) + 1)
         .max(1)
 }
@@ -102,9 +147,14 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::new();
+    let mut size = ReadSize::new();
+    let mut budget = Budget::new();
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = read_more(&mut from, &mut buf, size.get()).await?;
+        size.record(n);
+        budget.spend(n).await;
         if n == 0 {
             return to.close().await;
         }
