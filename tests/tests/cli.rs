@@ -23,6 +23,17 @@ fn refused(args: &[&str], needles: &[&str]) {
         "lb {args:?} exited with {} and an empty stderr",
         out.status
     );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "lb {args:?}: the error should be one line, got: {:?}",
+        out.stderr
+    );
     for n in needles {
         assert!(
             err.contains(&n.to_lowercase()),
@@ -192,6 +203,12 @@ fn refuses_negative_numbers() {
         ],
         &[],
     );
+}
+
+#[test]
+fn refuses_unknown_flags() {
+    let b = some_backend();
+    refused(&["--backends", &b, "--no-such-flag"], &["no-such-flag"]);
 }
 
 #[test]
