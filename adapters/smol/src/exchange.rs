@@ -104,6 +104,8 @@ pub(crate) async fn forward(
         Err(_) => return ctx.reject(client, guard, ProxyError::BadRequest).await,
     };
     head.extend_from_slice(&cbuf[..early]);
+    cbuf.drain(..early);
+    let body_read = framer.is_done();
 
     // Phase 0: a connection with the head on it.
     enum P0 {
@@ -135,16 +137,15 @@ pub(crate) async fn forward(
         P0::Sent(conn) => conn,
         P0::Failed(kind, msg) => {
             return ctx
-                .fail(client, guard, ProxyError::BadGateway, kind, msg, false)
+                .fail(client, guard, ProxyError::BadGateway, kind, msg, body_read)
                 .await
         }
         P0::ClientGone => return After::Gone,
-        P0::Timeout => return ctx.timeout(client, guard, false).await,
+        P0::Timeout => return ctx.timeout(client, guard, body_read).await,
     };
     drop(head);
-    cbuf.drain(..early);
 
-    let req_done = AtomicBool::new(framer.is_done());
+    let req_done = AtomicBool::new(body_read);
     let mut bbuf = Vec::new();
     let mut up_failed: Option<std::io::Error> = None;
 

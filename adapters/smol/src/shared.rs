@@ -45,8 +45,8 @@ impl fmt::Display for StartError {
             StartError::Tls(e) => write!(f, "TLS setup failed (--backend-ca): {e}"),
             StartError::NoTls(url) => write!(
                 f,
-                "--backends: {url}: https:// backends are not supported by this build \
-                 (lb-smol without its `tls` feature); use http:// or the default (tokio) build"
+                "--backends: {url}: this smol build of lb has no TLS for https:// backends \
+                 (build it with `--features smol,lb-smol/tls`, or use the default tokio build)"
             ),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
