@@ -11,20 +11,25 @@
 //!   ejection only, agree with the backend's view, and have a cause that can cause them
 //!   (a 4xx, 429, cancellation or passing probe never ejects; only a passing probe
 //!   restores);
+//! - the admission queue (when the setup turns it on): each ticket ends exactly once
+//!   (admitted, expired, or cancelled while it could still be), admissions are FIFO, no
+//!   wait expires before its deadline nor outlives it past a `handle_timeout`, queue
+//!   deadlines are in `poll_timeout()`, and nobody waits while a backend is eligible;
+//! - cache-aware routing counts every pick as warm, cold or overflow;
 //! - at the end every lease is released, so the debug drop-bomb never fires.
 //!
 //! Shared by the cargo-fuzz target and by `core/tests/fuzz_corpus.rs`, which replays the
 //! corpus on stable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use lb_core::{
-    Action, BackendError, BackendId, BackendSpec, BackendView, Balancer, Cause, Config, ErrorKind,
-    Event, HealthConfig, HealthState, Lease, Outcome, Policy, ProbeId, ProbeOutcome, Reject,
-    RequestMeta,
+    Action, Admission, AffinityConfig, BackendError, BackendId, BackendSpec, BackendView, Balancer,
+    Cause, Config, ErrorKind, Event, HealthConfig, HealthState, Lease, Outcome, OwnedMeta, Policy,
+    ProbeId, ProbeOutcome, QueueConfig, Reject, RequestKey, RequestMeta, Ticket, MIN_TICK,
 };
 use rand::{rngs::SmallRng, SeedableRng};
 
@@ -38,19 +43,41 @@ struct Setup {
     fall: u8,
     rise: u8,
     passive_threshold: u8,
+    queue_timeout_ms: Option<u8>,
+    queue_size: u8,
+    overflow_percent: u8,
 }
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Add { url: u8, weight: u16, max_conns: u8 },
+    Add {
+        url: u8,
+        weight: u16,
+        max_conns: u8,
+    },
     Remove(u8),
     Drain(u8),
     Select(Option<u8>),
-    Release { lease: u8, outcome: u8 },
-    Probe { probe: u8, outcome: u8 },
+    Release {
+        lease: u8,
+        outcome: u8,
+    },
+    Probe {
+        probe: u8,
+        outcome: u8,
+    },
     Advance(u8),
     Tick,
     FireDue,
+    Enqueue(Option<u8>),
+    Cancel(u8),
+    /// A release (which may admit a waiter), then a cancel before the admissions are
+    /// polled: the admission is withdrawn.
+    ReleaseThenCancel {
+        lease: u8,
+        outcome: u8,
+        ticket: u8,
+    },
 }
 
 fn outcome(k: u8) -> Outcome {
@@ -110,6 +137,27 @@ struct State {
     probes: Vec<ProbeId>,
     /// Last known (healthy, epoch) per backend in the pool.
     health: HashMap<BackendId, (bool, u64)>,
+    /// Every ticket issued.
+    tickets: Vec<Ticket>,
+    /// Tickets still waiting, with their deadlines.
+    waiting: BTreeMap<Ticket, Instant>,
+    last_admitted: Option<Ticket>,
+}
+
+/// A request's meta for key `k`: an address or a hashing key, and a cache-aware chain.
+fn owned_meta(key: Option<u8>) -> OwnedMeta {
+    let Some(k) = key else {
+        return OwnedMeta::default();
+    };
+    OwnedMeta {
+        client_ip: (k % 2 == 0).then(|| IpAddr::V4(Ipv4Addr::new(10, 0, k, 1))),
+        key: (k % 2 == 1).then(|| vec![k]),
+        affinity: Some(match k % 3 {
+            0 => RequestKey::User(u64::from(k)),
+            1 => RequestKey::Prefix(vec![u64::from(k / 32), u64::from(k / 8), u64::from(k)]),
+            _ => RequestKey::None,
+        }),
+    }
 }
 
 impl State {
@@ -161,6 +209,19 @@ impl State {
                 }
             }
             Op::Advance(ms) => self.now += Duration::from_millis(u64::from(ms)),
+            Op::Enqueue(key) => self.enqueue(key),
+            Op::Cancel(i) => self.cancel(i),
+            Op::ReleaseThenCancel {
+                lease,
+                outcome: k,
+                ticket,
+            } => {
+                if !self.held.is_empty() {
+                    let l = self.held.swap_remove(usize::from(lease) % self.held.len());
+                    self.bal.release(now, l, outcome(k));
+                }
+                self.cancel(ticket);
+            }
             Op::Tick => self.tick(),
             Op::FireDue => {
                 if let Some(t) = self.bal.poll_timeout() {
@@ -176,14 +237,8 @@ impl State {
         let before: Vec<BackendView> = self.bal.backends().collect();
         let ready = || before.iter().filter(|v| v.healthy && !v.draining);
         let below_cap = |v: &&BackendView| v.max_conns == 0 || v.in_flight < v.max_conns;
-        let kb = key.map(|k| [k]);
-        let meta = match (key, &kb) {
-            (Some(k), _) if k % 2 == 0 => {
-                RequestMeta::from_ip(IpAddr::V4(Ipv4Addr::new(10, 0, k, 1)))
-            }
-            (Some(_), Some(b)) => RequestMeta::default().with_key(b),
-            _ => RequestMeta::default(),
-        };
+        let owned = owned_meta(key);
+        let meta: RequestMeta<'_> = owned.as_meta();
         match self.bal.select(self.now, &meta) {
             Ok(lease) => {
                 let id = lease.backend();
@@ -200,6 +255,33 @@ impl State {
                 assert!(ready().count() > 0);
                 assert_eq!(ready().filter(below_cap).count(), 0);
             }
+        }
+    }
+
+    fn enqueue(&mut self, key: Option<u8>) {
+        let q = self.bal.config().queue.clone();
+        let ready = self.bal.backends().any(|v| v.healthy && !v.draining);
+        let queued = self.bal.queued();
+        let got = self.bal.enqueue(self.now, owned_meta(key));
+        if q.timeout.is_none() || q.size == 0 {
+            assert_eq!(got, Err(Reject::AllAtCapacity), "queue off");
+        } else if !ready {
+            assert_eq!(got, Err(Reject::NoHealthyBackend));
+        } else if queued >= q.size {
+            assert_eq!(got, Err(Reject::AllAtCapacity), "queue full");
+        } else {
+            let t = got.expect("a request may queue");
+            assert!(!self.tickets.contains(&t), "ticket {t} reused");
+            self.tickets.push(t);
+            let deadline = self.now + q.timeout.unwrap().max(MIN_TICK);
+            self.waiting.insert(t, deadline);
+        }
+    }
+
+    fn cancel(&mut self, i: u8) {
+        if let Some(&t) = pick(&self.tickets, i) {
+            let waiting = self.waiting.remove(&t).is_some();
+            assert_eq!(self.bal.cancel(self.now, t), waiting, "cancel {t}");
         }
     }
 
@@ -220,10 +302,50 @@ impl State {
         if let Some(t) = self.bal.poll_timeout() {
             assert!(t > now, "poll_timeout() is not after handle_timeout(now)");
         }
+        self.admissions();
+        for (t, deadline) in &self.waiting {
+            assert!(*deadline > now, "{t} still waits past its deadline");
+        }
+    }
+
+    /// Drains the admissions: each ends a waiting ticket, admitted ones in FIFO order.
+    fn admissions(&mut self) {
+        while let Some(a) = self.bal.poll_admission() {
+            let t = a.ticket();
+            let deadline = self.waiting.remove(&t);
+            let deadline = deadline.unwrap_or_else(|| panic!("{t} ended twice or unknown"));
+            match a {
+                Admission::Admitted(t, lease) => {
+                    self.held.push(lease);
+                    assert!(self.last_admitted < Some(t), "admitted {t} out of order");
+                    self.last_admitted = Some(t);
+                }
+                Admission::Expired(t) => {
+                    assert!(deadline <= self.now, "{t} expired before its deadline");
+                }
+            }
+        }
     }
 
     fn check(&mut self) {
         assert_eq!(self.bal.poll_action(), None);
+        self.admissions();
+        assert_eq!(self.bal.queued(), self.waiting.len());
+        if let Some(first) = self.waiting.values().min() {
+            let t = self
+                .bal
+                .poll_timeout()
+                .expect("a queue deadline is pending");
+            assert!(t <= *first, "poll_timeout() after a queue deadline");
+            // Nobody waits while a slot is free: a waiter would have taken it.
+            let free = self.bal.backends().any(|v| {
+                v.healthy && !v.draining && (v.max_conns == 0 || v.in_flight < v.max_conns)
+            });
+            assert!(!free, "requests wait while a backend has a free slot");
+        }
+        if let Some(r) = self.bal.routing_stats() {
+            assert_eq!(r.warm + r.cold + r.overflow, r.requests);
+        }
         while let Some(e) = self.bal.poll_event() {
             match e {
                 Event::Health {
@@ -305,7 +427,14 @@ pub fn run(data: &[u8]) {
             passive_threshold: u32::from(setup.passive_threshold % 4),
         },
         status_interval: setup.status_ms.map(ms),
-        ..Config::default()
+        affinity: AffinityConfig {
+            overflow_percent: u32::from(setup.overflow_percent % 101),
+            ..AffinityConfig::default()
+        },
+        queue: QueueConfig {
+            timeout: setup.queue_timeout_ms.map(ms),
+            size: usize::from(setup.queue_size % 5),
+        },
     };
     let t0 = Instant::now();
     let mut s = State {
@@ -316,6 +445,9 @@ pub fn run(data: &[u8]) {
         known: Vec::new(),
         probes: Vec::new(),
         health: HashMap::new(),
+        tickets: Vec::new(),
+        waiting: BTreeMap::new(),
+        last_admitted: None,
     };
     while let Ok(op) = Op::arbitrary(&mut u) {
         s.step(op);
@@ -323,11 +455,17 @@ pub fn run(data: &[u8]) {
             break;
         }
     }
+    // Every waiter leaves, then every lease goes back.
+    let now = s.now;
+    for t in std::mem::take(&mut s.waiting).into_keys() {
+        assert!(s.bal.cancel(now, t), "cancel {t}");
+    }
     while let Some(l) = s.held.pop() {
-        let now = s.now;
         s.bal.release(now, l, Outcome::Cancelled);
         s.check();
     }
+    assert_eq!(s.bal.queued(), 0);
+    assert_eq!(s.bal.poll_admission(), None);
     assert_eq!(s.bal.outstanding(), 0);
     assert!(s.bal.backends().all(|v| v.in_flight == 0));
     assert!(s.now >= s.t0);
