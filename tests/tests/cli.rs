@@ -442,7 +442,10 @@ fn every_routing_policy_serves_traffic() {
         lb.wait_healthy(2);
         let by_port = concurrent_completions(lb.port, 6);
         assert_eq!(by_port.values().sum::<usize>(), 6, "{policy}");
-        if policy != "ip-hash" {
+        // ip-hash pins one client to one backend, and random may pick the
+        // same one six times in a row (1 in 32); the others spread overlapping
+        // requests (random_reaches_every_backend checks random apart).
+        if policy != "ip-hash" && policy != "random" {
             assert_eq!(
                 by_port.len(),
                 2,
