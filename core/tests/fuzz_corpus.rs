@@ -10,6 +10,12 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 
 #[path = "../../fuzz/harness/health.rs"]
 mod health;
+#[path = "../../fuzz/harness/http1_chunked.rs"]
+mod http1_chunked;
+#[path = "../../fuzz/harness/http1_request.rs"]
+mod http1_request;
+#[path = "../../fuzz/harness/http1_response.rs"]
+mod http1_response;
 #[path = "../../fuzz/harness/pool_ops.rs"]
 mod pool_ops;
 
@@ -56,4 +62,19 @@ fn pool_ops_corpus() {
 #[test]
 fn health_corpus() {
     replay("health", health::run, 2000);
+}
+
+#[test]
+fn http1_request_corpus() {
+    replay("http1_request", http1_request::run, 2000);
+}
+
+#[test]
+fn http1_response_corpus() {
+    replay("http1_response", http1_response::run, 2000);
+}
+
+#[test]
+fn http1_chunked_corpus() {
+    replay("http1_chunked", http1_chunked::run, 2000);
 }

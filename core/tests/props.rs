@@ -1224,3 +1224,29 @@ fn queue_counts_survive_a_cancel_after_a_status_report() {
     );
     bal.release(t0 + ms(20), lease, Outcome::Response(200));
 }
+
+/// The timer rule holds across a very long jump of time (an adapter stalled for days
+/// with the shortest interval): `poll_timeout()` is still after `now`.
+#[test]
+#[ignore = "bug: next_after (core/src/balancer.rs) saturates its step count at u32::MAX, \
+            so after a jump of more than 2^32 intervals the next deadline is in the past"]
+fn poll_timeout_is_after_a_jump_of_sixty_days() {
+    let t0 = Instant::now();
+    let config = Config {
+        health: HealthConfig {
+            interval: Duration::ZERO, // raised to MIN_TICK
+            ..HealthConfig::default()
+        },
+        status_interval: Some(Duration::ZERO),
+        ..Config::default()
+    };
+    let mut bal = Balancer::new(config, SmallRng::seed_from_u64(1), t0);
+    bal.add_backend(t0, BackendSpec::new("http://a")).unwrap();
+    bal.handle_timeout(t0);
+    let later = t0 + Duration::from_secs(60 * 24 * 3600);
+    bal.handle_timeout(later);
+    while bal.poll_action().is_some() {}
+    while bal.poll_event().is_some() {}
+    let next = bal.poll_timeout().unwrap();
+    assert!(next > later, "poll_timeout {:?} before now", later - next);
+}
