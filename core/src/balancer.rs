@@ -947,11 +947,12 @@ fn next_after(from: Instant, every: Duration, now: Instant) -> Instant {
     if next > now {
         return next;
     }
-    // Late by more than one period (the adapter was stalled): skip the missed ticks
-    // rather than firing them back to back.
-    let behind = now.duration_since(from).as_nanos() / every.as_nanos();
-    let steps = u32::try_from(behind + 1).unwrap_or(u32::MAX);
-    from + every * steps
+    // Late by more than one period (the adapter was stalled): skip the missed ticks rather
+    // than firing them back to back. Remainder arithmetic in nanoseconds, so no step count
+    // can saturate however long the stall.
+    let every_ns = every.as_nanos().max(1);
+    let late_ns = now.duration_since(from).as_nanos() % every_ns;
+    now + Duration::from_nanos(u64::try_from(every_ns - late_ns).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
