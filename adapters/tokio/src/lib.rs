@@ -40,6 +40,9 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
     // Binding registers a socket with a reactor, so it happens in the main runtime's
     // context; `into_std` hands each shard a plain socket to register with its own.
     let entered = rt.enter();
+    // Signal handlers go in before any socket opens: a SIGTERM that arrives once lb accepts
+    // connections must always mean a graceful stop, never the default kill.
+    let signals = Signals::install().map_err(StartError::Runtime)?;
     let mut listeners = Vec::with_capacity(shards);
     for _ in 0..shards {
         listeners.push(
@@ -75,7 +78,7 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         tokio::spawn(driver::drive(shared.clone()));
         let own = tokio::spawn(shard(shared.clone(), first, stop_rx));
         log(Notice::Listening(local));
-        shutdown_signal().await;
+        signals.recv().await;
         shared.begin_shutdown();
         log(Notice::ShuttingDown {
             in_flight: shared.in_flight(),
@@ -183,17 +186,25 @@ async fn accept_error(e: &io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, registered eagerly.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
