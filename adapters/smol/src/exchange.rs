@@ -2,14 +2,15 @@
 //! back, or a tunnel after `101`. Every byte is framed by `lb_core::http1`; the lease goes
 //! back to the core with the outcome however the exchange ends.
 //!
-//! Phases, each raced against the request deadline:
+//! Phases 0 to 2 are raced against the request deadline (`--timeout`); a tunnel is not:
 //!
 //! 0. a connection (pooled, else new) and the request head written to it, while watching
 //!    the client (a client that leaves cancels);
 //! 1. the response head read (interim `1xx` heads forwarded), while the request body goes
 //!    up and, once it is complete, the client is watched again;
 //! 2. the response head and body sent down, chunk by chunk as they arrive;
-//! 3. after `101`: both connections spliced until either closes.
+//! 3. after `101`: both connections spliced until both directions end (or shutdown's
+//!    deadline).
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
@@ -22,50 +23,19 @@ use std::time::Instant;
 use async_io::Timer;
 use futures_lite::future;
 use lb_core::http1::{
-    self, rewrite_request, rewrite_response, BodyFramer, BodyKind, Forwarding, RequestHead,
-    ResponseHead, ResponsePlan, Status,
+    rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
 use lb_core::reply::{self, ProxyError};
 use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
 
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
-use crate::io::{
-    head_read_size, may_end_head, read_more, send, splice, watch, write_counted, Budget, ReadSize,
+use crate::io::{send, splice, watch};
+use crate::pump::{
+    download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
 };
-use crate::shared::{LeaseGuard, Shared, Upstream};
+use crate::shared::{LeaseGuard, Shared};
 use crate::stream::Stream;
-
-/// Most bytes kept from a client while it waits for its response (a pipelined request,
-/// early tunnel bytes); past this the client is not read until the response is done.
-const WATCH_CAP: usize = 64 * 1024;
-
-/// How the client → backend direction ended.
-enum UpEnd {
-    /// The client closed or reset its connection.
-    ClientGone,
-    /// The client's request body is malformed (bad chunked framing).
-    BadBody,
-    /// Writing to the backend failed: not fatal by itself, the backend may have answered.
-    BackendWrite(std::io::Error),
-}
-
-/// Why no response head could be read.
-enum HeadFail {
-    /// The backend closed or failed before a complete head.
-    Io(String),
-    /// The head is not valid HTTP, or a `101` nobody asked for.
-    Invalid(http1::Error),
-    /// Forwarding an interim head to the client failed.
-    ClientGone,
-}
-
-/// How streaming the response body ended.
-enum DownEnd {
-    Done,
-    ClientGone,
-    Backend(ErrorKind, String),
-}
 
 /// Forwards `req` to the lease's backend and its response to the client; says whether
 /// the client connection carries on. `cbuf` holds the bytes read from the client after
@@ -343,182 +313,6 @@ pub(crate) async fn forward(
     let _ = result;
     guard.finish(Outcome::Response(status));
     After::Gone
-}
-
-/// Polls the upload unless it already ended; a non-fatal end (a failed backend write) is
-/// kept in `failed`, a fatal one returned.
-fn poll_upload<F>(
-    upload: Pin<&mut F>,
-    failed: &mut Option<std::io::Error>,
-    cx: &mut std::task::Context<'_>,
-) -> Option<UpEnd>
-where
-    F: Future<Output = UpEnd>,
-{
-    if failed.is_some() {
-        return None;
-    }
-    match upload.poll(cx) {
-        Poll::Ready(UpEnd::BackendWrite(e)) => {
-            *failed = Some(e);
-            None
-        }
-        Poll::Ready(end) => Some(end),
-        Poll::Pending => None,
-    }
-}
-
-/// Writes the head on a pooled connection, or a new one. A pooled connection that fails
-/// before any byte of the head reached it is replaced once by a new connection: the
-/// backend never saw the request, so sending it again is safe.
-async fn send_head(
-    shared: &Shared,
-    id: BackendId,
-    up: &Upstream,
-    head: &[u8],
-) -> Result<Stream, (ErrorKind, String)> {
-    if let Some(conn) = shared.pool.take(id) {
-        let mut written = 0;
-        match write_counted(&conn, head, &mut written).await {
-            Ok(()) => return Ok(conn),
-            Err(e) if written > 0 => return Err((ErrorKind::Io, describe(&e))),
-            Err(_) => {}
-        }
-    }
-    let connect = future::or(shared.connector.connect(up), async {
-        Timer::after(shared.settings.connect_timeout).await;
-        Err(describe(&std::io::ErrorKind::TimedOut.into()))
-    });
-    let conn = connect.await.map_err(|m| (ErrorKind::Connect, m))?;
-    let mut written = 0;
-    match write_counted(&conn, head, &mut written).await {
-        Ok(()) => Ok(conn),
-        Err(e) => Err((ErrorKind::Io, describe(&e))),
-    }
-}
-
-/// Client → backend: the rest of the request body as it arrives, then (the body complete,
-/// `done` set) watching the client, so that one that leaves cancels the exchange.
-async fn upload(
-    client: &Stream,
-    cbuf: &mut Vec<u8>,
-    conn: &Stream,
-    mut framer: BodyFramer,
-    done: &AtomicBool,
-) -> UpEnd {
-    let mut size = ReadSize::new();
-    let mut budget = Budget::new();
-    while !framer.is_done() {
-        if cbuf.is_empty() {
-            match read_more(client, cbuf, size.get()).await {
-                Ok(0) | Err(_) => return UpEnd::ClientGone,
-                Ok(n) => size.record(n),
-            }
-        }
-        let p = match framer.push(cbuf) {
-            Ok(p) => p,
-            Err(_) => return UpEnd::BadBody,
-        };
-        let mut written = 0;
-        if let Err(e) = write_counted(conn, &cbuf[..p.consumed], &mut written).await {
-            return UpEnd::BackendWrite(e);
-        }
-        cbuf.drain(..p.consumed);
-        budget.spend(p.consumed).await;
-    }
-    done.store(true, Ordering::Release);
-    watch(client, cbuf, WATCH_CAP).await;
-    UpEnd::ClientGone
-}
-
-/// Reads the final response head, forwarding interim (`1xx`) heads to the client. Returns
-/// the head, its plan, and the rewritten head to send.
-async fn response_head(
-    shared: &Shared,
-    client: &Stream,
-    conn: &Stream,
-    bbuf: &mut Vec<u8>,
-    req: &RequestHead,
-    req_done: &AtomicBool,
-) -> Result<(ResponseHead, ResponsePlan, Vec<u8>), HeadFail> {
-    let limits = &shared.limits;
-    let mut check = false;
-    loop {
-        if check {
-            match http1::parse_response(bbuf, limits) {
-                Ok(Status::Complete(resp, n)) => {
-                    bbuf.drain(..n);
-                    // Keep the client connection only if its request body is all read.
-                    let close = shared.is_shutting_down() || !req_done.load(Ordering::Acquire);
-                    let mut out = Vec::with_capacity(512);
-                    let plan =
-                        rewrite_response(&resp, req, close, &mut out).map_err(HeadFail::Invalid)?;
-                    if !resp.is_interim() {
-                        return Ok((resp, plan, out));
-                    }
-                    if !out.is_empty() && send(client, &out).await.is_err() {
-                        return Err(HeadFail::ClientGone);
-                    }
-                    check = !bbuf.is_empty();
-                    continue;
-                }
-                Ok(Status::Partial) => {}
-                Err(e) => return Err(HeadFail::Invalid(e)),
-            }
-        }
-        let before = bbuf.len();
-        let want = head_read_size(before, limits.max_head_bytes);
-        match read_more(conn, bbuf, want).await {
-            Ok(0) => {
-                return Err(HeadFail::Io(
-                    "backend closed the connection before answering".into(),
-                ))
-            }
-            Ok(_) => check = may_end_head(bbuf, before) || bbuf.len() >= limits.max_head_bytes,
-            Err(e) => return Err(HeadFail::Io(describe(&e))),
-        }
-    }
-}
-
-/// Backend → client: the head (with the first body bytes), then the body as it arrives,
-/// each read written through at once (server-sent events are not held back).
-async fn download(
-    client: &Stream,
-    conn: &Stream,
-    bbuf: &mut Vec<u8>,
-    mut framer: BodyFramer,
-    out: Vec<u8>,
-) -> DownEnd {
-    if send(client, &out).await.is_err() {
-        return DownEnd::ClientGone;
-    }
-    drop(out);
-    let mut size = ReadSize::new();
-    let mut budget = Budget::new();
-    while !framer.is_done() {
-        match read_more(conn, bbuf, size.get()).await {
-            Ok(0) => {
-                return match framer.finish() {
-                    Ok(()) => DownEnd::Done, // close-delimited: complete at EOF
-                    Err(e) => DownEnd::Backend(ErrorKind::Io, e.to_string()),
-                };
-            }
-            Ok(n) => size.record(n),
-            Err(e) => return DownEnd::Backend(ErrorKind::Io, describe(&e)),
-        }
-        let p = match framer.push(bbuf) {
-            Ok(p) => p,
-            Err(e) => {
-                return DownEnd::Backend(ErrorKind::Protocol, format!("invalid response body: {e}"))
-            }
-        };
-        if send(client, &bbuf[..p.consumed]).await.is_err() {
-            return DownEnd::ClientGone;
-        }
-        bbuf.drain(..p.consumed);
-        budget.spend(p.consumed).await;
-    }
-    DownEnd::Done
 }
 
 /// What the failure paths need.
