@@ -89,7 +89,7 @@ async fn handle(
     let local = if path(&req.target) == "/health" {
         reply::health(shared.core().summary())
     } else {
-        match shared.select(&RequestMeta::from_ip(peer.ip())) {
+        match shared.select(&RequestMeta::from_ip(peer.ip().to_canonical())) {
             Ok(guard) => return exchange::forward(shared, client, cbuf, peer, req, guard).await,
             Err(reject) => reply::error(ProxyError::Rejected(reject)),
         }
