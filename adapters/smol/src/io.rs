@@ -196,3 +196,42 @@ pub(crate) async fn linger_close(s: &Stream) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_end_candidates() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(may_end_head(head, 0));
+        // The head in two reads: the first never ends it, the second always does, however
+        // the blank line is split.
+        for split in 1..head.len() {
+            assert!(!may_end_head(&head[..split], 0), "first read up to {split}");
+            assert!(may_end_head(head, split), "second read from {split}");
+        }
+        assert!(may_end_head(b"GET / HTTP/1.1\nHost: x\n\n", 20));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
+    }
+
+    #[test]
+    fn head_reads_grow_and_stop_past_the_limit() {
+        assert_eq!(head_read_size(0, 65536), FIRST_READ);
+        assert_eq!(head_read_size(8192, 65536), 8192);
+        assert_eq!(head_read_size(65000, 65536), 537);
+        assert_eq!(head_read_size(65536, 65536), 1);
+    }
+
+    #[test]
+    fn body_reads_double_while_full() {
+        let mut size = ReadSize::new();
+        size.record(100);
+        assert_eq!(size.get(), FIRST_READ);
+        for _ in 0..10 {
+            let n = size.get();
+            size.record(n);
+        }
+        assert_eq!(size.get(), CHUNK);
+    }
+}
