@@ -53,9 +53,20 @@ const CACHE: usize = 64;
 /// Share of a request's work saved when its prefix is cached (LLM workload).
 const PREFILL: f64 = 0.4;
 
-#[derive(Clone, Copy, PartialEq, PartialOrd)]
+/// An `f64` ordered by `total_cmp`, for the heaps.
+#[derive(Clone, Copy)]
 struct F(f64);
+impl PartialEq for F {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
 impl Eq for F {}
+impl PartialOrd for F {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for F {
     fn cmp(&self, other: &Self) -> Ordering {
         self.0.total_cmp(&other.0)

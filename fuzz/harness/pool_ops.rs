@@ -263,18 +263,18 @@ impl State {
         let ready = self.bal.backends().any(|v| v.healthy && !v.draining);
         let queued = self.bal.queued();
         let got = self.bal.enqueue(self.now, owned_meta(key));
-        if q.timeout.is_none() || q.size == 0 {
-            assert_eq!(got, Err(Reject::AllAtCapacity), "queue off");
-        } else if !ready {
-            assert_eq!(got, Err(Reject::NoHealthyBackend));
-        } else if queued >= q.size {
-            assert_eq!(got, Err(Reject::AllAtCapacity), "queue full");
-        } else {
-            let t = got.expect("a request may queue");
-            assert!(!self.tickets.contains(&t), "ticket {t} reused");
-            self.tickets.push(t);
-            let deadline = self.now + q.timeout.unwrap().max(MIN_TICK);
-            self.waiting.insert(t, deadline);
+        match q.timeout.filter(|_| q.size > 0) {
+            None => assert_eq!(got, Err(Reject::AllAtCapacity), "queue off"),
+            Some(_) if !ready => assert_eq!(got, Err(Reject::NoHealthyBackend)),
+            Some(_) if queued >= q.size => {
+                assert_eq!(got, Err(Reject::AllAtCapacity), "queue full")
+            }
+            Some(timeout) => {
+                let t = got.expect("a request may queue");
+                assert!(!self.tickets.contains(&t), "ticket {t} reused");
+                self.tickets.push(t);
+                self.waiting.insert(t, self.now + timeout.max(MIN_TICK));
+            }
         }
     }
 
