@@ -400,7 +400,7 @@ fn user_field_keys_cache_aware_routing() {
 }
 
 #[test]
-fn hot_prefix_overflows_to_the_idle_backend_and_follows_the_load() {
+fn hot_prefix_overflows_to_the_idle_backend() {
     // 2 s per request; --max-conns 2: a backend one request ahead of the
     // least loaded is ahead by 50% of its cap (> 20%), so a warm request
     // overflows.
@@ -428,6 +428,8 @@ fn hot_prefix_overflows_to_the_idle_backend_and_follows_the_load() {
         .find(|p| *p != pinned)
         .expect("two mocks");
     let pinned_mock = mocks.iter().find(|m| m.port == pinned).unwrap();
+    // Turn 1's slot is released before X is sent, so X sees both idle.
+    lb.wait_active(0, DEADLINE);
 
     // X: warm, goes to the pinned backend, stays in flight there for 2 s.
     let x_body = c.body();
@@ -454,26 +456,118 @@ fn hot_prefix_overflows_to_the_idle_backend_and_follows_the_load() {
         "Y shares X's prefix but its backend was ahead by 1 of --max-conns 2: it should overflow"
     );
 
-    // Y re-pointed the shared prefix at the other backend: the first turn,
-    // sent again once all is idle, now goes there.
-    lb.wait_active(0, DEADLINE);
-    let again = Convo::new(system, first_user).send(lb.port);
-    assert_eq!(
-        served_by(&again, "first turn again"),
-        other,
-        "the prefix should follow the backend that served it last (the overflow target)"
-    );
-
-    // The status lines: turn 1 cold, X warm, Y overflow, the last one warm.
-    let a = wait_affinity(&lb, 4);
+    // The status lines: turn 1 cold, X warm, Y overflow.
+    let a = wait_affinity(&lb, 3);
     assert_eq!(
         (a.warm, a.cold, a.ovfl),
-        (2, 1, 1),
+        (1, 1, 1),
         "Affinity counters (warm, cold, ovfl) summed over the status lines: {a:?}"
     );
     assert!(
         a.last_keys > 0,
         "the affinity table should hold keys: {a:?}"
+    );
+}
+
+#[test]
+fn prefix_is_repointed_to_the_backend_that_served_it_last() {
+    // Every request re-points its whole chain to the backend that served it:
+    // after an overflow moved a conversation's prefix to the other backend,
+    // that prefix goes there (while it is within the load guard), not back to
+    // the backend that held it first.
+    //
+    // --max-conns 10: a backend may be up to 2 requests ahead of the least
+    // loaded (20% of 10) before a warm request overflows.
+    let mocks = spawn_mocks(2, &["--delay", "2s"]);
+    let lb = spawn_lb(
+        &mocks,
+        &[
+            "--routing",
+            "cache-aware",
+            "--max-conns",
+            "10",
+            "--health-path",
+            "/stats",
+        ],
+    );
+    let in_flight = |port: u16| {
+        mocks
+            .iter()
+            .find(|m| m.port == port)
+            .expect("a mock")
+            .in_flight()
+    };
+    let system = "You are the re-point test assistant.";
+    let first_user = "First question.";
+    let mut c = Convo::new(system, first_user);
+    let first = c.turn(lb.port, "placeholder", "turn 1");
+    let other = mocks
+        .iter()
+        .map(|m| m.port)
+        .find(|p| *p != first)
+        .expect("two mocks");
+    lb.wait_active(0, DEADLINE);
+
+    // Four second turns sharing the first, started one after the other: the
+    // first three are warm on `first` (ahead by 0, 1, 2 of 10); the fourth
+    // finds `first` ahead by 3 (30% > 20%) and overflows to `other`.
+    let bodies: Vec<Value> = (0..4)
+        .map(|i| {
+            let mut b = c.clone();
+            b.messages.pop();
+            b.messages
+                .push(json!({"role": "user", "content": format!("Second question, variant {i}.")}));
+            b.body()
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let body = body.clone();
+        let port = lb.port;
+        handles.push(thread::spawn(move || {
+            post_json(port, "/v1/chat/completions", &body)
+        }));
+        wait_until(
+            DEADLINE,
+            &format!("second turn {i} in flight at a backend"),
+            || in_flight(first) + in_flight(other),
+            |n| *n == i as u64 + 1,
+        );
+    }
+    let ports: Vec<u16> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| served_by(&h.join().expect("thread"), &format!("second turn {i}")))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![first, first, first, other],
+        "three warm on the first backend, the fourth overflows (ports: first {first}, other {other})"
+    );
+    lb.wait_active(0, DEADLINE);
+
+    // Keep `other` one request busy with the overflowed conversation (its
+    // deepest unit is known only there)...
+    let port = lb.port;
+    let last = bodies[3].clone();
+    let busy = thread::spawn(move || post_json(port, "/v1/chat/completions", &last));
+    wait_until(
+        DEADLINE,
+        "the overflowed conversation in flight again",
+        || (in_flight(first), in_flight(other)),
+        |n| n.0 + n.1 == 1,
+    );
+    // ...then send the shared first turn. Its chain was last re-pointed at
+    // `other` (by the overflowed request), which is only 1 ahead (10% of
+    // --max-conns 10): it goes to `other`, not to the idle first backend.
+    let again = Convo::new(system, first_user).send(lb.port);
+    let busy = busy.join().expect("thread");
+    assert_eq!(served_by(&busy, "overflowed conversation again"), other);
+    assert_eq!(
+        served_by(&again, "the first turn again"),
+        other,
+        "the shared prefix should follow the backend that served it last ({other}, 1 request \
+         in flight), not go back to the earlier holder {first} (idle)"
     );
 }
 
@@ -941,6 +1035,8 @@ fn request_log_has_one_json_line_per_request() {
     let req1 = json!({"model": "m", "prompt": "log me", "max_tokens": 4});
     let r1 = post_json(lb.port, "/v1/completions", &req1);
     served_by(&r1, "plain completion");
+    // The only slot is free again before the next request (--max-conns 1).
+    lb.wait_active(0, DEADLINE);
 
     // 2. A streamed chat completion, held open while 3. is refused.
     let req2 = json!({"model": "m", "stream": true,
@@ -975,6 +1071,7 @@ fn request_log_has_one_json_line_per_request() {
     }
     assert!(sse.contains("[DONE]"), "{sse}");
     drop(c);
+    lb.wait_active(0, DEADLINE);
 
     // 4. A body that is not JSON.
     let r4 = request(
@@ -986,6 +1083,7 @@ fn request_log_has_one_json_line_per_request() {
     )
     .expect("POST /echo");
     served_by(&r4, "text body");
+    lb.wait_active(0, DEADLINE);
 
     // 5. No body at all.
     let r5 = lb.get("/v1/models");
