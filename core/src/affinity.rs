@@ -4,8 +4,8 @@
 //! reuse it for any later prompt that starts the same way. A multi-turn chat resends the
 //! whole conversation each turn, and many sessions share a system prompt, so the backend
 //! that served the previous turn answers the next one with little prefill. With
-//! [`Policy::CacheAware`](crate::Policy::CacheAware) the balancer remembers which backend
-//! last served which prefix and routes accordingly, while load always wins in the end.
+//! [`Policy::CacheAware`](crate::Policy::CacheAware) the balancer remembers which backends
+//! served which prefixes and routes accordingly, while load always wins in the end.
 //!
 //! # Keys
 //!
@@ -24,42 +24,63 @@
 //!
 //! # The routing rule
 //!
-//! 1. **Longest prefix.** The request goes to the backend recorded for the deepest unit of
-//!    its chain that the table knows (a live entry: used within the TTL, on a backend
-//!    still healthy, not draining, and not ejected since: see *Invalidation*). Such a
-//!    request is *warm*. A request with no live unit is *cold* and goes by least
+//! The table remembers, for each unit, which backends served a prompt containing it
+//! (its *holders*). A holder is *live* if it used the unit within the TTL and is still
+//! healthy, not draining, and not ejected since (see *Invalidation*). The *guard* allows
+//! a backend that is below its `max_conns` and at most
+//! [`AffinityConfig::overflow_percent`] of its `max_conns` ahead of the least-loaded
+//! ready backend (raw in-flight counts: `(in_flight − min_in_flight) × 100 ≤
+//! overflow_percent × max_conns`).
+//!
+//! 1. **Longest prefix.** Find the deepest unit of the request's chain with a live
+//!    holder. If the guard allows some of its holders, the least loaded of those takes
+//!    the request (*warm*; ties broken at random). No live unit at all: *cold*, least
 //!    connections.
-//! 2. **Load wins.** A warm request *overflows* to least connections if its backend is
-//!    at its `max_conns`, or is ahead of the least-loaded ready backend by more than
-//!    [`AffinityConfig::overflow_percent`] of its `max_conns` (raw in-flight counts:
-//!    `(in_flight − min_in_flight) × 100 > overflow_percent × max_conns`). A hot prefix
-//!    thus spills onto a second backend, which then caches it too.
-//! 3. **Re-point.** Every selected request points all its units at the backend the lease
-//!    names (the one that serves it): sessions follow their backend, and after an
-//!    overflow the prefix follows the load.
+//! 2. **Load wins.** If the guard allows none of them, the request *overflows*: to the
+//!    least-loaded allowed holder of the next-longest prefix that has one (typically a
+//!    backend that has the shared system prompt but not this session), else by least
+//!    connections. Either way the pinned backend is spared, so a hot prefix spills onto
+//!    more backends, which then cache it too.
+//! 3. **Record.** Every selected request records its chain on the backend its lease
+//!    names (the one that serves it), as the most recent use there; other holders stay
+//!    known until they age out. Sessions follow their backend; a prefix served by
+//!    several backends (a system prompt, a hot conversation after an overflow) is known
+//!    on all of them, and new requests for it go to the least loaded.
+//!
+//! Counters ([`RoutingStats`]): *warm* is rule 1 with a holder, *cold* rule 1 without,
+//! *overflow* rule 2.
 //!
 //! # Bounds and expiry
 //!
-//! - **TTL.** An entry not used for [`AffinityConfig::ttl`] (sliding: every use renews it)
-//!   is ignored at once and reclaimed at the next sweep (each `handle_timeout`).
-//! - **Memory.** Each backend's entries form an LRU list holding at most
-//!   `max_conns × entries_per_conn` entries ([`AffinityConfig::entries_per_conn`]; a
-//!   backend without a cap counts as [`UNCAPPED_CONNS`]); inserting into a full list
-//!   evicts its least recently used entry. So the table never holds more than
-//!   `Σ_backends max_conns × entries_per_conn` entries, whatever the traffic, at about
-//!   80 bytes each (slab entry and hash-map slot). The default, 1024 entries per
-//!   connection, is 4 full-length chains per connection: 64 connections per backend cost
-//!   about 5 MiB per backend.
+//! - **TTL.** A holder that has not used a unit for [`AffinityConfig::ttl`] (sliding:
+//!   every use renews it) is ignored at once and reclaimed at the next sweep (each
+//!   `handle_timeout`).
+//! - **Memory.** The table stores one entry per (unit, holder). Each backend's entries
+//!   form an LRU list of at most `max_conns × entries_per_conn` entries
+//!   ([`AffinityConfig::entries_per_conn`]; a backend without a cap counts as
+//!   [`UNCAPPED_CONNS`]); recording into a full list evicts its least recently used
+//!   entry. So the table never holds more than `Σ_backends max_conns × entries_per_conn`
+//!   entries, whatever the traffic, at about 80 bytes each (slab node and hash-map slot).
+//!   The default, 256 entries per connection, holds one full-length chain per
+//!   connection: about 20 KiB per connection, 1.3 MiB for a backend with 64.
+//! - **Cache size.** A backend's list evicts in LRU order, as the backend's own prefix
+//!   cache does, so when the list is about as large as that cache (in units: cache
+//!   tokens ÷ about 200 tokens a unit ÷ `max_conns`) the table forgets what the backend
+//!   has evicted and routing follows what is really cached. The default is sized for
+//!   memory and long chains, so it remembers more than a small cache holds; under heavy
+//!   cache pressure a smaller `entries_per_conn` routes better (`examples/simulate_prefix.rs`
+//!   measures both).
 //! - **Invalidation.** Each list belongs to one backend and one health epoch: when the
 //!   backend turns unhealthy (its epoch goes up), is drained, or is removed, all its
-//!   entries die at once (O(1): lookups compare the owner), and their memory is reclaimed
-//!   at the next sweep or insertion for that slot.
+//!   entries die at once (O(1): lookups compare the list's owner), and their memory is
+//!   reclaimed at the next sweep or at the next recording for that slot.
 //!
 //! # Cost
 //!
-//! `select` probes the table from the deepest unit up (one probe when the whole chain is
-//! known, at most [`CHAIN_CAP`]) and re-points at most [`CHAIN_CAP`] entries; both are
-//! hash-map operations on pre-hashed keys, with no scan of the table.
+//! `select` looks the chain up from the deepest unit (one hash probe and a walk of that
+//! unit's holders when the whole chain is known; at most [`CHAIN_CAP`] probes, each
+//! walking at most one holder per backend) and records at most [`CHAIN_CAP`] entries.
+//! Nothing scans the table; allocation is amortised growth up to the bound.
 
 use std::fmt;
 use std::time::Duration;
@@ -81,10 +102,11 @@ pub struct AffinityConfig {
     /// Entries idle this long are forgotten (sliding). Default 1 h. Raised to
     /// [`MIN_TICK`](crate::MIN_TICK).
     pub ttl: Duration,
-    /// A warm request overflows to least connections when its backend is ahead of the
-    /// least-loaded one by more than this percentage of its `max_conns`. Default 20.
+    /// A backend holding a request's prefix is passed over when it is ahead of the
+    /// least-loaded one by more than this percentage of its `max_conns` (or at its cap).
+    /// Default 20.
     pub overflow_percent: u32,
-    /// Table entries per backend per unit of `max_conns` (at least 1). Default 1024.
+    /// Table entries per backend per unit of `max_conns` (at least 1). Default 256.
     pub entries_per_conn: u32,
 }
 
@@ -93,7 +115,7 @@ impl Default for AffinityConfig {
         AffinityConfig {
             ttl: Duration::from_secs(3600),
             overflow_percent: 20,
-            entries_per_conn: 1024,
+            entries_per_conn: 256,
         }
     }
 }
@@ -108,15 +130,16 @@ impl Default for AffinityConfig {
 pub struct RoutingStats {
     /// Requests selected (rejections not counted).
     pub requests: u64,
-    /// Routed to the backend holding their longest known prefix.
+    /// Routed to a backend holding their longest known prefix.
     pub warm: u64,
     /// No known prefix: least connections (includes `unkeyed`).
     pub cold: u64,
-    /// A known prefix, but its backend was full or too far ahead: least connections.
+    /// A known prefix, but every backend holding it was full or too far ahead: to a
+    /// holder of a shorter prefix, or by least connections.
     pub overflow: u64,
     /// Cold requests that had no key at all ([`RequestKey::None`]).
     pub unkeyed: u64,
-    /// Entries in the table.
+    /// Entries in the table (one per unit and backend holding it).
     pub keys: usize,
 }
 

@@ -14,7 +14,7 @@ use crate::affinity::{AffinityConfig, RequestKey, Route, RoutingStats, UNCAPPED_
 use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 use crate::hash::hash_bytes;
 use crate::health::{Health, HealthConfig, HealthState, ProbeOutcome};
-use crate::policy::{Policy, Selector};
+use crate::policy::{load_cmp, within_guard, Policy, Selector};
 use crate::queue::{Admission, OwnedMeta, Queue, QueueConfig, QueueStats, Ticket};
 use crate::status::{StatusReport, Summary};
 
@@ -839,29 +839,64 @@ impl<R: Rng> Balancer<R> {
         }
     }
 
-    /// Cache-aware pick: the longest known prefix's backend unless load says otherwise,
-    /// then the request's chain is re-pointed at the pick.
+    /// Cache-aware pick: the least-loaded backend holding the longest known prefix,
+    /// unless load says otherwise; then the request's chain is recorded on the pick.
     fn pick_cache_aware(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Option<u32> {
         let units = meta.affinity.map_or(&[][..], RequestKey::units);
         let ttl = self.config.affinity.ttl;
+        let percent = self.config.affinity.overflow_percent;
         let slots = &self.slots;
         let table = self.affinity.as_mut()?;
         if self.selector.ready(slots).is_empty() {
             return None;
         }
-        let holder = if units.is_empty() {
-            None
+        let (slot, route) = if units.is_empty() {
+            (self.selector.least_conn(slots, &mut self.rng), Route::Cold)
         } else {
-            table
-                .lookup(now, ttl, units, |s| ready_owner(slots, s))
-                .map(|(_, slot)| slot)
+            let min = self.selector.min_load(slots);
+            let rng = &mut self.rng;
+            let mut best: Option<u32> = None;
+            let mut ties = 0u32;
+            let (deepest, accepted) = table.lookup(
+                now,
+                ttl,
+                units,
+                |s| ready_owner(slots, s),
+                |s| {
+                    let b = slots[s as usize]
+                        .as_ref()
+                        .expect("live nodes are on present backends");
+                    if !within_guard(b, min, percent) {
+                        return false;
+                    }
+                    let cmp =
+                        best.map(|c| load_cmp(b, slots[c as usize].as_ref().expect("present")));
+                    match cmp {
+                        None | Some(std::cmp::Ordering::Less) => {
+                            best = Some(s);
+                            ties = 1;
+                        }
+                        Some(std::cmp::Ordering::Equal) => {
+                            ties += 1;
+                            if rng.random_range(0..ties) == 0 {
+                                best = Some(s);
+                            }
+                        }
+                        Some(std::cmp::Ordering::Greater) => {}
+                    }
+                    true
+                },
+            );
+            match (deepest, accepted) {
+                (None, _) => (self.selector.least_conn(slots, &mut self.rng), Route::Cold),
+                (Some(d), Some(a)) if a == d => (best, Route::Warm),
+                (Some(_), Some(_)) => (best, Route::Overflow),
+                (Some(_), None) => (
+                    self.selector.least_conn(slots, &mut self.rng),
+                    Route::Overflow,
+                ),
+            }
         };
-        let (slot, route) = self.selector.cache_aware(
-            slots,
-            &mut self.rng,
-            holder,
-            self.config.affinity.overflow_percent,
-        );
         let slot = slot?;
         let r = &mut self.routing;
         r.requests += 1;

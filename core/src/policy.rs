@@ -9,7 +9,6 @@ use std::str::FromStr;
 
 use rand::Rng;
 
-use crate::affinity::Route;
 use crate::backend::Backend;
 use crate::balancer::conns;
 use crate::hash;
@@ -29,9 +28,10 @@ pub enum Policy {
     IpHash,
     /// Power of two choices: two distinct backends at random, the less loaded wins.
     P2c,
-    /// LLM prefix-cache affinity: the backend that last served the request's longest
-    /// known prompt prefix, unless it is full or too far ahead of the least-loaded one;
-    /// otherwise least connections. See [`crate::affinity`].
+    /// LLM prefix-cache affinity: the least-loaded backend that served the request's
+    /// longest known prompt prefix, unless every such backend is full or too far ahead of
+    /// the least-loaded one; then a holder of a shorter prefix, or least connections. See
+    /// [`crate::affinity`].
     CacheAware,
     /// Session affinity: the request's key (a header, the OpenAI `user` field, else the
     /// client IP) → backend by weighted rendezvous hashing, like [`Policy::IpHash`]: only
@@ -218,39 +218,30 @@ impl Selector {
                 None => least_conn(&self.ready, slots, rng),
             },
             Policy::P2c => self.p2c(slots, rng),
-            // The balancer routes cache-aware requests itself (through `cache_aware`);
-            // a pick without the table is least connections.
+            // The balancer routes cache-aware requests itself (with its table); a pick
+            // without the table is least connections.
             Policy::CacheAware => least_conn(&self.ready, slots, rng),
         }
     }
 
-    /// The cache-aware decision, given the backend holding the request's longest known
-    /// prefix (`holder`, a ready slot): the holder if it is below its cap and at most
-    /// `overflow_percent` of its `max_conns` ahead of the least-loaded ready backend
-    /// (warm); least connections otherwise (overflow, or cold without a holder).
-    pub(crate) fn cache_aware<R: Rng>(
-        &mut self,
-        slots: &[Option<Backend>],
-        rng: &mut R,
-        holder: Option<u32>,
-        overflow_percent: u32,
-    ) -> (Option<u32>, Route) {
+    /// The fewest in flight among ready backends (0 when none is ready).
+    pub(crate) fn min_load(&mut self, slots: &[Option<Backend>]) -> u32 {
         self.refresh(slots);
-        let Some(h) = holder else {
-            return (least_conn(&self.ready, slots, rng), Route::Cold);
-        };
-        let b = backend(slots, h);
-        let min = self
-            .ready
+        self.ready
             .iter()
             .map(|&s| backend(slots, s).in_flight)
             .min()
-            .unwrap_or(0);
-        let ahead = u64::from(b.in_flight.saturating_sub(min));
-        if !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b)) {
-            return (Some(h), Route::Warm);
-        }
-        (least_conn(&self.ready, slots, rng), Route::Overflow)
+            .unwrap_or(0)
+    }
+
+    /// A least-connections pick among ready backends below their cap.
+    pub(crate) fn least_conn<R: Rng>(
+        &mut self,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+    ) -> Option<u32> {
+        self.refresh(slots);
+        least_conn(&self.ready, slots, rng)
     }
 
     fn round_robin(&mut self, slots: &[Option<Backend>]) -> Option<u32> {
@@ -408,9 +399,17 @@ fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> 
     unreachable!("the second pass sees the same ties as the first")
 }
 
+/// The cache-aware load guard: whether `b` may take a request that belongs to it, being
+/// below its cap and at most `overflow_percent` of its `max_conns` ahead of `min` (the
+/// least-loaded ready backend's in-flight count).
+pub(crate) fn within_guard(b: &Backend, min: u32, overflow_percent: u32) -> bool {
+    let ahead = u64::from(b.in_flight.saturating_sub(min));
+    !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b))
+}
+
 /// Compares `in_flight / weight` of two backends without division.
 #[inline]
-fn load_cmp(a: &Backend, b: &Backend) -> std::cmp::Ordering {
+pub(crate) fn load_cmp(a: &Backend, b: &Backend) -> std::cmp::Ordering {
     (u64::from(a.in_flight) * u64::from(b.weight))
         .cmp(&(u64::from(b.in_flight) * u64::from(a.weight)))
 }

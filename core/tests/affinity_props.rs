@@ -66,8 +66,8 @@ struct Harness {
     ttl: Duration,
     percent: u32,
     backends: Vec<MBackend>,
-    /// unit → (backend index, its epoch then, last use)
-    entries: HashMap<u64, (usize, u64, Instant)>,
+    /// (unit, backend index) → (the backend's epoch then, last use)
+    entries: HashMap<(u64, usize), (u64, Instant)>,
     held: Vec<(Lease, usize)>,
     expect: RoutingStats,
 }
@@ -129,16 +129,21 @@ impl Harness {
         self.backends.iter().position(|b| b.id == id).unwrap()
     }
 
-    fn live(&self, unit: u64) -> Option<usize> {
-        let &(i, epoch, used) = self.entries.get(&unit)?;
-        let b = &self.backends[i];
-        (self.now.duration_since(used) < self.ttl && b.healthy && b.epoch == epoch).then_some(i)
+    /// The backends holding `unit` live: used within the TTL, healthy, same epoch.
+    fn holders(&self, unit: u64) -> Vec<usize> {
+        (0..self.backends.len())
+            .filter(|&i| {
+                self.entries.get(&(unit, i)).is_some_and(|&(epoch, used)| {
+                    let b = &self.backends[i];
+                    self.now.duration_since(used) < self.ttl && b.healthy && b.epoch == epoch
+                })
+            })
+            .collect()
     }
 
     fn select(&mut self, path: &[u8]) {
         let chain = units(path);
         let key = RequestKey::Prefix(chain.clone());
-        let holder = chain.iter().rev().find_map(|&u| self.live(u));
         let ready: Vec<usize> = (0..self.backends.len())
             .filter(|&i| self.backends[i].healthy)
             .collect();
@@ -148,11 +153,22 @@ impl Harness {
             .filter(|&i| self.backends[i].in_flight < self.backends[i].max_conns)
             .collect();
         let min = ready.iter().map(|&i| self.backends[i].in_flight).min();
-        let warm = holder.filter(|&h| {
-            let b = &self.backends[h];
+        let guard = |b: &MBackend| {
             b.in_flight < b.max_conns
                 && u64::from(b.in_flight - min.unwrap()) * 100
                     <= u64::from(self.percent) * u64::from(b.max_conns)
+        };
+        // The deepest unit with a live holder, and the deepest with one the guard allows.
+        let deepest = (0..chain.len())
+            .rev()
+            .find(|&i| !self.holders(chain[i]).is_empty());
+        let allowed = (0..chain.len()).rev().find_map(|i| {
+            let ok: Vec<usize> = self
+                .holders(chain[i])
+                .into_iter()
+                .filter(|&h| guard(&self.backends[h]))
+                .collect();
+            (!ok.is_empty()).then_some((i, ok))
         });
         let got = self
             .bal
@@ -168,26 +184,26 @@ impl Harness {
             }
             Ok(lease) => {
                 let i = self.index(lease.backend());
-                match (holder, warm) {
-                    (_, Some(w)) => {
-                        assert_eq!(i, w, "warm: the longest live prefix's backend");
-                        self.expect.warm += 1;
-                    }
-                    (h, None) => {
-                        let least = open.iter().map(|&o| self.backends[o].in_flight).min();
-                        assert!(open.contains(&i), "picked a full or unready backend");
-                        assert_eq!(Some(self.backends[i].in_flight), least, "least conn");
-                        if h.is_some() {
-                            self.expect.overflow += 1;
-                        } else {
-                            self.expect.cold += 1;
-                        }
-                    }
+                let load = self.backends[i].in_flight;
+                let (pool, what) = match &allowed {
+                    Some((_, ok)) => (ok.clone(), "the least-loaded allowed holder"),
+                    None => (open.clone(), "least conn"),
+                };
+                assert!(
+                    pool.contains(&i),
+                    "picked {i}, not one of {pool:?} ({what})"
+                );
+                let least = pool.iter().map(|&o| self.backends[o].in_flight).min();
+                assert_eq!(Some(load), least, "{what}");
+                match (deepest, &allowed) {
+                    (None, _) => self.expect.cold += 1,
+                    (Some(d), Some((a, _))) if *a == d => self.expect.warm += 1,
+                    (Some(_), _) => self.expect.overflow += 1,
                 }
                 self.expect.requests += 1;
                 let epoch = self.backends[i].epoch;
                 for &u in &chain {
-                    self.entries.insert(u, (i, epoch, self.now));
+                    self.entries.insert((u, i), (epoch, self.now));
                 }
                 self.backends[i].in_flight += 1;
                 self.held.push((lease, i));
@@ -260,8 +276,9 @@ impl Harness {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
 
-    /// Every cache-aware pick is the model's: the backend of the longest live prefix when
-    /// the load guard allows, else a least-loaded open backend; counters agree.
+    /// Every cache-aware pick is the model's: the least-loaded holder, among those the
+    /// load guard allows, of the longest prefix such a holder has; else a least-loaded
+    /// open backend. Counters agree (warm: the longest live prefix itself).
     #[test]
     fn cache_aware_matches_the_model(
         caps in proptest::collection::vec(1u32..6, 1..5),

@@ -1,4 +1,4 @@
-//! The affinity table: chain unit → the backend that last served it, with per-backend LRU
+//! The affinity table: chain unit → the backends that served it, with per-backend LRU
 //! lists, a sliding TTL and epoch invalidation.
 
 use std::collections::HashMap;
@@ -14,14 +14,18 @@ const NIL: u32 = u32::MAX;
 /// started. A list whose owner no longer matches the slot's ready backend is dead.
 pub(crate) type Owner = (BackendId, u64);
 
+/// One (unit, backend) pair: "this backend served a prompt with this prefix".
 #[derive(Clone, Copy, Debug)]
-struct Entry {
+struct Node {
     key: u64,
     used: Instant,
-    /// The slot whose list holds this entry.
-    list: u32,
+    /// The slot whose LRU list holds this node.
+    slot: u32,
+    /// Neighbours in the slot's LRU list.
     prev: u32,
     next: u32,
+    /// The next node of the same unit (on another slot).
+    sibling: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -83,76 +87,107 @@ impl Hasher for KeyedHasher {
     }
 }
 
-/// Chain unit → backend, bounded.
+/// Chain unit → the backends holding it, bounded.
 ///
-/// Entries live in a slab and sit in the doubly linked LRU list of the backend slot that
-/// owns them, so re-pointing, touching and evicting are O(1), a lookup is a hash probe,
-/// and nothing is scanned on the request path. Each list holds at most the cap its backend
-/// is given at insertion; a list whose owner changed (the backend was ejected, removed or
-/// replaced) is dead at once and reclaimed whole at the next sweep or insertion.
+/// Nodes (one per unit and backend) live in a slab. Each sits in the doubly linked LRU
+/// list of its backend's slot and in the short singly linked list of its unit's holders,
+/// which the hash map points to. Touching, adding and evicting are O(1) plus a walk of
+/// one unit's holders (at most one per backend); nothing scans the table on the request
+/// path. Each list holds at most the cap its backend is given at insertion; a list whose
+/// owner changed (the backend was ejected, removed or replaced) is dead at once and
+/// reclaimed whole at the next sweep or insertion.
 #[derive(Debug)]
 pub(crate) struct Table {
+    /// Unit → its first holder node.
     map: HashMap<u64, u32, Keyed>,
-    entries: Vec<Entry>,
+    nodes: Vec<Node>,
     free: Vec<u32>,
     lists: Vec<List>,
+    /// Nodes in use.
+    len: usize,
 }
 
 impl Table {
     pub(crate) fn new(secret: u64) -> Self {
         Table {
             map: HashMap::with_hasher(Keyed(secret)),
-            entries: Vec::new(),
+            nodes: Vec::new(),
             free: Vec::new(),
             lists: Vec::new(),
+            len: 0,
         }
     }
 
-    /// Entries held (dead ones not yet reclaimed included).
+    /// Nodes held (dead ones not yet reclaimed included): what the bound limits.
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
-    /// Slab size: the most entries ever held at once (what the memory bound limits).
+    /// Slab size: the most nodes ever held at once.
     #[cfg(test)]
     pub(crate) fn slab_len(&self) -> usize {
-        self.entries.len()
+        self.nodes.len()
     }
 
-    /// The deepest unit of `units` with a live entry: its depth (1-based) and its slot.
+    fn live(
+        &self,
+        n: &Node,
+        now: Instant,
+        ttl: Duration,
+        owner: &impl Fn(u32) -> Option<Owner>,
+    ) -> bool {
+        if now.saturating_duration_since(n.used) >= ttl {
+            return false;
+        }
+        let list = &self.lists[n.slot as usize];
+        list.owner.is_some() && list.owner == owner(n.slot)
+    }
+
+    /// Looks `units` up from the deepest: returns the depth (1-based) of the deepest unit
+    /// with a live holder, and of the deepest unit with a live holder that `accept`
+    /// takes. `accept` is called with the slot of each live holder of the units scanned,
+    /// deepest first, and the scan stops after the first unit with an accepted holder.
     ///
-    /// An entry is live if it was used less than `ttl` ago and its list's owner is still
+    /// A node is live if it was used less than `ttl` ago and its list's owner is still
     /// `owner(slot)` (the ready backend in that slot and its epoch; `None` when the slot
-    /// holds no ready backend). Scans from the deepest unit: at most `units.len()` probes,
-    /// one when the whole chain is known.
+    /// holds no ready backend). One probe when the whole chain is known and its holder
+    /// accepted; at most `units.len()`.
     pub(crate) fn lookup(
         &self,
         now: Instant,
         ttl: Duration,
         units: &[u64],
         owner: impl Fn(u32) -> Option<Owner>,
-    ) -> Option<(usize, u32)> {
+        mut accept: impl FnMut(u32) -> bool,
+    ) -> (Option<usize>, Option<usize>) {
+        let mut deepest = None;
         for (i, unit) in units.iter().enumerate().rev() {
-            let Some(&ix) = self.map.get(unit) else {
+            let Some(&first) = self.map.get(unit) else {
                 continue;
             };
-            let e = &self.entries[ix as usize];
-            if now.saturating_duration_since(e.used) >= ttl {
-                continue;
+            let mut accepted = false;
+            let mut ix = first;
+            while ix != NIL {
+                let n = &self.nodes[ix as usize];
+                if self.live(n, now, ttl, &owner) {
+                    deepest = deepest.or(Some(i + 1));
+                    accepted |= accept(n.slot);
+                }
+                ix = n.sibling;
             }
-            let list = &self.lists[e.list as usize];
-            if list.owner.is_some() && list.owner == owner(e.list) {
-                return Some((i + 1, e.list));
+            if accepted {
+                return (deepest, Some(i + 1));
             }
         }
-        None
+        (deepest, None)
     }
 
-    /// Points every unit of `units` at `slot` (owned by `owner`), touching them at `now`.
-    /// The list of `slot` keeps at most `cap` entries (least recently used evicted first).
+    /// Records that `slot` (owned by `owner`) served a prompt with every unit of `units`,
+    /// touching those nodes at `now`. Other holders are kept. The list of `slot` keeps at
+    /// most `cap` nodes (least recently used evicted first).
     ///
-    /// Units are inserted deepest first, so the shallow units a chain shares with others
-    /// (a system prompt) end up most recent and are evicted last.
+    /// Units are recorded deepest first, so the shallow units a chain shares with others
+    /// (a system prompt) end up most recent in the list and are evicted last.
     pub(crate) fn record(
         &mut self,
         now: Instant,
@@ -171,40 +206,44 @@ impl Table {
             self.lists[s].owner = Some(owner);
         }
         for &unit in units.iter().rev() {
-            match self.map.get(&unit).copied() {
+            let mut ix = self.map.get(&unit).copied().unwrap_or(NIL);
+            while ix != NIL && self.nodes[ix as usize].slot != slot {
+                ix = self.nodes[ix as usize].sibling;
+            }
+            if ix != NIL {
+                self.unlink(ix);
+                self.link_head(ix, slot);
+                self.nodes[ix as usize].used = now;
+                continue;
+            }
+            self.make_room(slot, cap);
+            // Eviction may have removed the unit's other holders: read the head again.
+            let head = self.map.get(&unit).copied().unwrap_or(NIL);
+            let node = Node {
+                key: unit,
+                used: now,
+                slot,
+                prev: NIL,
+                next: NIL,
+                sibling: head,
+            };
+            let ix = match self.free.pop() {
                 Some(ix) => {
-                    self.unlink(ix);
-                    self.make_room(slot, cap);
-                    self.link_head(ix, slot);
-                    self.entries[ix as usize].used = now;
+                    self.nodes[ix as usize] = node;
+                    ix
                 }
                 None => {
-                    self.make_room(slot, cap);
-                    let e = Entry {
-                        key: unit,
-                        used: now,
-                        list: slot,
-                        prev: NIL,
-                        next: NIL,
-                    };
-                    let ix = match self.free.pop() {
-                        Some(ix) => {
-                            self.entries[ix as usize] = e;
-                            ix
-                        }
-                        None => {
-                            self.entries.push(e);
-                            u32::try_from(self.entries.len() - 1).expect("fewer than 2^32 entries")
-                        }
-                    };
-                    self.link_head(ix, slot);
-                    self.map.insert(unit, ix);
+                    self.nodes.push(node);
+                    u32::try_from(self.nodes.len() - 1).expect("fewer than 2^32 nodes")
                 }
-            }
+            };
+            self.link_head(ix, slot);
+            self.map.insert(unit, ix);
+            self.len += 1;
         }
     }
 
-    /// Reclaims dead lists (owner changed) and entries idle for `ttl` or more.
+    /// Reclaims dead lists (owner changed) and nodes idle for `ttl` or more.
     pub(crate) fn sweep(
         &mut self,
         now: Instant,
@@ -223,7 +262,7 @@ impl Table {
             loop {
                 let tail = self.lists[slot as usize].tail;
                 if tail == NIL
-                    || now.saturating_duration_since(self.entries[tail as usize].used) < ttl
+                    || now.saturating_duration_since(self.nodes[tail as usize].used) < ttl
                 {
                     break;
                 }
@@ -232,19 +271,16 @@ impl Table {
         }
     }
 
-    /// Drops every entry of `slot`'s list, and its owner.
+    /// Drops every node of `slot`'s list, and its owner.
     fn clear(&mut self, slot: u32) {
-        let Some(list) = self.lists.get_mut(slot as usize) else {
+        if slot as usize >= self.lists.len() {
             return;
-        };
-        let mut ix = list.head;
-        *list = List::default();
-        while ix != NIL {
-            let e = self.entries[ix as usize];
-            self.map.remove(&e.key);
-            self.free.push(ix);
-            ix = e.next;
         }
+        while self.lists[slot as usize].tail != NIL {
+            let tail = self.lists[slot as usize].tail;
+            self.remove(tail);
+        }
+        self.lists[slot as usize] = List::default();
     }
 
     /// Evicts from the tail of `slot`'s list until it has room for one more.
@@ -256,32 +292,47 @@ impl Table {
         }
     }
 
+    /// Frees a node: out of its slot's list and its unit's holders.
     fn remove(&mut self, ix: u32) {
         self.unlink(ix);
-        let key = self.entries[ix as usize].key;
-        self.map.remove(&key);
+        let Node { key, sibling, .. } = self.nodes[ix as usize];
+        let first = self.map[&key];
+        if first == ix {
+            if sibling == NIL {
+                self.map.remove(&key);
+            } else {
+                self.map.insert(key, sibling);
+            }
+        } else {
+            let mut prev = first;
+            while self.nodes[prev as usize].sibling != ix {
+                prev = self.nodes[prev as usize].sibling;
+            }
+            self.nodes[prev as usize].sibling = sibling;
+        }
         self.free.push(ix);
+        self.len -= 1;
     }
 
     fn unlink(&mut self, ix: u32) {
-        let Entry {
-            list, prev, next, ..
-        } = self.entries[ix as usize];
-        let l = &mut self.lists[list as usize];
+        let Node {
+            slot, prev, next, ..
+        } = self.nodes[ix as usize];
+        let l = &mut self.lists[slot as usize];
         if prev == NIL {
             l.head = next;
         } else {
-            self.entries[prev as usize].next = next;
+            self.nodes[prev as usize].next = next;
         }
         if next == NIL {
             l.tail = prev;
         } else {
-            self.entries[next as usize].prev = prev;
+            self.nodes[next as usize].prev = prev;
         }
         l.len -= 1;
-        let e = &mut self.entries[ix as usize];
-        e.prev = NIL;
-        e.next = NIL;
+        let n = &mut self.nodes[ix as usize];
+        n.prev = NIL;
+        n.next = NIL;
     }
 
     fn link_head(&mut self, ix: u32, slot: u32) {
@@ -291,13 +342,13 @@ impl Table {
         if old == NIL {
             l.tail = ix;
         } else {
-            self.entries[old as usize].prev = ix;
+            self.nodes[old as usize].prev = ix;
         }
         l.len += 1;
-        let e = &mut self.entries[ix as usize];
-        e.list = slot;
-        e.prev = NIL;
-        e.next = old;
+        let n = &mut self.nodes[ix as usize];
+        n.slot = slot;
+        n.prev = NIL;
+        n.next = old;
     }
 
     /// Checks the lists against the map (tests only).
@@ -309,20 +360,28 @@ impl Table {
             let mut prev = NIL;
             let mut ix = l.head;
             while ix != NIL {
-                let e = &self.entries[ix as usize];
-                assert_eq!(e.list as usize, s);
-                assert_eq!(e.prev, prev);
-                assert_eq!(self.map.get(&e.key), Some(&ix));
+                let node = &self.nodes[ix as usize];
+                assert_eq!(node.slot as usize, s);
+                assert_eq!(node.prev, prev);
+                // Reachable from its unit, once per slot.
+                let mut h = self.map[&node.key];
+                let mut hits = 0;
+                while h != NIL {
+                    hits += usize::from(h == ix);
+                    assert!(h == ix || self.nodes[h as usize].slot != node.slot);
+                    h = self.nodes[h as usize].sibling;
+                }
+                assert_eq!(hits, 1);
                 prev = ix;
-                ix = e.next;
+                ix = node.next;
                 n += 1;
             }
             assert_eq!(l.tail, prev);
             assert_eq!(l.len, n);
             seen += n as usize;
         }
-        assert_eq!(seen, self.map.len());
-        assert_eq!(self.entries.len(), self.map.len() + self.free.len());
+        assert_eq!(seen, self.len);
+        assert_eq!(self.nodes.len(), self.len + self.free.len());
     }
 }
 
@@ -336,24 +395,54 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    fn holders(
+        t: &Table,
+        now: Instant,
+        ttl: Duration,
+        units: &[u64],
+        owner: impl Fn(u32) -> Option<Owner>,
+    ) -> Option<(usize, Vec<u32>)> {
+        let mut slots = Vec::new();
+        let (_, depth) = t.lookup(now, ttl, units, owner, |s| {
+            slots.push(s);
+            true
+        });
+        slots.sort_unstable();
+        Some((depth?, slots))
+    }
+
     #[test]
-    fn longest_live_unit_wins_and_records_repoint() {
+    fn deepest_live_unit_and_all_its_holders() {
         let now = Instant::now();
         let mut t = Table::new(1);
         let all = |s: u32| Some((id(s), 0));
         t.record(now, &[1, 2, 3, 4], 0, (id(0), 0), 100);
         t.record(now, &[1, 2], 1, (id(1), 0), 100);
         t.check();
-        assert_eq!(t.len(), 4);
-        assert_eq!(t.lookup(now, HOUR, &[1, 2, 3, 4, 5], all), Some((4, 0)));
-        assert_eq!(t.lookup(now, HOUR, &[1, 2, 9], all), Some((2, 1)));
-        assert_eq!(t.lookup(now, HOUR, &[7], all), None);
-        // Backend 0 ejected (epoch 1): its entries are dead at once.
+        assert_eq!(t.len(), 6);
+        assert_eq!(
+            holders(&t, now, HOUR, &[1, 2, 3, 4, 5], all),
+            Some((4, vec![0]))
+        );
+        assert_eq!(
+            holders(&t, now, HOUR, &[1, 2, 9], all),
+            Some((2, vec![0, 1]))
+        );
+        assert_eq!(holders(&t, now, HOUR, &[7], all), None);
+        // Backend 0 ejected (epoch 1): its nodes are dead at once.
         let ejected = |s: u32| Some((id(s), u64::from(s == 0)));
-        assert_eq!(t.lookup(now, HOUR, &[1, 2, 3, 4], ejected), Some((2, 1)));
+        assert_eq!(
+            holders(&t, now, HOUR, &[1, 2, 3, 4], ejected),
+            Some((2, vec![1]))
+        );
         t.sweep(now, HOUR, ejected);
         t.check();
         assert_eq!(t.len(), 2);
+        // A new owner of slot 0 starts from an empty list.
+        t.record(now, &[1], 0, (id(0), 1), 100);
+        t.check();
+        assert_eq!(holders(&t, now, HOUR, &[1, 2], ejected), Some((2, vec![1])));
+        assert_eq!(holders(&t, now, HOUR, &[1], ejected), Some((1, vec![0, 1])));
     }
 
     #[test]
@@ -366,8 +455,8 @@ mod tests {
         t.record(t0 + Duration::from_secs(8), &[1], 0, (id(0), 0), 3);
         let at = t0 + Duration::from_secs(12);
         assert_eq!(
-            t.lookup(at, ttl, &[1, 2], all),
-            Some((1, 0)),
+            holders(&t, at, ttl, &[1, 2], all),
+            Some((1, vec![0])),
             "2 expired, 1 slid"
         );
         t.sweep(at, ttl, all);
@@ -377,18 +466,17 @@ mod tests {
         t.record(at, &[10, 11, 12], 0, (id(0), 0), 3);
         t.check();
         assert_eq!(t.len(), 3);
-        assert_eq!(t.lookup(at, ttl, &[1], all), None);
+        assert_eq!(holders(&t, at, ttl, &[1], all), None);
         for k in 0..10_000u64 {
-            t.record(
-                at,
-                &[k * 3, k * 3 + 1, k * 3 + 2],
-                (k % 4) as u32,
-                (id((k % 4) as u32), 0),
-                5,
-            );
+            let s = (k % 4) as u32;
+            // Overlapping chains, so units gather several holders.
+            t.record(at, &[k % 7, k % 11 + 100, k * 3 + 1000], s, (id(s), 0), 5);
+            if k % 97 == 0 {
+                t.check();
+            }
         }
         t.check();
         assert!(t.len() <= 20);
-        assert!(t.slab_len() <= 20 + 3, "the slab never outgrows the bound");
+        assert!(t.slab_len() <= 20, "the slab never outgrows the bound");
     }
 }
