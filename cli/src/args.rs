@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use lb_core::settings::{MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
-use lb_core::{BackendSpec, Config, HealthConfig, Policy, Settings, Target, MAX_WEIGHT};
+use lb_core::{
+    AffinityConfig, BackendSpec, Config, HashKey, HealthConfig, Policy, QueueConfig, Settings,
+    Target, MAX_WEIGHT,
+};
 
 /// The smallest health-check interval accepted.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -90,6 +93,32 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
     pub head_timeout: Duration,
 
+    /// What consistent-hash routing hashes: header:NAME, user (the OpenAI `user` field) or
+    /// client-ip. Requests without the header or field hash the client IP.
+    #[arg(long, default_value = "user", value_parser = hash_key)]
+    pub hash_key: HashKey,
+
+    /// Cache-aware routing forgets a prefix after this long unused (sliding).
+    #[arg(long, default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
+    pub affinity_ttl: Duration,
+
+    /// When every healthy backend is at --max-conns, wait up to this long for a free slot
+    /// (FIFO) before answering 429. Default: answer 429 at once.
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    pub queue_timeout: Option<Duration>,
+
+    /// Most requests waiting for a slot at once (with --queue-timeout).
+    #[arg(long, default_value_t = lb_core::queue::DEFAULT_QUEUE_SIZE)]
+    pub queue_size: usize,
+
+    /// Append one JSON line per request (bodies included) to this file, created with mode 0640.
+    #[arg(long, value_name = "PATH")]
+    pub log_to: Option<PathBuf>,
+
+    /// Cap on each body captured in the --log-to file, in bytes.
+    #[arg(long, default_value_t = lb_core::reqlog::DEFAULT_BODY_LIMIT)]
+    pub log_body_limit: u64,
+
     /// Log one line per backend (URL, state, in-flight) with each status line.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -113,6 +142,10 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(t)
         .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m"))
+}
+
+fn hash_key(s: &str) -> Result<HashKey, String> {
+    s.parse()
 }
 
 fn policy(s: &str) -> Result<Policy, String> {
@@ -190,7 +223,19 @@ impl Cli {
                 self.health_path
             ));
         }
-        Ok(Settings {
+        if self.routing == Policy::CacheAware && self.max_conns == 0 {
+            return Err("--routing cache-aware needs --max-conns > 0 (its load guard and table size scale with it)".into());
+        }
+        if self.affinity_ttl.is_zero() {
+            return Err("--affinity-ttl must be greater than 0".into());
+        }
+        if self.queue_timeout.is_some() && self.queue_size == 0 {
+            return Err("--queue-size must be greater than 0 with --queue-timeout".into());
+        }
+        if self.queue_timeout.is_some() && self.max_conns == 0 {
+            return Err("--queue-timeout needs --max-conns > 0 (requests queue when every backend is at its limit)".into());
+        }
+        let settings = Settings {
             listen: SocketAddr::new(self.bind, self.port),
             backends,
             core: Config {
@@ -203,7 +248,14 @@ impl Cli {
                     passive_threshold: self.passive_threshold,
                 },
                 status_interval: Some(self.status_interval.unwrap_or(self.health_check_interval)),
-                ..Config::default()
+                affinity: AffinityConfig {
+                    ttl: self.affinity_ttl,
+                    ..AffinityConfig::default()
+                },
+                queue: QueueConfig {
+                    timeout: self.queue_timeout,
+                    size: self.queue_size,
+                },
             },
             request_timeout: self.timeout,
             connect_timeout: self.connect_timeout,
@@ -213,7 +265,15 @@ impl Cli {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: self.head_timeout,
-        })
+            hash_key: self.hash_key,
+            log_to: self.log_to,
+            log_body_limit: self.log_body_limit,
+        };
+        settings
+            .core
+            .validate(&settings.backends)
+            .map_err(|e| e.to_string())?;
+        Ok(settings)
     }
 }
 
@@ -277,6 +337,22 @@ mod tests {
             ),
             (&["--backends", "a:1#weight=0"][..], "weight"),
             (&["--backends", "a:1", "a:1"][..], "twice"),
+            (
+                &["--backends", "a:1", "--routing", "cache-aware"][..],
+                "max-conns",
+            ),
+            (
+                &["--backends", "a:1", "--queue-timeout", "5s"][..],
+                "max-conns",
+            ),
+            (
+                &["--backends", "a:1", "--hash-key", "cookie"][..],
+                "hash-key",
+            ),
+            (
+                &["--backends", "a:1", "--affinity-ttl", "0s"][..],
+                "affinity-ttl",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -59,10 +59,22 @@ fn status(r: &StatusReport, verbose: bool) -> Vec<String> {
         }
         let _ = write!(loads, "{l}");
     }
-    let mut out = vec![format!(
+    let mut line = format!(
         "[STATUS] Active: {} | Healthy: {}/{} | Conns/node: [{loads}]",
         r.in_flight, r.healthy, r.total
-    )];
+    );
+    if let Some(a) = &r.routing {
+        let _ = write!(
+            line,
+            " | Affinity: warm {}% cold {}% ovfl {}% ({} reqs, {} keys)",
+            a.percent(a.warm),
+            a.percent(a.cold),
+            a.percent(a.overflow),
+            a.requests,
+            a.keys
+        );
+    }
+    let mut out = vec![line];
     if verbose {
         for b in &r.backends {
             let state = match (b.draining, b.healthy) {

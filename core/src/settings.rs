@@ -44,6 +44,59 @@ pub struct Settings {
     pub max_head_bytes: usize,
     /// A client must send a complete request head within this long (else 408).
     pub head_timeout: Duration,
+    /// What `consistent-hash` routing hashes.
+    pub hash_key: HashKey,
+    /// Append one JSON line per request to this file (`--log-to`).
+    pub log_to: Option<PathBuf>,
+    /// Cap on each body captured for the request log.
+    pub log_body_limit: u64,
+}
+
+impl Settings {
+    /// Whether routing needs the request body (its first
+    /// [`MAX_BODY_PREFIX`](crate::affinity::MAX_BODY_PREFIX) bytes) before selecting.
+    pub fn routes_by_body(&self) -> bool {
+        match self.core.policy {
+            crate::Policy::CacheAware => true,
+            crate::Policy::ConsistentHash => self.hash_key == HashKey::User,
+            _ => false,
+        }
+    }
+}
+
+/// What `--routing consistent-hash` hashes (`--hash-key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value (name lowercase); requests without it hash the client IP.
+    Header(String),
+    /// The OpenAI `user` field of a JSON body; requests without it hash the client IP.
+    User,
+    /// The client's IP address.
+    ClientIp,
+}
+
+impl std::str::FromStr for HashKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" => Ok(HashKey::User),
+            "client-ip" => Ok(HashKey::ClientIp),
+            _ => match s.strip_prefix("header:") {
+                Some(name)
+                    if !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) =>
+                {
+                    Ok(HashKey::Header(name.to_ascii_lowercase()))
+                }
+                _ => Err(format!(
+                    "'{s}' is not a hash key (use header:NAME, user or client-ip)"
+                )),
+            },
+        }
+    }
 }
 
 /// A backend URL taken apart for the proxy.

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use lb_core::{BackendError, ErrorKind, Notice, Outcome};
 use tokio::time::Sleep;
 
 use crate::proxy::{describe, ReqLine};
+use crate::reqlog::Capture;
 use crate::shared::LeaseGuard;
 
 pin_project_lite::pin_project! {
@@ -26,6 +28,7 @@ pin_project_lite::pin_project! {
         guard: Option<LeaseGuard>,
         status: u16,
         request: ReqLine,
+        capture: Option<Arc<Capture>>,
     }
 }
 
@@ -36,6 +39,7 @@ impl Streamed {
         guard: LeaseGuard,
         status: u16,
         request: ReqLine,
+        capture: Option<Arc<Capture>>,
     ) -> Self {
         Streamed {
             inner,
@@ -43,6 +47,7 @@ impl Streamed {
             guard: Some(guard),
             status,
             request,
+            capture,
         }
     }
 }
@@ -58,6 +63,9 @@ impl Body for Streamed {
         let mut this = self.project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(c), Some(d)) = (this.capture.as_ref(), frame.data_ref()) {
+                    c.response(d);
+                }
                 if this.inner.is_end_stream() {
                     // hyper stops polling once the body says it has ended.
                     if let Some(g) = this.guard.take() {

@@ -5,44 +5,39 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use lb_core::{Action, Notice, ProbeId, ProbeOutcome};
+use lb_core::{Action, ProbeId, ProbeOutcome};
 
 use crate::proxy::describe;
 use crate::shared::Shared;
 
 /// Runs forever: handles due deadlines, starts the probes the core asks for, reports
-/// events, and sleeps until the next deadline.
+/// events and queue expiries, and sleeps until the next deadline (or until an input adds
+/// an earlier one).
 pub(crate) async fn drive(shared: Arc<Shared>) {
     loop {
-        let mut probes = Vec::new();
-        let mut events = Vec::new();
-        let next = {
+        let (drained, next) = {
             let mut core = shared.core();
             let now = Instant::now();
             if core.poll_timeout().is_some_and(|t| t <= now) {
                 core.handle_timeout(now);
             }
-            while let Some(action) = core.poll_action() {
-                probes.push(action);
-            }
-            while let Some(event) = core.poll_event() {
-                events.push(event);
-            }
-            core.poll_timeout()
+            (Shared::drain(&mut core), core.poll_timeout())
         };
-        for e in events {
-            (shared.log)(Notice::Core(e));
+        for action in &drained.actions {
+            let Action::StartProbe {
+                probe, deadline, ..
+            } = action;
+            tokio::spawn(run_probe(shared.clone(), *probe, *deadline));
         }
-        for Action::StartProbe {
-            probe, deadline, ..
-        } in probes
-        {
-            tokio::spawn(run_probe(shared.clone(), probe, deadline));
-        }
+        shared.dispatch(drained);
         match next {
-            Some(t) => tokio::time::sleep_until(t.into()).await,
-            // Nothing scheduled (no backends): nothing will ever be.
-            None => std::future::pending::<()>().await,
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = shared.rearm.notified() => {}
+                }
+            }
+            None => shared.rearm.notified().await,
         }
     }
 }
@@ -50,12 +45,9 @@ pub(crate) async fn drive(shared: Arc<Shared>) {
 /// One probe: `GET <backend><health-path>`, bounded by the core's deadline. The body is
 /// not read; the status decides.
 async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
-    let uri = shared.upstream(probe.backend()).probe_uri.clone();
-    let req = http::Request::get(uri)
-        .header(
-            http::header::HOST,
-            shared.upstream(probe.backend()).authority.as_str(),
-        )
+    let upstream = shared.upstream(probe.backend());
+    let req = http::Request::get(upstream.probe_uri.clone())
+        .header(http::header::HOST, upstream.authority.as_str())
         .header(
             http::header::USER_AGENT,
             concat!("lb/", env!("CARGO_PKG_VERSION"), " health-check"),
@@ -67,15 +59,10 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
         Ok(Err(e)) => ProbeOutcome::Error(describe(&e)),
         Err(_) => ProbeOutcome::TimedOut,
     };
-    let mut events = Vec::new();
-    {
+    let drained = {
         let mut core = shared.core();
         core.probe_result(Instant::now(), probe, outcome);
-        while let Some(e) = core.poll_event() {
-            events.push(e);
-        }
-    }
-    for e in events {
-        (shared.log)(Notice::Core(e));
-    }
+        Shared::drain(&mut core)
+    };
+    shared.dispatch(drained);
 }

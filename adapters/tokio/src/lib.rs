@@ -12,7 +12,9 @@ mod body;
 mod client;
 mod driver;
 mod proxy;
+mod reqlog;
 mod shared;
+mod upbody;
 
 use std::io;
 use std::sync::Arc;

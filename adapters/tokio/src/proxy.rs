@@ -6,7 +6,6 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,11 +13,17 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use lb_core::affinity::{user_of, MAX_BODY_PREFIX};
 use lb_core::reply::{self, ProxyError, Reply};
-use lb_core::{BackendError, ErrorKind, Notice, Outcome, RequestMeta};
+use lb_core::{
+    BackendError, ErrorKind, HashKey, Notice, Outcome, OwnedMeta, Policy, Reject, RequestKey,
+    RequestMeta,
+};
 
 use crate::body::Streamed;
+use crate::reqlog::Capture;
 use crate::shared::{LeaseGuard, Shared};
+use crate::upbody::UpBody;
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
 
@@ -42,8 +47,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The pooled client of the shard serving the request.
-pub(crate) type Traffic =
-    Arc<hyper_util::client::legacy::Client<crate::client::Connector, Incoming>>;
+pub(crate) type Traffic = Arc<hyper_util::client::legacy::Client<crate::client::Connector, UpBody>>;
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -64,12 +68,67 @@ pub(crate) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
-    let meta = RequestMeta::from_ip(peer.ip());
+    let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
+    let capture = shared.reqlog.as_ref().map(|log| {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        log.capture(req.method().as_str(), pq)
+    });
+    let (parts, body) = req.into_parts();
+    let mut body = UpBody::new(body, capture.clone());
+
+    // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
+    // to the backend before the rest of the body streams through.
+    let policy = shared.settings.core.policy;
+    let mut affinity = None;
+    let mut key: Option<Vec<u8>> = None;
+    if shared.settings.routes_by_body() {
+        let (data, ended) =
+            match tokio::time::timeout_at(deadline, body.read_prefix(MAX_BODY_PREFIX)).await {
+                Ok(Ok(read)) => read,
+                // The client stopped sending (or went away) before the body arrived.
+                _ => return Ok(logged(&capture, reply::error(ProxyError::BadRequest))),
+            };
+        match policy {
+            Policy::CacheAware => {
+                affinity = Some(if ended {
+                    RequestKey::from_body(&data)
+                } else {
+                    RequestKey::None
+                });
+            }
+            _ => {
+                key = ended
+                    .then(|| user_of(&data))
+                    .flatten()
+                    .map(String::into_bytes)
+            }
+        }
+    }
+    if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &shared.settings.hash_key) {
+        key = parts
+            .headers
+            .get(name.as_str())
+            .map(|v| v.as_bytes().to_vec());
+    }
+    let meta = RequestMeta {
+        client_ip: Some(peer.ip().to_canonical()),
+        key: key.as_deref(),
+        affinity: affinity.as_ref(),
+    };
     let guard = match shared.select(&meta) {
         Ok(g) => g,
-        Err(reject) => return Ok(local(reply::error(ProxyError::Rejected(reject)))),
+        Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
+            match shared.wait_for_slot(OwnedMeta::from(&meta)).await {
+                Ok(g) => g,
+                Err(reject) => {
+                    return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject))))
+                }
+            }
+        }
+        Err(reject) => return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject)))),
     };
-    Ok(forward(shared, traffic, guard, peer, req).await)
+    let req = Request::from_parts(parts, body);
+    Ok(forward(shared, traffic, guard, peer, req, deadline, capture).await)
 }
 
 async fn forward(
@@ -77,11 +136,14 @@ async fn forward(
     traffic: Traffic,
     guard: LeaseGuard,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<UpBody>,
+    deadline: tokio::time::Instant,
+    capture: Option<Arc<Capture>>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::from_std(started + shared.settings.request_timeout);
     let upstream = shared.upstream(guard.backend());
+    if let Some(c) = &capture {
+        c.backend(upstream.url.clone());
+    }
     let line = ReqLine {
         method: req.method().clone(),
         uri: req.uri().clone(),
@@ -93,7 +155,7 @@ async fn forward(
         Ok(u) => u,
         Err(_) => {
             guard.finish(Outcome::Cancelled);
-            return local(reply::error(ProxyError::BadRequest));
+            return logged(&capture, reply::error(ProxyError::BadRequest));
         }
     };
     *req.uri_mut() = uri;
@@ -107,14 +169,14 @@ async fn forward(
                 // The client's request body failed (it went away mid-upload): not the
                 // backend's fault.
                 guard.finish(Outcome::Cancelled);
-                return local(reply::error(ProxyError::BadRequest));
+                return logged(&capture, reply::error(ProxyError::BadRequest));
             }
             let kind = if e.is_connect() {
                 ErrorKind::Connect
             } else {
                 ErrorKind::Io
             };
-            return fail(
+            let reply = fail(
                 &shared,
                 guard,
                 &line,
@@ -122,10 +184,11 @@ async fn forward(
                 kind,
                 describe(&e),
             );
+            return logged(&capture, reply);
         }
         Err(_) => {
             let msg = "no response before the request timeout (--timeout)".to_string();
-            return fail(
+            let reply = fail(
                 &shared,
                 guard,
                 &line,
@@ -133,9 +196,13 @@ async fn forward(
                 ErrorKind::Timeout,
                 msg,
             );
+            return logged(&capture, reply);
         }
     };
     let status = resp.status().as_u16();
+    if let Some(c) = &capture {
+        c.status(status);
+    }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -154,15 +221,19 @@ async fn forward(
         guard.finish(Outcome::Response(status));
         Either::Left(Full::default())
     } else {
-        Either::Right(Streamed::new(
-            body,
-            tokio::time::sleep_until(deadline),
-            guard,
-            status,
-            line,
-        ))
+        let sleep = tokio::time::sleep_until(deadline);
+        Either::Right(Streamed::new(body, sleep, guard, status, line, capture))
     };
     Response::from_parts(parts, body)
+}
+
+/// A local reply, recorded in the request log.
+fn logged(capture: &Option<Arc<Capture>>, reply: Reply) -> Response<ProxyBody> {
+    if let Some(c) = capture {
+        c.status(reply.status);
+        c.response(reply.body.as_bytes());
+    }
+    local(reply)
 }
 
 /// Joins an upgraded client connection with the upgraded backend connection (WebSocket
@@ -190,7 +261,7 @@ fn fail(
     answer: ProxyError,
     kind: ErrorKind,
     message: String,
-) -> Response<ProxyBody> {
+) -> Reply {
     let reply = reply::error(answer);
     (shared.log)(Notice::ProxyError {
         backend: shared.upstream(guard.backend()).url.clone(),
@@ -202,7 +273,7 @@ fn fail(
         status: None,
         error: BackendError { kind, message },
     });
-    local(reply)
+    reply
 }
 
 /// A response the proxy makes itself.

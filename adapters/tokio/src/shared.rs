@@ -1,5 +1,6 @@
 //! State shared by every task: the core behind a mutex, backend targets, HTTP clients.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -13,14 +14,15 @@ use http::Uri;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use lb_core::{
-    BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, PoolError, RequestMeta, Settings,
-    Target,
+    Action, Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta,
+    PoolError, Reject, RequestMeta, Settings, Target, Ticket,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::client::{self, Connector};
+use crate::reqlog::RequestLog;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -35,6 +37,8 @@ pub enum StartError {
     Backend(PoolError),
     /// A backend URL could not be turned into a request URI.
     Url(String),
+    /// The request log could not be opened.
+    Log(std::path::PathBuf, io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -45,6 +49,7 @@ impl fmt::Display for StartError {
             StartError::Tls(e) => write!(f, "TLS setup failed (--backend-ca): {e}"),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
+            StartError::Log(p, e) => write!(f, "--log-to {}: {e}", p.display()),
         }
     }
 }
@@ -109,6 +114,20 @@ pub(crate) struct Shared {
     pub(crate) log: NoticeSink,
     shutting_down: AtomicBool,
     idle: Notify,
+    /// The request log, when `--log-to` is set.
+    pub(crate) reqlog: Option<Arc<RequestLog>>,
+    /// Requests waiting in the core's admission queue, by ticket.
+    waiters: Mutex<HashMap<u64, oneshot::Sender<Admission>>>,
+    /// Wakes the driver when an input added an earlier deadline (a queued request).
+    pub(crate) rearm: Notify,
+}
+
+/// What the core said after one input, handled outside its lock.
+#[derive(Default)]
+pub(crate) struct Drained {
+    pub(crate) actions: Vec<Action>,
+    events: Vec<lb_core::Event>,
+    admissions: Vec<Admission>,
 }
 
 impl Shared {
@@ -130,6 +149,13 @@ impl Shared {
             upstreams[id.slot()] = Some(Upstream::new(&target, &settings.health_path)?);
         }
         let connector = client::connector(&settings)?;
+        let reqlog = match &settings.log_to {
+            Some(path) => Some(Arc::new(
+                RequestLog::open(path, settings.log_body_limit)
+                    .map_err(|e| StartError::Log(path.clone(), e))?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
             upstreams,
@@ -139,6 +165,9 @@ impl Shared {
             log,
             shutting_down: AtomicBool::new(false),
             idle: Notify::new(),
+            reqlog,
+            waiters: Mutex::new(HashMap::new()),
+            rearm: Notify::new(),
         }))
     }
 
@@ -167,21 +196,101 @@ impl Shared {
         })
     }
 
+    /// Takes everything the core has to say after an input (call under its lock).
+    pub(crate) fn drain(core: &mut Balancer<SmallRng>) -> Drained {
+        let mut d = Drained::default();
+        while let Some(a) = core.poll_action() {
+            d.actions.push(a);
+        }
+        while let Some(e) = core.poll_event() {
+            d.events.push(e);
+        }
+        while let Some(a) = core.poll_admission() {
+            d.admissions.push(a);
+        }
+        d
+    }
+
+    /// Logs events and hands admissions to their waiting requests (outside the lock). An
+    /// admission nobody waits for any more is released at once, which may admit the next.
+    pub(crate) fn dispatch(&self, mut d: Drained) {
+        loop {
+            for e in d.events.drain(..) {
+                (self.log)(Notice::Core(e));
+            }
+            let mut orphans = Vec::new();
+            for adm in d.admissions.drain(..) {
+                let waiter = self
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&adm.ticket().id());
+                let undelivered = match waiter {
+                    Some(tx) => tx.send(adm).err(),
+                    None => Some(adm),
+                };
+                if let Some(Admission::Admitted(_, lease)) = undelivered {
+                    orphans.push(lease);
+                }
+            }
+            if orphans.is_empty() {
+                return;
+            }
+            let mut core = self.core();
+            for lease in orphans {
+                core.release(Instant::now(), lease, Outcome::Cancelled);
+            }
+            let more = Self::drain(&mut core);
+            drop(core);
+            d.events = more.events;
+            d.admissions = more.admissions;
+        }
+    }
+
     fn release(&self, lease: Lease, outcome: Outcome) {
-        let mut events = Vec::new();
-        let idle = {
+        let (d, idle) = {
             let mut core = self.core();
             core.release(Instant::now(), lease, outcome);
-            while let Some(e) = core.poll_event() {
-                events.push(e);
-            }
-            core.outstanding() == 0
+            (Self::drain(&mut core), core.outstanding() == 0)
         };
-        for e in events {
-            (self.log)(Notice::Core(e));
-        }
+        self.dispatch(d);
         if idle && self.shutting_down.load(Ordering::Acquire) {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits in the core's admission queue for a slot (every backend was at its cap).
+    /// Dropping the future (the client left) gives the place up.
+    pub(crate) async fn wait_for_slot(
+        self: &Arc<Self>,
+        meta: OwnedMeta,
+    ) -> Result<LeaseGuard, Reject> {
+        let (tx, rx) = oneshot::channel();
+        let ticket = {
+            let mut core = self.core();
+            let ticket = core.enqueue(Instant::now(), meta)?;
+            // Registered under the core's lock: no admission for it can be drained before.
+            self.waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ticket.id(), tx);
+            ticket
+        };
+        self.rearm.notify_one();
+        let mut wait = QueueWait {
+            shared: self.clone(),
+            ticket,
+            rx: Some(rx),
+        };
+        let admission = wait.rx.as_mut().expect("present until drop").await;
+        wait.rx = None;
+        match admission {
+            Ok(Admission::Admitted(_, lease)) => Ok(LeaseGuard {
+                shared: self.clone(),
+                lease: Some(lease),
+                outcome: Outcome::Cancelled,
+            }),
+            Ok(Admission::Expired(_)) | Err(_) => Err(Reject::AllAtCapacity),
         }
     }
 
@@ -235,5 +344,37 @@ impl Drop for LeaseGuard {
             let outcome = std::mem::replace(&mut self.outcome, Outcome::Cancelled);
             self.shared.release(lease, outcome);
         }
+    }
+}
+
+/// A place in the admission queue; dropping it before the admission arrived gives it up,
+/// and a lease that arrived meanwhile is released.
+struct QueueWait {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+    rx: Option<oneshot::Receiver<Admission>>,
+}
+
+impl Drop for QueueWait {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let d = {
+            let mut core = self.shared.core();
+            core.cancel(Instant::now(), self.ticket);
+            Shared::drain(&mut core)
+        };
+        self.shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.ticket.id());
+        // No send can land after close(); one that landed before is taken back here.
+        rx.close();
+        if let Ok(Admission::Admitted(_, lease)) = rx.try_recv() {
+            self.shared.release(lease, Outcome::Cancelled);
+        }
+        self.shared.dispatch(d);
     }
 }

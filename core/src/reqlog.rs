@@ -1,0 +1,174 @@
+//! The request log (`--log-to`): one JSON object per completed request, one per line.
+//!
+//! Adapters capture the bodies as they stream and hand a [`Record`] to a writer off the
+//! request path; this module decides what a line says, so both builds write the same.
+
+use std::fmt::Write as _;
+
+/// Default cap on each captured body (`--log-body-limit`).
+pub const DEFAULT_BODY_LIMIT: u64 = 1 << 30;
+
+/// One completed (or refused) request.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    /// From arrival to the end of the response (or of the exchange).
+    pub duration_ms: u64,
+    /// Request method.
+    pub method: &'a str,
+    /// Request path and query.
+    pub path: &'a str,
+    /// Status sent to the client (0 if none was sent).
+    pub status: u16,
+    /// The backend's URL; `None` for requests refused by `lb` itself (429, 503).
+    pub backend: Option<&'a str>,
+    /// The captured request body (at most the cap).
+    pub request: &'a [u8],
+    /// Whether the request body was cut at the cap.
+    pub request_truncated: bool,
+    /// The captured response body (at most the cap).
+    pub response: &'a [u8],
+    /// Whether the response body was cut at the cap.
+    pub response_truncated: bool,
+}
+
+impl Record<'_> {
+    /// The record as one line of JSON, newline included: bodies are embedded as JSON when
+    /// they are JSON, as a string otherwise (e.g. an SSE stream; invalid UTF-8 replaced),
+    /// `null` when empty.
+    pub fn to_line(&self) -> String {
+        let mut out = String::with_capacity(256 + self.request.len() + self.response.len());
+        let _ = write!(
+            out,
+            r#"{{"time":"{}","duration_ms":{},"method":{},"path":{},"status":{},"backend":{},"#,
+            rfc3339_ms(self.time_unix_ms),
+            self.duration_ms,
+            json_string(self.method),
+            json_string(self.path),
+            self.status,
+            self.backend.map_or("null".to_string(), json_string),
+        );
+        out.push_str(r#""request":"#);
+        body(self.request, &mut out);
+        out.push_str(r#","response":"#);
+        body(self.response, &mut out);
+        let _ = writeln!(
+            out,
+            r#","request_truncated":{},"response_truncated":{}}}"#,
+            self.request_truncated, self.response_truncated
+        );
+        out
+    }
+}
+
+/// The line written when records had to be dropped (the writer fell behind).
+pub fn dropped_line(time_unix_ms: u64, dropped: u64) -> String {
+    format!(
+        "{{\"time\":\"{}\",\"dropped_records\":{dropped},\"reason\":\"the log writer fell behind; these requests were served but not logged\"}}\n",
+        rfc3339_ms(time_unix_ms)
+    )
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("serialising a str cannot fail")
+}
+
+fn body(b: &[u8], out: &mut String) {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        out.push_str("null");
+        return;
+    }
+    match serde_json::from_slice::<serde_json::Value>(b) {
+        // Valid JSON on one line is kept byte for byte (key order, number spelling);
+        // otherwise it is re-serialised compactly so the record stays on one line.
+        Ok(v) => match std::str::from_utf8(b) {
+            Ok(raw) if !raw.contains(['\n', '\r']) => out.push_str(raw.trim()),
+            _ => out.push_str(&v.to_string()),
+        },
+        Err(_) => out.push_str(&json_string(&String::from_utf8_lossy(b))),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` from milliseconds since the epoch (proleptic Gregorian).
+fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(req: &'a [u8], resp: &'a [u8]) -> Record<'a> {
+        Record {
+            time_unix_ms: 1_795_441_071_123,
+            duration_ms: 12,
+            method: "POST",
+            path: "/v1/completions",
+            status: 200,
+            backend: Some("http://127.0.0.1:8001"),
+            request: req,
+            request_truncated: false,
+            response: resp,
+            response_truncated: true,
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_795_441_071_123), "2026-11-23T13:37:51.123Z");
+    }
+
+    #[test]
+    fn json_bodies_are_embedded_on_one_line() {
+        let line = record(
+            b"{\n  \"prompt\": \"hi\"\n}",
+            b"data: {\"a\":1}\n\ndata: [DONE]\n\n",
+        )
+        .to_line();
+        assert!(line.ends_with('\n'));
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["request"]["prompt"], "hi");
+        assert_eq!(v["response"], "data: {\"a\":1}\n\ndata: [DONE]\n\n");
+        assert_eq!(v["backend"], "http://127.0.0.1:8001");
+        assert_eq!(v["time"], "2026-11-23T13:37:51.123Z");
+        let raw = record(br#"{"z":1,"a":2.50}"#, b"").to_line();
+        assert!(
+            raw.contains(r#""request":{"z":1,"a":2.50}"#),
+            "kept verbatim: {raw}"
+        );
+        assert_eq!(v["response_truncated"], true);
+    }
+
+    #[test]
+    fn empty_bodies_and_no_backend_are_null() {
+        let mut r = record(b"", b" ");
+        r.backend = None;
+        let v: serde_json::Value = serde_json::from_str(&r.to_line()).unwrap();
+        assert!(v["request"].is_null() && v["response"].is_null() && v["backend"].is_null());
+        let d: serde_json::Value = serde_json::from_str(&dropped_line(0, 3)).unwrap();
+        assert_eq!(d["dropped_records"], 3);
+    }
+}
