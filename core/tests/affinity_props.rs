@@ -1,5 +1,5 @@
 //! Property tests of cache-aware routing against a reference model (longest prefix,
-//! overflow, re-pointing, TTL, epoch invalidation), of the table's memory bound, and of
+//! overflow, recording, TTL, epoch invalidation), of the table's memory bound, and of
 //! consistent hashing's minimal disruption.
 
 use std::collections::HashMap;

@@ -83,7 +83,7 @@ fn deeper_entries_beat_shallower_ones_on_other_backends() {
     let x = l1.backend();
     let l2 = pick(&mut b, now, &deep);
     assert_eq!(l2.backend(), x);
-    // [1] lives on x, which is 2 ahead: [1] overflows to y and is re-pointed there.
+    // [1] lives on x, which is 2 ahead: [1] overflows to y and is recorded there too.
     let l3 = pick(&mut b, now, &chain(&[1]));
     let y = l3.backend();
     assert_ne!(y, x);
