@@ -1,17 +1,26 @@
 //! A client connection: request heads in (bounded by `--head-timeout`), `/health` and
 //! errors answered here, everything else forwarded; kept alive until either side ends it.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_io::Timer;
 use futures_lite::future;
-use lb_core::http1::{self, BodyKind, Header, RequestHead, ResponseHead, Status, Version};
+use lb_core::affinity::{user_of, MAX_BODY_PREFIX};
+use lb_core::http1::{
+    self, BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version,
+};
 use lb_core::reply::{self, ProxyError, Reply};
-use lb_core::RequestMeta;
+use lb_core::{HashKey, OwnedMeta, Policy, Reject, RequestKey, RequestMeta};
 
 use crate::exchange;
-use crate::io::{head_read_size, linger_close, may_end_head, read_more, send};
+use crate::io::{
+    head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
+};
+use crate::pump::WATCH_CAP;
+use crate::reqlog::Dechunk;
 use crate::shared::{ConnectionGuard, Shared};
 use crate::stream::Stream;
 
@@ -77,25 +86,158 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
     }
 }
 
+/// One request: `/health` answered here; else routing keys (from the body's first part
+/// when routing by content), a backend from the core (or a wait in its admission queue),
+/// and the exchange. Every request but `/health` gets a request-log capture when
+/// `--log-to` is set.
 async fn handle(
     shared: &Arc<Shared>,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
-    req: RequestHead,
+    mut req: RequestHead,
 ) -> After {
-    // A body we do not forward is not read: the connection closes after the answer.
-    let no_body = matches!(req.body_kind(), Ok(BodyKind::None | BodyKind::Length(0)));
-    let local = if path(&req.target) == "/health" {
-        reply::health(shared.core().summary())
-    } else {
-        match shared.select(&RequestMeta::from_ip(peer.ip().to_canonical())) {
-            Ok(guard) => return exchange::forward(shared, client, cbuf, peer, req, guard).await,
-            Err(reject) => reply::error(ProxyError::Rejected(reject)),
+    if path(&req.target) == "/health" {
+        let local = reply::health(shared.core().summary());
+        return answer(shared, client, &req, &local).await;
+    }
+    let deadline = Instant::now() + shared.settings.request_timeout;
+    let capture = shared
+        .reqlog
+        .as_ref()
+        .map(|log| log.capture(&req.method, path_and_query(&req.target)));
+
+    // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
+    // from where they are forwarded); the rest streams through as usual.
+    let policy = shared.settings.core.policy;
+    let mut affinity = None;
+    let mut key: Option<Vec<u8>> = None;
+    if shared.settings.routes_by_body() {
+        let read = future::or(read_prefix(client, cbuf, &mut req), async {
+            Timer::at(deadline).await;
+            None
+        });
+        let Some((data, ended)) = read.await else {
+            // The client stopped sending (or went away, or framed its body badly) before
+            // the body arrived.
+            let local = reply::error(ProxyError::BadRequest);
+            if let Some(c) = &capture {
+                c.reply(&local);
+            }
+            return match write_reply(client, &local, &req, false).await {
+                Ok(()) => After::Linger,
+                Err(_) => After::Gone,
+            };
+        };
+        match policy {
+            Policy::CacheAware => {
+                affinity = Some(if ended {
+                    RequestKey::from_body(&data)
+                } else {
+                    RequestKey::None
+                });
+            }
+            _ => {
+                key = ended
+                    .then(|| user_of(&data))
+                    .flatten()
+                    .map(String::into_bytes)
+            }
         }
+    }
+    if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &shared.settings.hash_key) {
+        key = req.header(name).map(<[u8]>::to_vec);
+    }
+    let meta = RequestMeta {
+        client_ip: Some(peer.ip().to_canonical()),
+        key: key.as_deref(),
+        affinity: affinity.as_ref(),
     };
+    let selected = match shared.select(&meta) {
+        Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
+            // Wait for a slot; a client that leaves meanwhile gives its place up.
+            let wait = shared.wait_for_slot(OwnedMeta::from(&meta));
+            let waited = future::or(async { Some(wait.await) }, async {
+                watch(client, cbuf, WATCH_CAP).await;
+                None
+            });
+            match waited.await {
+                Some(selected) => selected,
+                None => return After::Gone,
+            }
+        }
+        selected => selected,
+    };
+    let local = match selected {
+        Ok(guard) => {
+            return exchange::forward(shared, client, cbuf, peer, req, guard, deadline, capture)
+                .await
+        }
+        Err(reject) => reply::error(ProxyError::Rejected(reject)),
+    };
+    if let Some(c) = &capture {
+        c.reply(&local);
+    }
+    answer(shared, client, &req, &local).await
+}
+
+/// Reads the request body into `cbuf` (after what it holds) until the body ends or
+/// [`MAX_BODY_PREFIX`] bytes of its data are here; returns the data and whether the body
+/// ended within it. `None`: the client left, or its body is badly framed. A client that
+/// waits for `100 Continue` gets it first (and the backend is not asked again).
+async fn read_prefix<'b>(
+    client: &Stream,
+    cbuf: &'b mut Vec<u8>,
+    req: &mut RequestHead,
+) -> Option<(Cow<'b, [u8]>, bool)> {
+    let kind = req.body_kind().ok()?;
+    let mut framer = BodyFramer::new(kind);
+    let mut chunks = matches!(kind, BodyKind::Chunked).then(|| (Dechunk::default(), Vec::new()));
+    let mut consumed = 0;
+    let mut size = ReadSize::new();
+    let mut budget = Budget::new();
+    let mut first = true;
+    loop {
+        let p = framer.push(&cbuf[consumed..]).ok()?;
+        let wire = &cbuf[consumed..consumed + p.consumed];
+        consumed += p.consumed;
+        let held = match &mut chunks {
+            Some((dechunk, data)) => {
+                dechunk.feed(wire, |d| data.extend_from_slice(d));
+                data.len()
+            }
+            None => consumed,
+        };
+        if p.done || held >= MAX_BODY_PREFIX {
+            break;
+        }
+        if first && req.expects_continue() {
+            send(client, b"HTTP/1.1 100 Continue\r\n\r\n").await.ok()?;
+            req.headers.retain(|h| !h.is("expect"));
+        }
+        first = false;
+        match read_more(client, &mut *cbuf, size.get()).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => {
+                size.record(n);
+                budget.spend(n).await;
+            }
+        }
+    }
+    let ended = framer.is_done();
+    Some(match chunks {
+        Some((_, data)) => (Cow::Owned(data), ended),
+        None => (Cow::Borrowed(&cbuf[..consumed]), ended),
+    })
+}
+
+/// Sends a reply the proxy made itself; the connection carries on only if the request
+/// had no body (a body we do not forward is not read: the connection closes after the
+/// answer).
+async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Reply) -> After {
+    let no_body = matches!(req.body_kind(), Ok(BodyKind::None | BodyKind::Length(0)));
     let keep = no_body && req.keep_alive() && !shared.is_shutting_down();
-    match write_reply(client, &local, &req, keep).await {
+    match write_reply(client, local, req, keep).await {
         Err(_) => After::Gone,
         Ok(()) if keep => After::KeepAlive,
         Ok(()) if no_body => After::Close,
@@ -154,6 +296,18 @@ fn path(target: &str) -> &str {
         _ => target,
     };
     origin.split('?').next().unwrap_or(origin)
+}
+
+/// The path and query of a request target, as the request log shows it: an absolute-form
+/// target without its scheme and authority.
+fn path_and_query(target: &str) -> &str {
+    match target.find("://") {
+        Some(i) if !target.starts_with('/') => {
+            let rest = &target[i + 3..];
+            rest.find(['/', '?']).map_or("/", |j| &rest[j..])
+        }
+        _ => target,
+    }
 }
 
 /// Sends a reply the proxy makes itself, to `req`; `keep` says whether the connection
@@ -240,5 +394,14 @@ mod tests {
         assert_eq!(path("http://h:1"), "/");
         assert_eq!(path("/a://b"), "/a://b");
         assert_eq!(path("*"), "*");
+    }
+
+    #[test]
+    fn paths_and_queries() {
+        use super::path_and_query;
+        assert_eq!(path_and_query("/v1/x?a=1"), "/v1/x?a=1");
+        assert_eq!(path_and_query("http://h:1/v1?a"), "/v1?a");
+        assert_eq!(path_and_query("http://h:1"), "/");
+        assert_eq!(path_and_query("*"), "*");
     }
 }

@@ -7,21 +7,23 @@ use async_executor::Executor;
 use async_io::Timer;
 use futures_lite::future;
 use lb_core::http1::{self, Header, RequestHead, Status, Version};
-use lb_core::{Action, Notice, ProbeId, ProbeOutcome};
+use lb_core::{Action, ProbeId, ProbeOutcome};
 
 use crate::connect::describe;
 use crate::io::{head_read_size, read_more, send};
 use crate::shared::Shared;
 
-/// Runs forever: handles due deadlines, starts the probes the core asks for (as tasks on
-/// `spawner`, held weakly so that the executor can go away), reports events, and sleeps
-/// until the next deadline.
+/// Runs forever: handles due deadlines (queue expiries among them), starts the probes the
+/// core asks for (as tasks on `spawner`, held weakly so that the executor can go away),
+/// reports events, delivers admissions, and sleeps until the next deadline, or until an
+/// input may have added an earlier one (`Shared::rearm`).
 pub(crate) async fn drive(shared: Arc<Shared>, spawner: Weak<Executor<'static>>) {
     let mut timer = Timer::never();
     loop {
+        // Listening before reading the deadline: a later enqueue wakes this turn's sleep.
+        let rearmed = shared.rearm.listen();
         let mut probes = Vec::new();
-        let mut events = Vec::new();
-        let next = {
+        let (drained, next) = {
             let mut core = shared.core();
             let now = Instant::now();
             if core.poll_timeout().is_some_and(|t| t <= now) {
@@ -30,14 +32,9 @@ pub(crate) async fn drive(shared: Arc<Shared>, spawner: Weak<Executor<'static>>)
             while let Some(action) = core.poll_action() {
                 probes.push(action);
             }
-            while let Some(event) = core.poll_event() {
-                events.push(event);
-            }
-            core.poll_timeout()
+            (Shared::drain(&mut core), core.poll_timeout())
         };
-        for e in events {
-            (shared.log)(Notice::Core(e));
-        }
+        shared.dispatch(drained);
         for Action::StartProbe {
             probe, deadline, ..
         } in probes
@@ -48,10 +45,16 @@ pub(crate) async fn drive(shared: Arc<Shared>, spawner: Weak<Executor<'static>>)
         }
         match next {
             Some(t) => timer.set_at(t),
-            // Nothing scheduled (no backends): nothing will ever be.
+            // Nothing scheduled (no backends, an empty queue) until an input says so.
             None => timer = Timer::never(),
         }
-        (&mut timer).await;
+        future::or(
+            async {
+                (&mut timer).await;
+            },
+            rearmed,
+        )
+        .await;
     }
 }
 
@@ -63,17 +66,12 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
         ProbeOutcome::TimedOut
     })
     .await;
-    let mut events = Vec::new();
-    {
+    let drained = {
         let mut core = shared.core();
         core.probe_result(Instant::now(), probe, outcome);
-        while let Some(e) = core.poll_event() {
-            events.push(e);
-        }
-    }
-    for e in events {
-        (shared.log)(Notice::Core(e));
-    }
+        Shared::drain(&mut core)
+    };
+    shared.dispatch(drained);
 }
 
 async fn check(shared: &Shared, probe: ProbeId) -> ProbeOutcome {

@@ -34,12 +34,17 @@ use crate::io::{send, splice, watch};
 use crate::pump::{
     download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
 };
+use crate::reqlog::{Capture, Side, Tap};
 use crate::shared::{LeaseGuard, Shared};
 use crate::stream::Stream;
 
-/// Forwards `req` to the lease's backend and its response to the client; says whether
-/// the client connection carries on. `cbuf` holds the bytes read from the client after
-/// the head, and keeps what follows this request's body.
+/// Forwards `req` to the lease's backend and its response to the client, by `deadline`
+/// (`--timeout` from the request's arrival); says whether the client connection carries
+/// on. `cbuf` holds the bytes read from the client after the head (for content-based
+/// routing, the body or its first part), and keeps what follows this request's body. The
+/// request log's `capture` gets the backend, the status and both bodies; it is written
+/// when the exchange ends (for an upgrade, once the `101` is sent).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
     shared: &Arc<Shared>,
     client: &Stream,
@@ -47,14 +52,20 @@ pub(crate) async fn forward(
     peer: SocketAddr,
     req: RequestHead,
     guard: LeaseGuard,
+    deadline: Instant,
+    capture: Option<Capture>,
 ) -> After {
     let id = guard.backend();
     let up = shared.upstream(id);
-    let mut timer = Timer::at(Instant::now() + shared.settings.request_timeout);
+    let mut timer = Timer::at(deadline);
+    if let Some(c) = &capture {
+        c.backend(up.url.clone());
+    }
     let ctx = Ctx {
         shared,
         id,
         req: &req,
+        capture: capture.as_ref(),
     };
 
     // The head for the backend, with the body bytes already here.
@@ -65,14 +76,20 @@ pub(crate) async fn forward(
         backend_authority: &up.target.authority,
         backend_path_prefix: &up.target.path_prefix,
     };
-    let mut framer = match rewrite_request(&req, &fwd, &mut head) {
-        Ok(kind) => BodyFramer::new(kind),
+    let (mut framer, mut up_tap) = match rewrite_request(&req, &fwd, &mut head) {
+        Ok(kind) => (
+            BodyFramer::new(kind),
+            Tap::new(capture.as_ref(), Side::Request, kind),
+        ),
         Err(_) => return ctx.reject(client, guard, ProxyError::BadRequest).await,
     };
     let early = match framer.push(cbuf) {
         Ok(p) => p.consumed,
         Err(_) => return ctx.reject(client, guard, ProxyError::BadRequest).await,
     };
+    if let Some(tap) = &mut up_tap {
+        tap.feed(&cbuf[..early]);
+    }
     head.extend_from_slice(&cbuf[..early]);
     cbuf.drain(..early);
     let body_read = framer.is_done();
@@ -129,7 +146,7 @@ pub(crate) async fn forward(
         },
     }
     let step = {
-        let mut upload = pin!(upload(client, cbuf, &conn, framer, &req_done));
+        let mut upload = pin!(upload(client, cbuf, &conn, framer, &req_done, up_tap));
 
         // Phase 1: the response head, while the request body goes up.
         enum P1 {
@@ -199,13 +216,20 @@ pub(crate) async fn forward(
             P1::Timeout => return ctx.timeout(client, guard, done).await,
         };
         let status = resp.status;
+        if let Some(c) = &capture {
+            c.status(status);
+        }
         if plan.is_upgrade() {
             Step::Upgrade(resp, out)
         } else {
             // Phase 2: the head (with the body bytes already here), then the body.
             let mut framer = BodyFramer::new(plan.body);
+            let mut down_tap = Tap::new(capture.as_ref(), Side::Response, plan.body);
             match framer.push(&bbuf) {
                 Ok(p) => {
+                    if let Some(tap) = &mut down_tap {
+                        tap.feed(&bbuf[..p.consumed]);
+                    }
                     out.extend_from_slice(&bbuf[..p.consumed]);
                     bbuf.drain(..p.consumed);
                 }
@@ -229,7 +253,7 @@ pub(crate) async fn forward(
                 Timeout,
             }
             let p2 = {
-                let mut down = pin!(download(client, &conn, &mut bbuf, framer, out));
+                let mut down = pin!(download(client, &conn, &mut bbuf, framer, out, down_tap));
                 poll_fn(|cx| {
                     if poll_upload(upload.as_mut(), &mut up_failed, cx).is_some() {
                         return Poll::Ready(P2::Up);
@@ -299,6 +323,8 @@ pub(crate) async fn forward(
 
     // Phase 3: 101 Switching Protocols. The client may already have sent tunnel bytes
     // (kept in `cbuf`), and the backend may have sent some after its head (in `bbuf`).
+    // The request is logged now, as the tunnel may stay open for hours.
+    drop(capture);
     let status = resp.status;
     let result = async {
         send(client, &out).await?;
@@ -320,6 +346,7 @@ struct Ctx<'a> {
     shared: &'a Shared,
     id: BackendId,
     req: &'a RequestHead,
+    capture: Option<&'a Capture>,
 }
 
 impl Ctx<'_> {
@@ -368,12 +395,19 @@ impl Ctx<'_> {
     /// backend's fault.
     async fn reject(&self, client: &Stream, guard: LeaseGuard, answer: ProxyError) -> After {
         guard.finish(Outcome::Cancelled);
-        let _ = write_reply(client, &reply::error(answer), self.req, false).await;
+        let reply = reply::error(answer);
+        if let Some(c) = self.capture {
+            c.reply(&reply);
+        }
+        let _ = write_reply(client, &reply, self.req, false).await;
         After::Linger
     }
 
     /// Answers an error; the connection carries on only if the request was read whole.
     async fn answer(&self, client: &Stream, reply: reply::Reply, req_done: bool) -> After {
+        if let Some(c) = self.capture {
+            c.reply(&reply);
+        }
         let keep = req_done && self.req.keep_alive() && !self.shared.is_shutting_down();
         match write_reply(client, &reply, self.req, keep).await {
             Err(_) => After::Gone,

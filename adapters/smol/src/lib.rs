@@ -32,6 +32,7 @@ mod io;
 mod listen;
 mod pool;
 mod pump;
+mod reqlog;
 mod shared;
 mod stream;
 #[cfg(feature = "tls")]

@@ -19,6 +19,7 @@ use crate::connect::describe;
 use crate::io::{
     head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
 };
+use crate::reqlog::Tap;
 use crate::shared::{Shared, Upstream};
 use crate::stream::Stream;
 
@@ -105,14 +106,16 @@ pub(crate) async fn send_head(
     }
 }
 
-/// Client → backend: the rest of the request body as it arrives, then (the body complete,
-/// `done` set) watching the client, so that one that leaves cancels the exchange.
+/// Client → backend: the rest of the request body as it arrives (copied to `tap`), then
+/// (the body complete, `done` set) watching the client, so that one that leaves cancels
+/// the exchange.
 pub(crate) async fn upload(
     client: &Stream,
     cbuf: &mut Vec<u8>,
     conn: &Stream,
     mut framer: BodyFramer,
     done: &AtomicBool,
+    mut tap: Option<Tap<'_>>,
 ) -> UpEnd {
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
@@ -127,6 +130,9 @@ pub(crate) async fn upload(
             Ok(p) => p,
             Err(_) => return UpEnd::BadBody,
         };
+        if let Some(tap) = &mut tap {
+            tap.feed(&cbuf[..p.consumed]);
+        }
         let mut written = 0;
         if let Err(e) = write_counted(conn, &cbuf[..p.consumed], &mut written).await {
             return UpEnd::BackendWrite(e);
@@ -188,14 +194,16 @@ pub(crate) async fn response_head(
     }
 }
 
-/// Backend → client: the head (with the first body bytes), then the body as it arrives,
-/// each read written through at once (server-sent events are not held back).
+/// Backend → client: the head (with the first body bytes), then the body as it arrives
+/// (copied to `tap`), each read written through at once (server-sent events are not held
+/// back).
 pub(crate) async fn download(
     client: &Stream,
     conn: &Stream,
     bbuf: &mut Vec<u8>,
     mut framer: BodyFramer,
     out: Vec<u8>,
+    mut tap: Option<Tap<'_>>,
 ) -> DownEnd {
     if send(client, &out).await.is_err() {
         return DownEnd::ClientGone;
@@ -220,6 +228,9 @@ pub(crate) async fn download(
                 return DownEnd::Backend(ErrorKind::Protocol, format!("invalid response body: {e}"))
             }
         };
+        if let Some(tap) = &mut tap {
+            tap.feed(&bbuf[..p.consumed]);
+        }
         if send(client, &bbuf[..p.consumed]).await.is_err() {
             return DownEnd::ClientGone;
         }

@@ -1,9 +1,16 @@
 //! State shared by every task: the core behind a mutex, backend targets, the connection
-//! pool, and the shutdown state.
+//! pool, the admission queue's waiters, the request log, and the shutdown state.
+//!
+//! Every input to the core (`release`, `probe_result`, `handle_timeout`, `enqueue`,
+//! `cancel`) is followed by [`Shared::drain`] under its lock and [`Shared::dispatch`]
+//! outside it: events are logged, and each [`Admission`] goes to the request waiting for
+//! it, or (nobody waits any more) its lease goes straight back.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -11,14 +18,15 @@ use std::time::Instant;
 use event_listener::Event;
 use lb_core::http1::Limits;
 use lb_core::{
-    BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, PoolError, RequestMeta, Settings,
-    Target,
+    Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta, PoolError,
+    Reject, RequestMeta, Settings, Target, Ticket,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::connect::Connector;
 use crate::pool::Pool;
+use crate::reqlog::RequestLog;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -35,6 +43,8 @@ pub enum StartError {
     Backend(PoolError),
     /// A backend URL is not usable.
     Url(String),
+    /// The request log (`--log-to`) could not be opened.
+    Log(PathBuf, io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -50,6 +60,7 @@ impl fmt::Display for StartError {
             ),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
+            StartError::Log(p, e) => write!(f, "--log-to {}: {e}", p.display()),
         }
     }
 }
@@ -81,6 +92,20 @@ pub(crate) struct Shared {
     connections: AtomicUsize,
     /// Notified when shutdown begins, and then whenever a connection or a lease ends.
     pub(crate) changed: Event,
+    /// The request log, when `--log-to` is set.
+    pub(crate) reqlog: Option<Arc<RequestLog>>,
+    /// Requests waiting in the core's admission queue, by ticket.
+    waiters: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// Wakes the driver when an input may have added an earlier deadline (a queued
+    /// request's expiry).
+    pub(crate) rearm: Event,
+}
+
+/// What the core said after one input, handled outside its lock.
+#[derive(Default)]
+pub(crate) struct Drained {
+    events: Vec<lb_core::Event>,
+    admissions: Vec<Admission>,
 }
 
 impl Shared {
@@ -111,6 +136,13 @@ impl Shared {
             max_head_bytes: settings.max_head_bytes,
             ..Limits::default()
         };
+        let reqlog = match &settings.log_to {
+            Some(path) => Some(Arc::new(
+                RequestLog::open(path, settings.log_body_limit)
+                    .map_err(|e| StartError::Log(path.clone(), e))?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
             pool: Pool::new(upstreams.len(), settings.pool_idle_timeout),
@@ -122,6 +154,9 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             changed: Event::new(),
+            reqlog,
+            waiters: Mutex::new(HashMap::new()),
+            rearm: Event::new(),
         }))
     }
 
@@ -150,20 +185,99 @@ impl Shared {
         })
     }
 
+    /// Takes the events and admissions the core has after an input (call under its lock).
+    /// Actions (probes) are the driver's: only its `handle_timeout` makes them.
+    pub(crate) fn drain(core: &mut Balancer<SmallRng>) -> Drained {
+        let mut d = Drained::default();
+        while let Some(e) = core.poll_event() {
+            d.events.push(e);
+        }
+        while let Some(a) = core.poll_admission() {
+            d.admissions.push(a);
+        }
+        d
+    }
+
+    /// Logs events and hands admissions to their waiting requests (outside the core's
+    /// lock). An admission nobody waits for any more is released at once, which may admit
+    /// the next waiter, and so on.
+    pub(crate) fn dispatch(&self, mut d: Drained) {
+        loop {
+            for e in d.events.drain(..) {
+                (self.log)(Notice::Core(e));
+            }
+            let mut orphans = Vec::new();
+            for adm in d.admissions.drain(..) {
+                let waiter = self.waiters().remove(&adm.ticket().id());
+                let undelivered = match waiter {
+                    Some(slot) => slot.deliver(adm).err(),
+                    None => Some(adm),
+                };
+                if let Some(Admission::Admitted(_, lease)) = undelivered {
+                    orphans.push(lease);
+                }
+            }
+            if orphans.is_empty() {
+                return;
+            }
+            let mut core = self.core();
+            for lease in orphans {
+                core.release(Instant::now(), lease, Outcome::Cancelled);
+            }
+            d = Self::drain(&mut core);
+        }
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn release(&self, lease: Lease, outcome: Outcome) {
-        let mut events = Vec::new();
-        {
+        let d = {
             let mut core = self.core();
             core.release(Instant::now(), lease, outcome);
-            while let Some(e) = core.poll_event() {
-                events.push(e);
-            }
-        }
-        for e in events {
-            (self.log)(Notice::Core(e));
-        }
+            Self::drain(&mut core)
+        };
+        self.dispatch(d);
         if self.is_shutting_down() {
             self.changed.notify(usize::MAX);
+        }
+    }
+
+    /// Waits in the core's admission queue for a slot (every backend was at its cap):
+    /// `Err` when the queue refuses (full: 429; nothing healthy: 503) or the wait expires
+    /// (429). Dropping the future (the client left) gives the place up, and releases a
+    /// lease that was already delivered.
+    pub(crate) async fn wait_for_slot(
+        self: &Arc<Self>,
+        meta: OwnedMeta,
+    ) -> Result<LeaseGuard, Reject> {
+        let slot = Arc::new(Slot::default());
+        let (ticket, d) = {
+            let mut core = self.core();
+            let ticket = core.enqueue(Instant::now(), meta)?;
+            // Registered under the core's lock: no admission for it can be drained before.
+            self.waiters().insert(ticket.id(), slot.clone());
+            (ticket, Self::drain(&mut core))
+        };
+        // Its expiry may be the earliest deadline now: the driver sets its timer again.
+        self.rearm.notify(usize::MAX);
+        let mut wait = QueueWait {
+            shared: self.clone(),
+            ticket,
+            slot,
+            done: false,
+        };
+        self.dispatch(d);
+        let admission = wait.slot.receive().await;
+        wait.done = true;
+        match admission {
+            Admission::Admitted(_, lease) => Ok(LeaseGuard {
+                shared: self.clone(),
+                lease: Some(lease),
+                outcome: Outcome::Cancelled,
+            }),
+            Admission::Expired(_) => Err(Reject::AllAtCapacity),
         }
     }
 
@@ -258,5 +372,101 @@ impl Drop for LeaseGuard {
             let outcome = std::mem::replace(&mut self.outcome, Outcome::Cancelled);
             self.shared.release(lease, outcome);
         }
+    }
+}
+
+/// Where one queued request's [`Admission`] is delivered (a one-shot channel).
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    ready: Event,
+}
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Waiting,
+    Delivered(Admission),
+    /// The waiter left: nothing can be delivered any more.
+    Closed,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the admission over; gives it back if the waiter has left.
+    fn deliver(&self, adm: Admission) -> Result<(), Admission> {
+        let mut state = self.lock();
+        match *state {
+            SlotState::Waiting => {
+                *state = SlotState::Delivered(adm);
+                drop(state);
+                self.ready.notify(usize::MAX);
+                Ok(())
+            }
+            _ => Err(adm),
+        }
+    }
+
+    /// Takes a delivered admission, if any.
+    fn take(&self) -> Option<Admission> {
+        let mut state = self.lock();
+        match std::mem::take(&mut *state) {
+            SlotState::Delivered(adm) => Some(adm),
+            other => {
+                *state = other;
+                None
+            }
+        }
+    }
+
+    /// Waits for the admission.
+    async fn receive(&self) -> Admission {
+        loop {
+            let listener = self.ready.listen();
+            if let Some(adm) = self.take() {
+                return adm;
+            }
+            listener.await;
+        }
+    }
+
+    /// The waiter leaves: later deliveries fail; one that landed before is returned.
+    fn close(&self) -> Option<Admission> {
+        match std::mem::replace(&mut *self.lock(), SlotState::Closed) {
+            SlotState::Delivered(adm) => Some(adm),
+            _ => None,
+        }
+    }
+}
+
+/// A place in the admission queue; dropping it before the admission was received gives
+/// it up, and a lease that arrived meanwhile is released.
+struct QueueWait {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+    slot: Arc<Slot>,
+    /// The admission was received: nothing to give up.
+    done: bool,
+}
+
+impl Drop for QueueWait {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let d = {
+            let mut core = self.shared.core();
+            core.cancel(Instant::now(), self.ticket);
+            Shared::drain(&mut core)
+        };
+        self.shared.waiters().remove(&self.ticket.id());
+        // No delivery can land after close(); one that landed before is taken back here.
+        if let Some(Admission::Admitted(_, lease)) = self.slot.close() {
+            self.shared.release(lease, Outcome::Cancelled);
+        }
+        self.shared.dispatch(d);
     }
 }
