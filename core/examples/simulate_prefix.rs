@@ -31,9 +31,12 @@
 //! imbalance (max / mean over backends of their time-averaged in-flight count). The goal
 //! for cache-aware routing is at least 90 % of the oracle's reuse with max/mean ≤ 1.2.
 //!
-//! `--sweep 1` instead runs cache-aware and the oracle over cache sizes (80 k-1 M
-//! tokens) and two loads, with the default table size and with one sized to the cache
-//! (32 entries per connection), to show how cache pressure affects the table.
+//! Cache-aware runs twice: with the default table (re-pointing: one holder per unit)
+//! and with `all_holders` (every backend that served a unit; "cache-aware/all").
+//!
+//! `--sweep 1` instead runs both cache-aware variants and the oracle over cache sizes
+//! (80 k-1 M tokens) and two loads, with the default table size and with one sized to
+//! the cache (32 entries per connection), to show how cache pressure affects the table.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -280,6 +283,11 @@ enum Router {
 
 impl Router {
     fn core(policy: Policy, p: &Params) -> Router {
+        Router::core_with(policy, p, false)
+    }
+
+    /// A core router; `all_holders` sets [`lb_core::AffinityConfig::all_holders`].
+    fn core_with(policy: Policy, p: &Params, all_holders: bool) -> Router {
         let now = base();
         let mut config = Config {
             policy,
@@ -288,6 +296,7 @@ impl Router {
         };
         config.affinity.overflow_percent = p.overflow_percent;
         config.affinity.entries_per_conn = p.entries_per_conn;
+        config.affinity.all_holders = all_holders;
         let mut bal = Balancer::new(config, SmallRng::seed_from_u64(p.seed), now);
         let ids = (0..p.backends)
             .map(|i| {
@@ -540,6 +549,10 @@ fn main() {
         ("p2c", Router::core(Policy::P2c, &p)),
         ("consistent-hash", Router::core(Policy::ConsistentHash, &p)),
         ("cache-aware", Router::core(Policy::CacheAware, &p)),
+        (
+            "cache-aware/all",
+            Router::core_with(Policy::CacheAware, &p, true),
+        ),
         ("oracle", Router::oracle(&p)),
     ];
     let rows: Vec<(&str, Report)> = runs
@@ -595,12 +608,18 @@ fn describe(p: &Params, sessions: &[Session]) {
 /// default table size and with one sized to the cache.
 fn sweep(base: &Params) {
     println!(
-        "cache-aware reuse as a share of the oracle's (max/mean in-flight), {} min runs",
+        "cache-aware reuse as a share of the oracle's (max/mean in-flight), {} min runs; \
+         re-point: the default, all: all_holders; per conn: entries_per_conn",
         base.minutes
     );
     println!();
-    println!("| sessions/s | cache/backend | cache-aware, {} entries/conn | cache-aware, 32 entries/conn | oracle reuse |", base.entries_per_conn);
-    println!("|-----------:|--------------:|----------------------------:|----------------------------:|-------------:|");
+    println!(
+        "| sessions/s | cache/backend | re-point, {0}/conn | re-point, 32/conn | all, {0}/conn | all, 32/conn | oracle reuse |",
+        base.entries_per_conn
+    );
+    println!(
+        "|-----------:|--------------:|------------------:|------------------:|-------------:|-------------:|-------------:|"
+    );
     for load in [2.4, 3.9] {
         for cache in [80_000u64, 160_000, 400_000, 1_000_000] {
             let mut p = base.clone();
@@ -609,21 +628,29 @@ fn sweep(base: &Params) {
             let mut rng = SmallRng::seed_from_u64(p.seed);
             let sessions = workload(&p, &mut rng);
             let oracle = run(Router::oracle(&p), &sessions, &p);
-            let ours = run(Router::core(Policy::CacheAware, &p), &sessions, &p);
-            p.entries_per_conn = 32;
-            let sized = run(Router::core(Policy::CacheAware, &p), &sessions, &p);
-            let cell = |r: &Report| {
-                format!(
-                    "{:.1}% ({:.3})",
-                    100.0 * r.reuse() / oracle.reuse(),
-                    r.imbalance(&p).0
-                )
-            };
+            let mut cells = Vec::new();
+            for all in [false, true] {
+                for per_conn in [base.entries_per_conn, 32] {
+                    p.entries_per_conn = per_conn;
+                    let r = run(
+                        Router::core_with(Policy::CacheAware, &p, all),
+                        &sessions,
+                        &p,
+                    );
+                    cells.push(format!(
+                        "{:.1}% ({:.3})",
+                        100.0 * r.reuse() / oracle.reuse(),
+                        r.imbalance(&p).0
+                    ));
+                }
+            }
             println!(
-                "| {load:>10} | {:>11} k | {:>27} | {:>27} | {:>11.1}% |",
+                "| {load:>10} | {:>11} k | {:>17} | {:>17} | {:>12} | {:>12} | {:>11.1}% |",
                 cache / 1000,
-                cell(&ours),
-                cell(&sized),
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3],
                 100.0 * oracle.reuse()
             );
         }

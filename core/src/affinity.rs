@@ -4,8 +4,8 @@
 //! reuse it for any later prompt that starts the same way. A multi-turn chat resends the
 //! whole conversation each turn, and many sessions share a system prompt, so the backend
 //! that served the previous turn answers the next one with little prefill. With
-//! [`Policy::CacheAware`](crate::Policy::CacheAware) the balancer remembers which backends
-//! served which prefixes and routes accordingly, while load always wins in the end.
+//! [`Policy::CacheAware`](crate::Policy::CacheAware) the balancer remembers which backend
+//! served which prefix and routes accordingly, while load always wins in the end.
 //!
 //! # Keys
 //!
@@ -24,28 +24,33 @@
 //!
 //! # The routing rule
 //!
-//! The table remembers, for each unit, which backends served a prompt containing it
-//! (its *holders*). A holder is *live* if it used the unit within the TTL and is still
-//! healthy, not draining, and not ejected since (see *Invalidation*). The *guard* allows
-//! a backend that is below its `max_conns` and at most
-//! [`AffinityConfig::overflow_percent`] of its `max_conns` ahead of the least-loaded
-//! ready backend (raw in-flight counts: `(in_flight − min_in_flight) × 100 ≤
-//! overflow_percent × max_conns`).
+//! The table remembers, for each unit, the backend that last served a prompt containing
+//! it (its *holder*), or with [`AffinityConfig::all_holders`] every such backend. A
+//! holder is *live* if it used the unit within the TTL and is still healthy, not
+//! draining, and not ejected since (see *Invalidation*). The *guard* allows a backend
+//! that is below its `max_conns` and at most [`AffinityConfig::overflow_percent`] of its
+//! `max_conns` ahead of the least-loaded ready backend (raw in-flight counts:
+//! `(in_flight − min_in_flight) × 100 ≤ overflow_percent × max_conns`).
 //!
 //! 1. **Longest prefix.** Find the deepest unit of the request's chain with a live
-//!    holder. If the guard allows some of its holders, the least loaded of those takes
-//!    the request (*warm*; ties broken at random). No live unit at all: *cold*, least
-//!    connections.
-//! 2. **Load wins.** If the guard allows none of them, the request *overflows*: to the
-//!    least-loaded allowed holder of the next-longest prefix that has one (typically a
-//!    backend that has the shared system prompt but not this session), else by least
-//!    connections. Either way the pinned backend is spared, so a hot prefix spills onto
-//!    more backends, which then cache it too.
-//! 3. **Record.** Every selected request records its chain on the backend its lease
-//!    names (the one that serves it), as the most recent use there; other holders stay
-//!    known until they age out. Sessions follow their backend; a prefix served by
-//!    several backends (a system prompt, a hot conversation after an overflow) is known
-//!    on all of them, and new requests for it go to the least loaded.
+//!    holder. If the guard allows it, that holder takes the request (*warm*). No live
+//!    unit at all: *cold*, least connections.
+//! 2. **Load wins.** If the guard does not allow it, the request *overflows* to least
+//!    connections. The pinned backend is spared, so a hot prefix spills onto a second
+//!    backend, which then caches it too.
+//! 3. **Re-point.** Every selected request points all its units at the backend its
+//!    lease names (the one that serves it): sessions follow their backend, and after an
+//!    overflow the prefix follows the load.
+//!
+//! With `all_holders`, rule 3 *adds* the serving backend to each unit's holders (as its
+//! most recent use there) instead of replacing them, so a prefix served by several
+//! backends (a system prompt, a hot conversation after an overflow) is known on all of
+//! them; rule 1 picks the least loaded of the deepest unit's live holders that the
+//! guard allows (ties at random), and rule 2 first tries the least-loaded allowed holder
+//! of the next-longest prefix that has one (typically a backend with the shared system
+//! prompt but not this session) before least connections. In the prefix simulation
+//! (`examples/simulate_prefix.rs`) this spreads new sessions better, overflows less and
+//! reuses more, most of all under cache pressure.
 //!
 //! Counters ([`RoutingStats`]): *warm* is rule 1 with a holder, *cold* rule 1 without,
 //! *overflow* rule 2.
@@ -55,7 +60,7 @@
 //! - **TTL.** A holder that has not used a unit for [`AffinityConfig::ttl`] (sliding:
 //!   every use renews it) is ignored at once and reclaimed at the next sweep (each
 //!   `handle_timeout`).
-//! - **Memory.** The table stores one entry per (unit, holder). Each backend's entries
+//! - **Memory.** The table stores one entry per unit and holder. Each backend's entries
 //!   form an LRU list of at most `max_conns × entries_per_conn` entries
 //!   ([`AffinityConfig::entries_per_conn`]; a backend without a cap counts as
 //!   [`UNCAPPED_CONNS`]); recording into a full list evicts its least recently used
@@ -108,6 +113,10 @@ pub struct AffinityConfig {
     pub overflow_percent: u32,
     /// Table entries per backend per unit of `max_conns` (at least 1). Default 256.
     pub entries_per_conn: u32,
+    /// Remember every backend that served a unit, not only the last one (see *The
+    /// routing rule*). Default false: every request re-points its chain to the backend
+    /// that served it.
+    pub all_holders: bool,
 }
 
 impl Default for AffinityConfig {
@@ -116,6 +125,7 @@ impl Default for AffinityConfig {
             ttl: Duration::from_secs(3600),
             overflow_percent: 20,
             entries_per_conn: 256,
+            all_holders: false,
         }
     }
 }
@@ -134,8 +144,8 @@ pub struct RoutingStats {
     pub warm: u64,
     /// No known prefix: least connections (includes `unkeyed`).
     pub cold: u64,
-    /// A known prefix, but every backend holding it was full or too far ahead: to a
-    /// holder of a shorter prefix, or by least connections.
+    /// A known prefix, but its backend (every one holding it) was full or too far ahead:
+    /// least connections (or, with `all_holders`, a holder of a shorter prefix).
     pub overflow: u64,
     /// Cold requests that had no key at all ([`RequestKey::None`]).
     pub unkeyed: u64,

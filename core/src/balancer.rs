@@ -839,12 +839,14 @@ impl<R: Rng> Balancer<R> {
         }
     }
 
-    /// Cache-aware pick: the least-loaded backend holding the longest known prefix,
-    /// unless load says otherwise; then the request's chain is recorded on the pick.
+    /// Cache-aware pick (see [`crate::affinity`] for the rule): a backend holding the
+    /// longest known prefix unless load says otherwise; then the request's chain is
+    /// recorded on the pick.
     fn pick_cache_aware(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Option<u32> {
         let units = meta.affinity.map_or(&[][..], RequestKey::units);
         let ttl = self.config.affinity.ttl;
         let percent = self.config.affinity.overflow_percent;
+        let all_holders = self.config.affinity.all_holders;
         let slots = &self.slots;
         let table = self.affinity.as_mut()?;
         if self.selector.ready(slots).is_empty() {
@@ -854,6 +856,12 @@ impl<R: Rng> Balancer<R> {
             (self.selector.least_conn(slots, &mut self.rng), Route::Cold)
         } else {
             let min = self.selector.min_load(slots);
+            let allowed = |s: u32| {
+                let b = slots[s as usize]
+                    .as_ref()
+                    .expect("live nodes are on present backends");
+                within_guard(b, min, percent).then_some(b)
+            };
             let rng = &mut self.rng;
             let mut best: Option<u32> = None;
             let mut ties = 0u32;
@@ -863,12 +871,14 @@ impl<R: Rng> Balancer<R> {
                 units,
                 |s| ready_owner(slots, s),
                 |s| {
-                    let b = slots[s as usize]
-                        .as_ref()
-                        .expect("live nodes are on present backends");
-                    if !within_guard(b, min, percent) {
-                        return false;
+                    if !all_holders {
+                        // One holder per unit: the deepest one, allowed or not.
+                        best = Some(s);
+                        return true;
                     }
+                    let Some(b) = allowed(s) else {
+                        return false;
+                    };
                     let cmp =
                         best.map(|c| load_cmp(b, slots[c as usize].as_ref().expect("present")));
                     match cmp {
@@ -887,11 +897,14 @@ impl<R: Rng> Balancer<R> {
                     true
                 },
             );
-            match (deepest, accepted) {
-                (None, _) => (self.selector.least_conn(slots, &mut self.rng), Route::Cold),
-                (Some(d), Some(a)) if a == d => (best, Route::Warm),
-                (Some(_), Some(_)) => (best, Route::Overflow),
-                (Some(_), None) => (
+            if !all_holders {
+                best = best.filter(|&s| allowed(s).is_some());
+            }
+            match (deepest, accepted, best) {
+                (None, _, _) => (self.selector.least_conn(slots, &mut self.rng), Route::Cold),
+                (Some(d), Some(a), Some(s)) if a == d => (Some(s), Route::Warm),
+                (Some(_), Some(_), Some(s)) => (Some(s), Route::Overflow),
+                (Some(_), _, _) => (
                     self.selector.least_conn(slots, &mut self.rng),
                     Route::Overflow,
                 ),
@@ -912,7 +925,14 @@ impl<R: Rng> Balancer<R> {
                 .as_ref()
                 .expect("picked slots are present");
             let cap = conns(b) as usize * self.config.affinity.entries_per_conn as usize;
-            table.record(now, units, slot, (b.id, b.health.epoch()), cap);
+            table.record(
+                now,
+                units,
+                slot,
+                (b.id, b.health.epoch()),
+                cap,
+                !all_holders,
+            );
         }
         Some(slot)
     }

@@ -65,6 +65,7 @@ struct Harness {
     now: Instant,
     ttl: Duration,
     percent: u32,
+    all_holders: bool,
     backends: Vec<MBackend>,
     /// (unit, backend index) → (the backend's epoch then, last use)
     entries: HashMap<(u64, usize), (u64, Instant)>,
@@ -73,7 +74,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(caps: &[u32], ttl_ms: u64, percent: u32, seed: u64) -> Self {
+    fn new(caps: &[u32], ttl_ms: u64, percent: u32, all_holders: bool, seed: u64) -> Self {
         let t0 = Instant::now();
         let config = Config {
             policy: Policy::CacheAware,
@@ -89,6 +90,7 @@ impl Harness {
                 ttl: Duration::from_millis(ttl_ms),
                 overflow_percent: percent,
                 entries_per_conn: 100_000,
+                all_holders,
             },
             ..Config::default()
         };
@@ -118,6 +120,7 @@ impl Harness {
             now: t0,
             ttl: Duration::from_millis(ttl_ms),
             percent,
+            all_holders,
             backends,
             entries: HashMap::new(),
             held: Vec::new(),
@@ -162,14 +165,24 @@ impl Harness {
         let deepest = (0..chain.len())
             .rev()
             .find(|&i| !self.holders(chain[i]).is_empty());
-        let allowed = (0..chain.len()).rev().find_map(|i| {
-            let ok: Vec<usize> = self
-                .holders(chain[i])
-                .into_iter()
-                .filter(|&h| guard(&self.backends[h]))
-                .collect();
-            (!ok.is_empty()).then_some((i, ok))
-        });
+        let allowed = if !self.all_holders {
+            // One holder per unit (the last to serve it), considered only at the deepest
+            // live unit.
+            deepest.and_then(|d| {
+                let h = self.holders(chain[d]);
+                assert_eq!(h.len(), 1, "re-pointing keeps one holder");
+                guard(&self.backends[h[0]]).then_some((d, h))
+            })
+        } else {
+            (0..chain.len()).rev().find_map(|i| {
+                let ok: Vec<usize> = self
+                    .holders(chain[i])
+                    .into_iter()
+                    .filter(|&h| guard(&self.backends[h]))
+                    .collect();
+                (!ok.is_empty()).then_some((i, ok))
+            })
+        };
         let got = self
             .bal
             .select(self.now, &RequestMeta::default().with_affinity(&key));
@@ -203,6 +216,9 @@ impl Harness {
                 self.expect.requests += 1;
                 let epoch = self.backends[i].epoch;
                 for &u in &chain {
+                    if !self.all_holders {
+                        self.entries.retain(|&(v, _), _| v != u);
+                    }
                     self.entries.insert((u, i), (epoch, self.now));
                 }
                 self.backends[i].in_flight += 1;
@@ -276,18 +292,21 @@ impl Harness {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
 
-    /// Every cache-aware pick is the model's: the least-loaded holder, among those the
-    /// load guard allows, of the longest prefix such a holder has; else a least-loaded
-    /// open backend. Counters agree (warm: the longest live prefix itself).
+    /// Every cache-aware pick is the model's. Re-pointing (the default): the last holder
+    /// of the longest live prefix if the guard allows it, else a least-loaded open
+    /// backend. All holders: the least-loaded holder, among those the guard allows, of
+    /// the longest prefix such a holder has; else a least-loaded open backend. Counters
+    /// agree (warm: the longest live prefix itself).
     #[test]
     fn cache_aware_matches_the_model(
         caps in proptest::collection::vec(1u32..6, 1..5),
         ttl_ms in 5u64..200,
         percent in prop_oneof![Just(0u32), Just(20), Just(50), 0u32..150],
+        all_holders in any::<bool>(),
         seed in any::<u64>(),
         ops in proptest::collection::vec(op(), 1..200),
     ) {
-        let mut h = Harness::new(&caps, ttl_ms, percent, seed);
+        let mut h = Harness::new(&caps, ttl_ms, percent, all_holders, seed);
         for op in ops {
             h.run(op);
         }
@@ -299,6 +318,7 @@ proptest! {
     fn the_table_stays_within_its_bound(
         caps in proptest::collection::vec(1u32..4, 1..5),
         per_conn in 1u32..5,
+        all_holders in any::<bool>(),
         seed in any::<u64>(),
         requests in proptest::collection::vec(
             (proptest::collection::vec(0u64..40, 1..40), any::<bool>()), 1..300),
@@ -307,7 +327,7 @@ proptest! {
         let config = Config {
             policy: Policy::CacheAware,
             status_interval: None,
-            affinity: AffinityConfig { entries_per_conn: per_conn, ..AffinityConfig::default() },
+            affinity: AffinityConfig { entries_per_conn: per_conn, all_holders, ..AffinityConfig::default() },
             ..Config::default()
         };
         let mut bal = Balancer::new(config, SmallRng::seed_from_u64(seed), now);

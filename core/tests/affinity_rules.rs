@@ -83,7 +83,7 @@ fn deeper_entries_beat_shallower_ones_on_other_backends() {
     let x = l1.backend();
     let l2 = pick(&mut b, now, &deep);
     assert_eq!(l2.backend(), x);
-    // [1] lives on x, which is 2 ahead: [1] overflows to y and is recorded there too.
+    // [1] lives on x, which is 2 ahead: [1] overflows to y and is re-pointed there.
     let l3 = pick(&mut b, now, &chain(&[1]));
     let y = l3.backend();
     assert_ne!(y, x);
@@ -100,7 +100,36 @@ fn deeper_entries_beat_shallower_ones_on_other_backends() {
         x,
         "deepest match: 3, on x"
     );
-    // [1] is now known on both: the less loaded of them takes it.
+    assert_eq!(
+        serve(&mut b, now, &chain(&[1, 6])),
+        x,
+        "[1] followed the last request"
+    );
+}
+
+fn all_holders() -> AffinityConfig {
+    AffinityConfig {
+        all_holders: true,
+        ..AffinityConfig::default()
+    }
+}
+
+#[test]
+fn all_holders_remembers_every_backend_of_a_prefix() {
+    // The same start as above, with every holder remembered.
+    let (mut b, now, _) = pool(3, 5, all_holders());
+    let deep = chain(&[1, 2, 3]);
+    let l1 = pick(&mut b, now, &deep);
+    let x = l1.backend();
+    let l2 = pick(&mut b, now, &deep);
+    let l3 = pick(&mut b, now, &chain(&[1]));
+    let y = l3.backend();
+    assert_eq!(l2.backend(), x);
+    assert_ne!(y, x);
+    for l in [l1, l2, l3] {
+        b.release(now, l, Outcome::Response(200));
+    }
+    // [1] is known on x and y: the less loaded of them takes it.
     let busy = pick(&mut b, now, &chain(&[1, 2, 3]));
     assert_eq!(busy.backend(), x);
     assert_eq!(
@@ -109,12 +138,20 @@ fn deeper_entries_beat_shallower_ones_on_other_backends() {
         "both hold [1]; y is idle"
     );
     b.release(now, busy, Outcome::Response(200));
+    let busy = pick(&mut b, now, &chain(&[1, 6]));
+    assert_eq!(busy.backend(), y);
+    assert_eq!(
+        serve(&mut b, now, &chain(&[1, 7])),
+        x,
+        "now x is the idle one"
+    );
+    b.release(now, busy, Outcome::Response(200));
 }
 
 #[test]
-fn hot_prefixes_replicate_and_overflow_prefers_a_shorter_known_prefix() {
+fn all_holders_overflow_prefers_a_shorter_known_prefix() {
     // max_conns 5, 20 %: a holder may be 1 ahead of the least loaded.
-    let (mut b, now, _) = pool(3, 5, AffinityConfig::default());
+    let (mut b, now, _) = pool(3, 5, all_holders());
     let x = serve(&mut b, now, &chain(&[1]));
     let a1 = pick(&mut b, now, &chain(&[1]));
     let a2 = pick(&mut b, now, &chain(&[1]));
@@ -186,7 +223,7 @@ fn overflow_when_too_far_ahead_or_full() {
     let s = stats(&b);
     assert_eq!((s.warm, s.overflow, s.cold), (3, 1, 1));
     let l = pick(&mut b, now, &hot);
-    assert_eq!(l.backend(), y, "y holds it too now, and is less loaded");
+    assert_eq!(l.backend(), y, "re-pointed to where it was served");
     held.push(l);
     for l in held {
         b.release(now, l, Outcome::Response(200));

@@ -183,8 +183,9 @@ impl Table {
     }
 
     /// Records that `slot` (owned by `owner`) served a prompt with every unit of `units`,
-    /// touching those nodes at `now`. Other holders are kept. The list of `slot` keeps at
-    /// most `cap` nodes (least recently used evicted first).
+    /// touching those nodes at `now`. Other holders of those units are dropped if
+    /// `exclusive` (re-pointing), kept otherwise. The list of `slot` keeps at most `cap`
+    /// nodes (least recently used evicted first).
     ///
     /// Units are recorded deepest first, so the shallow units a chain shares with others
     /// (a system prompt) end up most recent in the list and are evicted last.
@@ -195,6 +196,7 @@ impl Table {
         slot: u32,
         owner: Owner,
         cap: usize,
+        exclusive: bool,
     ) {
         let cap = cap.max(1);
         let s = slot as usize;
@@ -209,6 +211,9 @@ impl Table {
             let mut ix = self.map.get(&unit).copied().unwrap_or(NIL);
             while ix != NIL && self.nodes[ix as usize].slot != slot {
                 ix = self.nodes[ix as usize].sibling;
+            }
+            if exclusive {
+                self.drop_other_holders(unit, slot);
             }
             if ix != NIL {
                 self.unlink(ix);
@@ -268,6 +273,20 @@ impl Table {
                 }
                 self.remove(tail);
             }
+        }
+    }
+
+    /// Drops the nodes of `unit` on slots other than `slot`.
+    fn drop_other_holders(&mut self, unit: u64, slot: u32) {
+        loop {
+            let mut ix = self.map.get(&unit).copied().unwrap_or(NIL);
+            while ix != NIL && self.nodes[ix as usize].slot == slot {
+                ix = self.nodes[ix as usize].sibling;
+            }
+            if ix == NIL {
+                return;
+            }
+            self.remove(ix);
         }
     }
 
@@ -416,8 +435,8 @@ mod tests {
         let now = Instant::now();
         let mut t = Table::new(1);
         let all = |s: u32| Some((id(s), 0));
-        t.record(now, &[1, 2, 3, 4], 0, (id(0), 0), 100);
-        t.record(now, &[1, 2], 1, (id(1), 0), 100);
+        t.record(now, &[1, 2, 3, 4], 0, (id(0), 0), 100, false);
+        t.record(now, &[1, 2], 1, (id(1), 0), 100, false);
         t.check();
         assert_eq!(t.len(), 6);
         assert_eq!(
@@ -439,10 +458,25 @@ mod tests {
         t.check();
         assert_eq!(t.len(), 2);
         // A new owner of slot 0 starts from an empty list.
-        t.record(now, &[1], 0, (id(0), 1), 100);
+        t.record(now, &[1], 0, (id(0), 1), 100, false);
         t.check();
         assert_eq!(holders(&t, now, HOUR, &[1, 2], ejected), Some((2, vec![1])));
         assert_eq!(holders(&t, now, HOUR, &[1], ejected), Some((1, vec![0, 1])));
+    }
+
+    #[test]
+    fn exclusive_recording_repoints() {
+        let now = Instant::now();
+        let mut t = Table::new(3);
+        let all = |s: u32| Some((id(s), 0));
+        t.record(now, &[1, 2, 3], 0, (id(0), 0), 100, true);
+        t.record(now, &[1, 2], 1, (id(1), 0), 100, false);
+        assert_eq!(holders(&t, now, HOUR, &[1, 2], all), Some((2, vec![0, 1])));
+        t.record(now, &[1, 2], 2, (id(2), 0), 100, true);
+        t.check();
+        assert_eq!(holders(&t, now, HOUR, &[1, 2], all), Some((2, vec![2])));
+        assert_eq!(holders(&t, now, HOUR, &[1, 2, 3], all), Some((3, vec![0])));
+        assert_eq!(t.len(), 3);
     }
 
     #[test]
@@ -451,8 +485,8 @@ mod tests {
         let mut t = Table::new(2);
         let all = |s: u32| Some((id(s), 0));
         let ttl = Duration::from_secs(10);
-        t.record(t0, &[1, 2], 0, (id(0), 0), 3);
-        t.record(t0 + Duration::from_secs(8), &[1], 0, (id(0), 0), 3);
+        t.record(t0, &[1, 2], 0, (id(0), 0), 3, false);
+        t.record(t0 + Duration::from_secs(8), &[1], 0, (id(0), 0), 3, false);
         let at = t0 + Duration::from_secs(12);
         assert_eq!(
             holders(&t, at, ttl, &[1, 2], all),
@@ -463,14 +497,21 @@ mod tests {
         t.check();
         assert_eq!(t.len(), 1);
         // Cap 3: the fourth distinct unit evicts the least recently used.
-        t.record(at, &[10, 11, 12], 0, (id(0), 0), 3);
+        t.record(at, &[10, 11, 12], 0, (id(0), 0), 3, false);
         t.check();
         assert_eq!(t.len(), 3);
         assert_eq!(holders(&t, at, ttl, &[1], all), None);
         for k in 0..10_000u64 {
             let s = (k % 4) as u32;
             // Overlapping chains, so units gather several holders.
-            t.record(at, &[k % 7, k % 11 + 100, k * 3 + 1000], s, (id(s), 0), 5);
+            t.record(
+                at,
+                &[k % 7, k % 11 + 100, k * 3 + 1000],
+                s,
+                (id(s), 0),
+                5,
+                k % 3 == 0,
+            );
             if k % 97 == 0 {
                 t.check();
             }
