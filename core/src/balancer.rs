@@ -797,12 +797,10 @@ impl<R: Rng> Balancer<R> {
         self.queue.stats.cancelled += 1;
         match self.admissions.remove(i) {
             Some(Admission::Admitted(_, lease)) => {
-                self.queue.stats.admitted -= 1;
                 self.release_inner(now, lease, Outcome::Cancelled);
                 self.admit(now);
             }
-            Some(Admission::Expired(_)) => self.queue.stats.expired -= 1,
-            None => {}
+            Some(Admission::Expired(_)) | None => {}
         }
         true
     }
@@ -811,7 +809,15 @@ impl<R: Rng> Balancer<R> {
     /// [`poll_event`](Balancer::poll_event): admissions are produced by `release`,
     /// `enqueue`, `cancel`, `add_backend`, `probe_result` and `handle_timeout`.
     pub fn poll_admission(&mut self) -> Option<Admission> {
-        self.admissions.pop_front()
+        // Counted when handed over, not when decided: an admission withdrawn by `cancel`
+        // before this point counts as cancelled only, and a status report taken in between
+        // never sees a count that later shrinks.
+        let a = self.admissions.pop_front()?;
+        match a {
+            Admission::Admitted(..) => self.queue.stats.admitted += 1,
+            Admission::Expired(_) => self.queue.stats.expired += 1,
+        }
+        Some(a)
     }
 
     // ------------------------------------------------------------------ internals
@@ -821,13 +827,11 @@ impl<R: Rng> Balancer<R> {
     fn admit(&mut self, now: Instant) {
         while let Some(w) = self.queue.waiting.pop_front() {
             if w.deadline <= now {
-                self.queue.stats.expired += 1;
                 self.admissions.push_back(Admission::Expired(w.ticket));
                 continue;
             }
             match self.select(now, &w.meta.as_meta()) {
                 Ok(lease) => {
-                    self.queue.stats.admitted += 1;
                     self.admissions
                         .push_back(Admission::Admitted(w.ticket, lease));
                 }

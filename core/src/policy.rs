@@ -307,8 +307,11 @@ impl Selector {
             let s = self.ready[0];
             return (!backend(slots, s).at_cap()).then_some(s);
         }
-        let i = rng.random_range(0..n);
-        let mut j = rng.random_range(0..n - 1);
+        // One 64-bit draw for both indices: each 32-bit half is mapped onto its range by
+        // multiply-shift (bias below n / 2^32, far under the statistical tests' ±1%).
+        let r = rng.next_u64();
+        let i = scale(r as u32, n);
+        let mut j = scale((r >> 32) as u32, n - 1);
         if j >= i {
             j += 1;
         }
@@ -405,6 +408,12 @@ fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> 
 pub(crate) fn within_guard(b: &Backend, min: u32, overflow_percent: u32) -> bool {
     let ahead = u64::from(b.in_flight.saturating_sub(min));
     !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b))
+}
+
+/// Maps a uniform 32-bit value onto `0..n` (Lemire's multiply-shift).
+#[inline]
+fn scale(x: u32, n: usize) -> usize {
+    ((u64::from(x) * n as u64) >> 32) as usize
 }
 
 /// Compares `in_flight / weight` of two backends without division.
