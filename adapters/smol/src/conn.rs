@@ -1,5 +1,7 @@
 //! A client connection: request heads in (bounded by `--head-timeout`), `/health` and
-//! errors answered here, everything else forwarded; kept alive until either side ends it.
+//! errors answered here, routing keys taken (from the body's first part when routing by
+//! content), a backend selected (or waited for in the admission queue), everything else
+//! forwarded; kept alive until either side ends it.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

@@ -2,7 +2,8 @@
 //! back, or a tunnel after `101`. Every byte is framed by `lb_core::http1`; the lease goes
 //! back to the core with the outcome however the exchange ends.
 //!
-//! Phases 0 to 2 are raced against the request deadline (`--timeout`); a tunnel is not:
+//! Phases 0 to 2 are raced against the request deadline (`--timeout` from the request's
+//! arrival: reading a body prefix and waiting in the queue count); a tunnel is not:
 //!
 //! 0. a connection (pooled, else new) and the request head written to it, while watching
 //!    the client (a client that leaves cancels);

@@ -2,11 +2,21 @@
 //! thread), `async-signal`. The tiny build of `lb`: no tokio, no hyper.
 //!
 //! What it does: accepts connections; reads request heads and frames bodies with
-//! `lb_core::http1` (it parses no HTTP of its own); answers `/health` and errors from
-//! `lb_core::reply`; forwards everything else over pooled keep-alive backend connections,
-//! streaming both bodies through small buffers (2 KiB growing to 32 KiB per direction)
-//! and writing each chunk through at once; splices upgraded connections (WebSocket); runs
-//! health probes when the core asks; and drains gracefully on SIGTERM/SIGINT.
+//! `lb_core::http1` (it parses no HTTP of its own, save taking the data out of chunked
+//! bodies the framer has accepted, for routing and the request log); answers `/health`
+//! and errors from `lb_core::reply`; forwards everything else over pooled keep-alive
+//! backend connections, streaming both bodies through small buffers (2 KiB growing to
+//! 32 KiB per direction) and writing each chunk through at once; splices upgraded
+//! connections (WebSocket); runs health probes when the core asks; and drains gracefully
+//! on SIGTERM/SIGINT.
+//!
+//! LLM-aware routing, as in the tokio build: when the policy routes by content
+//! (`Settings::routes_by_body`: cache-aware, or consistent-hash on the `user` field) the
+//! first 4 MiB of the body are read before selecting, keyed by the core
+//! (`RequestKey::from_body`, `user_of`), then forwarded ahead of the rest; a request that
+//! finds every backend at `--max-conns` may wait in the core's admission queue
+//! (`--queue-timeout`), giving its place up if its client leaves; and `--log-to` writes
+//! one `lb_core::reqlog` line per request from a writer thread.
 //!
 //! TLS to `https://` backends (rustls, ring, system roots, `--backend-ca`) is the `tls`
 //! feature, off by default: it takes the stripped `lb` from about 1.2 MiB to 2.5 MiB.
