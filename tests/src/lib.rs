@@ -1494,3 +1494,26 @@ pub fn run_concurrently<T: Send + 'static>(
         .map(|h| h.join().expect("worker thread panicked"))
         .collect()
 }
+
+// ---------------------------------------------------------------------------
+// Which build
+// ---------------------------------------------------------------------------
+
+/// The runtime the `lb` under test was built with, from `lb --version`
+/// (`lb 0.1.0 (tokio)` -> `"tokio"`, `lb 0.1.0 (smol)` -> `"smol"`).
+pub fn lb_build() -> &'static str {
+    static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILD.get_or_init(|| {
+        let out = run_lb(&["--version"], Duration::from_secs(10));
+        let text = out.stdout.trim();
+        text.rsplit_once('(')
+            .and_then(|(_, rest)| rest.strip_suffix(')'))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("lb --version printed {text:?}, expected `... (build)`"))
+    })
+}
+
+/// Whether the `lb` under test is the `build` build (`"tokio"` or `"smol"`).
+pub fn build_is(build: &str) -> bool {
+    lb_build() == build
+}
