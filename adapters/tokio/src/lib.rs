@@ -137,7 +137,7 @@ async fn shard(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(shared.settings.head_timeout)
-        .max_buf_size(shared.settings.max_head_bytes.max(8192))
+        .max_buf_size((2 * shared.settings.max_head_bytes).max(8192))
         .keep_alive(true);
     // Every connection task holds a receiver: a send asks them to finish gracefully, and
     // `closed()` resolves once the last one is gone.

@@ -68,6 +68,14 @@ pub(crate) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
+    if head_size(&req) > shared.settings.max_head_bytes {
+        // hyper's own buffer limit is approximate (a single read may overshoot it), so the
+        // documented limit is enforced here on what was parsed.
+        let mut resp = local(reply::error(ProxyError::HeadTooLarge));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
     let capture = shared.reqlog.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -199,6 +207,19 @@ async fn forward(
             return logged(&capture, reply);
         }
     };
+    if let Some(why) = bad_response_framing(resp.headers()) {
+        // Ambiguous or non-chunked transfer coding from a backend is never passed on: it is
+        // either response splitting or a backend we cannot delimit safely.
+        let reply = fail(
+            &shared,
+            guard,
+            &line,
+            ProxyError::BadResponse,
+            ErrorKind::Protocol,
+            why.into(),
+        );
+        return logged(&capture, reply);
+    }
     let status = resp.status().as_u16();
     if let Some(c) = &capture {
         c.status(status);
@@ -290,6 +311,40 @@ pub(crate) fn local(reply: Reply) -> Response<ProxyBody> {
         h.insert(*name, HeaderValue::from_static(value));
     }
     resp
+}
+
+/// The bytes a request head took on the wire, near enough: request line and header lines.
+fn head_size(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let target = uri.authority().map_or(0, |a| a.as_str().len() + 8)
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// Why a backend response's framing is refused (as the smol build's `lb_core::http1`
+/// does): both `Content-Length` and `Transfer-Encoding`, or a transfer coding whose final
+/// coding is not `chunked`.
+fn bad_response_framing(h: &HeaderMap) -> Option<&'static str> {
+    if !h.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    if h.contains_key(header::CONTENT_LENGTH) {
+        return Some("invalid response: both Content-Length and Transfer-Encoding");
+    }
+    let last = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .rfind(|t| !t.is_empty());
+    match last {
+        Some(t) if t.eq_ignore_ascii_case("chunked") => None,
+        _ => Some("invalid response: Transfer-Encoding does not end in chunked"),
+    }
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {

@@ -58,12 +58,14 @@
 //! ```
 
 mod body;
+mod dechunk;
 mod error;
 mod framing;
 mod head;
 mod rewrite;
 
 pub use body::{BodyFramer, Progress, MAX_CHUNK_EXTENSION, MAX_TRAILER_BYTES};
+pub use dechunk::Dechunk;
 pub use error::Error;
 pub use framing::BodyKind;
 pub use head::{
