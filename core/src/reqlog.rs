@@ -4,6 +4,7 @@
 //! request path; this module decides what a line says, so both builds write the same.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 /// Default cap on each captured body (`--log-body-limit`).
 pub const DEFAULT_BODY_LIMIT: u64 = 1 << 30;
@@ -60,6 +61,92 @@ impl Record<'_> {
         );
         out
     }
+}
+
+/// One request's record in the making, owned: adapters create it when the request
+/// arrives, add body bytes as they stream (up to a cap), and hand it to their writer,
+/// which writes [`Entry::record`]'s line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entry {
+    /// See [`Record::time_unix_ms`].
+    pub time_unix_ms: u64,
+    /// See [`Record::duration_ms`] (set when the exchange ends).
+    pub duration_ms: u64,
+    /// Request method.
+    pub method: String,
+    /// Request path and query.
+    pub path: String,
+    /// Status sent to the client (0 until known).
+    pub status: u16,
+    /// The backend's URL, once one is chosen.
+    pub backend: Option<Arc<str>>,
+    /// Request body captured so far.
+    pub request: Vec<u8>,
+    /// Whether the request body hit the cap.
+    pub request_truncated: bool,
+    /// Response body captured so far.
+    pub response: Vec<u8>,
+    /// Whether the response body hit the cap.
+    pub response_truncated: bool,
+}
+
+impl Entry {
+    /// An entry for a request that arrived at `time_unix_ms`.
+    pub fn new(time_unix_ms: u64, method: &str, path: &str) -> Self {
+        Entry {
+            time_unix_ms,
+            method: method.to_string(),
+            path: path.to_string(),
+            ..Entry::default()
+        }
+    }
+
+    /// Appends request body bytes, keeping at most `limit` in all.
+    pub fn add_request(&mut self, data: &[u8], limit: u64) {
+        append(&mut self.request, &mut self.request_truncated, data, limit);
+    }
+
+    /// Appends response body bytes, keeping at most `limit` in all.
+    pub fn add_response(&mut self, data: &[u8], limit: u64) {
+        append(
+            &mut self.response,
+            &mut self.response_truncated,
+            data,
+            limit,
+        );
+    }
+
+    /// A reply the proxy made itself: its status, and its body as the response.
+    pub fn set_reply(&mut self, status: u16, body: &[u8], limit: u64) {
+        self.status = status;
+        self.response.clear();
+        self.response_truncated = false;
+        self.add_response(body, limit);
+    }
+
+    /// The borrowed record to write.
+    pub fn record(&self) -> Record<'_> {
+        Record {
+            time_unix_ms: self.time_unix_ms,
+            duration_ms: self.duration_ms,
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            backend: self.backend.as_deref(),
+            request: &self.request,
+            request_truncated: self.request_truncated,
+            response: &self.response,
+            response_truncated: self.response_truncated,
+        }
+    }
+}
+
+fn append(buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8], limit: u64) {
+    let room = usize::try_from(limit.saturating_sub(buf.len() as u64)).unwrap_or(usize::MAX);
+    if data.len() > room {
+        *truncated = true;
+    }
+    buf.extend_from_slice(&data[..data.len().min(room)]);
 }
 
 /// The line written when records had to be dropped (the writer fell behind).
@@ -160,6 +247,22 @@ mod tests {
             "kept verbatim: {raw}"
         );
         assert_eq!(v["response_truncated"], true);
+    }
+
+    #[test]
+    fn entries_cap_their_bodies() {
+        let mut e = Entry::new(0, "POST", "/x");
+        e.add_request(b"hello", 3);
+        e.add_request(b"!", 3);
+        assert_eq!(
+            (e.request.as_slice(), e.request_truncated),
+            (&b"hel"[..], true)
+        );
+        e.add_response(b"ok", 3);
+        assert!(!e.response_truncated);
+        e.set_reply(429, b"{}", 3);
+        assert_eq!((e.status, e.response.as_slice()), (429, &b"{}"[..]));
+        assert_eq!(e.record().method, "POST");
     }
 
     #[test]

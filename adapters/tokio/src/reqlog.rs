@@ -11,28 +11,14 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lb_core::reqlog::{dropped_line, Record};
+use lb_core::reqlog::{dropped_line, Entry};
 
 /// Records waiting for the writer; beyond this they are dropped and counted.
 const BACKLOG: usize = 1024;
 
-/// A capture whose exchange is over, on its way to the writer.
-struct Done {
-    time_unix_ms: u64,
-    duration_ms: u64,
-    method: String,
-    path: String,
-    status: u16,
-    backend: Option<Arc<str>>,
-    request: Vec<u8>,
-    request_truncated: bool,
-    response: Vec<u8>,
-    response_truncated: bool,
-}
-
 /// The handle the proxy keeps: where captures go.
 pub(crate) struct RequestLog {
-    tx: SyncSender<Done>,
+    tx: SyncSender<Entry>,
     dropped: Arc<AtomicU64>,
     limit: u64,
 }
@@ -56,42 +42,26 @@ impl RequestLog {
 
     /// A capture for one request; it is logged when its last holder drops it.
     pub(crate) fn capture(self: &Arc<Self>, method: &str, path: &str) -> Arc<Capture> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Arc::new(Capture {
             log: self.clone(),
             started: Instant::now(),
-            time_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            state: Mutex::new(State {
-                method: method.to_string(),
-                path: path.to_string(),
-                ..State::default()
-            }),
+            entry: Mutex::new(Entry::new(now, method, path)),
         })
     }
 }
 
-fn write_loop(rx: Receiver<Done>, mut out: BufWriter<std::fs::File>, dropped: Arc<AtomicU64>) {
+fn write_loop(rx: Receiver<Entry>, mut out: BufWriter<std::fs::File>, dropped: Arc<AtomicU64>) {
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some(d) = next {
+        while let Some(e) = next {
             let lost = dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
-                let _ = out.write_all(dropped_line(d.time_unix_ms, lost).as_bytes());
+                let _ = out.write_all(dropped_line(e.time_unix_ms, lost).as_bytes());
             }
-            let record = Record {
-                time_unix_ms: d.time_unix_ms,
-                duration_ms: d.duration_ms,
-                method: &d.method,
-                path: &d.path,
-                status: d.status,
-                backend: d.backend.as_deref(),
-                request: &d.request,
-                request_truncated: d.request_truncated,
-                response: &d.response,
-                response_truncated: d.response_truncated,
-            };
-            let _ = out.write_all(record.to_line().as_bytes());
+            let _ = out.write_all(e.record().to_line().as_bytes());
             next = rx.try_recv().ok();
         }
         // Flush whenever the backlog is empty: lines appear promptly, writes stay batched.
@@ -99,74 +69,42 @@ fn write_loop(rx: Receiver<Done>, mut out: BufWriter<std::fs::File>, dropped: Ar
     }
 }
 
-#[derive(Default)]
-struct State {
-    method: String,
-    path: String,
-    status: u16,
-    backend: Option<Arc<str>>,
-    request: Vec<u8>,
-    request_truncated: bool,
-    response: Vec<u8>,
-    response_truncated: bool,
-}
-
 /// One request's record in the making, shared by the handler, the request body and the
 /// response body.
 pub(crate) struct Capture {
     log: Arc<RequestLog>,
     started: Instant,
-    time_unix_ms: u64,
-    state: Mutex<State>,
+    entry: Mutex<Entry>,
 }
 
 impl Capture {
-    fn with(&self, f: impl FnOnce(&mut State, u64)) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut s, self.log.limit);
+    fn with(&self, f: impl FnOnce(&mut Entry, u64)) {
+        let mut e = self.entry.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut e, self.log.limit);
     }
 
     pub(crate) fn request(&self, data: &[u8]) {
-        self.with(|s, limit| append(&mut s.request, &mut s.request_truncated, data, limit));
+        self.with(|e, limit| e.add_request(data, limit));
     }
 
     pub(crate) fn response(&self, data: &[u8]) {
-        self.with(|s, limit| append(&mut s.response, &mut s.response_truncated, data, limit));
+        self.with(|e, limit| e.add_response(data, limit));
     }
 
     pub(crate) fn status(&self, status: u16) {
-        self.with(|s, _| s.status = status);
+        self.with(|e, _| e.status = status);
     }
 
     pub(crate) fn backend(&self, url: Arc<str>) {
-        self.with(|s, _| s.backend = Some(url));
+        self.with(|e, _| e.backend = Some(url));
     }
-}
-
-fn append(buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8], limit: u64) {
-    let room = usize::try_from(limit.saturating_sub(buf.len() as u64)).unwrap_or(usize::MAX);
-    if data.len() > room {
-        *truncated = true;
-    }
-    buf.extend_from_slice(&data[..data.len().min(room)]);
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        let s = std::mem::take(self.state.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let done = Done {
-            time_unix_ms: self.time_unix_ms,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            method: s.method,
-            path: s.path,
-            status: s.status,
-            backend: s.backend,
-            request: s.request,
-            request_truncated: s.request_truncated,
-            response: s.response,
-            response_truncated: s.response_truncated,
-        };
-        if let Err(TrySendError::Full(_)) = self.log.tx.try_send(done) {
+        let mut entry = std::mem::take(self.entry.get_mut().unwrap_or_else(|p| p.into_inner()));
+        entry.duration_ms = self.started.elapsed().as_millis() as u64;
+        if let Err(TrySendError::Full(_)) = self.log.tx.try_send(entry) {
             self.log.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
