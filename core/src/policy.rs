@@ -366,40 +366,30 @@ impl Selector {
 }
 
 /// Fewest in flight relative to weight among backends below their cap; ties uniformly at
-/// random. Two passes (find the minimum and count its ties, then take the k-th tie) so that
-/// a pool of idle backends costs one random draw, not one per backend; no allocation.
+/// random (reservoir sampling, so no allocation).
 fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
-    let mut best: Option<&Backend> = None;
+    let mut best: Option<u32> = None;
     let mut ties = 0u32;
     for &s in ready {
         let b = backend(slots, s);
         if b.at_cap() {
             continue;
         }
-        match best.map(|cur| load_cmp(b, cur)) {
+        match best.map(|cur| load_cmp(b, backend(slots, cur))) {
             None | Some(std::cmp::Ordering::Less) => {
-                best = Some(b);
+                best = Some(s);
                 ties = 1;
             }
-            Some(std::cmp::Ordering::Equal) => ties += 1,
+            Some(std::cmp::Ordering::Equal) => {
+                ties += 1;
+                if rng.random_range(0..ties) == 0 {
+                    best = Some(s);
+                }
+            }
             Some(std::cmp::Ordering::Greater) => {}
         }
     }
-    let min = best?;
-    if ties == 1 {
-        return Some(min.id.slot);
-    }
-    let mut k = rng.random_range(0..ties);
-    for &s in ready {
-        let b = backend(slots, s);
-        if !b.at_cap() && load_cmp(b, min) == std::cmp::Ordering::Equal {
-            if k == 0 {
-                return Some(s);
-            }
-            k -= 1;
-        }
-    }
-    unreachable!("the second pass sees the same ties as the first")
+    best
 }
 
 /// The cache-aware load guard: whether `b` may take a request that belongs to it, being
