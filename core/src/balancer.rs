@@ -820,6 +820,23 @@ impl<R: Rng> Balancer<R> {
         Some(a)
     }
 
+    /// Hands every pending admission to `deliver`, oldest first. An admission it gives
+    /// back (its request has gone meanwhile) is withdrawn: its lease is released as
+    /// [`Outcome::Cancelled`], which may admit the next waiter, whose admission is then
+    /// delivered in turn. So no lease is ever lost between the core and a waiter.
+    /// `deliver` must not block: it runs wherever the caller holds the balancer.
+    pub fn deliver_admissions(
+        &mut self,
+        now: Instant,
+        mut deliver: impl FnMut(Admission) -> Result<(), Admission>,
+    ) {
+        while let Some(admission) = self.poll_admission() {
+            if let Err(Admission::Admitted(_, lease)) = deliver(admission) {
+                self.release(now, lease, Outcome::Cancelled);
+            }
+        }
+    }
+
     // ------------------------------------------------------------------ internals
 
     /// Hands free slots to the queue, oldest first; drops waiters past their deadline.

@@ -321,3 +321,36 @@ fn a_polled_admission_must_be_released() {
     b.release(now, l, Outcome::Response(200));
     let _ = b.poll_admission();
 }
+
+#[test]
+fn an_unclaimed_admission_passes_its_slot_to_the_next_waiter() {
+    let (mut b, t0) = balancer(Policy::LeastConn, queue(1000, 8));
+    let id = b.add_backend(t0, capped("http://a", 1)).unwrap();
+    let busy = select(&mut b, t0).unwrap();
+    let gone = enqueue(&mut b, t0).unwrap();
+    let waiting = enqueue(&mut b, t0).unwrap();
+    b.release(t0 + MS, busy, Outcome::Response(200));
+    // The first waiter's request has gone: its admission is given back, its lease released,
+    // and the second waiter is admitted and delivered in the same call.
+    let mut delivered = Vec::new();
+    b.deliver_admissions(t0 + MS, |adm| match adm {
+        Admission::Admitted(t, _) if t == gone => Err(adm),
+        Admission::Admitted(t, lease) => {
+            delivered.push((t, lease));
+            Ok(())
+        }
+        Admission::Expired(t) => panic!("{t} expired"),
+    });
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, waiting);
+    assert_eq!(b.poll_admission(), None);
+    assert_eq!(
+        b.backend(id).unwrap().in_flight,
+        1,
+        "only the delivered lease holds a slot"
+    );
+    assert_eq!(b.outstanding(), 1);
+    let (_, lease) = delivered.pop().unwrap();
+    b.release(t0 + MS, lease, Outcome::Response(200));
+    assert_eq!(b.outstanding(), 0);
+}

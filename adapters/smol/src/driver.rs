@@ -32,7 +32,7 @@ pub(crate) async fn drive(shared: Arc<Shared>, spawner: Weak<Executor<'static>>)
             while let Some(action) = core.poll_action() {
                 probes.push(action);
             }
-            (Shared::drain(&mut core), core.poll_timeout())
+            (shared.drain(&mut core), core.poll_timeout())
         };
         shared.dispatch(drained);
         for Action::StartProbe {
@@ -69,7 +69,7 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
     let drained = {
         let mut core = shared.core();
         core.probe_result(Instant::now(), probe, outcome);
-        Shared::drain(&mut core)
+        shared.drain(&mut core)
     };
     shared.dispatch(drained);
 }

@@ -2,9 +2,10 @@
 //! pool, the admission queue's waiters, the request log, and the shutdown state.
 //!
 //! Every input to the core (`release`, `probe_result`, `handle_timeout`, `enqueue`,
-//! `cancel`) is followed by [`Shared::drain`] under its lock and [`Shared::dispatch`]
-//! outside it: events are logged, and each [`Admission`] goes to the request waiting for
-//! it, or (nobody waits any more) its lease goes straight back.
+//! `cancel`) is followed by [`Shared::drain`] under its lock, which hands each
+//! [`Admission`] to the request waiting for it (the core releases those nobody waits for
+//! any more, `Balancer::deliver_admissions`), and [`Shared::dispatch`] outside it, which
+//! logs the events.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -105,7 +106,6 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct Drained {
     events: Vec<lb_core::Event>,
-    admissions: Vec<Admission>,
 }
 
 impl Shared {
@@ -185,46 +185,28 @@ impl Shared {
         })
     }
 
-    /// Takes the events and admissions the core has after an input (call under its lock).
-    /// Actions (probes) are the driver's: only its `handle_timeout` makes them.
-    pub(crate) fn drain(core: &mut Balancer<SmallRng>) -> Drained {
+    /// Takes the events the core has after an input (call under its lock), and hands its
+    /// queue admissions to their waiting requests right here (a non-blocking hand-over);
+    /// the core releases those nobody waits for any more. Actions (probes) are the
+    /// driver's: only its `handle_timeout` makes them.
+    pub(crate) fn drain(&self, core: &mut Balancer<SmallRng>) -> Drained {
+        core.deliver_admissions(Instant::now(), |adm| {
+            match self.waiters().remove(&adm.ticket().id()) {
+                Some(slot) => slot.deliver(adm),
+                None => Err(adm),
+            }
+        });
         let mut d = Drained::default();
         while let Some(e) = core.poll_event() {
             d.events.push(e);
         }
-        while let Some(a) = core.poll_admission() {
-            d.admissions.push(a);
-        }
         d
     }
 
-    /// Logs events and hands admissions to their waiting requests (outside the core's
-    /// lock). An admission nobody waits for any more is released at once, which may admit
-    /// the next waiter, and so on.
-    pub(crate) fn dispatch(&self, mut d: Drained) {
-        loop {
-            for e in d.events.drain(..) {
-                (self.log)(Notice::Core(e));
-            }
-            let mut orphans = Vec::new();
-            for adm in d.admissions.drain(..) {
-                let waiter = self.waiters().remove(&adm.ticket().id());
-                let undelivered = match waiter {
-                    Some(slot) => slot.deliver(adm).err(),
-                    None => Some(adm),
-                };
-                if let Some(Admission::Admitted(_, lease)) = undelivered {
-                    orphans.push(lease);
-                }
-            }
-            if orphans.is_empty() {
-                return;
-            }
-            let mut core = self.core();
-            for lease in orphans {
-                core.release(Instant::now(), lease, Outcome::Cancelled);
-            }
-            d = Self::drain(&mut core);
+    /// Logs the events (outside the core's lock).
+    pub(crate) fn dispatch(&self, d: Drained) {
+        for e in d.events {
+            (self.log)(Notice::Core(e));
         }
     }
 
@@ -236,7 +218,7 @@ impl Shared {
         let d = {
             let mut core = self.core();
             core.release(Instant::now(), lease, outcome);
-            Self::drain(&mut core)
+            self.drain(&mut core)
         };
         self.dispatch(d);
         if self.is_shutting_down() {
@@ -258,7 +240,7 @@ impl Shared {
             let ticket = core.enqueue(Instant::now(), meta)?;
             // Registered under the core's lock: no admission for it can be drained before.
             self.waiters().insert(ticket.id(), slot.clone());
-            (ticket, Self::drain(&mut core))
+            (ticket, self.drain(&mut core))
         };
         // Its expiry may be the earliest deadline now: the driver sets its timer again.
         self.rearm.notify(usize::MAX);
@@ -460,7 +442,7 @@ impl Drop for QueueWait {
         let d = {
             let mut core = self.shared.core();
             core.cancel(Instant::now(), self.ticket);
-            Shared::drain(&mut core)
+            self.shared.drain(&mut core)
         };
         self.shared.waiters().remove(&self.ticket.id());
         // No delivery can land after close(); one that landed before is taken back here.

@@ -21,7 +21,7 @@ pub(crate) async fn drive(shared: Arc<Shared>) {
             if core.poll_timeout().is_some_and(|t| t <= now) {
                 core.handle_timeout(now);
             }
-            (Shared::drain(&mut core), core.poll_timeout())
+            (shared.drain(&mut core), core.poll_timeout())
         };
         for action in &drained.actions {
             let Action::StartProbe {
@@ -62,7 +62,7 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
     let drained = {
         let mut core = shared.core();
         core.probe_result(Instant::now(), probe, outcome);
-        Shared::drain(&mut core)
+        shared.drain(&mut core)
     };
     shared.dispatch(drained);
 }

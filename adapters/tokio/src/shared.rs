@@ -127,7 +127,6 @@ pub(crate) struct Shared {
 pub(crate) struct Drained {
     pub(crate) actions: Vec<Action>,
     events: Vec<lb_core::Event>,
-    admissions: Vec<Admission>,
 }
 
 impl Shared {
@@ -196,54 +195,38 @@ impl Shared {
         })
     }
 
-    /// Takes everything the core has to say after an input (call under its lock).
-    pub(crate) fn drain(core: &mut Balancer<SmallRng>) -> Drained {
+    /// Takes everything the core has to say after an input (call under its lock). Queue
+    /// admissions are handed to their waiting requests right here (a non-blocking send);
+    /// the core releases those nobody waits for any more.
+    pub(crate) fn drain(&self, core: &mut Balancer<SmallRng>) -> Drained {
         let mut d = Drained::default();
         while let Some(a) = core.poll_action() {
             d.actions.push(a);
         }
+        core.deliver_admissions(Instant::now(), |adm| self.hand_over(adm));
         while let Some(e) = core.poll_event() {
             d.events.push(e);
-        }
-        while let Some(a) = core.poll_admission() {
-            d.admissions.push(a);
         }
         d
     }
 
-    /// Logs events and hands admissions to their waiting requests (outside the lock). An
-    /// admission nobody waits for any more is released at once, which may admit the next.
-    pub(crate) fn dispatch(&self, mut d: Drained) {
-        loop {
-            for e in d.events.drain(..) {
-                (self.log)(Notice::Core(e));
-            }
-            let mut orphans = Vec::new();
-            for adm in d.admissions.drain(..) {
-                let waiter = self
-                    .waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&adm.ticket().id());
-                let undelivered = match waiter {
-                    Some(tx) => tx.send(adm).err(),
-                    None => Some(adm),
-                };
-                if let Some(Admission::Admitted(_, lease)) = undelivered {
-                    orphans.push(lease);
-                }
-            }
-            if orphans.is_empty() {
-                return;
-            }
-            let mut core = self.core();
-            for lease in orphans {
-                core.release(Instant::now(), lease, Outcome::Cancelled);
-            }
-            let more = Self::drain(&mut core);
-            drop(core);
-            d.events = more.events;
-            d.admissions = more.admissions;
+    /// Gives an admission to the request waiting for it, or back if it has gone.
+    fn hand_over(&self, adm: Admission) -> Result<(), Admission> {
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&adm.ticket().id());
+        match waiter {
+            Some(tx) => tx.send(adm),
+            None => Err(adm),
+        }
+    }
+
+    /// Logs the events (outside the core's lock).
+    pub(crate) fn dispatch(&self, d: Drained) {
+        for e in d.events {
+            (self.log)(Notice::Core(e));
         }
     }
 
@@ -251,7 +234,7 @@ impl Shared {
         let (d, idle) = {
             let mut core = self.core();
             core.release(Instant::now(), lease, outcome);
-            (Self::drain(&mut core), core.outstanding() == 0)
+            (self.drain(&mut core), core.outstanding() == 0)
         };
         self.dispatch(d);
         if idle && self.shutting_down.load(Ordering::Acquire) {
@@ -266,7 +249,7 @@ impl Shared {
         meta: OwnedMeta,
     ) -> Result<LeaseGuard, Reject> {
         let (tx, rx) = oneshot::channel();
-        let ticket = {
+        let (ticket, d) = {
             let mut core = self.core();
             let ticket = core.enqueue(Instant::now(), meta)?;
             // Registered under the core's lock: no admission for it can be drained before.
@@ -274,8 +257,10 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(ticket.id(), tx);
-            ticket
+            // enqueue may admit at once (a slot freed since select): deliver it now.
+            (ticket, self.drain(&mut core))
         };
+        self.dispatch(d);
         self.rearm.notify_one();
         let mut wait = QueueWait {
             shared: self.clone(),
@@ -363,7 +348,7 @@ impl Drop for QueueWait {
         let d = {
             let mut core = self.shared.core();
             core.cancel(Instant::now(), self.ticket);
-            Shared::drain(&mut core)
+            self.shared.drain(&mut core)
         };
         self.shared
             .waiters
