@@ -594,3 +594,35 @@ fn large_request_heads_pass_and_huge_ones_are_refused() {
     assert_eq!(lb.completion().status, 200);
     assert_eq!(m.requests(), 2, "the huge head never reached the backend");
 }
+
+/// Keep-alive to backends: sequential requests, each on a fresh client connection,
+/// reuse pooled backend connections (at most one per shard, plus the health probe's and one to spare),
+/// and lb closes them itself once idle (before the 5 s after which uvicorn would).
+#[test]
+fn backend_connections_are_pooled_and_closed_when_idle() {
+    let m = Mock::spawn(&[] as &[&str]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    lb.wait_healthy(1);
+    let shards = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    for i in 0..60 {
+        let r = request(lb.port, "GET", "/pooled", &[], None)
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    let s = m.stats();
+    // `connections` counts this stats request's own connection too.
+    let connections = s["connections"].as_u64().expect("connections in /stats") - 1;
+    assert!(
+        connections <= shards + 2,
+        "60 sequential requests opened {connections} backend connections ({shards} shards): {s}"
+    );
+    // Nothing closes idle connections at the mock (no --idle-timeout): only lb's pool
+    // timeout (4 s) can bring the count down to the one asking for the stats.
+    let open = wait_until(
+        Duration::from_secs(15),
+        "lb to close its idle backend connections",
+        || m.stats(),
+        |s| s["open_connections"] == 1,
+    );
+    assert_eq!(open["idle_closes"], 0, "{open}");
+}

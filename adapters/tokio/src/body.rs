@@ -1,5 +1,7 @@
 //! The response body streamed to the client: the backend's body, frame by frame, holding
-//! the request's lease until the stream ends and enforcing the request deadline.
+//! the request's lease until the stream ends and enforcing the request deadline. It also
+//! drives the backend connection the body arrives on (see `pool`), and returns it to the
+//! shard's pool when the body has been read to its end.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use lb_core::{BackendError, ErrorKind, Notice, Outcome};
 use tokio::time::Sleep;
 
+use crate::pool::Lent;
 use crate::proxy::{describe, ReqLine};
 use crate::reqlog::Capture;
 use crate::shared::LeaseGuard;
@@ -23,6 +26,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct Streamed {
         #[pin]
         inner: Incoming,
+        lent: Lent,
         #[pin]
         deadline: Sleep,
         guard: Option<LeaseGuard>,
@@ -35,6 +39,7 @@ pin_project_lite::pin_project! {
 impl Streamed {
     pub(crate) fn new(
         inner: Incoming,
+        lent: Lent,
         deadline: Sleep,
         guard: LeaseGuard,
         status: u16,
@@ -43,6 +48,7 @@ impl Streamed {
     ) -> Self {
         Streamed {
             inner,
+            lent,
             deadline,
             guard: Some(guard),
             status,
@@ -61,13 +67,20 @@ impl Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
+        let mut polled = this.inner.as_mut().poll_frame(cx);
+        if polled.is_pending() {
+            // Nothing buffered: let the connection read (it delivers into `inner`).
+            this.lent.poll_io(cx);
+            polled = this.inner.as_mut().poll_frame(cx);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(c), Some(d)) = (this.capture.as_ref(), frame.data_ref()) {
                     c.response(d);
                 }
                 if this.inner.is_end_stream() {
                     // hyper stops polling once the body says it has ended.
+                    this.lent.finish(cx);
                     if let Some(g) = this.guard.take() {
                         g.finish(Outcome::Response(*this.status));
                     }
@@ -75,6 +88,7 @@ impl Body for Streamed {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
+                this.lent.finish(cx);
                 if let Some(g) = this.guard.take() {
                     g.finish(Outcome::Response(*this.status));
                 }

@@ -1,4 +1,4 @@
-//! HTTP clients to backends: pooled keep-alive connections, connect timeout, TLS.
+//! Connections to backends: the connector (TCP, connect timeout, TLS) and the probe client.
 
 use std::sync::Arc;
 
@@ -59,10 +59,10 @@ pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
         .wrap_connector(http))
 }
 
-/// A pooled HTTP/1.1 client. Idle connections close after `pool_idle_timeout` (below
-/// uvicorn's 5 s keep-alive), and a request whose pooled connection turned out closed
-/// before any byte was written is re-sent once on a fresh connection (hyper-util's
-/// `retry_canceled_requests`); nothing else is retried.
+/// The health-probe client (proxied traffic uses each shard's `pool::Pool`), with the same
+/// connector and idle rule: idle connections close after `pool_idle_timeout` (below
+/// uvicorn's 5 s keep-alive), and a probe whose pooled connection turned out closed before
+/// any byte was written is re-sent once on a fresh connection; nothing else is retried.
 pub(crate) fn build<B>(connector: Connector, settings: &Settings) -> Client<Connector, B>
 where
     B: hyper::body::Body + Send + 'static + Unpin,

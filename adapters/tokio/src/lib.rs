@@ -11,6 +11,7 @@
 mod body;
 mod client;
 mod driver;
+mod pool;
 mod proxy;
 mod reqlog;
 mod shared;
@@ -132,7 +133,14 @@ async fn shard(
     let Ok(listener) = TcpListener::from_std(listener) else {
         return;
     };
-    let traffic = Arc::new(client::build(shared.connector.clone(), &shared.settings));
+    let traffic = Arc::new(pool::Pool::new(
+        shared.connector.clone(),
+        shared.settings.pool_idle_timeout,
+    ));
+    tokio::spawn(pool::Pool::reap(
+        Arc::downgrade(&traffic),
+        std::time::Duration::from_secs(1),
+    ));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

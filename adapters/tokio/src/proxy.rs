@@ -21,14 +21,16 @@ use lb_core::{
 };
 
 use crate::body::Streamed;
+use crate::pool::{Lent, Pool, SendError};
 use crate::reqlog::Capture;
 use crate::shared::{LeaseGuard, Shared};
 use crate::upbody::UpBody;
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
 
-/// Method and target of a request, kept for error messages (cheap clones, formatted only
-/// when something goes wrong).
+/// Method and target (as sent to the backend, with the backend URL's path prefix) of a
+/// request, kept for error messages (cheap clones, formatted only when something goes
+/// wrong).
 pub(crate) struct ReqLine {
     method: Method,
     uri: Uri,
@@ -46,8 +48,8 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The pooled client of the shard serving the request.
-pub(crate) type Traffic = Arc<hyper_util::client::legacy::Client<crate::client::Connector, UpBody>>;
+/// The backend connections of the shard serving the request.
+pub(crate) type Traffic = Arc<Pool>;
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -91,7 +93,9 @@ pub(crate) async fn handle(
     let mut key: Option<Vec<u8>> = None;
     if shared.settings.routes_by_body() {
         let (data, ended) =
-            match tokio::time::timeout_at(deadline, body.read_prefix(MAX_BODY_PREFIX)).await {
+            match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
+                .await
+            {
                 Ok(Ok(read)) => read,
                 // The client stopped sending (or went away) before the body arrived.
                 _ => return Ok(logged(&capture, reply::error(ProxyError::BadRequest))),
@@ -126,7 +130,7 @@ pub(crate) async fn handle(
     let guard = match shared.select(&meta) {
         Ok(g) => g,
         Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
-            match shared.wait_for_slot(OwnedMeta::from(&meta)).await {
+            match Box::pin(shared.wait_for_slot(OwnedMeta::from(&meta))).await {
                 Ok(g) => g,
                 Err(reject) => {
                     return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject))))
@@ -152,14 +156,10 @@ async fn forward(
     if let Some(c) = &capture {
         c.backend(upstream.url.clone());
     }
-    let line = ReqLine {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-    };
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let uri = match upstream.uri(req.uri().path_and_query()) {
+    let uri = match upstream.target(req.uri().path_and_query()) {
         Ok(u) => u,
         Err(_) => {
             guard.finish(Outcome::Cancelled);
@@ -167,31 +167,38 @@ async fn forward(
         }
     };
     *req.uri_mut() = uri;
+    // Taken from the rewritten target, a fresh allocation: a clone of the client's URI
+    // would keep hyper's whole 8 KiB read buffer alive for as long as the request runs.
+    let line = ReqLine {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+    };
     rewrite_request_headers(req.headers_mut(), peer, &upstream.authority, upgrade);
 
-    let sent = tokio::time::timeout_at(deadline, traffic.request(req)).await;
-    let mut resp = match sent {
-        Ok(Ok(resp)) => resp,
+    let slot = guard.backend().slot();
+    let sent = if upgrade {
+        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.base, req)))
+            .await
+            .map(|r| r.map(|resp| (resp, None)))
+    } else {
+        tokio::time::timeout_at(deadline, traffic.send(slot, &upstream.base, req))
+            .await
+            .map(|r| r.map(|(resp, c)| (resp, Some(c))))
+    };
+    let (mut resp, conn) = match sent {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(SendError::Http(e))) if client_side(&e) => {
+            // The client's request body failed (it went away mid-upload): not the
+            // backend's fault.
+            guard.finish(Outcome::Cancelled);
+            return logged(&capture, reply::error(ProxyError::BadRequest));
+        }
         Ok(Err(e)) => {
-            if client_side(&e) {
-                // The client's request body failed (it went away mid-upload): not the
-                // backend's fault.
-                guard.finish(Outcome::Cancelled);
-                return logged(&capture, reply::error(ProxyError::BadRequest));
-            }
-            let kind = if e.is_connect() {
-                ErrorKind::Connect
-            } else {
-                ErrorKind::Io
+            let (kind, message) = match &e {
+                SendError::Connect(e) => (ErrorKind::Connect, describe(e.as_ref())),
+                SendError::Http(e) => (ErrorKind::Io, describe(e)),
             };
-            let reply = fail(
-                &shared,
-                guard,
-                &line,
-                ProxyError::BadGateway,
-                kind,
-                describe(&e),
-            );
+            let reply = fail(&shared, guard, &line, ProxyError::BadGateway, kind, message);
             return logged(&capture, reply);
         }
         Err(_) => {
@@ -237,13 +244,19 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    // No connection comes back for an upgrade request the backend answered without
+    // switching: its one-off connection runs as a task and closes after this body.
+    let lent = Lent::new(conn, traffic.clone(), slot);
     let body = if hyper::body::Body::is_end_stream(&body) {
         drop(body);
+        lent.finish_now().await;
         guard.finish(Outcome::Response(status));
         Either::Left(Full::default())
     } else {
         let sleep = tokio::time::sleep_until(deadline);
-        Either::Right(Streamed::new(body, sleep, guard, status, line, capture))
+        Either::Right(Streamed::new(
+            body, lent, sleep, guard, status, line, capture,
+        ))
     };
     Response::from_parts(parts, body)
 }
@@ -422,8 +435,8 @@ fn rewrite_request_headers(
 }
 
 /// Whether a client error was caused by the client's own request body.
-fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = e.source();
+fn client_side(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_user() || h.is_body_write_aborted() {

@@ -59,12 +59,13 @@ impl std::error::Error for StartError {}
 /// A backend as the adapter addresses it.
 pub(crate) struct Upstream {
     pub(crate) url: Arc<str>,
-    pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
     /// Path prefix from the backend URL, empty or `/base`.
     pub(crate) prefix: String,
     /// The health-probe URI.
     pub(crate) probe_uri: Uri,
+    /// Scheme and authority, what a connection is made to.
+    pub(crate) base: Uri,
 }
 
 impl Upstream {
@@ -78,27 +79,31 @@ impl Upstream {
             .path_and_query(format!("{}{}", t.path_prefix, health_path))
             .build()
             .map_err(|e| bad(&e))?;
+        let base = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| bad(&e))?;
         Ok(Upstream {
+            base,
             url: t.url.clone(),
-            scheme,
             authority,
             prefix: t.path_prefix.clone(),
             probe_uri,
         })
     }
 
-    /// The URI of `pq` on this backend.
-    pub(crate) fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let b = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        match (self.prefix.is_empty(), pq) {
-            (true, Some(pq)) => b.path_and_query(pq.clone()).build(),
-            (true, None) => b.path_and_query("/").build(),
-            (false, pq) => {
-                let pq = pq.map_or("/", |p| p.as_str());
-                b.path_and_query(format!("{}{}", self.prefix, pq)).build()
-            }
+    /// The request target (origin form) for `pq` on this backend: the URL's path prefix,
+    /// then the client's path and query.
+    pub(crate) fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = pq.map_or("/", |p| p.as_str());
+        if self.prefix.is_empty() {
+            Uri::builder().path_and_query(pq).build()
+        } else {
+            Uri::builder()
+                .path_and_query(format!("{}{}", self.prefix, pq))
+                .build()
         }
     }
 }
