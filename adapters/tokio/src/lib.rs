@@ -163,7 +163,8 @@ async fn shard(
                 };
                 let _ = stream.set_nodelay(true);
                 let (shared, traffic) = (shared.clone(), traffic.clone());
-                let service = service_fn(move |req| proxy::handle(shared.clone(), traffic.clone(), peer, req));
+                let peer = proxy::Peer::new(peer);
+                let service = service_fn(move |req| proxy::handle(shared.clone(), traffic.clone(), peer.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
                 let mut conns_rx = conns_rx.clone();
                 tokio::spawn(async move {

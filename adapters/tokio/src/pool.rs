@@ -126,8 +126,8 @@ impl Pool {
     }
 
     /// A new connection to the backend at `base` (scheme and authority). Boxed: its
-    /// future holds a TLS stream and hyper's connection state, kilobytes the request's
-    /// own future need not carry when it reuses a pooled connection.
+    /// future holds a TLS-capable stream and hyper's handshake, state that is gone once
+    /// connected and that the request's own future need not carry.
     fn connect<'a>(
         &'a self,
         base: &'a Uri,
@@ -206,16 +206,23 @@ impl Pool {
             Ok(resp) => Ok((resp, c)),
             Err(mut e) => match e.take_message() {
                 // The reused connection was found closed before any byte of the request
-                // went out: the one transparent re-send, on a fresh connection.
-                Some(req) if reused => {
-                    let mut c = self.connect(base).await?;
-                    match exchange(&mut c, req).await {
-                        Ok(resp) => Ok((resp, c)),
-                        Err(e) => Err(SendError::Http(e.into_error())),
-                    }
-                }
+                // went out: the one transparent re-send, on a fresh connection. Boxed: a
+                // rare path whose state would otherwise enlarge every request's future.
+                Some(req) if reused => Box::pin(self.resend(base, req)).await,
                 _ => Err(SendError::Http(e.into_error())),
             },
+        }
+    }
+
+    async fn resend(
+        &self,
+        base: &Uri,
+        req: Request<UpBody>,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        let mut c = self.connect(base).await?;
+        match exchange(&mut c, req).await {
+            Ok(resp) => Ok((resp, c)),
+            Err(e) => Err(SendError::Http(e.into_error())),
         }
     }
 }

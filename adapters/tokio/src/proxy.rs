@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,10 +51,28 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// The backend connections of the shard serving the request.
 pub(crate) type Traffic = Arc<Pool>;
 
+/// The client at the other end of a connection: its address, and its IP as an
+/// `X-Forwarded-For` value (formatted once per connection, not per request).
+#[derive(Clone)]
+pub(crate) struct Peer {
+    ip: IpAddr,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let ip = addr.ip().to_canonical();
+        Peer {
+            ip,
+            forwarded_for: HeaderValue::try_from(ip.to_string()).ok(),
+        }
+    }
+}
+
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     traffic: Traffic,
-    peer: SocketAddr,
+    peer: Peer,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path() == "/health" {
@@ -123,7 +141,7 @@ pub(crate) async fn handle(
             .map(|v| v.as_bytes().to_vec());
     }
     let meta = RequestMeta {
-        client_ip: Some(peer.ip().to_canonical()),
+        client_ip: Some(peer.ip),
         key: key.as_deref(),
         affinity: affinity.as_ref(),
     };
@@ -147,7 +165,7 @@ async fn forward(
     shared: Arc<Shared>,
     traffic: Traffic,
     guard: LeaseGuard,
-    peer: SocketAddr,
+    peer: Peer,
     mut req: Request<UpBody>,
     deadline: tokio::time::Instant,
     capture: Option<Arc<Capture>>,
@@ -173,7 +191,7 @@ async fn forward(
         method: req.method().clone(),
         uri: req.uri().clone(),
     };
-    rewrite_request_headers(req.headers_mut(), peer, &upstream.authority, upgrade);
+    rewrite_request_headers(req.headers_mut(), &peer, &upstream.authority, upgrade);
 
     let slot = guard.backend().slot();
     let sent = if upgrade {
@@ -412,17 +430,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 /// called directly, like nginx's default `proxy_set_header Host $proxy_host`).
 fn rewrite_request_headers(
     h: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &Peer,
     authority: &http::uri::Authority,
     upgrade: bool,
 ) {
     strip_hop_by_hop(h, upgrade);
-    let ip = peer.ip().to_canonical();
+    // An unreadable prior value is replaced rather than passed on.
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")),
-        None => HeaderValue::try_from(ip.to_string()),
+        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", peer.ip)).ok(),
+        None => peer.forwarded_for.clone(),
     };
-    if let Ok(v) = xff {
+    if let Some(v) = xff {
         h.insert(&X_FORWARDED_FOR, v);
     }
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
