@@ -21,6 +21,7 @@ use crate::exchange;
 use crate::io::{
     head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
 };
+use crate::pool::Pool;
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
 use crate::shared::{ConnectionGuard, Shared};
@@ -78,7 +79,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
             }
         };
         first = false;
-        let after = handle(&shared, &client, &mut cbuf, peer, req).await;
+        let after = handle(&shared, open.pool(), &client, &mut cbuf, peer, req).await;
         match after {
             After::KeepAlive => {}
             After::Close => return,
@@ -94,6 +95,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
 /// `--log-to` is set.
 async fn handle(
     shared: &Arc<Shared>,
+    pool: &Pool,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -172,8 +174,10 @@ async fn handle(
     };
     let local = match selected {
         Ok(guard) => {
-            return exchange::forward(shared, client, cbuf, peer, req, guard, deadline, capture)
-                .await
+            return exchange::forward(
+                shared, pool, client, cbuf, peer, req, guard, deadline, capture,
+            )
+            .await
         }
         Err(reject) => reply::error(ProxyError::Rejected(reject)),
     };
