@@ -55,7 +55,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {
-        let head = read_head(&shared, &client, &mut cbuf).await;
+        let head = read_head(&shared, &client, &mut cbuf, !first).await;
         let req = match head {
             Head::Request(req, n) => {
                 cbuf.drain(..n);
@@ -253,7 +253,10 @@ async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Rep
 
 /// Reads until a complete request head is in `cbuf` (which may already hold some), within
 /// `--head-timeout`. While no byte of it has arrived, shutdown closes the connection.
-async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>) -> Head {
+/// `idle`: the connection has just answered a request, so the next one is most likely not
+/// here yet; wait until the socket is readable before reading (sparing a read that would
+/// find nothing).
+async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>, idle: bool) -> Head {
     let limit = shared.limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
@@ -271,7 +274,13 @@ async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>) -> Head
                 if shared.is_shutting_down() {
                     return Head::Closed;
                 }
-                future::or(read_more(client, cbuf, want), async {
+                let read = async {
+                    if idle {
+                        client.readable().await;
+                    }
+                    read_more(client, cbuf, want).await
+                };
+                future::or(read, async {
                     shared.shutdown_begun().await;
                     Ok(0)
                 })
