@@ -21,6 +21,7 @@ use crate::exchange;
 use crate::io::{
     head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
 };
+use crate::pool::Pool;
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
 use crate::shared::{ConnectionGuard, Shared};
@@ -54,7 +55,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {
-        let head = read_head(&shared, &client, &mut cbuf).await;
+        let head = read_head(&shared, &client, &mut cbuf, !first).await;
         let req = match head {
             Head::Request(req, n) => {
                 cbuf.drain(..n);
@@ -78,7 +79,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
             }
         };
         first = false;
-        let after = handle(&shared, &client, &mut cbuf, peer, req).await;
+        let after = handle(&shared, open.pool(), &client, &mut cbuf, peer, req).await;
         match after {
             After::KeepAlive => {}
             After::Close => return,
@@ -94,6 +95,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
 /// `--log-to` is set.
 async fn handle(
     shared: &Arc<Shared>,
+    pool: &Pool,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -172,8 +174,10 @@ async fn handle(
     };
     let local = match selected {
         Ok(guard) => {
-            return exchange::forward(shared, client, cbuf, peer, req, guard, deadline, capture)
-                .await
+            return exchange::forward(
+                shared, pool, client, cbuf, peer, req, guard, deadline, capture,
+            )
+            .await
         }
         Err(reject) => reply::error(ProxyError::Rejected(reject)),
     };
@@ -249,7 +253,10 @@ async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Rep
 
 /// Reads until a complete request head is in `cbuf` (which may already hold some), within
 /// `--head-timeout`. While no byte of it has arrived, shutdown closes the connection.
-async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>) -> Head {
+/// `idle`: the connection has just answered a request, so the next one is most likely not
+/// here yet; wait until the socket is readable before reading (sparing a read that would
+/// find nothing).
+async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>, idle: bool) -> Head {
     let limit = shared.limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
@@ -267,7 +274,13 @@ async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>) -> Head
                 if shared.is_shutting_down() {
                     return Head::Closed;
                 }
-                future::or(read_more(client, cbuf, want), async {
+                let read = async {
+                    if idle {
+                        client.readable().await;
+                    }
+                    read_more(client, cbuf, want).await
+                };
+                future::or(read, async {
                     shared.shutdown_begun().await;
                     Ok(0)
                 })

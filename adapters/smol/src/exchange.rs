@@ -32,6 +32,7 @@ use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{send, splice, watch};
+use crate::pool::Pool;
 use crate::pump::{
     download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
 };
@@ -48,6 +49,7 @@ use crate::stream::Stream;
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
     shared: &Arc<Shared>,
+    pool: &Pool,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -104,7 +106,7 @@ pub(crate) async fn forward(
     }
     let p0 = future::or(
         async {
-            match send_head(shared, id, up, &head).await {
+            match send_head(shared, pool, id, up, &head).await {
                 Ok(conn) => P0::Sent(conn),
                 Err((kind, msg)) => P0::Failed(kind, msg),
             }
@@ -315,7 +317,7 @@ pub(crate) async fn forward(
         } => {
             guard.finish(Outcome::Response(status));
             if reuse {
-                shared.pool.put(id, conn);
+                pool.put(id, conn);
             }
             return after;
         }

@@ -124,17 +124,16 @@ pub(crate) async fn send(mut s: &Stream, data: &[u8]) -> io::Result<()> {
 
 /// Reads from the client while nothing else does (waiting for the backend), keeping what
 /// arrives (a pipelined request, early tunnel bytes) up to `cap` bytes. Resolves when the
-/// client closes or fails: it went away.
-pub(crate) async fn watch<R>(mut r: R, buf: &mut Vec<u8>, cap: usize)
-where
-    R: AsyncRead + Unpin,
-{
+/// client closes or fails: it went away. It reads only once the reactor says there is
+/// something: a client that waits for its answer costs no read.
+pub(crate) async fn watch(s: &Stream, buf: &mut Vec<u8>, cap: usize) {
     loop {
         if buf.len() >= cap {
             // Enough buffered; stop reading (the client waits for our answer anyway).
             pending::<()>().await;
         }
-        match read_more(&mut r, buf, 1024.min(cap - buf.len())).await {
+        s.readable().await;
+        match read_more(s, buf, 1024.min(cap - buf.len())).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

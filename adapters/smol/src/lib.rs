@@ -1,5 +1,5 @@
 //! Runs the `lb` core on smol's parts: `async-io` (sockets, timers), `async-executor` (one
-//! thread), `async-signal`. The tiny build of `lb`: no tokio, no hyper.
+//! thread per CPU), `async-signal`. The tiny build of `lb`: no tokio, no hyper.
 //!
 //! What it does: accepts connections; reads request heads and frames bodies with
 //! `lb_core::http1` (it parses no HTTP of its own, save taking the data out of chunked
@@ -52,11 +52,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::TcpListener;
+
 use async_executor::Executor;
-use async_io::Timer;
+use async_io::{Async, Timer};
 use async_signal::{Signal, Signals};
 use futures_lite::{future, StreamExt};
 use lb_core::{Notice, NoticeSink, Settings};
+use shared::Shared;
 
 pub use shared::StartError;
 
@@ -73,64 +76,115 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
 /// The proxy as a future: binds, serves until `shutdown` resolves, then stops accepting
 /// and lets in-flight requests and streams finish for up to `settings.shutdown_timeout`.
 ///
-/// Every task it starts runs on its own executor, driven by this future, so it runs
-/// under any executor (`async_io::block_on`, async-std, ...) on the calling thread.
+/// One shard per CPU, as nginx runs workers: each has its own `SO_REUSEPORT` listener, its
+/// own executor and its own backend connection pool, so a request stays on one thread and
+/// takes no lock another thread holds, but the core's. The calling thread runs the first
+/// shard (and the control path) on an executor driven by this future, so it runs under
+/// any executor (`async_io::block_on`, async-std, ...); the others run on threads of
+/// their own (small stacks: tasks live on the heap), started here and stopped with it.
 pub async fn serve(
     settings: Settings,
     log: NoticeSink,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let listen = settings.listen;
-    let listener = listen::bind(listen).map_err(|e| StartError::Bind(listen, e))?;
-    let local = listener
-        .get_ref()
+    let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut listeners = listen::bind(listen, shards).map_err(|e| StartError::Bind(listen, e))?;
+    let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(listen, e))?;
-    let shared = shared::Shared::new(settings, log.clone(), Instant::now())?;
+    let shared = shared::Shared::new(settings, log.clone(), Instant::now(), shards)?;
+    let own = listeners.remove(0);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let on_thread = shared.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("lb-shard-{}", i + 1))
+            .stack_size(SHARD_STACK)
+            .spawn(move || {
+                let shared = on_thread;
+                let ex = Executor::new();
+                async_io::block_on(ex.run(async {
+                    future::or(
+                        shard(&shared, &ex, listener, i + 1),
+                        shared.shutdown_begun(),
+                    )
+                    .await;
+                    wind_down(&shared).await;
+                }));
+                // Dropping the executor drops the tasks still running (streams cut at the
+                // deadline): their connections close and their leases are released.
+                drop(ex);
+                shared.shard_stopped();
+            });
+        if let Err(e) = started {
+            // The shards already started stop with this one.
+            shared.begin_shutdown();
+            return Err(StartError::Thread(e));
+        }
+    }
     let ex = Arc::new(Executor::new());
     let served = ex.run(async {
         ex.spawn(driver::drive(shared.clone(), Arc::downgrade(&ex)))
             .detach();
-        let reaper = shared.clone();
-        ex.spawn(async move { reaper.pool.reap().await }).detach();
         log(Notice::Listening(local));
-
-        let accept = async {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let _ = stream.get_ref().set_nodelay(true);
-                        let open = shared.open_connection();
-                        ex.spawn(conn::serve(open, stream::Stream::Tcp(stream), peer))
-                            .detach();
-                    }
-                    // Out of file descriptors and the like: the listener stays readable,
-                    // so back off briefly instead of spinning.
-                    Err(_) => {
-                        Timer::after(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        };
-        future::or(accept, shutdown).await;
-        drop(listener);
-
+        future::or(shard(&shared, &ex, own, 0), shutdown).await;
         shared.begin_shutdown();
         log(Notice::ShuttingDown {
             in_flight: shared.in_flight(),
         });
-        let deadline = Instant::now() + shared.settings.shutdown_timeout;
-        future::or(shared.drained(), async {
-            Timer::at(deadline).await;
-        })
-        .await;
-        log(Notice::Stopped {
-            abandoned: shared.in_flight(),
-        });
+        wind_down(&shared).await;
     });
     served.await;
-    // Dropping the executor drops the tasks still running (streams cut at the deadline):
-    // their connections close and their leases are released.
     drop(ex);
+    shared.shard_stopped();
+    // The other shards reach the same deadline at about the same time.
+    future::or(shared.shards_stopped(), async {
+        Timer::after(Duration::from_secs(1)).await;
+    })
+    .await;
+    log(Notice::Stopped {
+        abandoned: shared.in_flight(),
+    });
     Ok(())
+}
+
+/// Stack size of the shards' own threads: connection tasks live on the heap, so the stack
+/// holds little more than the executor's loop.
+const SHARD_STACK: usize = 256 * 1024;
+
+/// One shard: reaps its pool, accepts on its listener and serves each connection as a
+/// task on `ex`, until the future is dropped (which closes the listener).
+async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
+    let Ok(listener) = Async::new(listener) else {
+        // Registering with the reactor failed: the other shards' listeners still serve.
+        return std::future::pending().await;
+    };
+    let reaper = shared.clone();
+    ex.spawn(async move { reaper.pool(index).reap().await })
+        .detach();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.get_ref().set_nodelay(true);
+                let open = shared.open_connection(index);
+                ex.spawn(conn::serve(open, stream::Stream::Tcp(stream), peer))
+                    .detach();
+            }
+            // Out of file descriptors and the like: the listener stays readable, so back
+            // off briefly instead of spinning.
+            Err(_) => {
+                Timer::after(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// After shutdown began: waits until every connection and lease is gone, for at most
+/// `--shutdown-timeout`.
+async fn wind_down(shared: &Shared) {
+    let deadline = Instant::now() + shared.settings.shutdown_timeout;
+    future::or(shared.drained(), async {
+        Timer::at(deadline).await;
+    })
+    .await;
 }

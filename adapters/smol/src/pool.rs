@@ -12,6 +12,10 @@ use lb_core::BackendId;
 
 use crate::stream::Stream;
 
+/// Idle for less than this, a connection is taken without checking that the backend has
+/// not closed it.
+const FRESH: Duration = Duration::from_millis(50);
+
 struct Idle {
     conn: Stream,
     since: Instant,
@@ -57,7 +61,11 @@ impl Pool {
             let mut found = None;
             while let Some(idle) = lists.by_slot[backend.slot()].pop() {
                 lists.total -= 1;
-                if now.duration_since(idle.since) < self.timeout && !idle.conn.is_stale() {
+                let idle_for = now.duration_since(idle.since);
+                // A connection idle only a moment is not checked (a `recv` each time, under
+                // load one per request): backends close idle connections after seconds.
+                let checked = idle_for < FRESH || !idle.conn.is_stale();
+                if idle_for < self.timeout && checked {
                     found = Some(idle.conn);
                     break;
                 }

@@ -19,6 +19,7 @@ use crate::connect::describe;
 use crate::io::{
     head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
 };
+use crate::pool::Pool;
 use crate::reqlog::Tap;
 use crate::shared::{Shared, Upstream};
 use crate::stream::Stream;
@@ -82,11 +83,12 @@ where
 /// backend never saw the request, so sending it again is safe.
 pub(crate) async fn send_head(
     shared: &Shared,
+    pool: &Pool,
     id: BackendId,
     up: &Upstream,
     head: &[u8],
 ) -> Result<Stream, (ErrorKind, String)> {
-    if let Some(conn) = shared.pool.take(id) {
+    if let Some(conn) = pool.take(id) {
         let mut written = 0;
         match write_counted(&conn, head, &mut written).await {
             Ok(()) => return Ok(conn),

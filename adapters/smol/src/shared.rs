@@ -1,5 +1,6 @@
-//! State shared by every task: the core behind a mutex, backend targets, the connection
-//! pool, the admission queue's waiters, the request log, and the shutdown state.
+//! State shared by every task on every shard: the core behind a mutex, backend targets,
+//! the connection pools (one per shard, so a request never takes a connection another
+//! thread uses), the admission queue's waiters, the request log, and the shutdown state.
 //!
 //! Every input to the core (`release`, `probe_result`, `handle_timeout`, `enqueue`,
 //! `cancel`) is followed by [`Shared::drain`] under its lock, which hands each
@@ -46,6 +47,8 @@ pub enum StartError {
     Url(String),
     /// The request log (`--log-to`) could not be opened.
     Log(PathBuf, io::Error),
+    /// A shard's thread could not be started.
+    Thread(io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -62,6 +65,7 @@ impl fmt::Display for StartError {
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
             StartError::Log(p, e) => write!(f, "--log-to {}: {e}", p.display()),
+            StartError::Thread(e) => write!(f, "cannot start a worker thread: {e}"),
         }
     }
 }
@@ -87,10 +91,14 @@ pub(crate) struct Shared {
     /// Head limits for requests and responses.
     pub(crate) limits: Limits,
     pub(crate) connector: Connector,
-    pub(crate) pool: Pool,
+    /// Idle backend connections, one pool per shard: each used by its shard's thread only
+    /// (the locks are never contended).
+    pools: Vec<Pool>,
     shutting_down: AtomicBool,
     /// Client connections being served.
     connections: AtomicUsize,
+    /// Shards whose threads still run (the calling thread's included).
+    shards_running: AtomicUsize,
     /// Notified when shutdown begins, and then whenever a connection or a lease ends.
     pub(crate) changed: Event,
     /// The request log, when `--log-to` is set.
@@ -113,6 +121,7 @@ impl Shared {
         settings: Settings,
         log: NoticeSink,
         now: Instant,
+        shards: usize,
     ) -> Result<Arc<Self>, StartError> {
         let mut core = Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now);
         let mut upstreams: Vec<Option<Upstream>> = Vec::new();
@@ -145,7 +154,9 @@ impl Shared {
         };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
-            pool: Pool::new(upstreams.len(), settings.pool_idle_timeout),
+            pools: (0..shards)
+                .map(|_| Pool::new(upstreams.len(), settings.pool_idle_timeout))
+                .collect(),
             upstreams,
             limits,
             connector,
@@ -153,6 +164,7 @@ impl Shared {
             log,
             shutting_down: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            shards_running: AtomicUsize::new(shards),
             changed: Event::new(),
             reqlog,
             waiters: Mutex::new(HashMap::new()),
@@ -299,11 +311,34 @@ impl Shared {
         }
     }
 
-    /// Counts a client connection as open until the returned guard drops.
-    pub(crate) fn open_connection(self: &Arc<Self>) -> ConnectionGuard {
+    /// Counts a client connection of shard `shard` as open until the returned guard drops.
+    pub(crate) fn open_connection(self: &Arc<Self>, shard: usize) -> ConnectionGuard {
         self.connections.fetch_add(1, Ordering::AcqRel);
         ConnectionGuard {
             shared: self.clone(),
+            shard,
+        }
+    }
+
+    /// The connection pool of shard `shard`.
+    pub(crate) fn pool(&self, shard: usize) -> &Pool {
+        &self.pools[shard]
+    }
+
+    /// A shard's thread has stopped serving (its tasks are gone).
+    pub(crate) fn shard_stopped(&self) {
+        self.shards_running.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Resolves once every shard has stopped (call after `begin_shutdown`).
+    pub(crate) async fn shards_stopped(&self) {
+        loop {
+            let listener = self.changed.listen();
+            if self.shards_running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            listener.await;
         }
     }
 }
@@ -311,11 +346,17 @@ impl Shared {
 /// One open client connection; see [`Shared::open_connection`].
 pub(crate) struct ConnectionGuard {
     shared: Arc<Shared>,
+    shard: usize,
 }
 
 impl ConnectionGuard {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The backend connection pool of the connection's shard.
+    pub(crate) fn pool(&self) -> &Pool {
+        self.shared.pool(self.shard)
     }
 }
 

@@ -32,6 +32,24 @@ impl Stream {
         !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Waits until the connection has something to read (or an error, or its end), as
+    /// the reactor says: no read syscall. Use it before a read that would most likely find
+    /// nothing yet, to spare that read (a `recv` answering `EAGAIN`). A TLS stream may hold
+    /// decrypted bytes the socket does not show, so it is always ready.
+    ///
+    /// This shares the reader's waker slot (`poll_readable`, as `poll_read` uses), not
+    /// `Async::readable`'s own list: that one forgets its interest when dropped, so each
+    /// wait would cost an `epoll_ctl` where a read that found nothing costs none.
+    pub(crate) async fn readable(&self) {
+        match self {
+            Stream::Tcp(s) => {
+                let _ = std::future::poll_fn(|cx| s.poll_readable(cx)).await;
+            }
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => {}
+        }
+    }
+
     /// Shuts the TCP connection down for writing, without a TLS close_notify (for a
     /// connection we give up on).
     pub(crate) fn shutdown_write(&self) {
