@@ -349,9 +349,10 @@ impl Selector {
             let score = if self.uniform {
                 0.0
             } else {
-                // -w / ln(u), u uniform in (0, 1): the weighted HRW score.
+                // -w / ln(u), u uniform in (0, 1): the weighted HRW score. `libm::log`
+                // rather than `f64::ln` (the platform's libm): identical results everywhere.
                 let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                -f64::from(b.weight) / u.ln()
+                -f64::from(b.weight) / libm::log(u)
             };
             let better = match best {
                 None => true,
