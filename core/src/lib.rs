@@ -154,5 +154,5 @@ pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};
 pub use policy::{Policy, UnknownPolicy};
 pub use queue::{Admission, OwnedMeta, QueueConfig, QueueStats, Ticket};
-pub use settings::{HashKey, Notice, NoticeSink, Settings, Target, UrlError};
+pub use settings::{HashKey, Notice, NoticeSink, RouteKeys, Settings, Target, UrlError};
 pub use status::{StatusReport, Summary, LOADS_ELIDE_ABOVE, LOADS_KEPT_EACH_END};

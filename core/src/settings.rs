@@ -4,12 +4,13 @@
 //! builds behave the same.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{BackendSpec, Config, Event};
+use crate::affinity::user_of;
+use crate::{BackendSpec, Config, Event, Policy, RequestKey, RequestMeta};
 
 /// Idle pooled connections to a backend are closed after this long. vLLM's server
 /// (uvicorn) closes idle keep-alive connections after 5 s; reusing one it is closing
@@ -57,9 +58,57 @@ impl Settings {
     /// [`MAX_BODY_PREFIX`](crate::affinity::MAX_BODY_PREFIX) bytes) before selecting.
     pub fn routes_by_body(&self) -> bool {
         match self.core.policy {
-            crate::Policy::CacheAware => true,
-            crate::Policy::ConsistentHash => self.hash_key == HashKey::User,
+            Policy::CacheAware => true,
+            Policy::ConsistentHash => self.hash_key == HashKey::User,
             _ => false,
+        }
+    }
+
+    /// What a request routes by, from what the adapter read of it: `prefix` is the body's
+    /// first bytes and whether the body ended within them (read exactly when
+    /// [`routes_by_body`](Self::routes_by_body)), and `header` looks a request header up
+    /// by its lowercase name. A body that did not fit in the prefix gives no body key.
+    pub fn route_keys<'h>(
+        &self,
+        prefix: Option<(&[u8], bool)>,
+        header: impl FnOnce(&str) -> Option<&'h [u8]>,
+    ) -> RouteKeys {
+        let mut keys = RouteKeys::default();
+        let policy = self.core.policy;
+        if let Some((data, ended)) = prefix {
+            if policy == Policy::CacheAware {
+                keys.affinity = Some(if ended {
+                    RequestKey::from_body(data)
+                } else {
+                    RequestKey::None
+                });
+            } else if ended {
+                keys.key = user_of(data).map(String::into_bytes);
+            }
+        }
+        if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &self.hash_key) {
+            keys.key = header(name).map(<[u8]>::to_vec);
+        }
+        keys
+    }
+}
+
+/// The keys one request routes by ([`Settings::route_keys`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteKeys {
+    /// The hashing key (`--hash-key`'s header or `user` field).
+    pub key: Option<Vec<u8>>,
+    /// The cache-aware key.
+    pub affinity: Option<RequestKey>,
+}
+
+impl RouteKeys {
+    /// The request's meta for [`Balancer::select`](crate::Balancer::select).
+    pub fn meta(&self, client_ip: IpAddr) -> RequestMeta<'_> {
+        RequestMeta {
+            client_ip: Some(client_ip),
+            key: self.key.as_deref(),
+            affinity: self.affinity.as_ref(),
         }
     }
 }
@@ -283,6 +332,65 @@ pub type NoticeSink = Arc<dyn Fn(Notice) + Send + Sync>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn routing(policy: Policy, hash_key: HashKey) -> Settings {
+        Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backends: Vec::new(),
+            core: Config {
+                policy,
+                ..Config::default()
+            },
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            health_path: "/v1/models".into(),
+            shutdown_timeout: Duration::from_secs(5),
+            backend_ca: None,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
+            head_timeout: Duration::from_secs(5),
+            hash_key,
+            log_to: None,
+            log_body_limit: 0,
+        }
+    }
+
+    #[test]
+    fn route_keys_follow_policy_and_hash_key() {
+        let body = br#"{"user":"alice","messages":[{"role":"user","content":"hi"}]}"#;
+        let header = |name: &str| (name == "x-session").then_some(&b"s-1"[..]);
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+
+        // Cache-aware: the key comes from the whole body; a cut body gives RequestKey::None.
+        let s = routing(Policy::CacheAware, HashKey::ClientIp);
+        assert!(s.routes_by_body());
+        let k = s.route_keys(Some((body, true)), header);
+        assert_eq!(k.affinity, Some(RequestKey::from_body(body)));
+        assert_eq!(k.key, None);
+        let m = k.meta(ip);
+        assert_eq!((m.client_ip, m.key), (Some(ip), None));
+        assert_eq!(m.affinity, k.affinity.as_ref());
+        let k = s.route_keys(Some((body, false)), header);
+        assert_eq!(k.affinity, Some(RequestKey::None));
+
+        // consistent-hash on `user`: the field of a whole body, nothing from a cut one.
+        let s = routing(Policy::ConsistentHash, HashKey::User);
+        assert!(s.routes_by_body());
+        let k = s.route_keys(Some((body, true)), header);
+        assert_eq!((k.key.as_deref(), k.affinity), (Some(&b"alice"[..]), None));
+        assert_eq!(s.route_keys(Some((body, false)), header).key, None);
+
+        // consistent-hash on a header: its value, or none when absent.
+        let s = routing(Policy::ConsistentHash, HashKey::Header("x-session".into()));
+        assert!(!s.routes_by_body());
+        assert_eq!(s.route_keys(None, header).key.as_deref(), Some(&b"s-1"[..]));
+        let s = routing(Policy::ConsistentHash, HashKey::Header("x-other".into()));
+        assert_eq!(s.route_keys(None, header).key, None);
+
+        // Policies that do not route by content carry no keys.
+        let s = routing(Policy::LeastConn, HashKey::Header("x-session".into()));
+        assert_eq!(s.route_keys(None, header), RouteKeys::default());
+    }
 
     #[test]
     fn parses_common_forms() {

@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use async_io::Timer;
 use futures_lite::future;
-use lb_core::affinity::{user_of, MAX_BODY_PREFIX};
+use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_core::http1::{
     self, BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version,
 };
 use lb_core::reply::{self, ProxyError, Reply};
-use lb_core::{HashKey, OwnedMeta, Policy, Reject, RequestKey, RequestMeta};
+use lb_core::{OwnedMeta, Reject};
 
 use crate::exchange;
 use crate::io::{
@@ -113,15 +113,13 @@ async fn handle(
 
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.
-    let policy = shared.settings.core.policy;
-    let mut affinity = None;
-    let mut key: Option<Vec<u8>> = None;
+    let mut prefix = None;
     if shared.settings.routes_by_body() {
         let read = future::or(read_prefix(client, cbuf, &mut req), async {
             Timer::at(deadline).await;
             None
         });
-        let Some((data, ended)) = read.await else {
+        let Some(read) = read.await else {
             // The client stopped sending (or went away, or framed its body badly) before
             // the body arrived.
             let local = reply::error(ProxyError::BadRequest);
@@ -133,30 +131,13 @@ async fn handle(
                 Err(_) => After::Gone,
             };
         };
-        match policy {
-            Policy::CacheAware => {
-                affinity = Some(if ended {
-                    RequestKey::from_body(&data)
-                } else {
-                    RequestKey::None
-                });
-            }
-            _ => {
-                key = ended
-                    .then(|| user_of(&data))
-                    .flatten()
-                    .map(String::into_bytes)
-            }
-        }
+        prefix = Some(read);
     }
-    if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &shared.settings.hash_key) {
-        key = req.header(name).map(<[u8]>::to_vec);
-    }
-    let meta = RequestMeta {
-        client_ip: Some(peer.ip().to_canonical()),
-        key: key.as_deref(),
-        affinity: affinity.as_ref(),
-    };
+    let keys = shared.settings.route_keys(
+        prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
+        |name| req.header(name),
+    );
+    let meta = keys.meta(peer.ip().to_canonical());
     let selected = match shared.select(&meta) {
         Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
             // Wait for a slot; a client that leaves meanwhile gives its place up.

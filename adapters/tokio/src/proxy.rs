@@ -13,12 +13,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use lb_core::affinity::{user_of, MAX_BODY_PREFIX};
+use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_core::reply::{self, ProxyError, Reply};
-use lb_core::{
-    BackendError, ErrorKind, HashKey, Notice, Outcome, OwnedMeta, Policy, Reject, RequestKey,
-    RequestMeta,
-};
+use lb_core::{BackendError, ErrorKind, Notice, Outcome, OwnedMeta, Reject};
 
 use crate::body::Streamed;
 use crate::pool::{Lent, Pool, SendError};
@@ -106,11 +103,9 @@ pub(crate) async fn handle(
 
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
-    let policy = shared.settings.core.policy;
-    let mut affinity = None;
-    let mut key: Option<Vec<u8>> = None;
+    let mut prefix = None;
     if shared.settings.routes_by_body() {
-        let (data, ended) =
+        let read =
             match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
                 .await
             {
@@ -118,33 +113,13 @@ pub(crate) async fn handle(
                 // The client stopped sending (or went away) before the body arrived.
                 _ => return Ok(logged(&capture, reply::error(ProxyError::BadRequest))),
             };
-        match policy {
-            Policy::CacheAware => {
-                affinity = Some(if ended {
-                    RequestKey::from_body(&data)
-                } else {
-                    RequestKey::None
-                });
-            }
-            _ => {
-                key = ended
-                    .then(|| user_of(&data))
-                    .flatten()
-                    .map(String::into_bytes)
-            }
-        }
+        prefix = Some(read);
     }
-    if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &shared.settings.hash_key) {
-        key = parts
-            .headers
-            .get(name.as_str())
-            .map(|v| v.as_bytes().to_vec());
-    }
-    let meta = RequestMeta {
-        client_ip: Some(peer.ip),
-        key: key.as_deref(),
-        affinity: affinity.as_ref(),
-    };
+    let keys = shared.settings.route_keys(
+        prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
+        |name| parts.headers.get(name).map(|v| v.as_bytes()),
+    );
+    let meta = keys.meta(peer.ip);
     let guard = match shared.select(&meta) {
         Ok(g) => g,
         Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
