@@ -14,7 +14,7 @@ use crate::affinity::{AffinityConfig, RequestKey, Route, RoutingStats, UNCAPPED_
 use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 use crate::hash::hash_bytes;
 use crate::health::{Health, HealthConfig, HealthState, ProbeOutcome};
-use crate::policy::{load_cmp, within_guard, Policy, Selector};
+use crate::policy::{within_guard, LeastLoaded, Policy, Selector};
 use crate::queue::{Admission, OwnedMeta, Queue, QueueConfig, QueueStats, Ticket};
 use crate::status::{StatusReport, Summary};
 
@@ -884,8 +884,10 @@ impl<R: Rng> Balancer<R> {
                 within_guard(b, min, percent).then_some(b)
             };
             let rng = &mut self.rng;
-            let mut best: Option<u32> = None;
-            let mut ties = 0u32;
+            // One holder per unit: the deepest one, allowed or not; with all holders, the
+            // least loaded of the allowed ones.
+            let mut deepest_holder: Option<u32> = None;
+            let mut pick = LeastLoaded::default();
             let (deepest, accepted) = table.lookup(
                 now,
                 ttl,
@@ -893,34 +895,21 @@ impl<R: Rng> Balancer<R> {
                 |s| ready_owner(slots, s),
                 |s| {
                     if !all_holders {
-                        // One holder per unit: the deepest one, allowed or not.
-                        best = Some(s);
+                        deepest_holder = Some(s);
                         return true;
                     }
                     let Some(b) = allowed(s) else {
                         return false;
                     };
-                    let cmp =
-                        best.map(|c| load_cmp(b, slots[c as usize].as_ref().expect("present")));
-                    match cmp {
-                        None | Some(std::cmp::Ordering::Less) => {
-                            best = Some(s);
-                            ties = 1;
-                        }
-                        Some(std::cmp::Ordering::Equal) => {
-                            ties += 1;
-                            if rng.random_range(0..ties) == 0 {
-                                best = Some(s);
-                            }
-                        }
-                        Some(std::cmp::Ordering::Greater) => {}
-                    }
+                    pick.offer(s, b, slots, rng);
                     true
                 },
             );
-            if !all_holders {
-                best = best.filter(|&s| allowed(s).is_some());
-            }
+            let best = if all_holders {
+                pick.best
+            } else {
+                deepest_holder.filter(|&s| allowed(s).is_some())
+            };
             match (deepest, accepted, best) {
                 (None, _, _) => (self.selector.least_conn(slots, &mut self.rng), Route::Cold),
                 (Some(d), Some(a), Some(s)) if a == d => (Some(s), Route::Warm),

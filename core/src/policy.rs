@@ -367,30 +367,50 @@ impl Selector {
 }
 
 /// Fewest in flight relative to weight among backends below their cap; ties uniformly at
-/// random (reservoir sampling, so no allocation).
+/// random.
 fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
-    let mut best: Option<u32> = None;
-    let mut ties = 0u32;
+    let mut pick = LeastLoaded::default();
     for &s in ready {
         let b = backend(slots, s);
-        if b.at_cap() {
-            continue;
+        if !b.at_cap() {
+            pick.offer(s, b, slots, rng);
         }
-        match best.map(|cur| load_cmp(b, backend(slots, cur))) {
+    }
+    pick.best
+}
+
+/// The least-loaded of the backends offered to it ([`load_cmp`]), ties broken uniformly
+/// at random by reservoir sampling, so no allocation.
+#[derive(Default)]
+pub(crate) struct LeastLoaded {
+    /// The slot chosen so far.
+    pub(crate) best: Option<u32>,
+    ties: u32,
+}
+
+impl LeastLoaded {
+    /// Considers backend `b`, in `slot`.
+    pub(crate) fn offer<R: Rng>(
+        &mut self,
+        slot: u32,
+        b: &Backend,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+    ) {
+        match self.best.map(|cur| load_cmp(b, backend(slots, cur))) {
             None | Some(std::cmp::Ordering::Less) => {
-                best = Some(s);
-                ties = 1;
+                self.best = Some(slot);
+                self.ties = 1;
             }
             Some(std::cmp::Ordering::Equal) => {
-                ties += 1;
-                if rng.random_range(0..ties) == 0 {
-                    best = Some(s);
+                self.ties += 1;
+                if rng.random_range(0..self.ties) == 0 {
+                    self.best = Some(slot);
                 }
             }
             Some(std::cmp::Ordering::Greater) => {}
         }
     }
-    best
 }
 
 /// The cache-aware load guard: whether `b` may take a request that belongs to it, being
