@@ -389,7 +389,9 @@ pub(crate) struct LeastLoaded {
 }
 
 impl LeastLoaded {
-    /// Considers backend `b`, in `slot`.
+    /// Considers backend `b`, in `slot`. Inlined: least-conn's scan is this call per
+    /// backend, and an out-of-line call measured 20 to 70% slower.
+    #[inline(always)]
     pub(crate) fn offer<R: Rng>(
         &mut self,
         slot: u32,
