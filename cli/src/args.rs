@@ -266,8 +266,8 @@ impl Cli {
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: self.head_timeout,
             hash_key: self.hash_key,
-            log_to: self.log_to,
-            log_body_limit: self.log_body_limit,
+            // Opened by `main` once the flags are known to be good (see `crate::reqlog`).
+            request_log: None,
         };
         settings
             .core

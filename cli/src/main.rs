@@ -5,12 +5,14 @@
 
 mod args;
 mod print;
+mod reqlog;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use lb_core::reqlog::RequestLog;
 use lb_core::{Notice, NoticeSink};
 
 #[cfg(feature = "tokio")]
@@ -28,10 +30,17 @@ fn main() -> ExitCode {
         Err(e) => return fail(&one_line(&e.to_string())),
     };
     let verbose = cli.verbose;
-    let settings = match cli.into_settings() {
+    let (log_to, log_body_limit) = (cli.log_to.clone(), cli.log_body_limit);
+    let mut settings = match cli.into_settings() {
         Ok(s) => s,
         Err(msg) => return fail(&msg),
     };
+    if let Some(path) = log_to {
+        match reqlog::open(&path) {
+            Ok(sink) => settings.request_log = Some(RequestLog::new(sink, log_body_limit)),
+            Err(e) => return fail(&format!("--log-to {}: {e}", path.display())),
+        }
+    }
     // 1000 concurrent requests need two descriptors each; the soft limit is often 1024.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     print::emit(&print::summary(&settings, RUNTIME));

@@ -1,10 +1,13 @@
 //! The request log (`--log-to`): one JSON object per completed request, one per line.
 //!
-//! Adapters capture the bodies as they stream and hand a [`Record`] to a writer off the
-//! request path; this module decides what a line says, so both builds write the same.
+//! Adapters open a [`Capture`] per request from the [`RequestLog`] in their settings and
+//! feed it the bodies as they stream; dropping it hands the finished [`Entry`] to the
+//! [`EntrySink`], the writer the CLI runs off the request path. This module decides what
+//! a capture keeps and what a line says, so both builds write the same.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Default cap on each captured body (`--log-body-limit`).
 pub const DEFAULT_BODY_LIMIT: u64 = 1 << 30;
@@ -63,9 +66,97 @@ impl Record<'_> {
     }
 }
 
-/// One request's record in the making, owned: adapters create it when the request
-/// arrives, add body bytes as they stream (up to a cap), and hand it to their writer,
-/// which writes [`Entry::record`]'s line.
+/// Where finished entries go: `--log-to`'s writer. It is called once per request, from
+/// whichever task drops the request's [`Capture`] last, and must not block. `started` is
+/// when the request arrived, on the caller's clock: the writer stamps the entry's
+/// `time_unix_ms` and `duration_ms` from it (the core reads no clock).
+pub type EntrySink = Arc<dyn Fn(Entry, Instant) + Send + Sync>;
+
+/// The request log as the proxy sees it: where entries go, and how much of each body an
+/// entry keeps (`--log-body-limit`).
+#[derive(Clone)]
+pub struct RequestLog {
+    sink: EntrySink,
+    limit: u64,
+}
+
+impl RequestLog {
+    /// A log handing entries to `sink`, each body capped at `limit` bytes.
+    pub fn new(sink: EntrySink, limit: u64) -> Self {
+        RequestLog { sink, limit }
+    }
+
+    /// A capture for one request that arrived at `started`.
+    pub fn capture(&self, started: Instant, method: &str, path: &str) -> Capture {
+        Capture {
+            sink: self.sink.clone(),
+            limit: self.limit,
+            started,
+            entry: Mutex::new(Entry::new(0, method, path)),
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestLog")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request's record in the making. The request and response bodies stream
+/// concurrently and each append through a shared reference (hence the lock, which is
+/// never contended for long). Dropping it hands the entry to the log's sink.
+pub struct Capture {
+    sink: EntrySink,
+    limit: u64,
+    started: Instant,
+    entry: Mutex<Entry>,
+}
+
+impl Capture {
+    fn with(&self, f: impl FnOnce(&mut Entry, u64)) {
+        let mut e = self.entry.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut e, self.limit);
+    }
+
+    /// Request body bytes as they pass (the data, without chunked framing).
+    pub fn request(&self, data: &[u8]) {
+        self.with(|e, limit| e.add_request(data, limit));
+    }
+
+    /// Response body bytes as they pass (the data, without chunked framing).
+    pub fn response(&self, data: &[u8]) {
+        self.with(|e, limit| e.add_response(data, limit));
+    }
+
+    /// The status sent to the client.
+    pub fn status(&self, status: u16) {
+        self.with(|e, _| e.status = status);
+    }
+
+    /// The backend the request went to.
+    pub fn backend(&self, url: Arc<str>) {
+        self.with(|e, _| e.backend = Some(url));
+    }
+
+    /// A reply the proxy made itself: its status, and its body as the response.
+    pub fn reply(&self, reply: &crate::reply::Reply) {
+        self.with(|e, limit| e.set_reply(reply.status, reply.body.as_bytes(), limit));
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let entry = std::mem::take(self.entry.get_mut().unwrap_or_else(|p| p.into_inner()));
+        (self.sink)(entry, self.started);
+    }
+}
+
+/// One request's record in the making, owned: a [`Capture`] fills it as the request
+/// arrives and its bodies stream (up to a cap); the writer writes [`Entry::record`]'s
+/// line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     /// See [`Record::time_unix_ms`].
@@ -263,6 +354,57 @@ mod tests {
         e.set_reply(429, b"{}", 3);
         assert_eq!((e.status, e.response.as_slice()), (429, &b"{}"[..]));
         assert_eq!(e.record().method, "POST");
+    }
+
+    #[test]
+    fn a_capture_hands_its_entry_over_once_when_dropped() {
+        let got: Arc<Mutex<Vec<(Entry, Instant)>>> = Arc::default();
+        let into = got.clone();
+        let log = RequestLog::new(Arc::new(move |e, t| into.lock().unwrap().push((e, t))), 4);
+        let started = Instant::now();
+        let c = log.capture(started, "POST", "/v1/chat/completions");
+        c.backend("http://b:1".into());
+        c.request(b"abc");
+        c.request(b"def");
+        c.response(b"xy");
+        c.status(200);
+        assert!(
+            got.lock().unwrap().is_empty(),
+            "handed over before the drop"
+        );
+        drop(c);
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1);
+            let (e, t) = &got[0];
+            assert_eq!(*t, started);
+            assert_eq!(
+                (e.method.as_str(), e.path.as_str()),
+                ("POST", "/v1/chat/completions")
+            );
+            assert_eq!(e.backend.as_deref(), Some("http://b:1"));
+            assert_eq!(
+                (e.request.as_slice(), e.request_truncated),
+                (&b"abcd"[..], true)
+            );
+            assert_eq!((e.status, e.response.as_slice()), (200, &b"xy"[..]));
+        }
+
+        // A reply the proxy made itself replaces whatever response was captured.
+        let c = log.capture(started, "GET", "/");
+        c.response(b"partial");
+        c.reply(&crate::reply::Reply {
+            status: 503,
+            headers: &[],
+            body: "{}".into(),
+        });
+        drop(c);
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[1].0.status, got[1].0.response.as_slice()),
+            (503, &b"{}"[..])
+        );
     }
 
     #[test]

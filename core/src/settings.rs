@@ -47,10 +47,9 @@ pub struct Settings {
     pub head_timeout: Duration,
     /// What `consistent-hash` routing hashes.
     pub hash_key: HashKey,
-    /// Append one JSON line per request to this file (`--log-to`).
-    pub log_to: Option<PathBuf>,
-    /// Cap on each body captured for the request log.
-    pub log_body_limit: u64,
+    /// The request log (`--log-to`): where each request's entry goes, and the cap on each
+    /// captured body. The CLI owns the file and its writer thread.
+    pub request_log: Option<crate::reqlog::RequestLog>,
 }
 
 impl Settings {
@@ -350,8 +349,7 @@ mod tests {
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: Duration::from_secs(5),
             hash_key,
-            log_to: None,
-            log_body_limit: 0,
+            request_log: None,
         }
     }
 

@@ -233,6 +233,29 @@ fn refuses_health_check_interval_under_5s() {
 }
 
 #[test]
+fn refuses_a_request_log_it_cannot_open() {
+    let b = some_backend();
+    let p = free_port().to_string();
+    let dir = std::env::temp_dir().join(format!("lb-no-such-dir-{}", std::process::id()));
+    let path = dir.join("requests.jsonl");
+    let path = path.to_str().unwrap();
+    refused(
+        &[
+            "--backends",
+            &b,
+            "--port",
+            &p,
+            "--bind",
+            "127.0.0.1",
+            "--log-to",
+            path,
+        ],
+        &["--log-to", path],
+    );
+    assert!(!dir.exists());
+}
+
+#[test]
 fn refuses_unknown_routing_policy() {
     let b = some_backend();
     let p = free_port().to_string();

@@ -105,11 +105,13 @@ async fn handle(
         let local = reply::health(shared.core().summary());
         return answer(shared, client, &req, &local).await;
     }
-    let deadline = Instant::now() + shared.settings.request_timeout;
+    let arrived = Instant::now();
+    let deadline = arrived + shared.settings.request_timeout;
     let capture = shared
-        .reqlog
+        .settings
+        .request_log
         .as_ref()
-        .map(|log| log.capture(&req.method, path_and_query(&req.target)));
+        .map(|log| log.capture(arrived, &req.method, path_and_query(&req.target)));
 
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.

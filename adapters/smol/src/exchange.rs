@@ -27,6 +27,7 @@ use lb_core::http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
 use lb_core::reply::{self, ProxyError};
+use lb_core::reqlog::Capture;
 use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
 
 use crate::conn::{write_reply, After};
@@ -36,7 +37,7 @@ use crate::pool::Pool;
 use crate::pump::{
     download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
 };
-use crate::reqlog::{Capture, Side, Tap};
+use crate::reqlog::{Side, Tap};
 use crate::shared::{LeaseGuard, Shared};
 use crate::stream::Stream;
 

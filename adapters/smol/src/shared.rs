@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -28,7 +27,6 @@ use rand::SeedableRng;
 
 use crate::connect::Connector;
 use crate::pool::Pool;
-use crate::reqlog::RequestLog;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -45,8 +43,6 @@ pub enum StartError {
     Backend(PoolError),
     /// A backend URL is not usable.
     Url(String),
-    /// The request log (`--log-to`) could not be opened.
-    Log(PathBuf, io::Error),
     /// A shard's thread could not be started.
     Thread(io::Error),
 }
@@ -64,7 +60,6 @@ impl fmt::Display for StartError {
             ),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
-            StartError::Log(p, e) => write!(f, "--log-to {}: {e}", p.display()),
             StartError::Thread(e) => write!(f, "cannot start a worker thread: {e}"),
         }
     }
@@ -101,8 +96,6 @@ pub(crate) struct Shared {
     shards_running: AtomicUsize,
     /// Notified when shutdown begins, and then whenever a connection or a lease ends.
     pub(crate) changed: Event,
-    /// The request log, when `--log-to` is set.
-    pub(crate) reqlog: Option<Arc<RequestLog>>,
     /// Requests waiting in the core's admission queue, by ticket.
     waiters: Mutex<HashMap<u64, Arc<Slot>>>,
     /// Wakes the driver when an input may have added an earlier deadline (a queued
@@ -145,13 +138,6 @@ impl Shared {
             max_head_bytes: settings.max_head_bytes,
             ..Limits::default()
         };
-        let reqlog = match &settings.log_to {
-            Some(path) => Some(Arc::new(
-                RequestLog::open(path, settings.log_body_limit)
-                    .map_err(|e| StartError::Log(path.clone(), e))?,
-            )),
-            None => None,
-        };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
             pools: (0..shards)
@@ -166,7 +152,6 @@ impl Shared {
             connections: AtomicUsize::new(0),
             shards_running: AtomicUsize::new(shards),
             changed: Event::new(),
-            reqlog,
             waiters: Mutex::new(HashMap::new()),
             rearm: Event::new(),
         }))

@@ -77,8 +77,7 @@ fn settings(backend: SocketAddr) -> Settings {
         max_head_bytes: 64 * 1024,
         head_timeout: Duration::from_secs(5),
         hash_key: lb_core::HashKey::User,
-        log_to: None,
-        log_body_limit: lb_core::reqlog::DEFAULT_BODY_LIMIT,
+        request_log: None,
     }
 }
 

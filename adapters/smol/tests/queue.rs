@@ -5,11 +5,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use lb_core::reqlog::{Entry, EntrySink, RequestLog};
 use lb_core::{BackendSpec, Config, Notice, NoticeSink, Settings};
 
 /// Path and body of each request a backend saw.
@@ -174,7 +174,7 @@ impl Drop for Lb {
     }
 }
 
-fn settings(backend: SocketAddr, queue: Option<Duration>, log_to: Option<PathBuf>) -> Settings {
+fn settings(backend: SocketAddr, queue: Option<Duration>, log: Option<RequestLog>) -> Settings {
     let mut core = Config::default();
     core.queue.timeout = queue;
     Settings {
@@ -193,8 +193,7 @@ fn settings(backend: SocketAddr, queue: Option<Duration>, log_to: Option<PathBuf
         max_head_bytes: 64 * 1024,
         head_timeout: Duration::from_secs(5),
         hash_key: lb_core::HashKey::User,
-        log_to,
-        log_body_limit: lb_core::reqlog::DEFAULT_BODY_LIMIT,
+        request_log: log,
     }
 }
 
@@ -318,14 +317,13 @@ fn queued_past_the_timeout_is_refused_with_429() {
 
 #[test]
 fn chunked_bodies_are_logged_as_their_data() {
-    use std::os::unix::fs::PermissionsExt as _;
-
-    let dir = std::env::temp_dir().join(format!("lb-smol-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("requests.jsonl");
-    let _ = std::fs::remove_file(&path);
+    // The entries as the CLI's writer would get them.
+    let entries: Arc<Mutex<Vec<Entry>>> = Arc::default();
+    let into = entries.clone();
+    let sink: EntrySink = Arc::new(move |e, _started| into.lock().unwrap().push(e));
+    let log = RequestLog::new(sink, lb_core::reqlog::DEFAULT_BODY_LIMIT);
     let backend = Backend::spawn();
-    let lb = Lb::spawn(settings(backend.addr, None, Some(path.clone())));
+    let lb = Lb::spawn(settings(backend.addr, None, Some(log)));
 
     let req = b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: lb.test\r\nConnection: close\r\n\
                 Transfer-Encoding: chunked\r\n\r\n\
@@ -337,17 +335,19 @@ fn chunked_bodies_are_logged_as_their_data() {
     assert_eq!(body, br#"{"prompt":"hi"}"#);
     let _ = health(lb.addr); // never logged
 
+    // An entry is handed over when the exchange ends, just after the answer went out.
     let t = Instant::now();
-    let text = loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.ends_with('\n') || t.elapsed() > Duration::from_secs(10) {
-            break text;
-        }
+    while entries.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(10) {
         thread::sleep(Duration::from_millis(20));
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "{text}");
-    let line = lines[0];
+    }
+    let lines: Vec<String> = entries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.record().to_line())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
     for part in [
         r#""method":"POST","path":"/v1/completions?x=1","status":200,"#,
         &format!(r#""backend":"http://{}""#, backend.addr),
@@ -356,8 +356,5 @@ fn chunked_bodies_are_logged_as_their_data() {
     ] {
         assert!(line.contains(part), "{part} not in {line}");
     }
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o640, "{:o}", mode & 0o777);
     drop(lb);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,12 +10,12 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use lb_core::reqlog::Capture;
 use lb_core::{BackendError, ErrorKind, Notice, Outcome};
 use tokio::time::Sleep;
 
 use crate::pool::Lent;
 use crate::proxy::{describe, ReqLine};
-use crate::reqlog::Capture;
 use crate::shared::LeaseGuard;
 
 pin_project_lite::pin_project! {

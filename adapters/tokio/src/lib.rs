@@ -13,7 +13,6 @@ mod client;
 mod driver;
 mod pool;
 mod proxy;
-mod reqlog;
 mod shared;
 mod upbody;
 

@@ -15,11 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_core::reply::{self, ProxyError, Reply};
+use lb_core::reqlog::Capture;
 use lb_core::{BackendError, ErrorKind, Notice, Outcome, OwnedMeta, Reject};
 
 use crate::body::Streamed;
 use crate::pool::{Lent, Pool, SendError};
-use crate::reqlog::Capture;
 use crate::shared::{LeaseGuard, Shared};
 use crate::upbody::UpBody;
 
@@ -94,9 +94,9 @@ pub(crate) async fn handle(
         return Ok(resp);
     }
     let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
-    let capture = shared.reqlog.as_ref().map(|log| {
+    let capture = shared.settings.request_log.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        log.capture(req.method().as_str(), pq)
+        Arc::new(log.capture(std::time::Instant::now(), req.method().as_str(), pq))
     });
     let (parts, body) = req.into_parts();
     let mut body = UpBody::new(body, capture.clone());
@@ -257,8 +257,7 @@ async fn forward(
 /// A local reply, recorded in the request log.
 fn logged(capture: &Option<Arc<Capture>>, reply: Reply) -> Response<ProxyBody> {
     if let Some(c) = capture {
-        c.status(reply.status);
-        c.response(reply.body.as_bytes());
+        c.reply(&reply);
     }
     local(reply)
 }

@@ -22,7 +22,6 @@ use rand::SeedableRng;
 use tokio::sync::{oneshot, Notify};
 
 use crate::client::{self, Connector};
-use crate::reqlog::RequestLog;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -37,8 +36,6 @@ pub enum StartError {
     Backend(PoolError),
     /// A backend URL could not be turned into a request URI.
     Url(String),
-    /// The request log could not be opened.
-    Log(std::path::PathBuf, io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -49,7 +46,6 @@ impl fmt::Display for StartError {
             StartError::Tls(e) => write!(f, "TLS setup failed (--backend-ca): {e}"),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
-            StartError::Log(p, e) => write!(f, "--log-to {}: {e}", p.display()),
         }
     }
 }
@@ -119,8 +115,6 @@ pub(crate) struct Shared {
     pub(crate) log: NoticeSink,
     shutting_down: AtomicBool,
     idle: Notify,
-    /// The request log, when `--log-to` is set.
-    pub(crate) reqlog: Option<Arc<RequestLog>>,
     /// Requests waiting in the core's admission queue, by ticket.
     waiters: Mutex<HashMap<u64, oneshot::Sender<Admission>>>,
     /// Wakes the driver when an input added an earlier deadline (a queued request).
@@ -153,13 +147,6 @@ impl Shared {
             upstreams[id.slot()] = Some(Upstream::new(&target, &settings.health_path)?);
         }
         let connector = client::connector(&settings)?;
-        let reqlog = match &settings.log_to {
-            Some(path) => Some(Arc::new(
-                RequestLog::open(path, settings.log_body_limit)
-                    .map_err(|e| StartError::Log(path.clone(), e))?,
-            )),
-            None => None,
-        };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
             upstreams,
@@ -169,7 +156,6 @@ impl Shared {
             log,
             shutting_down: AtomicBool::new(false),
             idle: Notify::new(),
-            reqlog,
             waiters: Mutex::new(HashMap::new()),
             rearm: Notify::new(),
         }))

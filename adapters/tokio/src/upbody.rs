@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::reqlog::Capture;
+use lb_core::reqlog::Capture;
 
 pin_project_lite::pin_project! {
     pub(crate) struct UpBody {
