@@ -184,6 +184,11 @@ pub(crate) async fn response_head(
         }
         let before = bbuf.len();
         let want = head_read_size(before, limits.max_head_bytes);
+        if before == 0 {
+            // The request has just gone out: the answer is most likely not here yet, and a
+            // read now would only find nothing (a `recv` answering `EAGAIN` per request).
+            conn.readable().await;
+        }
         match read_more(conn, bbuf, want).await {
             Ok(0) => {
                 return Err(HeadFail::Io(
@@ -213,15 +218,26 @@ pub(crate) async fn download(
     drop(out);
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
+    // Whether the last read emptied the socket (it returned less than asked): then the
+    // next bytes (the next SSE event, say) are most likely not here yet, so wait until
+    // the reactor says so instead of reading for nothing.
+    let mut drained = false;
     while !framer.is_done() {
-        match read_more(conn, bbuf, size.get()).await {
+        if drained {
+            conn.readable().await;
+        }
+        let want = size.get();
+        match read_more(conn, bbuf, want).await {
             Ok(0) => {
                 return match framer.finish() {
                     Ok(()) => DownEnd::Done, // close-delimited: complete at EOF
                     Err(e) => DownEnd::Backend(ErrorKind::Io, e.to_string()),
                 };
             }
-            Ok(n) => size.record(n),
+            Ok(n) => {
+                size.record(n);
+                drained = n < want;
+            }
             Err(e) => return DownEnd::Backend(ErrorKind::Io, describe(&e)),
         }
         let p = match framer.push(bbuf) {
