@@ -166,7 +166,7 @@ async fn forward(
         method: req.method().clone(),
         uri: req.uri().clone(),
     };
-    rewrite_request_headers(req.headers_mut(), &peer, &upstream.authority, upgrade);
+    rewrite_request_headers(req.headers_mut(), &peer, &upstream.host, upgrade);
 
     let slot = guard.backend().slot();
     let sent = if upgrade {
@@ -364,50 +364,60 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether `name` is hop-by-hop by definition (RFC 9110 §7.6.1), whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those `Connection` names. An upgrade
 /// keeps `Upgrade` and `Connection: upgrade`.
+///
+/// Runs twice per request, so it looks before it removes: one pass over the names finds
+/// the hop-by-hop ones present (usually none, or `Connection` alone), and only those are
+/// removed; `Connection`'s tokens are read without allocating in the usual single line.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                h.remove(&name);
+    let mut present: [Option<HeaderName>; 8] = Default::default();
+    for (slot, name) in present
+        .iter_mut()
+        .zip(h.keys().filter(|n| is_hop_by_hop(n)))
+    {
+        *slot = Some(name.clone());
+    }
+    if present[0].is_some() {
+        let mut lines = h.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        let more: Vec<HeaderValue> = lines.cloned().collect();
+        for line in first.iter().chain(&more) {
+            let tokens = line.to_str().unwrap_or_default().split(',').map(str::trim);
+            for token in tokens.filter(|t| !t.is_empty()) {
+                if !(upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                    // Not a header name (`close`, junk): nothing by that name to remove.
+                    h.remove(token);
+                }
             }
         }
-        h.remove(header::CONNECTION);
-    }
-    for name in [
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::PROXY_AUTHENTICATE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
-        h.remove(name);
+        for name in present.iter().flatten() {
+            if !(upgrade && name == header::UPGRADE) {
+                h.remove(name);
+            }
+        }
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
 /// Hop-by-hop headers out; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` set; `Host` becomes the backend's authority (what it would see if
 /// called directly, like nginx's default `proxy_set_header Host $proxy_host`).
-fn rewrite_request_headers(
-    h: &mut HeaderMap,
-    peer: &Peer,
-    authority: &http::uri::Authority,
-    upgrade: bool,
-) {
+fn rewrite_request_headers(h: &mut HeaderMap, peer: &Peer, host: &HeaderValue, upgrade: bool) {
     strip_hop_by_hop(h, upgrade);
     // An unreadable prior value is replaced rather than passed on.
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -421,9 +431,7 @@ fn rewrite_request_headers(
     if let Some(host) = h.remove(header::HOST) {
         h.insert(&X_FORWARDED_HOST, host);
     }
-    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-        h.insert(header::HOST, v);
-    }
+    h.insert(header::HOST, host.clone());
 }
 
 /// Whether a client error was caused by the client's own request body.
@@ -460,4 +468,73 @@ pub(crate) fn describe(e: &(dyn StdError + 'static)) -> String {
         cur = err.source();
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in lines {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_names_go() {
+        let mut h = map(&[
+            ("Connection", "Keep-Alive, X-Hop"),
+            ("Connection", " x-other ,, close"),
+            ("X-Hop", "1"),
+            ("X-Other", "2"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Trailer", "X-T"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Content-Type", "text/plain"),
+            ("X-End", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["content-type", "x-end"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_says_so() {
+        let mut h = map(&[
+            ("Connection", "Upgrade, X-Hop"),
+            ("Upgrade", "websocket"),
+            ("X-Hop", "1"),
+            ("Sec-WebSocket-Key", "k"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_untouched() {
+        let mut h = map(&[("Host", "a"), ("Content-Length", "3"), ("X-A", "1")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        // A Connection token that names no header (or is not a name at all) is harmless.
+        let mut h = map(&[("Connection", "close, not a name, x-absent"), ("X-A", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["x-a"]);
+    }
 }

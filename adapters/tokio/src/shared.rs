@@ -56,6 +56,8 @@ impl std::error::Error for StartError {}
 pub(crate) struct Upstream {
     pub(crate) url: Arc<str>,
     pub(crate) authority: Authority,
+    /// The `Host` the backend sees: its own authority.
+    pub(crate) host: http::HeaderValue,
     /// Path prefix from the backend URL, empty or `/base`.
     pub(crate) prefix: String,
     /// The health-probe URI.
@@ -81,9 +83,11 @@ impl Upstream {
             .path_and_query("/")
             .build()
             .map_err(|e| bad(&e))?;
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|e| bad(&e))?;
         Ok(Upstream {
             base,
             url: t.url.clone(),
+            host,
             authority,
             prefix: t.path_prefix.clone(),
             probe_uri,
