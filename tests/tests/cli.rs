@@ -43,6 +43,16 @@ fn refused(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// [`refused`] for `extra` flags after the ones every run needs: a backend (nothing listens
+/// there), a free port, loopback.
+fn refused_with(extra: &[&str], needles: &[&str]) {
+    let b = some_backend();
+    let p = free_port().to_string();
+    let mut args = vec!["--backends", &b, "--port", &p, "--bind", "127.0.0.1"];
+    args.extend_from_slice(extra);
+    refused(&args, needles);
+}
+
 /// A backend argument that refers to a port nothing listens on.
 fn some_backend() -> String {
     format!("http://127.0.0.1:{}", dead_port())
@@ -137,8 +147,6 @@ fn refuses_bad_ports() {
 
 #[test]
 fn refuses_bad_durations() {
-    let b = some_backend();
-    let p = free_port().to_string();
     for (flag, value) in [
         ("--timeout", "-5s"),
         ("--timeout", "soon"),
@@ -151,33 +159,10 @@ fn refuses_bad_durations() {
         ("--health-check-interval", "often"),
     ] {
         let name = flag.trim_start_matches("--");
-        refused(
-            &[
-                "--backends",
-                &b,
-                "--port",
-                &p,
-                "--bind",
-                "127.0.0.1",
-                flag,
-                value,
-            ],
-            &[name],
-        );
+        refused_with(&[flag, value], &[name]);
     }
     // The `--flag=value` spelling too.
-    refused(
-        &[
-            "--backends",
-            &b,
-            "--port",
-            &p,
-            "--bind",
-            "127.0.0.1",
-            "--timeout=-5s",
-        ],
-        &["timeout"],
-    );
+    refused_with(&["--timeout=-5s"], &["timeout"]);
 }
 
 #[test]
@@ -185,24 +170,11 @@ fn refuses_negative_numbers() {
     // Refused; the message need not name the flag (a leading `-` may read
     // as an unknown option).
     let b = some_backend();
-    let p = free_port().to_string();
     refused(
         &["--backends", &b, "--bind", "127.0.0.1", "--port", "-1"],
         &[],
     );
-    refused(
-        &[
-            "--backends",
-            &b,
-            "--port",
-            &p,
-            "--bind",
-            "127.0.0.1",
-            "--max-conns",
-            "-1",
-        ],
-        &[],
-    );
+    refused_with(&["--max-conns", "-1"], &[]);
 }
 
 #[test]
@@ -213,20 +185,9 @@ fn refuses_unknown_flags() {
 
 #[test]
 fn refuses_health_check_interval_under_5s() {
-    let b = some_backend();
-    let p = free_port().to_string();
     for value in ["4s", "4999ms", "500ms", "1s"] {
-        refused(
-            &[
-                "--backends",
-                &b,
-                "--port",
-                &p,
-                "--bind",
-                "127.0.0.1",
-                "--health-check-interval",
-                value,
-            ],
+        refused_with(
+            &["--health-check-interval", value],
             &["health-check-interval"],
         );
     }
@@ -234,64 +195,25 @@ fn refuses_health_check_interval_under_5s() {
 
 #[test]
 fn refuses_a_request_log_it_cannot_open() {
-    let b = some_backend();
-    let p = free_port().to_string();
     let dir = std::env::temp_dir().join(format!("lb-no-such-dir-{}", std::process::id()));
     let path = dir.join("requests.jsonl");
     let path = path.to_str().unwrap();
-    refused(
-        &[
-            "--backends",
-            &b,
-            "--port",
-            &p,
-            "--bind",
-            "127.0.0.1",
-            "--log-to",
-            path,
-        ],
-        &["--log-to", path],
-    );
+    refused_with(&["--log-to", path], &["--log-to", path]);
     assert!(!dir.exists());
 }
 
 #[test]
 fn refuses_unknown_routing_policy() {
-    let b = some_backend();
-    let p = free_port().to_string();
-    refused(
-        &[
-            "--backends",
-            &b,
-            "--port",
-            &p,
-            "--bind",
-            "127.0.0.1",
-            "--routing",
-            "fastest-first",
-        ],
+    refused_with(
+        &["--routing", "fastest-first"],
         &["least-conn", "round-robin"],
     );
 }
 
 #[test]
 fn refuses_bad_max_conns() {
-    let b = some_backend();
-    let p = free_port().to_string();
     for value in ["many", "1.5"] {
-        refused(
-            &[
-                "--backends",
-                &b,
-                "--port",
-                &p,
-                "--bind",
-                "127.0.0.1",
-                "--max-conns",
-                value,
-            ],
-            &["max-conns"],
-        );
+        refused_with(&["--max-conns", value], &["max-conns"]);
     }
 }
 
