@@ -203,6 +203,34 @@ fn refuses_a_request_log_it_cannot_open() {
 }
 
 #[test]
+fn refuses_a_port_another_lb_listens_on() {
+    // Both would listen with SO_REUSEPORT; the second must not quietly take half of the
+    // first one's connections.
+    let m = Mock::spawn::<&str>(&[]);
+    let first = Lb::spawn(&["--backends", &m.url()]);
+    let port = first.port.to_string();
+    let out = run_lb(
+        &[
+            "--backends",
+            &m.url(),
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success(), "a second lb started on port {port}");
+    let last = out.stderr.lines().last().unwrap_or_default().to_lowercase();
+    assert!(
+        last.contains("--port") && last.contains(&port) && last.contains("in use"),
+        "the error should name --port, the address and say it is in use: {:?}",
+        out.stderr
+    );
+    assert_eq!(first.completion().status, 200, "the first lb still serves");
+}
+
+#[test]
 fn refuses_unknown_routing_policy() {
     refused_with(
         &["--routing", "fastest-first"],

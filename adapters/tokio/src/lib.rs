@@ -45,12 +45,8 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
     // Signal handlers go in before any socket opens: a SIGTERM that arrives once lb accepts
     // connections must always mean a graceful stop, never the default kill.
     let signals = Signals::install().map_err(StartError::Runtime)?;
-    let mut listeners = Vec::with_capacity(shards);
-    for _ in 0..shards {
-        listeners.push(
-            bind(settings.listen, shards > 1).map_err(|e| StartError::Bind(settings.listen, e))?,
-        );
-    }
+    let listeners =
+        bind_all(settings.listen, shards).map_err(|e| StartError::Bind(settings.listen, e))?;
     let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(settings.listen, e))?;
@@ -104,6 +100,33 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+}
+
+/// One listening socket per shard on `addr`, all bound with `SO_REUSEPORT` (when there are
+/// several) so that the kernel spreads connections among the shards. `SO_REUSEPORT` would
+/// also let them join a group another process already listens with (a second `lb` started
+/// by mistake), silently splitting its traffic; so the address is first claimed by a
+/// socket without it, which fails like a plain bind when the address is in use. With port
+/// 0, the first socket picks the port and the others bind that one.
+fn bind_all(addr: std::net::SocketAddr, shards: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let reuse_port = shards > 1;
+    if reuse_port && addr.port() != 0 {
+        let probe = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+        // Dropped (closed) before the shards bind: it never listens.
+    }
+    let first = bind(addr, reuse_port)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..shards {
+        all.push(bind(addr, reuse_port)?);
+    }
+    Ok(all)
 }
 
 /// A listening socket; with `reuse_port`, several shards bind the same address and the
