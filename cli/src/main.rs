@@ -35,9 +35,13 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(msg) => return fail(&msg),
     };
+    let mut log_writer = None;
     if let Some(path) = log_to {
         match reqlog::open(&path) {
-            Ok(sink) => settings.request_log = Some(RequestLog::new(sink, log_body_limit)),
+            Ok((sink, writer)) => {
+                settings.request_log = Some(RequestLog::new(sink, log_body_limit));
+                log_writer = Some(writer);
+            }
             Err(e) => return fail(&format!("--log-to {}: {e}", path.display())),
         }
     }
@@ -45,7 +49,12 @@ fn main() -> ExitCode {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     print::emit(&print::summary(&settings, RUNTIME));
     let sink: NoticeSink = Arc::new(move |n: Notice| print::emit(&print::lines(&n, verbose)));
-    match run(settings, sink) {
+    let ran = run(settings, sink);
+    if let Some(writer) = log_writer {
+        // The requests a graceful stop let finish are in the queue: write them out.
+        writer.finish(std::time::Duration::from_secs(5));
+    }
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => fail(&msg),
     }

@@ -1015,6 +1015,45 @@ fn full_queue_refuses_at_once() {
 // ---------------------------------------------------------------------------
 
 #[test]
+fn requests_a_graceful_stop_lets_finish_are_logged() {
+    // The last request ends just before lb exits, its entry still queued for the log
+    // writer: it must reach the file all the same. A 4 MiB response keeps the writer busy
+    // for a while (it checks and embeds the JSON), so an lb that does not wait for it
+    // exits first.
+    let dir = TempDir::new("llm-log-stop");
+    let m = Mock::spawn(&["--delay", "200ms", "--response-size", "4194304"]);
+    for i in 0..3 {
+        let path = dir.0.join(format!("stop-{i}.jsonl"));
+        let path_s = path.to_str().expect("utf-8 temp path").to_string();
+        let mut lb = Lb::spawn(&["--backends", &m.url(), "--log-to", &path_s]);
+        let port = lb.port;
+        let inflight = thread::spawn(move || try_completion(port));
+        wait_until(
+            DEADLINE,
+            "the request in flight at the backend",
+            || m.in_flight(),
+            |n| *n >= 1,
+        );
+        lb.signal("TERM");
+        let r = inflight
+            .join()
+            .unwrap()
+            .expect("the in-flight request completes");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let st = lb
+            .wait_exit(Duration::from_secs(10))
+            .expect("lb exits after draining");
+        assert!(st.success(), "lb exited with {st}");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let logged = text
+            .lines()
+            .filter(|l| l.contains("/v1/completions"))
+            .count();
+        assert_eq!(logged, 1, "stop {i}: the log holds {text:?}");
+    }
+}
+
+#[test]
 fn request_log_has_one_json_line_per_request() {
     use std::os::unix::fs::PermissionsExt as _;
 
