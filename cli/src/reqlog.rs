@@ -58,7 +58,7 @@ pub(crate) fn open(path: &Path) -> io::Result<(EntrySink, Writer)> {
     let sink: EntrySink = Arc::new(move |mut entry: Entry, started: Instant| {
         let took = started.elapsed();
         entry.duration_ms = took.as_millis() as u64;
-        entry.time_unix_ms = unix_ms(SystemTime::now().checked_sub(took));
+        entry.time_unix_ms = SystemTime::now().checked_sub(took).map_or(0, unix_ms);
         if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Entry(entry)) {
             dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -66,8 +66,8 @@ pub(crate) fn open(path: &Path) -> io::Result<(EntrySink, Writer)> {
     Ok((sink, writer))
 }
 
-fn unix_ms(t: Option<SystemTime>) -> u64 {
-    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -87,7 +87,7 @@ fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>) {
                     let _ = out.write_all(e.record().to_line().as_bytes());
                 }
                 Msg::Flush(ack) => {
-                    write_dropped(&mut out, unix_ms(Some(SystemTime::now())));
+                    write_dropped(&mut out, unix_ms(SystemTime::now()));
                     let _ = out.flush();
                     let _ = ack.send(());
                 }

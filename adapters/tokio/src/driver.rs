@@ -47,7 +47,7 @@ pub(crate) async fn drive(shared: Arc<Shared>) {
 async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
     let upstream = shared.upstream(probe.backend());
     let req = http::Request::get(upstream.probe_uri.clone())
-        .header(http::header::HOST, upstream.authority.as_str())
+        .header(http::header::HOST, upstream.host.clone())
         .header(
             http::header::USER_AGENT,
             concat!("lb/", env!("CARGO_PKG_VERSION"), " health-check"),

@@ -93,10 +93,11 @@ pub(crate) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
-    let deadline = tokio::time::Instant::now() + shared.settings.request_timeout;
+    let arrived = tokio::time::Instant::now();
+    let deadline = arrived + shared.settings.request_timeout;
     let capture = shared.settings.request_log.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        Arc::new(log.capture(std::time::Instant::now(), req.method().as_str(), pq))
+        Arc::new(log.capture(arrived.into_std(), req.method().as_str(), pq))
     });
     let (parts, body) = req.into_parts();
     let mut body = UpBody::new(body, capture.clone());

@@ -55,8 +55,7 @@ impl std::error::Error for StartError {}
 /// A backend as the adapter addresses it.
 pub(crate) struct Upstream {
     pub(crate) url: Arc<str>,
-    pub(crate) authority: Authority,
-    /// The `Host` the backend sees: its own authority.
+    /// The `Host` the backend sees, on requests and probes: its own authority.
     pub(crate) host: http::HeaderValue,
     /// Path prefix from the backend URL, empty or `/base`.
     pub(crate) prefix: String,
@@ -88,7 +87,6 @@ impl Upstream {
             base,
             url: t.url.clone(),
             host,
-            authority,
             prefix: t.path_prefix.clone(),
             probe_uri,
         })
