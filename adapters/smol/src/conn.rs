@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_io::Timer;
 use futures_lite::future;
 use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_core::http1::{
@@ -21,11 +20,11 @@ use crate::exchange;
 use crate::io::{
     head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
 };
-use crate::pool::Pool;
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
-use crate::shared::{ConnectionGuard, Shared};
+use crate::shared::{ConnectionGuard, Local, Shared};
 use crate::stream::Stream;
+use crate::timers::Timers;
 
 /// What the client connection does after an exchange.
 pub(crate) enum After {
@@ -55,7 +54,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {
-        let head = read_head(&shared, &client, &mut cbuf, !first).await;
+        let head = read_head(&shared, &open.local().timers, &client, &mut cbuf, !first).await;
         let req = match head {
             Head::Request(req, n) => {
                 cbuf.drain(..n);
@@ -79,7 +78,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
             }
         };
         first = false;
-        let after = handle(&shared, open.pool(), &client, &mut cbuf, peer, req).await;
+        let after = handle(&shared, open.local(), &client, &mut cbuf, peer, req).await;
         match after {
             After::KeepAlive => {}
             After::Close => return,
@@ -95,7 +94,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
 /// `--log-to` is set.
 async fn handle(
     shared: &Arc<Shared>,
-    pool: &Pool,
+    local: &Local,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -118,7 +117,7 @@ async fn handle(
     let mut prefix = None;
     if shared.settings.routes_by_body() {
         let read = future::or(read_prefix(client, cbuf, &mut req), async {
-            Timer::at(deadline).await;
+            local.timers.at(deadline).await;
             None
         });
         let Some(read) = read.await else {
@@ -158,7 +157,7 @@ async fn handle(
     let local = match selected {
         Ok(guard) => {
             return exchange::forward(
-                shared, pool, client, cbuf, peer, req, guard, deadline, capture,
+                shared, local, client, cbuf, peer, req, guard, deadline, capture,
             )
             .await
         }
@@ -239,7 +238,13 @@ async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Rep
 /// `idle`: the connection has just answered a request, so the next one is most likely not
 /// here yet; wait until the socket is readable before reading (sparing a read that would
 /// find nothing).
-async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>, idle: bool) -> Head {
+async fn read_head(
+    shared: &Shared,
+    timers: &Timers,
+    client: &Stream,
+    cbuf: &mut Vec<u8>,
+    idle: bool,
+) -> Head {
     let limit = shared.limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
@@ -278,7 +283,7 @@ async fn read_head(shared: &Shared, client: &Stream, cbuf: &mut Vec<u8>, idle: b
         }
     };
     future::or(read, async {
-        Timer::after(shared.settings.head_timeout).await;
+        timers.after(shared.settings.head_timeout).await;
         Head::TimedOut
     })
     .await

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use async_io::Timer;
 use futures_lite::future;
 use lb_core::http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
@@ -33,12 +32,11 @@ use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{send, splice, watch};
-use crate::pool::Pool;
 use crate::pump::{
     download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
-use crate::shared::{LeaseGuard, Shared};
+use crate::shared::{LeaseGuard, Local, Shared};
 use crate::stream::Stream;
 
 /// Forwards `req` to the lease's backend and its response to the client, by `deadline`
@@ -50,7 +48,7 @@ use crate::stream::Stream;
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
     shared: &Arc<Shared>,
-    pool: &Pool,
+    local: &Local,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
@@ -61,7 +59,7 @@ pub(crate) async fn forward(
 ) -> After {
     let id = guard.backend();
     let up = shared.upstream(id);
-    let mut timer = Timer::at(deadline);
+    let mut timer = local.timers.at(deadline);
     if let Some(c) = &capture {
         c.backend(up.url.clone());
     }
@@ -107,7 +105,7 @@ pub(crate) async fn forward(
     }
     let p0 = future::or(
         async {
-            match send_head(shared, pool, id, up, &head).await {
+            match send_head(shared, &local.pool, id, up, &head).await {
                 Ok(conn) => P0::Sent(conn),
                 Err((kind, msg)) => P0::Failed(kind, msg),
             }
@@ -318,7 +316,7 @@ pub(crate) async fn forward(
         } => {
             guard.finish(Outcome::Response(status));
             if reuse {
-                pool.put(id, conn);
+                local.pool.put(id, conn);
             }
             return after;
         }

@@ -45,6 +45,7 @@ mod pump;
 mod reqlog;
 mod shared;
 mod stream;
+mod timers;
 #[cfg(feature = "tls")]
 mod tls;
 
@@ -152,7 +153,7 @@ pub async fn serve(
 /// holds little more than the executor's loop.
 const SHARD_STACK: usize = 256 * 1024;
 
-/// One shard: reaps its pool, accepts on its listener and serves each connection as a
+/// One shard: reaps its pool, fires its deadlines, accepts on its listener and serves each connection as a
 /// task on `ex`, until the future is dropped (which closes the listener).
 async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
     let Ok(listener) = Async::new(listener) else {
@@ -160,7 +161,10 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
         return std::future::pending().await;
     };
     let reaper = shared.clone();
-    ex.spawn(async move { reaper.pool(index).reap().await })
+    ex.spawn(async move { reaper.local(index).pool.reap().await })
+        .detach();
+    let timers = shared.clone();
+    ex.spawn(async move { timers.local(index).timers.run().await })
         .detach();
     loop {
         match listener.accept().await {

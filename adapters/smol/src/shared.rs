@@ -27,6 +27,7 @@ use rand::SeedableRng;
 
 use crate::connect::Connector;
 use crate::pool::Pool;
+use crate::timers::Timers;
 
 /// Why the proxy could not start.
 #[derive(Debug)]
@@ -86,9 +87,9 @@ pub(crate) struct Shared {
     /// Head limits for requests and responses.
     pub(crate) limits: Limits,
     pub(crate) connector: Connector,
-    /// Idle backend connections, one pool per shard: each used by its shard's thread only
-    /// (the locks are never contended).
-    pools: Vec<Pool>,
+    /// Each shard's own state, used by its shard's thread only (the locks are never
+    /// contended).
+    locals: Vec<Local>,
     shutting_down: AtomicBool,
     /// Client connections being served.
     connections: AtomicUsize,
@@ -140,8 +141,11 @@ impl Shared {
         };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
-            pools: (0..shards)
-                .map(|_| Pool::new(upstreams.len(), settings.pool_idle_timeout))
+            locals: (0..shards)
+                .map(|_| Local {
+                    pool: Pool::new(upstreams.len(), settings.pool_idle_timeout),
+                    timers: Timers::new(),
+                })
                 .collect(),
             upstreams,
             limits,
@@ -305,9 +309,9 @@ impl Shared {
         }
     }
 
-    /// The connection pool of shard `shard`.
-    pub(crate) fn pool(&self, shard: usize) -> &Pool {
-        &self.pools[shard]
+    /// The state of shard `shard`.
+    pub(crate) fn local(&self, shard: usize) -> &Local {
+        &self.locals[shard]
     }
 
     /// A shard's thread has stopped serving (its tasks are gone).
@@ -328,6 +332,14 @@ impl Shared {
     }
 }
 
+/// A shard's own state.
+pub(crate) struct Local {
+    /// Idle backend connections.
+    pub(crate) pool: Pool,
+    /// Deadlines of its requests (`--timeout`, `--head-timeout`).
+    pub(crate) timers: Timers,
+}
+
 /// One open client connection; see [`Shared::open_connection`].
 pub(crate) struct ConnectionGuard {
     shared: Arc<Shared>,
@@ -339,9 +351,9 @@ impl ConnectionGuard {
         &self.shared
     }
 
-    /// The backend connection pool of the connection's shard.
-    pub(crate) fn pool(&self) -> &Pool {
-        self.shared.pool(self.shard)
+    /// The state of the connection's shard.
+    pub(crate) fn local(&self) -> &Local {
+        self.shared.local(self.shard)
     }
 }
 
