@@ -153,8 +153,8 @@ pub async fn serve(
 /// holds little more than the executor's loop.
 const SHARD_STACK: usize = 256 * 1024;
 
-/// One shard: reaps its pool, fires its deadlines, accepts on its listener and serves each connection as a
-/// task on `ex`, until the future is dropped (which closes the listener).
+/// One shard: reaps its pool, fires its deadlines, accepts on its listener and serves each
+/// connection as a task on `ex`, until the future is dropped (which closes the listener).
 async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
     let Ok(listener) = Async::new(listener) else {
         // Registering with the reactor failed: the other shards' listeners still serve.
