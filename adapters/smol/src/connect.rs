@@ -4,9 +4,11 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 
-use async_io::Async;
+use std::sync::Arc;
+
 use lb_core::Settings;
 
+use crate::reactor::{Io, Reactor};
 use crate::shared::{StartError, Upstream};
 use crate::stream::Stream;
 
@@ -40,8 +42,13 @@ impl Connector {
         }
     }
 
-    /// A new connection to `up`; the error is a short description for the log.
-    pub(crate) async fn connect(&self, up: &Upstream) -> Result<Stream, String> {
+    /// A new connection to `up`, on `reactor` (the shard's that will use it); the error is
+    /// a short description for the log.
+    pub(crate) async fn connect(
+        &self,
+        up: &Upstream,
+        reactor: &Arc<Reactor>,
+    ) -> Result<Stream, String> {
         let t = &up.target;
         let addrs: Vec<SocketAddr> = match t.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, t.port)],
@@ -51,7 +58,7 @@ impl Connector {
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for addr in addrs {
-            match Async::<TcpStream>::connect(addr).await {
+            match Io::connect(reactor, addr).await {
                 Ok(tcp) => {
                     let _ = tcp.get_ref().set_nodelay(true);
                     return self.secure(up, tcp).await;
@@ -63,7 +70,7 @@ impl Connector {
     }
 
     #[cfg(feature = "tls")]
-    async fn secure(&self, up: &Upstream, tcp: Async<TcpStream>) -> Result<Stream, String> {
+    async fn secure(&self, up: &Upstream, tcp: Io<TcpStream>) -> Result<Stream, String> {
         match (&self.tls, up.target.tls) {
             (Some(tls), true) => crate::tls::handshake(tls, &up.target.host, tcp).await,
             _ => Ok(Stream::Tcp(tcp)),
@@ -71,7 +78,7 @@ impl Connector {
     }
 
     #[cfg(not(feature = "tls"))]
-    async fn secure(&self, _up: &Upstream, tcp: Async<TcpStream>) -> Result<Stream, String> {
+    async fn secure(&self, _up: &Upstream, tcp: Io<TcpStream>) -> Result<Stream, String> {
         Ok(Stream::Tcp(tcp))
     }
 }

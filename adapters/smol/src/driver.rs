@@ -76,10 +76,13 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
 
 async fn check(shared: &Shared, probe: ProbeId) -> ProbeOutcome {
     let up = shared.upstream(probe.backend());
-    let connect = future::or(shared.connector.connect(up), async {
-        Timer::after(shared.settings.connect_timeout).await;
-        Err(describe(&std::io::ErrorKind::TimedOut.into()))
-    });
+    let connect = future::or(
+        shared.connector.connect(up, &shared.local(0).reactor),
+        async {
+            Timer::after(shared.settings.connect_timeout).await;
+            Err(describe(&std::io::ErrorKind::TimedOut.into()))
+        },
+    );
     let conn = match connect.await {
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Error(e),

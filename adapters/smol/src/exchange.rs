@@ -105,7 +105,7 @@ pub(crate) async fn forward(
     }
     let p0 = future::or(
         async {
-            match send_head(shared, &local.pool, id, up, &head).await {
+            match send_head(shared, local, id, up, &head).await {
                 Ok(conn) => P0::Sent(conn),
                 Err((kind, msg)) => P0::Failed(kind, msg),
             }

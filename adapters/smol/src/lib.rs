@@ -1,5 +1,7 @@
-//! Runs the `lb` core on smol's parts: `async-io` (sockets, timers), `async-executor` (one
-//! thread per CPU), `async-signal`. The tiny build of `lb`: no tokio, no hyper.
+//! Runs the `lb` core on smol's parts: `async-executor` (one executor per CPU, each on its
+//! own thread), `async-io` (timers), `async-signal`; sockets are registered with each
+//! shard's own edge-triggered epoll (`reactor`: Linux only), which is what lets this build
+//! outrun HAProxy. The tiny build of `lb`: no tokio, no hyper.
 //!
 //! What it does: accepts connections; reads request heads and frames bodies with
 //! `lb_core::http1` (it parses no HTTP of its own, save taking the data out of chunked
@@ -30,8 +32,9 @@
 //! its bytes were written.
 //!
 //! Entry points: [`run`] blocks until a signal and the drain; [`serve`] is the same
-//! server as a future that any executor can drive (it only needs `async-io`'s reactor),
-//! stopped by the `shutdown` future it is given.
+//! server as a future that any executor can drive (it needs `async-io`'s reactor, with
+//! which it registers its first shard's epoll), stopped by the `shutdown` future it is
+//! given.
 #![forbid(unsafe_code)]
 
 mod conn;
@@ -42,6 +45,7 @@ mod io;
 mod listen;
 mod pool;
 mod pump;
+mod reactor;
 mod reqlog;
 mod shared;
 mod stream;
@@ -56,10 +60,11 @@ use std::time::{Duration, Instant};
 use std::net::TcpListener;
 
 use async_executor::Executor;
-use async_io::{Async, Timer};
+use async_io::Timer;
 use async_signal::{Signal, Signals};
 use futures_lite::{future, StreamExt};
 use lb_core::{Notice, NoticeSink, Settings};
+use reactor::Reactor;
 use shared::Shared;
 
 pub use shared::StartError;
@@ -67,18 +72,35 @@ pub use shared::StartError;
 /// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
 /// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS
 /// setup, signal handlers).
+///
+/// The calling thread runs the first shard, blocked in that shard's own reactor.
 pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
     let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(StartError::Signal)?;
-    async_io::block_on(serve(settings, log, async move {
+    let reactor = Reactor::new().map_err(StartError::Reactor)?;
+    let shutdown = async move {
         let _ = signals.next().await;
-    }))
+    };
+    reactor.block_on(start(
+        settings,
+        log,
+        shutdown,
+        Shard0::Blocked(reactor.clone()),
+    ))
+}
+
+/// How the first shard's reactor is polled.
+enum Shard0 {
+    /// By the thread, in [`Reactor::block_on`].
+    Blocked(Arc<Reactor>),
+    /// By a task on whatever executor runs [`serve`] (see [`Reactor::drive`]).
+    Nested,
 }
 
 /// The proxy as a future: binds, serves until `shutdown` resolves, then stops accepting
 /// and lets in-flight requests and streams finish for up to `settings.shutdown_timeout`.
 ///
 /// One shard per CPU, as nginx runs workers: each has its own `SO_REUSEPORT` listener, its
-/// own executor and its own backend connection pool, so a request stays on one thread and
+/// own executor, reactor and backend connection pool, so a request stays on one thread and
 /// takes no lock another thread holds, but the core's. The calling thread runs the first
 /// shard (and the control path) on an executor driven by this future, so it runs under
 /// any executor (`async_io::block_on`, async-std, ...); the others run on threads of
@@ -88,13 +110,30 @@ pub async fn serve(
     log: NoticeSink,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    start(settings, log, shutdown, Shard0::Nested).await
+}
+
+async fn start(
+    settings: Settings,
+    log: NoticeSink,
+    shutdown: impl Future<Output = ()>,
+    first: Shard0,
+) -> Result<(), StartError> {
     let listen = settings.listen;
     let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut listeners = listen::bind(listen, shards).map_err(|e| StartError::Bind(listen, e))?;
     let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(listen, e))?;
-    let shared = shared::Shared::new(settings, log.clone(), Instant::now(), shards)?;
+    let nested = matches!(first, Shard0::Nested);
+    let mut reactors = vec![match first {
+        Shard0::Blocked(r) => r,
+        Shard0::Nested => Reactor::new().map_err(StartError::Reactor)?,
+    }];
+    for _ in 1..shards {
+        reactors.push(Reactor::new().map_err(StartError::Reactor)?);
+    }
+    let shared = shared::Shared::new(settings, log.clone(), Instant::now(), reactors)?;
     let own = listeners.remove(0);
     for (i, listener) in listeners.into_iter().enumerate() {
         let on_thread = shared.clone();
@@ -104,7 +143,8 @@ pub async fn serve(
             .spawn(move || {
                 let shared = on_thread;
                 let ex = Executor::new();
-                async_io::block_on(ex.run(async {
+                let reactor = shared.local(i + 1).reactor.clone();
+                reactor.block_on(ex.run(async {
                     future::or(
                         shard(&shared, &ex, listener, i + 1),
                         shared.shutdown_begun(),
@@ -127,6 +167,9 @@ pub async fn serve(
     let served = ex.run(async {
         ex.spawn(driver::drive(shared.clone(), Arc::downgrade(&ex)))
             .detach();
+        if nested {
+            ex.spawn(shared.local(0).reactor.clone().drive()).detach();
+        }
         log(Notice::Listening(local));
         future::or(shard(&shared, &ex, own, 0), shutdown).await;
         shared.begin_shutdown();
@@ -156,7 +199,11 @@ const SHARD_STACK: usize = 256 * 1024;
 /// One shard: reaps its pool, fires its deadlines, accepts on its listener and serves each
 /// connection as a task on `ex`, until the future is dropped (which closes the listener).
 async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
-    let Ok(listener) = Async::new(listener) else {
+    let reactor = &shared.local(index).reactor;
+    let registered = listener
+        .set_nonblocking(true)
+        .and_then(|()| reactor.register(listener));
+    let Ok(listener) = registered else {
         // Registering with the reactor failed: the other shards' listeners still serve.
         return std::future::pending().await;
     };
@@ -169,7 +216,11 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.get_ref().set_nodelay(true);
+                let _ = stream.set_nodelay(true);
+                // Refused by epoll (out of memory): the connection closes.
+                let Ok(stream) = reactor.register(stream) else {
+                    continue;
+                };
                 let open = shared.open_connection(index);
                 ex.spawn(conn::serve(open, stream::Stream::Tcp(stream), peer))
                     .detach();

@@ -19,9 +19,8 @@ use crate::connect::describe;
 use crate::io::{
     head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
 };
-use crate::pool::Pool;
 use crate::reqlog::Tap;
-use crate::shared::{Shared, Upstream};
+use crate::shared::{Local, Shared, Upstream};
 use crate::stream::Stream;
 
 /// Most bytes kept from a client while it waits for its response (a pipelined request,
@@ -83,12 +82,12 @@ where
 /// backend never saw the request, so sending it again is safe.
 pub(crate) async fn send_head(
     shared: &Shared,
-    pool: &Pool,
+    local: &Local,
     id: BackendId,
     up: &Upstream,
     head: &[u8],
 ) -> Result<Stream, (ErrorKind, String)> {
-    if let Some(conn) = pool.take(id) {
+    if let Some(conn) = local.pool.take(id) {
         let mut written = 0;
         match write_counted(&conn, head, &mut written).await {
             Ok(()) => return Ok(conn),
@@ -96,7 +95,7 @@ pub(crate) async fn send_head(
             Err(_) => {}
         }
     }
-    let connect = future::or(shared.connector.connect(up), async {
+    let connect = future::or(shared.connector.connect(up, &local.reactor), async {
         Timer::after(shared.settings.connect_timeout).await;
         Err(describe(&std::io::ErrorKind::TimedOut.into()))
     });

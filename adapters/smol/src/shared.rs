@@ -27,6 +27,7 @@ use rand::SeedableRng;
 
 use crate::connect::Connector;
 use crate::pool::Pool;
+use crate::reactor::Reactor;
 use crate::timers::Timers;
 
 /// Why the proxy could not start.
@@ -46,6 +47,8 @@ pub enum StartError {
     Url(String),
     /// A shard's thread could not be started.
     Thread(io::Error),
+    /// A shard's event loop (an epoll instance and an eventfd) could not be created.
+    Reactor(io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -62,6 +65,7 @@ impl fmt::Display for StartError {
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
             StartError::Thread(e) => write!(f, "cannot start a worker thread: {e}"),
+            StartError::Reactor(e) => write!(f, "cannot create an event loop (epoll): {e}"),
         }
     }
 }
@@ -115,8 +119,9 @@ impl Shared {
         settings: Settings,
         log: NoticeSink,
         now: Instant,
-        shards: usize,
+        reactors: Vec<Arc<Reactor>>,
     ) -> Result<Arc<Self>, StartError> {
+        let shards = reactors.len();
         let mut core = Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now);
         let mut upstreams: Vec<Option<Upstream>> = Vec::new();
         for spec in &settings.backends {
@@ -141,10 +146,12 @@ impl Shared {
         };
         Ok(Arc::new(Shared {
             core: Mutex::new(core),
-            locals: (0..shards)
-                .map(|_| Local {
+            locals: reactors
+                .into_iter()
+                .map(|reactor| Local {
                     pool: Pool::new(upstreams.len(), settings.pool_idle_timeout),
                     timers: Timers::new(),
+                    reactor,
                 })
                 .collect(),
             upstreams,
@@ -338,6 +345,9 @@ pub(crate) struct Local {
     pub(crate) pool: Pool,
     /// Deadlines of its requests (`--timeout`, `--head-timeout`).
     pub(crate) timers: Timers,
+    /// Its sockets' readiness: the client connections it accepts, and the backend
+    /// connections in its pool.
+    pub(crate) reactor: Arc<Reactor>,
 }
 
 /// One open client connection; see [`Shared::open_connection`].

@@ -7,15 +7,14 @@ use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use async_io::Async;
-use futures_lite::{ready, AsyncRead, AsyncWrite};
-use rustix::io::Errno;
-use rustix::net::{RecvFlags, SendFlags};
+use futures_lite::{AsyncRead, AsyncWrite};
+
+use crate::reactor::Io;
 
 pub(crate) enum Stream {
-    Tcp(Async<TcpStream>),
+    Tcp(Io<TcpStream>),
     #[cfg(feature = "tls")]
-    Tls(Box<std::sync::Mutex<futures_rustls::client::TlsStream<Async<TcpStream>>>>),
+    Tls(Box<std::sync::Mutex<futures_rustls::client::TlsStream<Io<TcpStream>>>>),
 }
 
 impl Stream {
@@ -34,19 +33,13 @@ impl Stream {
         !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Waits until the connection has something to read (or an error, or its end), as
-    /// the reactor says: no read syscall. Use it before a read that would most likely find
-    /// nothing yet, to spare that read (a `recv` answering `EAGAIN`). A TLS stream may hold
-    /// decrypted bytes the socket does not show, so it is always ready.
-    ///
-    /// This shares the reader's waker slot (`poll_readable`, as `poll_read` uses), not
-    /// `Async::readable`'s own list: that one forgets its interest when dropped, so each
-    /// wait would cost an `epoll_ctl` where a read that found nothing costs none.
+    /// Waits until the connection may have something to read (or an error, or its end),
+    /// without reading: at once, unless its last read found it empty and no event came
+    /// since (see `reactor`). A TLS stream may hold decrypted bytes the socket does not
+    /// show, so it is always ready.
     pub(crate) async fn readable(&self) {
         match self {
-            Stream::Tcp(s) => {
-                let _ = std::future::poll_fn(|cx| s.poll_readable(cx)).await;
-            }
+            Stream::Tcp(s) => std::future::poll_fn(|cx| s.poll_readable(cx)).await,
             #[cfg(feature = "tls")]
             Stream::Tls(_) => {}
         }
@@ -75,7 +68,7 @@ impl AsyncRead for &Stream {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         match *self {
-            Stream::Tcp(s) => poll_recv(s, cx, buf),
+            Stream::Tcp(s) => s.poll_recv(cx, buf),
             #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,7 +85,7 @@ impl AsyncWrite for &Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match *self {
-            Stream::Tcp(s) => poll_send(s, cx, buf),
+            Stream::Tcp(s) => s.poll_send(cx, buf),
             #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,9 +94,10 @@ impl AsyncWrite for &Stream {
         }
     }
 
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match *self {
-            Stream::Tcp(s) => Pin::new(&mut &*s).poll_flush(cx),
+            Stream::Tcp(_) => Poll::Ready(Ok(())),
             #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,12 +108,10 @@ impl AsyncWrite for &Stream {
 
     /// Flushes, then shuts the connection down for writing (TLS first sends close_notify):
     /// the peer reads end of stream.
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match *self {
-            Stream::Tcp(s) => {
-                futures_lite::ready!(Pin::new(&mut &*s).poll_flush(cx))?;
-                Poll::Ready(s.get_ref().shutdown(Shutdown::Write))
-            }
+            Stream::Tcp(s) => Poll::Ready(s.get_ref().shutdown(Shutdown::Write)),
             #[cfg(feature = "tls")]
             Stream::Tls(s) => {
                 let mut guard = s.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,38 +119,5 @@ impl AsyncWrite for &Stream {
                 Poll::Ready(guard.get_ref().0.get_ref().shutdown(Shutdown::Write))
             }
         }
-    }
-}
-
-/// Reads from a TCP stream as async-io's `poll_read` does (try, then wait for readiness),
-/// with `recv` made by rustix straight to the kernel: glibc's wrappers enter and leave a
-/// thread-cancellation point around every call, 2% of the proxy's CPU under load.
-fn poll_recv(
-    s: &Async<TcpStream>,
-    cx: &mut Context<'_>,
-    buf: &mut [u8],
-) -> Poll<io::Result<usize>> {
-    loop {
-        match rustix::net::recv(s.get_ref(), &mut *buf, RecvFlags::empty()) {
-            Ok((n, _)) => return Poll::Ready(Ok(n)),
-            Err(Errno::AGAIN) => {}
-            Err(Errno::INTR) => continue,
-            Err(e) => return Poll::Ready(Err(e.into())),
-        }
-        ready!(s.poll_readable(cx))?;
-    }
-}
-
-/// Writes to a TCP stream as async-io's `poll_write` does, with rustix's `send` (see
-/// [`poll_recv`]).
-fn poll_send(s: &Async<TcpStream>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-    loop {
-        match rustix::net::send(s.get_ref(), buf, SendFlags::NOSIGNAL) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(Errno::AGAIN) => {}
-            Err(Errno::INTR) => continue,
-            Err(e) => return Poll::Ready(Err(e.into())),
-        }
-        ready!(s.poll_writable(cx))?;
     }
 }

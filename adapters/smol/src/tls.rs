@@ -5,7 +5,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
-use async_io::Async;
 use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -54,7 +53,7 @@ pub(crate) fn connector(
 pub(crate) async fn handshake(
     connector: &TlsConnector,
     host: &str,
-    tcp: Async<TcpStream>,
+    tcp: crate::reactor::Io<TcpStream>,
 ) -> Result<Stream, String> {
     let name = ServerName::try_from(host.to_string()).map_err(|e| format!("TLS: {e}"))?;
     match connector.connect(name, tcp).await {

@@ -1,0 +1,384 @@
+//! A shard's own reactor: one edge-triggered epoll per shard, on Linux.
+//!
+//! async-io's reactor, which the proxy's sockets used before, cost the smol build its
+//! throughput (measured under `wrk -c256`): it is one reactor for the whole process, so
+//! whichever thread polls it wakes the other shards' tasks across threads (and its
+//! fallback thread polls in a backoff loop while any `block_on` runs); and it arms each
+//! wait one-shot, so every wait for a socket cost an `epoll_ctl` (5.5% of the CPU).
+//!
+//! Here each socket is registered once, for reading and writing, edge-triggered. An event
+//! bumps a counter per direction and wakes the task waiting on that direction. A read that
+//! fills less than its buffer has emptied the socket (TCP's `recv` returns short only when
+//! its queue is empty), so the next read waits for the next edge instead of making a
+//! syscall that would answer `EAGAIN`: HAProxy does the same.
+//!
+//! A shard thread blocks in its own reactor ([`Reactor::block_on`]); a wake from another
+//! thread writes to an eventfd. [`crate::serve`] runs the first shard on the caller's
+//! executor: there the reactor's epoll descriptor is itself registered with async-io
+//! ([`Reactor::drive`]), so that `serve` still runs under any executor. Timers and signals
+//! stay on async-io: they are rare.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_lite::ready;
+use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+use slab::Slab;
+
+/// The event key of the eventfd that wakes a sleeping shard thread.
+const WAKE: u64 = u64::MAX;
+const READ: usize = 0;
+const WRITE: usize = 1;
+/// `Io::drained` when it is not known whether the socket holds bytes.
+const UNKNOWN: u64 = u64::MAX;
+/// Events taken per `epoll_wait`.
+const BATCH: usize = 256;
+
+pub(crate) struct Reactor {
+    epoll: Arc<OwnedFd>,
+    /// An eventfd, registered under [`WAKE`].
+    wake: OwnedFd,
+    sources: Mutex<Slab<Arc<Source>>>,
+    /// The wakers of one poll's events; its lock also makes one poller at a time.
+    woken: Mutex<Vec<Waker>>,
+    /// Set by a wake; cleared by `block_on` before each poll of its future.
+    notified: AtomicBool,
+    /// Whether `block_on` is (about to be) blocked in `epoll_wait`.
+    sleeping: AtomicBool,
+}
+
+/// One registered socket's readiness: a counter of events per direction, and the task
+/// waiting on each.
+#[derive(Default)]
+struct Source {
+    ticks: [AtomicU64; 2],
+    wakers: Mutex<[Option<Waker>; 2]>,
+}
+
+impl Source {
+    fn tick(&self, dir: usize) -> u64 {
+        self.ticks[dir].load(Ordering::Acquire)
+    }
+
+    /// Ready once an event came after the count `seen`; until then the task waits.
+    fn poll_ready(&self, dir: usize, seen: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let mut wakers = lock(&self.wakers);
+        // Events are counted under this lock, so none slips between the check and the
+        // waker's registration.
+        if self.tick(dir) != seen {
+            return Poll::Ready(());
+        }
+        match &mut wakers[dir] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn fire(&self, flags: epoll::EventFlags, out: &mut Vec<Waker>) {
+        use epoll::EventFlags as F;
+        let mut wakers = lock(&self.wakers);
+        let read = flags.intersects(F::IN | F::PRI | F::RDHUP | F::HUP | F::ERR);
+        let write = flags.intersects(F::OUT | F::HUP | F::ERR);
+        for (dir, on) in [(READ, read), (WRITE, write)] {
+            if on {
+                self.ticks[dir].fetch_add(1, Ordering::AcqRel);
+                out.extend(wakers[dir].take());
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Reactor {
+    pub(crate) fn new() -> io::Result<Arc<Reactor>> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(
+            &epoll,
+            &wake,
+            epoll::EventData::new_u64(WAKE),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )?;
+        Ok(Arc::new(Reactor {
+            epoll: Arc::new(epoll),
+            wake,
+            sources: Mutex::new(Slab::new()),
+            woken: Mutex::new(Vec::new()),
+            notified: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Registers a non-blocking socket for both directions, edge-triggered.
+    pub(crate) fn register<T: AsFd>(self: &Arc<Self>, sock: T) -> io::Result<Io<T>> {
+        use epoll::EventFlags as F;
+        let source = Arc::new(Source::default());
+        let key = lock(&self.sources).insert(source.clone());
+        let data = epoll::EventData::new_u64(key as u64);
+        if let Err(e) = epoll::add(&*self.epoll, &sock, data, F::IN | F::OUT | F::RDHUP | F::ET) {
+            lock(&self.sources).remove(key);
+            return Err(e.into());
+        }
+        Ok(Io {
+            sock,
+            key,
+            source,
+            reactor: self.clone(),
+            drained: AtomicU64::new(UNKNOWN),
+        })
+    }
+
+    /// Runs `fut` on this thread, blocking in `epoll_wait` whenever it waits.
+    pub(crate) fn block_on<T>(self: &Arc<Self>, fut: impl Future<Output = T>) -> T {
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            self.notified.store(false, Ordering::SeqCst);
+            if let Poll::Ready(t) = fut.as_mut().poll(&mut cx) {
+                return t;
+            }
+            self.sleeping.store(true, Ordering::SeqCst);
+            // A wake that came during the poll (the executor yielding, or a task woken
+            // meanwhile) only takes what is ready; otherwise sleep until an event or a
+            // wake, which sees `sleeping` and writes the eventfd.
+            let timeout = self.notified.load(Ordering::SeqCst).then_some(&now);
+            self.poll(timeout);
+            self.sleeping.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Polls this reactor whenever async-io says its epoll descriptor is readable: for
+    /// the shard that runs on the caller's executor. Never returns.
+    pub(crate) async fn drive(self: Arc<Self>) {
+        let Ok(epoll) = async_io::Async::new(self.epoll.clone()) else {
+            return std::future::pending().await;
+        };
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            if epoll.readable().await.is_err() {
+                return std::future::pending().await;
+            }
+            self.poll(Some(&now));
+        }
+    }
+
+    /// Waits for events (up to `timeout`; `None` is for ever) and wakes their tasks.
+    fn poll(&self, timeout: Option<&Timespec>) {
+        let mut wakers = lock(&self.woken);
+        let mut buf = [const { MaybeUninit::<epoll::Event>::uninit() }; BATCH];
+        // Errors are EINTR (a signal: return, the caller polls again) and faults that
+        // cannot happen with a valid descriptor and buffer.
+        let Ok((events, _)) = epoll::wait(&*self.epoll, &mut buf[..], timeout) else {
+            return;
+        };
+        {
+            let sources = lock(&self.sources);
+            for ev in events.iter() {
+                let (key, flags) = (ev.data.u64(), ev.flags);
+                if key == WAKE {
+                    let mut count = [0u8; 8];
+                    let _ = rustix::io::read(&self.wake, &mut count);
+                } else if let Some(source) = sources.get(key as usize) {
+                    source.fire(flags, &mut wakers);
+                }
+            }
+        }
+        for w in wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn notify(&self) {
+        if !self.notified.swap(true, Ordering::SeqCst) && self.sleeping.load(Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// `block_on`'s waker: a task woken on any thread gets the shard thread out of
+/// `epoll_wait`.
+impl Wake for Reactor {
+    fn wake(self: Arc<Self>) {
+        self.notify();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.notify();
+    }
+}
+
+/// A socket registered with a shard's reactor; deregistered when dropped.
+pub(crate) struct Io<T: AsFd> {
+    sock: T,
+    key: usize,
+    source: Arc<Source>,
+    reactor: Arc<Reactor>,
+    /// The read-event count at which the socket was last seen empty (an `EAGAIN`, or a
+    /// read shorter than its buffer), or [`UNKNOWN`].
+    drained: AtomicU64,
+}
+
+impl<T: AsFd> Io<T> {
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.sock
+    }
+
+    /// Waits until the socket may have something to read (bytes, its end or an error),
+    /// without reading: ready at once unless it was seen empty and no event came since.
+    pub(crate) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let tick = self.source.tick(READ);
+        if self.drained.load(Ordering::Relaxed) != tick {
+            return Poll::Ready(());
+        }
+        self.source.poll_ready(READ, tick, cx)
+    }
+}
+
+impl<T: AsFd> Drop for Io<T> {
+    fn drop(&mut self) {
+        let _ = epoll::delete(&*self.reactor.epoll, &self.sock);
+        lock(&self.reactor.sources).remove(self.key);
+    }
+}
+
+impl Io<TcpStream> {
+    /// Reads with `recv` (rustix, straight to the kernel: glibc's wrapper enters and
+    /// leaves a thread-cancellation point around each call, 2% of the CPU under load).
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let tick = self.source.tick(READ);
+            if self.drained.load(Ordering::Relaxed) != tick {
+                match rustix::net::recv(&self.sock, &mut *buf, RecvFlags::empty()) {
+                    Ok((n, _)) => {
+                        let empty = n > 0 && n < buf.len();
+                        let drained = if empty { tick } else { UNKNOWN };
+                        self.drained.store(drained, Ordering::Relaxed);
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(Errno::AGAIN) => self.drained.store(tick, Ordering::Relaxed),
+                    Err(Errno::INTR) => continue,
+                    Err(e) => return Poll::Ready(Err(e.into())),
+                }
+            }
+            ready!(self.source.poll_ready(READ, tick, cx));
+        }
+    }
+
+    /// Writes with `send` (rustix, without `SIGPIPE`).
+    pub(crate) fn poll_send(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let tick = self.source.tick(WRITE);
+            match rustix::net::send(&self.sock, buf, SendFlags::NOSIGNAL) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(Errno::AGAIN) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+            ready!(self.source.poll_ready(WRITE, tick, cx));
+        }
+    }
+
+    /// A new TCP connection to `addr`, registered with `reactor`.
+    pub(crate) async fn connect(reactor: &Arc<Reactor>, addr: SocketAddr) -> io::Result<Self> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+        let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) | Err(Errno::INPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Registered after `connect` began, so the first event says how it went.
+        let io = reactor.register(TcpStream::from(fd))?;
+        let mut seen = 0;
+        loop {
+            poll_fn(|cx| io.source.poll_ready(WRITE, seen, cx)).await;
+            seen = io.source.tick(WRITE);
+            if let Some(e) = io.sock.take_error()? {
+                return Err(e);
+            }
+            match io.sock.peer_addr() {
+                Ok(_) => return Ok(io),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Io<TcpListener> {
+    /// The next connection, non-blocking and not yet registered.
+    pub(crate) async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        poll_fn(|cx| loop {
+            let tick = self.source.tick(READ);
+            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+            match rustix::net::acceptfrom_with(&self.sock, flags) {
+                Ok((fd, peer)) => {
+                    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+                    let peer = peer.and_then(|a| SocketAddr::try_from(a).ok());
+                    return Poll::Ready(Ok((TcpStream::from(fd), peer.unwrap_or(unknown))));
+                }
+                Err(Errno::AGAIN) => {}
+                Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+            ready!(self.source.poll_ready(READ, tick, cx));
+        })
+        .await
+    }
+}
+
+impl futures_lite::AsyncRead for Io<TcpStream> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_recv(cx, buf)
+    }
+}
+
+impl futures_lite::AsyncWrite for Io<TcpStream> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, buf)
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.sock.shutdown(std::net::Shutdown::Write))
+    }
+}
