@@ -334,20 +334,24 @@ impl Io<TcpStream> {
 }
 
 impl Io<TcpListener> {
-    /// The next connection, non-blocking and not yet registered.
+    /// The next connection, non-blocking and not yet registered. Like a read, it waits
+    /// for the next event once the queue was seen empty: the executor polls the accept
+    /// loop whenever it wakes, and that would otherwise be an `accept4` each time.
     pub(crate) async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         poll_fn(|cx| loop {
             let tick = self.source.tick(READ);
-            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-            match rustix::net::acceptfrom_with(&self.sock, flags) {
-                Ok((fd, peer)) => {
-                    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-                    let peer = peer.and_then(|a| SocketAddr::try_from(a).ok());
-                    return Poll::Ready(Ok((TcpStream::from(fd), peer.unwrap_or(unknown))));
+            if self.drained.load(Ordering::Relaxed) != tick {
+                let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+                match rustix::net::acceptfrom_with(&self.sock, flags) {
+                    Ok((fd, peer)) => {
+                        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+                        let peer = peer.and_then(|a| SocketAddr::try_from(a).ok());
+                        return Poll::Ready(Ok((TcpStream::from(fd), peer.unwrap_or(unknown))));
+                    }
+                    Err(Errno::AGAIN) => self.drained.store(tick, Ordering::Relaxed),
+                    Err(Errno::INTR | Errno::CONNABORTED) => continue,
+                    Err(e) => return Poll::Ready(Err(e.into())),
                 }
-                Err(Errno::AGAIN) => {}
-                Err(Errno::INTR | Errno::CONNABORTED) => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
             }
             ready!(self.source.poll_ready(READ, tick, cx));
         })
