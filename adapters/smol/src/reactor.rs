@@ -386,3 +386,124 @@ impl futures_lite::AsyncWrite for Io<TcpStream> {
         Poll::Ready(self.sock.shutdown(std::net::Shutdown::Write))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::thread;
+
+    use futures_lite::future;
+
+    /// A connection made through `reactor`, and its other end (a plain blocking socket).
+    fn pair(reactor: &Arc<Reactor>) -> (Io<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let io = reactor.block_on(Io::connect(reactor, addr)).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (io, peer)
+    }
+
+    async fn read(io: &Io<TcpStream>, buf: &mut [u8]) -> usize {
+        poll_fn(|cx| io.poll_recv(cx, buf)).await.unwrap()
+    }
+
+    #[test]
+    fn after_a_short_read_the_next_read_waits_for_the_next_edge() {
+        let reactor = Reactor::new().unwrap();
+        let (io, mut peer) = pair(&reactor);
+        let mut buf = [0u8; 16];
+        peer.write_all(b"abc").unwrap();
+        let n = reactor.block_on(read(&io, &mut buf));
+        assert_eq!(&buf[..n], b"abc");
+        // Three bytes in a 16-byte buffer: the socket was emptied, and no event came since.
+        assert_eq!(io.drained.load(Ordering::Relaxed), io.source.tick(READ));
+        peer.write_all(b"de").unwrap();
+        // Until the reactor has polled, the bytes are not looked for: no `recv`.
+        let before_poll = future::block_on(future::poll_once(read(&io, &mut buf)));
+        assert_eq!(before_poll, None);
+        // The edge they raised brings them.
+        let n = reactor.block_on(read(&io, &mut buf));
+        assert_eq!(&buf[..n], b"de");
+    }
+
+    #[test]
+    fn a_full_read_does_not_mark_the_socket_empty() {
+        let reactor = Reactor::new().unwrap();
+        let (io, mut peer) = pair(&reactor);
+        peer.write_all(b"abcdef").unwrap();
+        let mut buf = [0u8; 6];
+        let mut got = 0;
+        while got < 6 {
+            got += reactor.block_on(read(&io, &mut buf[got..]));
+        }
+        assert_eq!(&buf, b"abcdef");
+        assert_eq!(io.drained.load(Ordering::Relaxed), UNKNOWN);
+        drop(peer);
+        assert_eq!(reactor.block_on(read(&io, &mut buf)), 0);
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_ends_the_wait() {
+        let reactor = Reactor::new().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let event = Arc::new(event_listener::Event::new());
+        let (d, e) = (done.clone(), event.clone());
+        let other = thread::spawn(move || {
+            d.store(true, Ordering::SeqCst);
+            e.notify(usize::MAX);
+        });
+        reactor.block_on(async {
+            loop {
+                let listener = event.listen();
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                listener.await;
+            }
+        });
+        other.join().unwrap();
+    }
+
+    #[test]
+    fn accepts_and_connects_and_reports_a_refused_connect() {
+        let reactor = Reactor::new().unwrap();
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let listener = reactor.register(std_listener).unwrap();
+        let client = reactor.block_on(Io::connect(&reactor, addr)).unwrap();
+        let (accepted, peer) = reactor.block_on(listener.accept()).unwrap();
+        assert_eq!(peer, client.get_ref().local_addr().unwrap());
+        assert_eq!(accepted.peer_addr().unwrap(), peer);
+        drop(listener);
+        let refused = reactor.block_on(Io::connect(&reactor, addr));
+        let kind = refused.err().map(|e| e.kind());
+        assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+    }
+
+    #[test]
+    fn a_dropped_socket_leaves_the_reactor() {
+        let reactor = Reactor::new().unwrap();
+        let (io, _peer) = pair(&reactor);
+        assert_eq!(lock(&reactor.sources).len(), 1);
+        drop(io);
+        assert_eq!(lock(&reactor.sources).len(), 0);
+    }
+
+    #[test]
+    fn runs_nested_under_async_io() {
+        let reactor = Reactor::new().unwrap();
+        let (io, mut peer) = pair(&reactor);
+        peer.write_all(b"nested").unwrap();
+        let mut buf = [0u8; 16];
+        let n = async_io::block_on(future::or(
+            async {
+                reactor.clone().drive().await;
+                0
+            },
+            read(&io, &mut buf),
+        ));
+        assert_eq!(&buf[..n], b"nested");
+    }
+}
