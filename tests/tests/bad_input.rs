@@ -836,6 +836,42 @@ fn assert_bad_response_is_502(rule: &str, garbage: &str) {
     assert_still_serving_mock(&lb, &m, &format!("backend {rule}"));
 }
 
+/// Not bad input, but it needs the scripted backend: a close-delimited response whose last
+/// bytes and the backend's close arrive together (written, then the socket shut down at
+/// once) reaches the client whole, every time. The close is the end of the body, and lb
+/// must see it although no further event comes (the smol build once waited for one after
+/// a short read, until `--timeout`).
+#[test]
+fn a_close_delimited_response_arriving_with_its_close_is_passed_whole() {
+    let body = "close-delimited body";
+    let response =
+        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}");
+    let fake = PacedBackend::spawn(vec![response.into_bytes()]);
+    let lb = Lb::spawn(&["--health-check-interval", "60s", "--backends", &fake.url()]);
+    lb.wait_healthy(1);
+    let build = lb_build();
+    for i in 1..=20 {
+        let reply = send_raw(lb.port, PROXIED);
+        let p = reply.parsed().unwrap_or_else(|| {
+            panic!(
+                "[{build} build] request {i}: no response head: {}",
+                reply.show()
+            )
+        });
+        assert_eq!(
+            p.status,
+            200,
+            "[{build} build] request {i}: {}",
+            reply.show()
+        );
+        assert!(
+            p.complete && p.body == body.as_bytes(),
+            "[{build} build] request {i}: the body did not arrive whole and ended: {}",
+            reply.show()
+        );
+    }
+}
+
 #[test]
 fn backend_bad_status_line_gives_502() {
     assert_bad_response_is_502(

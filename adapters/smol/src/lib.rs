@@ -92,7 +92,7 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
 enum Shard0 {
     /// By the thread, in [`Reactor::block_on`].
     Blocked(Arc<Reactor>),
-    /// By a task on whatever executor runs [`serve`] (see [`Reactor::drive`]).
+    /// By a task on whatever executor runs [`serve`] (see [`Reactor::nest`]).
     Nested,
 }
 
@@ -125,11 +125,15 @@ async fn start(
     let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(listen, e))?;
-    let nested = matches!(first, Shard0::Nested);
-    let mut reactors = vec![match first {
-        Shard0::Blocked(r) => r,
-        Shard0::Nested => Reactor::new().map_err(StartError::Reactor)?,
-    }];
+    let (first, nested) = match first {
+        Shard0::Blocked(r) => (r, None),
+        Shard0::Nested => {
+            let r = Reactor::new().map_err(StartError::Reactor)?;
+            let poller = r.nest().map_err(StartError::Reactor)?;
+            (r, Some(poller))
+        }
+    };
+    let mut reactors = vec![first];
     for _ in 1..shards {
         reactors.push(Reactor::new().map_err(StartError::Reactor)?);
     }
@@ -167,8 +171,8 @@ async fn start(
     let served = ex.run(async {
         ex.spawn(driver::drive(shared.clone(), Arc::downgrade(&ex)))
             .detach();
-        if nested {
-            ex.spawn(shared.local(0).reactor.clone().drive()).detach();
+        if let Some(poller) = nested {
+            ex.spawn(poller).detach();
         }
         log(Notice::Listening(local));
         future::or(shard(&shared, &ex, own, 0), shutdown).await;

@@ -10,12 +10,15 @@
 //! bumps a counter per direction and wakes the task waiting on that direction. A read that
 //! fills less than its buffer has emptied the socket (TCP's `recv` returns short only when
 //! its queue is empty), so the next read waits for the next edge instead of making a
-//! syscall that would answer `EAGAIN`: HAProxy does the same.
+//! syscall that would answer `EAGAIN`: HAProxy does the same. Except once the peer has
+//! closed or reset the connection, or sent urgent data: then the end of stream (or the
+//! bytes past the urgent mark) may wait behind a short read with no edge to come, so every
+//! read goes to the kernel.
 //!
 //! A shard thread blocks in its own reactor ([`Reactor::block_on`]); a wake from another
 //! thread writes to an eventfd. [`crate::serve`] runs the first shard on the caller's
 //! executor: there the reactor's epoll descriptor is itself registered with async-io
-//! ([`Reactor::drive`]), so that `serve` still runs under any executor. Timers and signals
+//! ([`Reactor::nest`]), so that `serve` still runs under any executor. Timers and signals
 //! stay on async-io: they are rare.
 
 use std::future::{poll_fn, Future};
@@ -61,12 +64,19 @@ pub(crate) struct Reactor {
 #[derive(Default)]
 struct Source {
     ticks: [AtomicU64; 2],
+    /// Set for good by a hang-up, an error or urgent data: a short read then no longer
+    /// shows that nothing more is to be read.
+    closed: AtomicBool,
     wakers: Mutex<[Option<Waker>; 2]>,
 }
 
 impl Source {
     fn tick(&self, dir: usize) -> u64 {
         self.ticks[dir].load(Ordering::Acquire)
+    }
+
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Ready once an event came after the count `seen`; until then the task waits.
@@ -89,6 +99,10 @@ impl Source {
         let mut wakers = lock(&self.wakers);
         let read = flags.intersects(F::IN | F::PRI | F::RDHUP | F::HUP | F::ERR);
         let write = flags.intersects(F::OUT | F::HUP | F::ERR);
+        if flags.intersects(F::RDHUP | F::HUP | F::ERR | F::PRI) {
+            // Before the count: a reader that sees the count sees this too.
+            self.closed.store(true, Ordering::Release);
+        }
         for (dir, on) in [(READ, read), (WRITE, write)] {
             if on {
                 self.ticks[dir].fetch_add(1, Ordering::AcqRel);
@@ -128,7 +142,8 @@ impl Reactor {
         let source = Arc::new(Source::default());
         let key = lock(&self.sources).insert(source.clone());
         let data = epoll::EventData::new_u64(key as u64);
-        if let Err(e) = epoll::add(&*self.epoll, &sock, data, F::IN | F::OUT | F::RDHUP | F::ET) {
+        let interest = F::IN | F::PRI | F::OUT | F::RDHUP | F::ET;
+        if let Err(e) = epoll::add(&*self.epoll, &sock, data, interest) {
             lock(&self.sources).remove(key);
             return Err(e.into());
         }
@@ -161,26 +176,26 @@ impl Reactor {
             // wake, which sees `sleeping` and writes the eventfd.
             let timeout = self.notified.load(Ordering::SeqCst).then_some(&now);
             self.poll(timeout);
-            self.sleeping.store(false, Ordering::SeqCst);
         }
     }
 
-    /// Polls this reactor whenever async-io says its epoll descriptor is readable: for
-    /// the shard that runs on the caller's executor. Never returns.
-    pub(crate) async fn drive(self: Arc<Self>) {
-        let Ok(epoll) = async_io::Async::new(self.epoll.clone()) else {
-            return std::future::pending().await;
-        };
-        let now = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        loop {
-            if epoll.readable().await.is_err() {
-                return std::future::pending().await;
+    /// For the shard that runs on the caller's executor: registers this reactor's epoll
+    /// descriptor with async-io, and returns the task that polls the reactor whenever
+    /// that descriptor is readable. The task never returns.
+    pub(crate) fn nest(self: &Arc<Self>) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+        let epoll = async_io::Async::new(self.epoll.clone())?;
+        let reactor = self.clone();
+        Ok(async move {
+            let now = Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // `readable` fails only if async-io's own epoll does; then nothing would work.
+            while epoll.readable().await.is_ok() {
+                reactor.poll(Some(&now));
             }
-            self.poll(Some(&now));
-        }
+            std::future::pending().await
+        })
     }
 
     /// Waits for events (up to `timeout`; `None` is for ever) and wakes their tasks.
@@ -189,7 +204,10 @@ impl Reactor {
         let mut buf = [const { MaybeUninit::<epoll::Event>::uninit() }; BATCH];
         // Errors are EINTR (a signal: return, the caller polls again) and faults that
         // cannot happen with a valid descriptor and buffer.
-        let Ok((events, _)) = epoll::wait(&*self.epoll, &mut buf[..], timeout) else {
+        let waited = epoll::wait(&*self.epoll, &mut buf[..], timeout);
+        // Awake: the wakes below (mostly of this thread's own tasks) need no eventfd write.
+        self.sleeping.store(false, Ordering::SeqCst);
+        let Ok((events, _)) = waited else {
             return;
         };
         {
@@ -275,7 +293,7 @@ impl Io<TcpStream> {
             if self.drained.load(Ordering::Relaxed) != tick {
                 match rustix::net::recv(&self.sock, &mut *buf, RecvFlags::empty()) {
                     Ok((n, _)) => {
-                        let empty = n > 0 && n < buf.len();
+                        let empty = n > 0 && n < buf.len() && !self.source.closed();
                         let drained = if empty { tick } else { UNKNOWN };
                         self.drained.store(drained, Ordering::Relaxed);
                         return Poll::Ready(Ok(n));
@@ -390,10 +408,22 @@ impl futures_lite::AsyncWrite for Io<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
     use std::thread;
+    use std::time::Duration;
 
     use futures_lite::future;
+
+    /// Runs `f` on a thread of its own: a lost wake-up fails the test instead of hanging it.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("hung: a wake-up was lost")
+    }
 
     /// A connection made through `reactor`, and its other end (a plain blocking socket).
     fn pair(reactor: &Arc<Reactor>) -> (Io<TcpStream>, TcpStream) {
@@ -404,82 +434,183 @@ mod tests {
         (io, peer)
     }
 
-    async fn read(io: &Io<TcpStream>, buf: &mut [u8]) -> usize {
-        poll_fn(|cx| io.poll_recv(cx, buf)).await.unwrap()
+    async fn read(io: &Io<TcpStream>, buf: &mut [u8]) -> io::Result<usize> {
+        poll_fn(|cx| io.poll_recv(cx, buf)).await
+    }
+
+    /// A short read whose bytes and whatever follows them (`then`, done by the peer before
+    /// the reactor polls) raised one edge between them: the read after it must still see
+    /// what followed. Returns the first read's count and the second read's result.
+    fn short_read_then(
+        then: impl FnOnce(TcpStream) + Send + 'static,
+    ) -> (usize, io::Result<usize>) {
+        within(move || {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            peer.write_all(b"abc").unwrap();
+            then(peer);
+            let mut buf = [0u8; 16];
+            // Yielding first makes `block_on` poll the reactor once before the read.
+            let first = reactor.block_on(async {
+                future::yield_now().await;
+                read(&io, &mut buf).await.unwrap()
+            });
+            (first, reactor.block_on(read(&io, &mut buf)))
+        })
     }
 
     #[test]
     fn after_a_short_read_the_next_read_waits_for_the_next_edge() {
-        let reactor = Reactor::new().unwrap();
-        let (io, mut peer) = pair(&reactor);
-        let mut buf = [0u8; 16];
-        peer.write_all(b"abc").unwrap();
-        let n = reactor.block_on(read(&io, &mut buf));
-        assert_eq!(&buf[..n], b"abc");
-        // Three bytes in a 16-byte buffer: the socket was emptied, and no event came since.
-        assert_eq!(io.drained.load(Ordering::Relaxed), io.source.tick(READ));
-        peer.write_all(b"de").unwrap();
-        // Until the reactor has polled, the bytes are not looked for: no `recv`.
-        let before_poll = future::block_on(future::poll_once(read(&io, &mut buf)));
-        assert_eq!(before_poll, None);
-        // The edge they raised brings them.
-        let n = reactor.block_on(read(&io, &mut buf));
-        assert_eq!(&buf[..n], b"de");
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            let mut buf = [0u8; 16];
+            peer.write_all(b"abc").unwrap();
+            let n = reactor.block_on(read(&io, &mut buf)).unwrap();
+            assert_eq!(&buf[..n], b"abc");
+            // Three bytes in a 16-byte buffer: the socket was emptied, no event came since.
+            assert_eq!(io.drained.load(Ordering::Relaxed), io.source.tick(READ));
+            // Collect the edges raised so far, then send more.
+            reactor.block_on(future::yield_now());
+            let seen = io.source.tick(READ);
+            peer.write_all(b"de").unwrap();
+            // Until the reactor has polled, the new bytes are not looked for: no `recv`.
+            let before_poll = future::block_on(future::poll_once(read(&io, &mut buf)));
+            assert!(before_poll.is_none());
+            // The edge they raised brings them.
+            let n = reactor.block_on(read(&io, &mut buf)).unwrap();
+            assert_eq!(&buf[..n], b"de");
+            assert!(io.source.tick(READ) > seen);
+        });
     }
 
     #[test]
     fn a_full_read_does_not_mark_the_socket_empty() {
-        let reactor = Reactor::new().unwrap();
-        let (io, mut peer) = pair(&reactor);
-        peer.write_all(b"abcdef").unwrap();
-        let mut buf = [0u8; 6];
-        let mut got = 0;
-        while got < 6 {
-            got += reactor.block_on(read(&io, &mut buf[got..]));
-        }
-        assert_eq!(&buf, b"abcdef");
-        assert_eq!(io.drained.load(Ordering::Relaxed), UNKNOWN);
-        drop(peer);
-        assert_eq!(reactor.block_on(read(&io, &mut buf)), 0);
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            peer.write_all(b"abcdef").unwrap();
+            let mut buf = [0u8; 6];
+            let mut got = 0;
+            while got < 6 {
+                got += reactor.block_on(read(&io, &mut buf[got..])).unwrap();
+            }
+            assert_eq!(&buf, b"abcdef");
+            assert_eq!(io.drained.load(Ordering::Relaxed), UNKNOWN);
+            drop(peer);
+            assert_eq!(reactor.block_on(read(&io, &mut buf)).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn the_end_of_stream_behind_a_short_read_is_seen() {
+        let (first, second) = short_read_then(drop);
+        assert_eq!(first, 3);
+        assert_eq!(second.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_reset_behind_a_short_read_is_seen() {
+        let (first, second) = short_read_then(|peer| {
+            rustix::net::sockopt::set_socket_linger(&peer, Some(Duration::ZERO)).unwrap();
+            drop(peer);
+        });
+        assert_eq!(first, 3);
+        assert_eq!(second.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn bytes_past_urgent_data_behind_a_short_read_are_read() {
+        let (tx, rx) = mpsc::channel();
+        let (first, second) = short_read_then(move |mut peer| {
+            rustix::net::send(&peer, b"d", SendFlags::OOB).unwrap();
+            peer.write_all(b"efg").unwrap();
+            let _ = tx.send(peer);
+        });
+        // `recv` stops at the urgent mark: "abc", then the rest ("efg"; the urgent byte is
+        // out of band).
+        assert_eq!(first, 3);
+        assert_eq!(second.unwrap(), 3);
+        drop(rx);
+    }
+
+    #[test]
+    fn a_write_that_found_the_buffer_full_resumes_when_the_peer_reads() {
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            let chunk = vec![7u8; 64 * 1024];
+            // Fill the socket buffers until `send` would block.
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut sent = 0;
+            while let Poll::Ready(n) = io.poll_send(&mut cx, &chunk) {
+                sent += n.unwrap();
+            }
+            let reader = thread::spawn(move || {
+                let mut all = Vec::new();
+                peer.read_to_end(&mut all).unwrap();
+                all.len()
+            });
+            let more = reactor
+                .block_on(poll_fn(|cx| io.poll_send(cx, &chunk)))
+                .unwrap();
+            assert!(more > 0);
+            io.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+            assert_eq!(reader.join().unwrap(), sent + more);
+        });
     }
 
     #[test]
     fn a_wake_from_another_thread_ends_the_wait() {
-        let reactor = Reactor::new().unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let event = Arc::new(event_listener::Event::new());
-        let (d, e) = (done.clone(), event.clone());
-        let other = thread::spawn(move || {
-            d.store(true, Ordering::SeqCst);
-            e.notify(usize::MAX);
-        });
-        reactor.block_on(async {
-            loop {
-                let listener = event.listen();
-                if done.load(Ordering::SeqCst) {
-                    break;
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let done = Arc::new(AtomicBool::new(false));
+            let event = Arc::new(event_listener::Event::new());
+            let (d, e, r) = (done.clone(), event.clone(), reactor.clone());
+            let other = thread::spawn(move || {
+                // Most often the reactor is asleep by the time this runs: the case to test.
+                // If not, the wait ends without sleeping, which is also right.
+                while !r.sleeping.load(Ordering::SeqCst) {
+                    thread::yield_now();
                 }
-                listener.await;
-            }
+                d.store(true, Ordering::SeqCst);
+                e.notify(usize::MAX);
+            });
+            reactor.block_on(async {
+                loop {
+                    let listener = event.listen();
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    listener.await;
+                }
+            });
+            other.join().unwrap();
         });
-        other.join().unwrap();
     }
 
     #[test]
     fn accepts_and_connects_and_reports_a_refused_connect() {
-        let reactor = Reactor::new().unwrap();
-        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let listener = reactor.register(std_listener).unwrap();
-        let client = reactor.block_on(Io::connect(&reactor, addr)).unwrap();
-        let (accepted, peer) = reactor.block_on(listener.accept()).unwrap();
-        assert_eq!(peer, client.get_ref().local_addr().unwrap());
-        assert_eq!(accepted.peer_addr().unwrap(), peer);
-        drop(listener);
-        let refused = reactor.block_on(Io::connect(&reactor, addr));
-        let kind = refused.err().map(|e| e.kind());
-        assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = std_listener.local_addr().unwrap();
+            std_listener.set_nonblocking(true).unwrap();
+            let listener = reactor.register(std_listener).unwrap();
+            let client = reactor.block_on(Io::connect(&reactor, addr)).unwrap();
+            let (accepted, peer) = reactor.block_on(listener.accept()).unwrap();
+            assert_eq!(peer, client.get_ref().local_addr().unwrap());
+            assert_eq!(accepted.peer_addr().unwrap(), peer);
+            // A port nobody listens on: bound, never listening, so no one else takes it.
+            let closed =
+                rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+            rustix::net::bind(&closed, &SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let closed_addr = rustix::net::getsockname(&closed).unwrap();
+            let closed_addr = SocketAddr::try_from(closed_addr).unwrap();
+            let refused = reactor.block_on(Io::connect(&reactor, closed_addr));
+            let kind = refused.err().map(|e| e.kind());
+            assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+        });
     }
 
     #[test]
@@ -493,17 +624,28 @@ mod tests {
 
     #[test]
     fn runs_nested_under_async_io() {
-        let reactor = Reactor::new().unwrap();
-        let (io, mut peer) = pair(&reactor);
-        peer.write_all(b"nested").unwrap();
-        let mut buf = [0u8; 16];
-        let n = async_io::block_on(future::or(
-            async {
-                reactor.clone().drive().await;
-                0
-            },
-            read(&io, &mut buf),
-        ));
-        assert_eq!(&buf[..n], b"nested");
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            let mut buf = [0u8; 16];
+            // Empty the socket first, so that the next read depends on the reactor's event.
+            peer.write_all(b"a").unwrap();
+            assert_eq!(reactor.block_on(read(&io, &mut buf)).unwrap(), 1);
+            let poller = reactor.nest().unwrap();
+            let writer = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(50));
+                peer.write_all(b"nested").unwrap();
+                peer
+            });
+            let n = async_io::block_on(future::or(
+                async {
+                    poller.await;
+                    0
+                },
+                async { read(&io, &mut buf).await.unwrap() },
+            ));
+            assert_eq!(&buf[..n], b"nested");
+            drop(writer.join());
+        });
     }
 }
