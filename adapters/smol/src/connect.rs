@@ -1,11 +1,13 @@
-//! New backend connections: name resolution, TCP with `TCP_NODELAY`, TLS for `https://`.
-//! The callers bound each attempt with `--connect-timeout`.
+//! New backend connections: name resolution, TCP with `TCP_NODELAY`, TLS for `https://`,
+//! each attempt bounded by `--connect-timeout`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_io::Timer;
+use futures_lite::future;
 use lb_core::Settings;
 
 use crate::reactor::{Io, Reactor};
@@ -14,6 +16,8 @@ use crate::stream::Stream;
 
 /// Opens backend connections; holds the TLS configuration when a backend needs it.
 pub(crate) struct Connector {
+    /// `--connect-timeout`: for resolving, connecting and the TLS handshake together.
+    timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<futures_rustls::TlsConnector>,
 }
@@ -24,10 +28,11 @@ impl Connector {
         mut upstreams: impl Iterator<Item = &'a Upstream>,
     ) -> Result<Self, StartError> {
         let https = upstreams.find(|u| u.target.tls);
+        let timeout = settings.connect_timeout;
         #[cfg(feature = "tls")]
         {
             let tls = crate::tls::connector(settings.backend_ca.as_deref(), https.is_some())?;
-            Ok(Connector { tls })
+            Ok(Connector { timeout, tls })
         }
         #[cfg(not(feature = "tls"))]
         {
@@ -38,17 +43,25 @@ impl Connector {
                 std::fs::metadata(path)
                     .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
             }
-            Ok(Connector {})
+            Ok(Connector { timeout })
         }
     }
 
-    /// A new connection to `up`, on `reactor` (the shard's that will use it); the error is
-    /// a short description for the log.
+    /// A new connection to `up`, on `reactor` (the shard's that will use it), within
+    /// `--connect-timeout`; the error is a short description for the log.
     pub(crate) async fn connect(
         &self,
         up: &Upstream,
         reactor: &Arc<Reactor>,
     ) -> Result<Stream, String> {
+        future::or(self.attempt(up, reactor), async {
+            Timer::after(self.timeout).await;
+            Err(describe(&io::ErrorKind::TimedOut.into()))
+        })
+        .await
+    }
+
+    async fn attempt(&self, up: &Upstream, reactor: &Arc<Reactor>) -> Result<Stream, String> {
         let t = &up.target;
         let addrs: Vec<SocketAddr> = match t.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, t.port)],

@@ -76,14 +76,7 @@ async fn run_probe(shared: Arc<Shared>, probe: ProbeId, deadline: Instant) {
 
 async fn check(shared: &Shared, probe: ProbeId) -> ProbeOutcome {
     let up = shared.upstream(probe.backend());
-    let connect = future::or(
-        shared.connector.connect(up, &shared.local(0).reactor),
-        async {
-            Timer::after(shared.settings.connect_timeout).await;
-            Err(describe(&std::io::ErrorKind::TimedOut.into()))
-        },
-    );
-    let conn = match connect.await {
+    let conn = match shared.connector.connect(up, &shared.local(0).reactor).await {
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Error(e),
     };

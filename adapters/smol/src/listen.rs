@@ -34,7 +34,7 @@ pub(crate) fn bind(addr: SocketAddr, shards: usize) -> io::Result<Vec<TcpListene
     Ok(all)
 }
 
-fn family(addr: SocketAddr) -> AddressFamily {
+pub(crate) fn family(addr: SocketAddr) -> AddressFamily {
     match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,

@@ -8,8 +8,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
-use async_io::Timer;
-use futures_lite::future;
 use lb_core::http1::{
     self, rewrite_response, BodyFramer, RequestHead, ResponseHead, ResponsePlan, Status,
 };
@@ -95,11 +93,11 @@ pub(crate) async fn send_head(
             Err(_) => {}
         }
     }
-    let connect = future::or(shared.connector.connect(up, &local.reactor), async {
-        Timer::after(shared.settings.connect_timeout).await;
-        Err(describe(&std::io::ErrorKind::TimedOut.into()))
-    });
-    let conn = connect.await.map_err(|m| (ErrorKind::Connect, m))?;
+    let conn = shared
+        .connector
+        .connect(up, &local.reactor)
+        .await
+        .map_err(|m| (ErrorKind::Connect, m))?;
     let mut written = 0;
     match write_counted(&conn, head, &mut written).await {
         Ok(()) => Ok(conn),

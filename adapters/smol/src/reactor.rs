@@ -34,8 +34,10 @@ use std::task::{Context, Poll, Wake, Waker};
 use futures_lite::ready;
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 use rustix::io::Errno;
-use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+use rustix::net::{RecvFlags, SendFlags, SocketFlags, SocketType};
 use slab::Slab;
+
+use crate::listen::family;
 
 /// The event key of the eventfd that wakes a sleeping shard thread.
 const WAKE: u64 = u64::MAX;
@@ -45,6 +47,11 @@ const WRITE: usize = 1;
 const UNKNOWN: u64 = u64::MAX;
 /// Events taken per `epoll_wait`.
 const BATCH: usize = 256;
+/// An `epoll_wait` timeout that takes what is ready without sleeping.
+const NOW: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
 
 pub(crate) struct Reactor {
     epoll: Arc<OwnedFd>,
@@ -161,10 +168,6 @@ impl Reactor {
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
         let mut fut = pin!(fut);
-        let now = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
         loop {
             self.notified.store(false, Ordering::SeqCst);
             if let Poll::Ready(t) = fut.as_mut().poll(&mut cx) {
@@ -174,7 +177,7 @@ impl Reactor {
             // A wake that came during the poll (the executor yielding, or a task woken
             // meanwhile) only takes what is ready; otherwise sleep until an event or a
             // wake, which sees `sleeping` and writes the eventfd.
-            let timeout = self.notified.load(Ordering::SeqCst).then_some(&now);
+            let timeout = self.notified.load(Ordering::SeqCst).then_some(&NOW);
             self.poll(timeout);
         }
     }
@@ -186,13 +189,9 @@ impl Reactor {
         let epoll = async_io::Async::new(self.epoll.clone())?;
         let reactor = self.clone();
         Ok(async move {
-            let now = Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
             // `readable` fails only if async-io's own epoll does; then nothing would work.
             while epoll.readable().await.is_ok() {
-                reactor.poll(Some(&now));
+                reactor.poll(Some(&NOW));
             }
             std::future::pending().await
         })
@@ -323,12 +322,8 @@ impl Io<TcpStream> {
 
     /// A new TCP connection to `addr`, registered with `reactor`.
     pub(crate) async fn connect(reactor: &Arc<Reactor>, addr: SocketAddr) -> io::Result<Self> {
-        let family = match addr {
-            SocketAddr::V4(_) => AddressFamily::INET,
-            SocketAddr::V6(_) => AddressFamily::INET6,
-        };
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-        let fd = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+        let fd = rustix::net::socket_with(family(addr), SocketType::STREAM, flags, None)?;
         match rustix::net::connect(&fd, &addr) {
             Ok(()) | Err(Errno::INPROGRESS) => {}
             Err(e) => return Err(e.into()),
@@ -414,6 +409,7 @@ mod tests {
     use std::time::Duration;
 
     use futures_lite::future;
+    use rustix::net::AddressFamily;
 
     /// Runs `f` on a thread of its own: a lost wake-up fails the test instead of hanging it.
     fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
