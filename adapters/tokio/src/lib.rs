@@ -16,8 +16,12 @@ mod proxy;
 mod shared;
 mod upbody;
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use hyper::server::conn::http1;
@@ -169,9 +173,10 @@ async fn shard(
         .header_read_timeout(shared.settings.head_timeout)
         .max_buf_size((2 * shared.settings.max_head_bytes).max(8192))
         .keep_alive(true);
-    // Every connection task holds a receiver: a send asks them to finish gracefully, and
-    // `closed()` resolves once the last one is gone.
+    // Every connection task holds a receiver (never polled): `closed()` resolves once the
+    // last one is gone. `closing` asks them to finish gracefully.
     let (conns_tx, conns_rx) = tokio::sync::watch::channel(false);
+    let closing = Arc::new(Stop::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -188,17 +193,12 @@ async fn shard(
                 let peer = proxy::Peer::new(peer);
                 let service = service_fn(move |req| proxy::handle(shared.clone(), traffic.clone(), peer.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-                let mut conns_rx = conns_rx.clone();
+                let (alive, closing) = (conns_rx.clone(), closing.clone());
                 tokio::spawn(async move {
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => return,
-                        _ = conns_rx.changed() => {}
-                    }
-                    // Finish the request in progress, then close (idle keep-alive
-                    // connections close at once).
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    // Finishes the request in progress once the shard stops, then closes
+                    // (idle keep-alive connections close at once).
+                    let _ = Graceful::new(conn, &closing, |c| c.graceful_shutdown()).await;
+                    drop(alive);
                 });
             }
             _ = stop.changed() => break,
@@ -206,11 +206,82 @@ async fn shard(
     }
     drop(listener);
     let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
-    let _ = conns_tx.send(true);
+    closing.begin();
     drop(conns_rx);
     let _ = tokio::time::timeout_at(deadline, conns_tx.closed()).await;
     // Upgraded connections (WebSockets) have left hyper; they hold leases until closed.
     let _ = tokio::time::timeout_at(deadline, shared.idle()).await;
+}
+
+/// A shard's request to its client connections to finish gracefully.
+#[derive(Default)]
+struct Stop {
+    stopping: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn begin(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection that shuts down gracefully when its shard stops.
+    ///
+    /// A `select!` against a stop channel would poll that channel each time the task wakes,
+    /// several times per request. Here the task's waker is registered with the stop signal
+    /// once, on the first poll (a connection task's waker never changes), and each later
+    /// wake costs one atomic load.
+    struct Graceful<'a, C, F> {
+        #[pin]
+        conn: C,
+        #[pin]
+        notified: tokio::sync::futures::Notified<'a>,
+        stopping: &'a AtomicBool,
+        registered: bool,
+        shutdown: Option<F>,
+    }
+}
+
+impl<'a, C, F> Graceful<'a, C, F>
+where
+    C: Future,
+    F: FnOnce(Pin<&mut C>),
+{
+    fn new(conn: C, stop: &'a Stop, shutdown: F) -> Self {
+        Graceful {
+            conn,
+            notified: stop.notify.notified(),
+            stopping: &stop.stopping,
+            registered: false,
+            shutdown: Some(shutdown),
+        }
+    }
+}
+
+impl<C, F> Future for Graceful<'_, C, F>
+where
+    C: Future,
+    F: FnOnce(Pin<&mut C>),
+{
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.registered {
+            *this.registered = true;
+            // Registers the waker; a stop that came first is seen through the flag below.
+            let _ = this.notified.as_mut().poll(cx);
+        }
+        if this.stopping.load(Ordering::Acquire) {
+            if let Some(shutdown) = this.shutdown.take() {
+                shutdown(this.conn.as_mut());
+            }
+        }
+        this.conn.poll(cx)
+    }
 }
 
 async fn accept_error(e: &io::Error) {
