@@ -106,6 +106,31 @@ fn backends_delayed_half_a_second_to_three_seconds_all_answer() {
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
+/// A client's `X-Forwarded-For` given on several lines is one list: the backend sees it
+/// whole, in order, with the client's address appended, on one line.
+#[test]
+fn a_forwarded_for_list_on_several_lines_is_kept_whole() {
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url()]);
+    let r = request(
+        lb.port,
+        "GET",
+        "/x",
+        &[
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-For", "10.0.0.2, 10.0.0.3"),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        v["headers"]["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1",
+        "{v}"
+    );
+}
+
 #[test]
 fn request_passes_through_with_forwarded_headers() {
     let m = Mock::spawn::<&str>(&[]);

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -397,9 +397,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         let more: Vec<HeaderValue> = lines.cloned().collect();
         for line in first.iter().chain(&more) {
             let tokens = line.to_str().unwrap_or_default().split(',').map(str::trim);
-            for token in tokens.filter(|t| !t.is_empty()) {
+            for token in tokens.filter(|t| !named_elsewhere(t)) {
                 if !(upgrade && token.eq_ignore_ascii_case("upgrade")) {
-                    // Not a header name (`close`, junk): nothing by that name to remove.
+                    // Not a header name (junk): nothing by that name to remove.
                     h.remove(token);
                 }
             }
@@ -415,24 +415,55 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether a `Connection` token needs no removal of its own: empty, `close` (an option,
+/// not a header), or a header that is hop-by-hop anyway (the usual `keep-alive`), which
+/// goes with the others. Saves parsing and looking up a name per message.
+fn named_elsewhere(token: &str) -> bool {
+    token.is_empty()
+        || token.eq_ignore_ascii_case("close")
+        || token.eq_ignore_ascii_case("keep-alive")
+}
+
 /// Hop-by-hop headers out; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` set; `Host` becomes the backend's authority (what it would see if
 /// called directly, like nginx's default `proxy_set_header Host $proxy_host`).
 fn rewrite_request_headers(h: &mut HeaderMap, peer: &Peer, host: &HeaderValue, upgrade: bool) {
     strip_hop_by_hop(h, upgrade);
-    // An unreadable prior value is replaced rather than passed on.
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::try_from(format!("{prior}, {}", peer.ip)).ok(),
-        None => peer.forwarded_for.clone(),
-    };
-    if let Some(v) = xff {
-        h.insert(&X_FORWARDED_FOR, v);
+    // Up to three names are added: grow the map at most once.
+    h.reserve(3);
+    match h.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut prior) => {
+            // Several lines are one list (RFC 9110 §5.3); they fold into one line. An
+            // unreadable prior value is replaced rather than passed on.
+            let mut chain = String::new();
+            for line in prior.iter() {
+                match line.to_str() {
+                    Ok(v) => {
+                        chain.push_str(v);
+                        chain.push_str(", ");
+                    }
+                    Err(_) => {
+                        chain.clear();
+                        break;
+                    }
+                }
+            }
+            chain.push_str(&peer.ip.to_string());
+            match HeaderValue::try_from(chain) {
+                Ok(v) => drop(prior.insert(v)),
+                Err(_) => drop(prior.remove_entry_mult()),
+            }
+        }
+        Entry::Vacant(slot) => {
+            if let Some(v) = peer.forwarded_for.clone() {
+                slot.insert(v);
+            }
+        }
     }
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = h.remove(header::HOST) {
-        h.insert(&X_FORWARDED_HOST, host);
+    if let Some(client_host) = h.insert(header::HOST, host.clone()) {
+        h.insert(&X_FORWARDED_HOST, client_host);
     }
-    h.insert(header::HOST, host.clone());
 }
 
 /// Whether a client error was caused by the client's own request body.
