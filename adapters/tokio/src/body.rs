@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use lb_core::reqlog::Capture;
 use lb_core::{BackendError, ErrorKind, Notice, Outcome};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::pool::Lent;
 use crate::proxy::{describe, ReqLine};
@@ -27,8 +27,10 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         lent: Lent,
-        #[pin]
-        deadline: Sleep,
+        deadline: Instant,
+        // Made when the body first has to wait (a stream): a response that arrives whole
+        // never touches the timer wheel.
+        timer: Option<Pin<Box<Sleep>>>,
         guard: Option<LeaseGuard>,
         status: u16,
         request: ReqLine,
@@ -40,7 +42,7 @@ impl Streamed {
     pub(crate) fn new(
         inner: Incoming,
         lent: Lent,
-        deadline: Sleep,
+        deadline: Instant,
         guard: LeaseGuard,
         status: u16,
         request: ReqLine,
@@ -50,6 +52,7 @@ impl Streamed {
             inner,
             lent,
             deadline,
+            timer: None,
             guard: Some(guard),
             status,
             request,
@@ -106,7 +109,11 @@ impl Body for Streamed {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
-                ready!(this.deadline.poll(cx));
+                let deadline = *this.deadline;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(timer.as_mut().poll(cx));
                 let message =
                     "request timeout (--timeout) reached while streaming the response".to_string();
                 fail(

@@ -247,9 +247,8 @@ async fn forward(
         guard.finish(Outcome::Response(status));
         Either::Left(Full::default())
     } else {
-        let sleep = tokio::time::sleep_until(deadline);
         Either::Right(Streamed::new(
-            body, lent, sleep, guard, status, line, capture,
+            body, lent, deadline, guard, status, line, capture,
         ))
     };
     Response::from_parts(parts, body)
