@@ -9,10 +9,13 @@
 //! listener.
 //!
 //! It exists to answer one question with a measurement: whether the tokio build's throughput
-//! target is within hyper's reach on a given machine. Not a product; for benchmarks only.
+//! target is within hyper's reach on a given machine. Not a product; for benchmarks only. It
+//! takes the go-load-balance CLI's two flags, so `compare.sh` can run it as `OTHER_LB`.
 //!
 //! ```text
-//! cargo run --release -p lb-tokio --example hyper_floor -- 19000 127.0.0.1:18000 127.0.0.1:18001
+//! cargo build --release -p lb-tokio --example hyper_floor
+//! target/release/examples/hyper_floor --backends http://127.0.0.1:18000 http://127.0.0.1:18001 --port 19000
+//! OTHER_LB=target/release/examples/hyper_floor LB_CMD=... ../shared/bench/compare.sh
 //! ```
 
 use std::future::{poll_fn, Future};
@@ -30,15 +33,33 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 
-type Upstream = (SendRequest<Incoming>, Connection<TokioIo<TcpStream>, Incoming>);
+type Upstream = (
+    SendRequest<Incoming>,
+    Connection<TokioIo<TcpStream>, Incoming>,
+);
 type Slot = Arc<Mutex<Option<Upstream>>>;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: hyper_floor PORT BACKEND_ADDR...";
-    let port: u16 = args.next().and_then(|p| p.parse().ok()).expect(usage);
-    let backends: Arc<Vec<SocketAddr>> = Arc::new(args.map(|a| a.parse().expect(usage)).collect());
+    let usage =
+        "usage: hyper_floor --backends URL... --port PORT (URL: http://host:port or host:port)";
+    let mut port: Option<u16> = None;
+    let mut backends = Vec::new();
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => port = args.next().and_then(|p| p.parse().ok()),
+            "--backends" => {
+                while let Some(url) = args.next_if(|a| !a.starts_with("--")) {
+                    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+                    backends.push(addr.parse::<SocketAddr>().expect(usage));
+                }
+            }
+            _ => panic!("{usage}"),
+        }
+    }
+    let port = port.expect(usage);
     assert!(!backends.is_empty(), "{usage}");
+    let backends = Arc::new(backends);
     let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next = Arc::new(AtomicUsize::new(0));
     // Binding registers the socket with a reactor; each shard re-registers it with its own.
