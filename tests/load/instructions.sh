@@ -3,7 +3,8 @@
 # not move, for comparing builds (and the hyper_floor example) where req/s differ by a few
 # percent. Each BIN runs under valgrind in front of three real mock backends; after a warm-up
 # the counters are zeroed, N tiny requests go through (hey, 32 connections, keep-alive), and
-# the counters are dumped: everything the process executed in between, divided by N.
+# the counters are dumped: everything the process executed in between, divided by the
+# requests answered 200 (hey sends N rounded down to a multiple of its 32 connections).
 #   tests/load/instructions.sh N BIN...
 # BIN is started as `BIN --backends URL... --port PORT` (lb, or
 # target/release/examples/hyper_floor). Needs valgrind, hey and target/release/mock-backend
@@ -30,7 +31,7 @@ PORT=19210
 URL=http://127.0.0.1:$PORT/
 up() {  # waits up to 30 s for a 200 through the proxy
   for _ in $(seq 150); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL" 2>/dev/null)" = 200 ] && return 0
+    [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "$URL" 2>/dev/null)" = 200 ] && return 0
     sleep 0.2
   done
   return 1
@@ -43,19 +44,20 @@ for bin in "$@"; do
   p=$!
   PIDS+=("$p")
   up || { echo "$bin did not come up on :$PORT (log: $TMP/log)" >&2; exit 1; }
-  timeout 120 hey -n 2000 -c 32 "$URL" >/dev/null
-  callgrind_control -z "$p" >/dev/null 2>&1
-  ok=$(timeout 600 hey -n "$N" -c 32 "$URL" | awk '/\[200\]/ { print $2 }')
-  callgrind_control -d "$p" >/dev/null 2>&1
+  timeout 120 hey -n 2000 -c 32 "$URL" >/dev/null || { echo "warm-up through $bin failed" >&2; exit 1; }
+  callgrind_control -z "$p" >"$TMP/ctl" 2>&1 || { cat "$TMP/ctl" >&2; exit 1; }
+  ok=$(timeout 600 hey -n "$N" -c 32 "$URL" | awk '/\[200\]/ { print $2 }') || true
+  callgrind_control -d "$p" >"$TMP/ctl" 2>&1 || { cat "$TMP/ctl" >&2; exit 1; }
   kill -INT "$p" 2>/dev/null || true
   sleep 1
   kill "$p" 2>/dev/null || true
   wait "$p" 2>/dev/null || true
-  # The dump after zeroing is the second part file; its totals line is "totals: <Ir>".
-  ir=$(cat "$out".* 2>/dev/null | awk '/^totals:/ { t = $2 } END { print t + 0 }')
-  [ "${ok:-0}" = "$N" ] || echo "  warning: $bin answered ${ok:-0} of $N with 200" >&2
-  awk -v b="$bin" -v ir="$ir" -v n="$N" \
-    'BEGIN { printf "%s: %.0f instructions per request (%d requests)\n", b, ir / n, n }'
+  # Zeroing writes nothing; the dump after it is part 1 ("$out.1"), the exit's is "$out".
+  [ -s "$out.1" ] || { echo "no callgrind dump from $bin ($out.1)" >&2; exit 1; }
+  ir=$(awk '/^totals:/ { t = $2 } END { print t + 0 }' "$out.1")
+  [ "${ok:-0}" -gt 0 ] || { echo "no request through $bin answered 200" >&2; exit 1; }
+  awk -v b="$bin" -v ir="$ir" -v n="$ok" \
+    'BEGIN { printf "%s: %.0f instructions per request (%d requests answered 200)\n", b, ir / n, n }'
   rm -f "$out" "$out".*
 done
 rm -rf "$TMP"

@@ -107,7 +107,7 @@ fn backends_delayed_half_a_second_to_three_seconds_all_answer() {
 }
 
 /// A client's `X-Forwarded-For` given on several lines is one list: the backend sees it
-/// whole, in order, with the client's address appended, on one line.
+/// whole, in order, with the client's address appended.
 #[test]
 fn a_forwarded_for_list_on_several_lines_is_kept_whole() {
     let m = Mock::spawn::<&str>(&[]);

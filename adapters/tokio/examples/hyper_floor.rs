@@ -38,6 +38,7 @@ type Upstream = (
     Connection<TokioIo<TcpStream>, Incoming>,
 );
 type Slot = Arc<Mutex<Option<Upstream>>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() {
     let usage =
@@ -127,8 +128,14 @@ async fn shard(
 
 /// Sends the request on the connection's backend connection, driving that connection from
 /// this task until the response head is in; the body then drives it (see `Relay`).
-async fn forward(slot: Slot, req: Request<Incoming>) -> hyper::Result<Response<Relay>> {
-    let (mut send, mut conn) = slot.lock().unwrap().take().expect("one request at a time");
+async fn forward(slot: Slot, req: Request<Incoming>) -> Result<Response<Relay>, BoxError> {
+    // Empty only if the previous response's connection was lost (it failed mid-body): the
+    // error closes the client connection.
+    let (mut send, mut conn) = slot
+        .lock()
+        .unwrap()
+        .take()
+        .ok_or("backend connection lost")?;
     // The connection first notices the previous response ended, then takes this request.
     poll_fn(|cx| {
         let _ = Pin::new(&mut conn).poll(cx);
@@ -166,6 +173,16 @@ impl Relay {
     fn give_back(&mut self) {
         if let Some(up) = self.upstream.take() {
             *self.slot.lock().unwrap() = Some(up);
+        }
+    }
+}
+
+impl Drop for Relay {
+    /// hyper drops a body that says it has ended (`Content-Length: 0`, 204, 304, HEAD)
+    /// without polling it: the connection goes back all the same.
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.give_back();
         }
     }
 }

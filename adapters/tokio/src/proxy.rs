@@ -414,13 +414,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Whether a `Connection` token needs no removal of its own: empty, `close` (an option,
-/// not a header), or a header that is hop-by-hop anyway (the usual `keep-alive`), which
-/// goes with the others. Saves parsing and looking up a name per message.
+/// Whether a `Connection` token needs no removal of its own: empty, or `keep-alive` (the
+/// usual one), a header that is hop-by-hop anyway and goes with the others. Saves parsing
+/// and looking up a name per message. (`close` is looked up: RFC 9110 §7.6.1 removes a
+/// field by that name too.)
 fn named_elsewhere(token: &str) -> bool {
-    token.is_empty()
-        || token.eq_ignore_ascii_case("close")
-        || token.eq_ignore_ascii_case("keep-alive")
+    token.is_empty() || token.eq_ignore_ascii_case("keep-alive")
 }
 
 /// Hop-by-hop headers out; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
@@ -448,9 +447,12 @@ fn rewrite_request_headers(h: &mut HeaderMap, peer: &Peer, host: &HeaderValue, u
                 }
             }
             chain.push_str(&peer.ip.to_string());
-            match HeaderValue::try_from(chain) {
-                Ok(v) => drop(prior.insert(v)),
-                Err(_) => drop(prior.remove_entry_mult()),
+            match HeaderValue::try_from(chain)
+                .ok()
+                .or(peer.forwarded_for.clone())
+            {
+                Some(v) => drop(prior.insert(v)),
+                None => drop(prior.remove_entry_mult()),
             }
         }
         Entry::Vacant(slot) => {
@@ -529,6 +531,8 @@ mod tests {
             ("Connection", " x-other ,, close"),
             ("X-Hop", "1"),
             ("X-Other", "2"),
+            // Named by `close` above: a field by that name goes too (RFC 9110 §7.6.1).
+            ("Close", "3"),
             ("Keep-Alive", "timeout=5"),
             ("TE", "trailers"),
             ("Trailer", "X-T"),
