@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU time per request of balancers under the same wrk load, alternating, on loopback.
 #   tests/load/cpu_per_request.sh ROUNDS CONNS CMD...
-# Each CMD is a balancer started as `CMD --backends URL URL URL --port 19000` (e.g.
+# Each CMD is a balancer started as
+# `CMD --backends URL URL URL --port 19000 --health-check-interval 5s` (e.g.
 # target/bin/lb-tokio); the word `haproxy` stands for HAProxy set up as in
 # ../shared/bench/compare.sh (leastconn, http-reuse always, 2 threads). The backends are
 # three nginx `return 200` server blocks on 18000-18002, as compare.sh's fast pool.
@@ -10,7 +11,7 @@
 # voluntary/involuntary context switches per request. Rounds alternate the commands,
 # so a phase of this shared machine hits them all. Needs wrk, nginx (and haproxy).
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,13p "$0" >&2; exit 2; }
 ROUNDS=$1; CONNS=$2; shift 2
 [ "$ROUNDS" -le 20 ] && [ "$CONNS" -le 4096 ] || { echo "at most 20 rounds, 4096 connections" >&2; exit 2; }
 for t in wrk nginx curl python3; do command -v $t >/dev/null || { echo "$t not found" >&2; exit 2; }; done

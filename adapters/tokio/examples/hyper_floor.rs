@@ -10,7 +10,8 @@
 //!
 //! It exists to answer one question with a measurement: whether the tokio build's throughput
 //! target is within hyper's reach on a given machine. Not a product; for benchmarks only. It
-//! takes the go-load-balance CLI's two flags, so `compare.sh` can run it as `OTHER_LB`.
+//! takes the go-load-balance CLI's two flags, so `compare.sh` can run it as `OTHER_LB`, and
+//! ignores `lb`'s other flags, so `tests/load/cpu_per_request.sh` can run it too.
 //!
 //! ```text
 //! cargo build --release -p lb-tokio --example hyper_floor
@@ -54,6 +55,11 @@ fn main() {
                     let addr = url.trim_start_matches("http://").trim_end_matches('/');
                     backends.push(addr.parse::<SocketAddr>().expect(usage));
                 }
+            }
+            // lb's other flags (e.g. --health-check-interval 5s), so that one command line
+            // runs both: accepted and ignored.
+            flag if flag.starts_with("--") => {
+                args.next_if(|a| !a.starts_with("--"));
             }
             _ => panic!("{usage}"),
         }
