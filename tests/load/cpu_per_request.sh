@@ -16,9 +16,7 @@ ROUNDS=$1; CONNS=$2; shift 2
 [ "$ROUNDS" -le 20 ] && [ "$CONNS" -le 4096 ] || { echo "at most 20 rounds, 4096 connections" >&2; exit 2; }
 for t in wrk nginx curl python3; do command -v $t >/dev/null || { echo "$t not found" >&2; exit 2; }; done
 DIR=$(mktemp -d /tmp/lb-cpu.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
 
 mkdir -p "$DIR/tmp"
 {

@@ -8,12 +8,8 @@ set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 RUNS=$1; shift
 [ "$RUNS" -ge 1 ] && [ "$RUNS" -le 20 ] || { echo "RUNS: 1 to 20" >&2; exit 2; }
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-MOCK=$ROOT/target/release/mock-backend
-[ -x "$MOCK" ] || { echo "$MOCK not found: cargo build --release -p lb-tests" >&2; exit 2; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+need_mock
 "$MOCK" --port 18200 >/dev/null 2>&1 &
 PIDS+=($!)
 TMP=$(mktemp -d)

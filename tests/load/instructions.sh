@@ -10,18 +10,14 @@
 # target/release/examples/hyper_floor). Needs valgrind, hey and target/release/mock-backend
 # (cargo build --release -p lb-tests). N from 1000 to 200000; a run takes about N/3000 s.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,11p "$0" >&2; exit 2; }
 N=$1; shift
 [ "$N" -ge 1000 ] && [ "$N" -le 200000 ] || { echo "N: 1000 to 200000" >&2; exit 2; }
 for t in valgrind callgrind_control hey curl; do
   command -v "$t" >/dev/null || { echo "$t not found (apt-get install -y valgrind hey curl)" >&2; exit 2; }
 done
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-MOCK=$ROOT/target/release/mock-backend
-[ -x "$MOCK" ] || { echo "$MOCK not found: cargo build --release -p lb-tests" >&2; exit 2; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+need_mock
 for port in 18210 18211 18212; do
   "$MOCK" --port "$port" >/dev/null 2>&1 &
   PIDS+=($!)

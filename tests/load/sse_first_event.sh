@@ -11,9 +11,7 @@ ROUNDS=$1; shift
 [ "$ROUNDS" -le 20 ] || { echo "at most 20 rounds" >&2; exit 2; }
 BENCH=$(cd "$(dirname "$0")/../../.." && pwd)/shared/bench
 [ -f "$BENCH/sse_probe.py" ] || { echo "$BENCH/sse_probe.py not found (../shared beside the repo)" >&2; exit 2; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
 
 python3 "$BENCH/slow_backend.py" --port 18100 --port 18101 --port 18102 --delay 2 \
   --max-seconds 900 >/dev/null 2>&1 &
