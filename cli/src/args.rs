@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use lb_core::settings::{MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
+use lb_core::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
 use lb_core::{
     AffinityConfig, BackendSpec, Config, HashKey, HealthConfig, Policy, QueueConfig, Settings,
     Target, MAX_WEIGHT,
@@ -118,6 +118,11 @@ pub struct Cli {
     /// Cap on each body captured in the --log-to file, in bytes.
     #[arg(long, default_value_t = lb_core::reqlog::DEFAULT_BODY_LIMIT)]
     pub log_body_limit: u64,
+
+    /// Most request body bytes kept per request to send it again on a fresh connection
+    /// when its reused keep-alive connection turns out closed before any response byte.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REPLAY_BUFFER)]
+    pub replay_buffer: usize,
 
     /// Log one line per backend (URL, state, in-flight) with each status line.
     #[arg(long, short = 'v')]
@@ -265,6 +270,7 @@ impl Cli {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: self.head_timeout,
+            replay_buffer: self.replay_buffer,
             hash_key: self.hash_key,
             // Opened by `main` once the flags are known to be good (see `crate::reqlog`).
             request_log: None,

@@ -212,6 +212,11 @@ pub enum ErrorKind {
     Io,
     /// The backend sent something that is not valid HTTP.
     Protocol,
+    /// A reused keep-alive connection failed before any byte of the response arrived,
+    /// and the request could not be sent again: the backend most likely closed the idle
+    /// connection as the request went out. Not the backend's fault: it never counts
+    /// against its health.
+    Reuse,
 }
 
 /// A failed backend exchange: a kind for decisions, a message for people.
@@ -244,7 +249,7 @@ impl Outcome {
     /// transport error, a timeout before the response head), `Some(false)` for a success
     /// (any status below 500: 4xx and 429 never count against a backend), `None` when it
     /// says nothing about the backend (client gone; a timeout after the head, since the
-    /// backend was answering).
+    /// backend was answering; a keep-alive race, [`ErrorKind::Reuse`]).
     pub fn passive_failure(&self) -> Option<bool> {
         match self {
             Outcome::Response(status) => Some(*status >= 500),
@@ -252,6 +257,7 @@ impl Outcome {
                 status: Some(_),
                 error,
             } if error.kind == ErrorKind::Timeout => None,
+            Outcome::Failed { error, .. } if error.kind == ErrorKind::Reuse => None,
             Outcome::Failed { .. } => Some(true),
             Outcome::Cancelled => None,
         }

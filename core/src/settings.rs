@@ -6,6 +6,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,58 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Default cap on a request or response head.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Default of `--replay-buffer`: the most request body bytes kept to send a request
+/// again when its reused connection turns out closed (enough for almost every
+/// completion request).
+pub const DEFAULT_REPLAY_BUFFER: usize = 64 * 1024;
+
+/// The pool idle limit for a backend that announced `Keep-Alive: timeout=N` (`secs`):
+/// one second below it, half of it for `N` under 2 s, never above `default`. A backend
+/// closes idle connections at `N`; reusing one that close is on its way fails.
+pub fn learned_idle(default: Duration, secs: u64) -> Duration {
+    let announced = Duration::from_secs(secs);
+    let below = if secs >= 2 {
+        announced - Duration::from_secs(1)
+    } else {
+        announced / 2
+    };
+    below.min(default)
+}
+
+/// How long a connection to one backend may sit idle in the pool: the default (`POOL_IDLE_TIMEOUT`)
+/// until the backend announces a shorter limit in a `Keep-Alive: timeout=N` response
+/// field ([`learned_idle`]). Shared by every shard.
+#[derive(Debug)]
+pub struct IdleLimit {
+    default: Duration,
+    ms: AtomicU64,
+}
+
+impl IdleLimit {
+    /// The limit `default`, until a backend says otherwise.
+    pub fn new(default: Duration) -> Self {
+        IdleLimit {
+            default,
+            ms: AtomicU64::new(default.as_millis() as u64),
+        }
+    }
+
+    /// The limit now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+
+    /// Learns from a response's `Keep-Alive` field value.
+    pub fn learn(&self, keep_alive: &[u8]) {
+        if let Some(secs) = crate::http1::keep_alive_timeout(keep_alive) {
+            let ms = learned_idle(self.default, secs).as_millis() as u64;
+            if ms != self.ms.load(Ordering::Relaxed) {
+                self.ms.store(ms, Ordering::Relaxed);
+            }
+        }
+    }
+}
 
 /// Everything one run of the proxy needs.
 #[derive(Clone, Debug)]
@@ -45,6 +98,9 @@ pub struct Settings {
     pub max_head_bytes: usize,
     /// A client must send a complete request head within this long (else 408).
     pub head_timeout: Duration,
+    /// Most request body bytes kept to send a request again on a fresh connection when
+    /// its reused one failed before any response byte (`--replay-buffer`).
+    pub replay_buffer: usize,
     /// What `consistent-hash` routing hashes.
     pub hash_key: HashKey,
     /// The request log (`--log-to`): where each request's entry goes, and the cap on each
@@ -348,6 +404,7 @@ mod tests {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: Duration::from_secs(5),
+            replay_buffer: DEFAULT_REPLAY_BUFFER,
             hash_key,
             request_log: None,
         }
@@ -388,6 +445,28 @@ mod tests {
         // Policies that do not route by content carry no keys.
         let s = routing(Policy::LeastConn, HashKey::Header("x-session".into()));
         assert_eq!(s.route_keys(None, header), RouteKeys::default());
+    }
+
+    #[test]
+    fn learned_idle_stays_below_the_announced_limit() {
+        let d = POOL_IDLE_TIMEOUT;
+        assert_eq!(learned_idle(d, 5), Duration::from_secs(4));
+        assert_eq!(learned_idle(d, 3), Duration::from_secs(2));
+        assert_eq!(learned_idle(d, 1), Duration::from_millis(500));
+        assert_eq!(learned_idle(d, 0), Duration::ZERO);
+        assert_eq!(learned_idle(d, 60), d);
+    }
+
+    #[test]
+    fn idle_limits_follow_the_backend() {
+        let l = IdleLimit::new(POOL_IDLE_TIMEOUT);
+        assert_eq!(l.get(), POOL_IDLE_TIMEOUT);
+        l.learn(b"timeout=2, max=1000");
+        assert_eq!(l.get(), Duration::from_secs(1));
+        l.learn(b"max=5");
+        assert_eq!(l.get(), Duration::from_secs(1));
+        l.learn(b"timeout=600");
+        assert_eq!(l.get(), POOL_IDLE_TIMEOUT);
     }
 
     #[test]

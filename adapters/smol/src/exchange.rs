@@ -2,16 +2,25 @@
 //! back, or a tunnel after `101`. Every byte is framed by `lb_core::http1`; the lease goes
 //! back to the core with the outcome however the exchange ends.
 //!
-//! Phases 0 to 2 are raced against the request deadline (`--timeout` from the request's
-//! arrival: reading a body prefix and waiting in the queue count); a tunnel is not:
+//! The steps, each raced against the request deadline (`--timeout` from the request's
+//! arrival: reading a body prefix and waiting in the queue count) but the tunnel:
 //!
-//! 0. a connection (pooled, else new) and the request head written to it, while watching
-//!    the client (a client that leaves cancels);
-//! 1. the response head read (interim `1xx` heads forwarded), while the request body goes
-//!    up and, once it is complete, the client is watched again;
-//! 2. the response head and body sent down, chunk by chunk as they arrive;
-//! 3. after `101`: both connections spliced until both directions end (or shutdown's
-//!    deadline).
+//! 1. [`connect`]: a connection (pooled, else new) with the request head on it, while
+//!    watching the client (a client that leaves cancels);
+//! 2. [`await_head`]: the response head read (interim `1xx` heads forwarded), while the
+//!    request body goes up and, once it is complete, the client is watched again;
+//! 3. [`stream_body`]: the response head and body sent down, chunk by chunk as they
+//!    arrive, while the upload (or the watch) goes on;
+//! 4. [`tunnel`]: after `101`, both connections spliced until both directions end (or
+//!    shutdown's deadline).
+//!
+//! **The keep-alive race.** A backend may close an idle keep-alive connection just as a
+//! request goes out on it (its idle limit ran out, or it closes after every response
+//! without saying so). The request then fails before any byte of a response arrives,
+//! which says nothing about the backend's health: it is never counted against it
+//! ([`ErrorKind::Reuse`]). When `lb` still holds the whole request (the head, and a body
+//! complete within `--replay-buffer`), it is sent once more on a new connection; nothing
+//! had reached the client yet.
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
@@ -33,11 +42,13 @@ use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{send, splice, watch};
 use crate::pump::{
-    download, poll_upload, response_head, send_head, upload, DownEnd, HeadFail, UpEnd, WATCH_CAP,
+    download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
+    HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
-use crate::shared::{LeaseGuard, Local, Shared};
+use crate::shared::{LeaseGuard, Local, Shared, Upstream};
 use crate::stream::Stream;
+use crate::timers::Sleep;
 
 /// Forwards `req` to the lease's backend and its response to the client, by `deadline`
 /// (`--timeout` from the request's arrival); says whether the client connection carries
@@ -59,278 +70,506 @@ pub(crate) async fn forward(
 ) -> After {
     let id = guard.backend();
     let up = shared.upstream(id);
-    let mut timer = local.timers.at(deadline);
     if let Some(c) = &capture {
         c.backend(up.url.clone());
     }
-    let ctx = Ctx {
+    let mut x = Exchange {
         shared,
+        local,
+        client,
         id,
+        up,
         req: &req,
         capture: capture.as_ref(),
+        timer: local.timers.at(deadline),
+        reused: false,
     };
 
     // The head for the backend, with the body bytes already here.
-    let mut head = Vec::with_capacity(1024);
-    let fwd = Forwarding {
-        client_ip: peer.ip().to_canonical(),
-        client_proto: "http",
-        backend_authority: &up.target.authority,
-        backend_path_prefix: &up.target.path_prefix,
+    let Some((sent, mut upward)) = x.outgoing(peer, cbuf) else {
+        return x.reject(guard, ProxyError::BadRequest).await;
     };
-    let (mut framer, mut up_tap) = match rewrite_request(&req, &fwd, &mut head) {
-        Ok(kind) => (
-            BodyFramer::new(kind),
-            Tap::new(capture.as_ref(), Side::Request, kind),
-        ),
-        Err(_) => return ctx.reject(client, guard, ProxyError::BadRequest).await,
+    let body_read = upward.framer.is_done();
+    let (mut conn, reused) = match x.connect(cbuf, &sent).await {
+        Ok(c) => c,
+        Err(end) => return x.end(guard, end, body_read).await,
     };
-    let early = match framer.push(cbuf) {
-        Ok(p) => p.consumed,
-        Err(_) => return ctx.reject(client, guard, ProxyError::BadRequest).await,
-    };
-    if let Some(tap) = &mut up_tap {
-        tap.feed(&cbuf[..early]);
+    x.reused = reused;
+    if reused {
+        upward.replay = Replay::new(sent.bytes, sent.body, shared.settings.replay_buffer);
     }
-    head.extend_from_slice(&cbuf[..early]);
-    cbuf.drain(..early);
-    let body_read = framer.is_done();
-
-    // Phase 0: a connection with the head on it.
-    enum P0 {
-        Sent(Stream),
-        Failed(ErrorKind, String),
-        ClientGone,
-        Timeout,
-    }
-    let p0 = future::or(
-        async {
-            match send_head(shared, local, id, up, &head).await {
-                Ok(conn) => P0::Sent(conn),
-                Err((kind, msg)) => P0::Failed(kind, msg),
-            }
-        },
-        future::or(
-            async {
-                watch(client, cbuf, WATCH_CAP).await;
-                P0::ClientGone
-            },
-            async {
-                (&mut timer).await;
-                P0::Timeout
-            },
-        ),
-    )
-    .await;
-    let conn = match p0 {
-        P0::Sent(conn) => conn,
-        P0::Failed(kind, msg) => {
-            return ctx
-                .fail(client, guard, ProxyError::BadGateway, kind, msg, body_read)
-                .await
-        }
-        P0::ClientGone => return After::Gone,
-        P0::Timeout => return ctx.timeout(client, guard, body_read).await,
-    };
-    drop(head);
 
     let req_done = AtomicBool::new(body_read);
     let mut bbuf = Vec::new();
-    let mut up_failed: Option<std::io::Error> = None;
+    let (resp, out) = loop {
+        let step = x
+            .exchange(&conn, cbuf, &mut bbuf, &mut upward, &req_done)
+            .await;
+        match step {
+            Step::Finished {
+                after,
+                reuse,
+                status,
+            } => {
+                guard.finish(Outcome::Response(status));
+                if reuse {
+                    local.pool.put(id, conn, up.idle.get());
+                }
+                return after;
+            }
+            Step::Upgrade(resp, out) => break (resp, out),
+            Step::Cut {
+                status,
+                kind,
+                message,
+            } => {
+                x.log(0, message.clone());
+                guard.finish(Outcome::Failed {
+                    status: Some(status),
+                    error: BackendError { kind, message },
+                });
+                return After::Gone;
+            }
+            Step::End(end) => {
+                return x.end(guard, end, req_done.load(Ordering::Acquire)).await;
+            }
+            Step::Race(message) => {
+                // Sent once more only if the whole request is here: its body complete
+                // (the rest is read now if need be) and kept. A failure on the new
+                // connection is the backend's own.
+                let whole = upward.replay.is_some() && x.hold_rest(cbuf, &mut upward).await;
+                let Some(replay) = upward.replay.take().filter(|_| whole) else {
+                    let done = upward.framer.is_done();
+                    let end = End::Failed(ProxyError::BadGateway, ErrorKind::Reuse, message);
+                    return x.end(guard, end, done).await;
+                };
+                req_done.store(true, Ordering::Release);
+                conn = match x.resend(cbuf, replay.bytes()).await {
+                    Ok(c) => c,
+                    Err(end) => return x.end(guard, end, true).await,
+                };
+                x.reused = false;
+            }
+        }
+    };
+    // The request is logged now, as the tunnel may stay open for hours.
+    drop((x, upward));
+    drop(capture);
+    tunnel(client, guard, conn, cbuf, &bbuf, resp.status, out).await
+}
 
-    // Phases 1 and 2 share the upload; they end with a decision, or with a `101`.
-    enum Step {
-        Upgrade(ResponseHead, Vec<u8>),
-        Finished {
-            after: After,
-            reuse: bool,
-            status: u16,
-        },
+/// The request head as sent, with the body bytes that went with it.
+struct Sent {
+    bytes: Vec<u8>,
+    /// How many of `bytes` are body.
+    body: usize,
+}
+
+/// How an exchange ended before a response was under way: the client gets an answer (or
+/// is gone).
+enum End {
+    /// The backend failed: answer with the error, release as `Failed`.
+    Failed(ProxyError, ErrorKind, String),
+    /// The deadline passed before a response head: 504.
+    Timeout,
+    /// The client's request is malformed (bad body framing): 400, not the backend's fault.
+    BadRequest,
+    /// The client went away: nothing to answer.
+    ClientGone,
+}
+
+/// Where an exchange on one connection got to.
+enum Step {
+    /// The response was streamed to its end (`reuse`: the backend connection can take
+    /// another request).
+    Finished {
+        after: After,
+        reuse: bool,
+        status: u16,
+    },
+    /// `101 Switching Protocols`: the rewritten head, then the tunnel.
+    Upgrade(ResponseHead, Vec<u8>),
+    /// The response was cut after its head (it had this status).
+    Cut {
+        status: u16,
+        kind: ErrorKind,
+        message: String,
+    },
+    /// It ended before a response was under way.
+    End(End),
+    /// A reused connection failed before any byte of a response: the keep-alive race.
+    Race(String),
+}
+
+/// What the steps of one exchange share.
+struct Exchange<'a> {
+    shared: &'a Shared,
+    local: &'a Local,
+    client: &'a Stream,
+    id: BackendId,
+    up: &'a Upstream,
+    req: &'a RequestHead,
+    capture: Option<&'a Capture>,
+    /// The request deadline.
+    timer: Sleep<'a>,
+    /// Whether the connection in use came from the pool (only then can a failure be the
+    /// keep-alive race; a new connection's failure is the backend's).
+    reused: bool,
+}
+
+impl<'a> Exchange<'a> {
+    /// The head for the backend with the body bytes already read (taken from `cbuf`),
+    /// and the body's way up. `None` when the request's framing is invalid.
+    fn outgoing(&self, peer: SocketAddr, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
+        let fwd = Forwarding {
+            client_ip: peer.ip().to_canonical(),
+            client_proto: "http",
+            backend_authority: &self.up.target.authority,
+            backend_path_prefix: &self.up.target.path_prefix,
+        };
+        let mut head = Vec::with_capacity(1024);
+        let kind = rewrite_request(self.req, &fwd, &mut head).ok()?;
+        let mut framer = BodyFramer::new(kind);
+        let mut tap = Tap::new(self.capture, Side::Request, kind);
+        let early = framer.push(cbuf).ok()?.consumed;
+        if let Some(tap) = &mut tap {
+            tap.feed(&cbuf[..early]);
+        }
+        head.extend_from_slice(&cbuf[..early]);
+        cbuf.drain(..early);
+        let upward = Upward {
+            framer,
+            tap,
+            replay: None,
+        };
+        Some((
+            Sent {
+                bytes: head,
+                body: early,
+            },
+            upward,
+        ))
     }
-    let step = {
-        let mut upload = pin!(upload(client, cbuf, &conn, framer, &req_done, up_tap));
 
-        // Phase 1: the response head, while the request body goes up.
-        enum P1 {
+    /// Step 1: a connection with the head on it (and whether it was reused).
+    async fn connect(&mut self, cbuf: &mut Vec<u8>, sent: &Sent) -> Result<(Stream, bool), End> {
+        let (shared, local, id, up) = (self.shared, self.local, self.id, self.up);
+        self.guarded(cbuf, send_head(shared, local, id, up, &sent.bytes))
+            .await
+    }
+
+    /// A new connection with `bytes` (the whole request, after the keep-alive race) on it.
+    async fn resend(&mut self, cbuf: &mut Vec<u8>, bytes: &[u8]) -> Result<Stream, End> {
+        let (shared, local, up) = (self.shared, self.local, self.up);
+        self.guarded(cbuf, send_fresh(shared, local, up, bytes))
+            .await
+    }
+
+    /// Reads the rest of the request body into its replay copy, within the deadline.
+    async fn hold_rest(&mut self, cbuf: &mut Vec<u8>, upward: &mut Upward<'_>) -> bool {
+        let client = self.client;
+        let timer = &mut self.timer;
+        future::or(hold_rest(client, cbuf, upward), async {
+            timer.await;
+            false
+        })
+        .await
+    }
+
+    /// Runs `work` while watching the client and the deadline.
+    async fn guarded<T>(
+        &mut self,
+        cbuf: &mut Vec<u8>,
+        work: impl Future<Output = Result<T, (ErrorKind, String)>>,
+    ) -> Result<T, End> {
+        let client = self.client;
+        let timer = &mut self.timer;
+        future::or(
+            async {
+                work.await
+                    .map_err(|(kind, msg)| End::Failed(ProxyError::BadGateway, kind, msg))
+            },
+            future::or(
+                async {
+                    watch(client, cbuf, WATCH_CAP).await;
+                    Err(End::ClientGone)
+                },
+                async {
+                    timer.await;
+                    Err(End::Timeout)
+                },
+            ),
+        )
+        .await
+    }
+
+    /// Steps 2 and 3 on `conn`: the response head, then its body, while the request body
+    /// goes up.
+    async fn exchange(
+        &mut self,
+        conn: &Stream,
+        cbuf: &mut Vec<u8>,
+        bbuf: &mut Vec<u8>,
+        upward: &mut Upward<'_>,
+        req_done: &AtomicBool,
+    ) -> Step {
+        let mut up_failed: Option<std::io::Error> = None;
+        let mut upload = pin!(upload(self.client, cbuf, conn, upward, req_done));
+        let (resp, plan, out) = match self
+            .await_head(conn, bbuf, upload.as_mut(), &mut up_failed, req_done)
+            .await
+        {
+            Ok(head) => head,
+            Err(step) => return step,
+        };
+        if let Some(ka) = resp.header("keep-alive") {
+            self.up.idle.learn(ka);
+        }
+        if let Some(c) = self.capture {
+            c.status(resp.status);
+        }
+        if plan.is_upgrade() {
+            return Step::Upgrade(resp, out);
+        }
+        self.stream_body(
+            conn,
+            bbuf,
+            upload,
+            &mut up_failed,
+            req_done,
+            resp,
+            plan,
+            out,
+        )
+        .await
+    }
+
+    /// Step 2: the final response head (interim heads forwarded), while the upload goes
+    /// on.
+    async fn await_head<F: Future<Output = UpEnd>>(
+        &mut self,
+        conn: &Stream,
+        bbuf: &mut Vec<u8>,
+        mut upload: Pin<&mut F>,
+        up_failed: &mut Option<std::io::Error>,
+        req_done: &AtomicBool,
+    ) -> Result<(ResponseHead, ResponsePlan, Vec<u8>), Step> {
+        enum Got {
             Head(ResponseHead, ResponsePlan, Vec<u8>),
             Fail(HeadFail),
             Up(UpEnd),
             Timeout,
         }
-        let p1 = {
+        let got = {
             let mut down = pin!(response_head(
-                shared, client, &conn, &mut bbuf, &req, &req_done
+                self.shared,
+                self.client,
+                conn,
+                bbuf,
+                self.req,
+                req_done
             ));
+            let timer = &mut self.timer;
             poll_fn(|cx| {
-                if let Some(end) = poll_upload(upload.as_mut(), &mut up_failed, cx) {
-                    return Poll::Ready(P1::Up(end));
+                if let Some(end) = poll_upload(upload.as_mut(), up_failed, cx) {
+                    return Poll::Ready(Got::Up(end));
                 }
                 if let Poll::Ready(r) = down.as_mut().poll(cx) {
                     return Poll::Ready(match r {
-                        Ok((resp, plan, out)) => P1::Head(resp, plan, out),
-                        Err(e) => P1::Fail(e),
+                        Ok((resp, plan, out)) => Got::Head(resp, plan, out),
+                        Err(e) => Got::Fail(e),
                     });
                 }
-                match Pin::new(&mut timer).poll(cx) {
-                    Poll::Ready(_) => Poll::Ready(P1::Timeout),
+                match Pin::new(&mut *timer).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(Got::Timeout),
                     Poll::Pending => Poll::Pending,
                 }
             })
             .await
         };
-        let done = req_done.load(Ordering::Acquire);
-        let (resp, plan, mut out) = match p1 {
-            P1::Head(resp, plan, out) => (resp, plan, out),
-            P1::Up(UpEnd::BadBody) => {
-                return ctx.reject(client, guard, ProxyError::BadRequest).await
-            }
-            P1::Up(_) => return After::Gone,
-            P1::Fail(HeadFail::ClientGone) => return After::Gone,
-            P1::Fail(HeadFail::Io(msg)) => {
-                let msg = match up_failed {
-                    Some(e) => format!("{msg} (after a failed request write: {})", describe(&e)),
-                    None => msg,
+        Err(Step::End(match got {
+            Got::Head(resp, plan, out) => return Ok((resp, plan, out)),
+            Got::Up(UpEnd::BadBody) => End::BadRequest,
+            Got::Up(_) | Got::Fail(HeadFail::ClientGone) => End::ClientGone,
+            Got::Fail(HeadFail::Io { message, silent }) => {
+                let message = match up_failed.take() {
+                    Some(e) => {
+                        format!("{message} (after a failed request write: {})", describe(&e))
+                    }
+                    None => message,
                 };
-                return ctx
-                    .fail(
-                        client,
-                        guard,
-                        ProxyError::BadGateway,
-                        ErrorKind::Io,
-                        msg,
-                        done,
-                    )
-                    .await;
-            }
-            P1::Fail(HeadFail::Invalid(e)) => {
-                let msg = format!("invalid response: {e}");
-                return ctx
-                    .fail(
-                        client,
-                        guard,
-                        ProxyError::BadResponse,
-                        ErrorKind::Protocol,
-                        msg,
-                        done,
-                    )
-                    .await;
-            }
-            P1::Timeout => return ctx.timeout(client, guard, done).await,
-        };
-        let status = resp.status;
-        if let Some(c) = &capture {
-            c.status(status);
-        }
-        if plan.is_upgrade() {
-            Step::Upgrade(resp, out)
-        } else {
-            // Phase 2: the head (with the body bytes already here), then the body.
-            let mut framer = BodyFramer::new(plan.body);
-            let mut down_tap = Tap::new(capture.as_ref(), Side::Response, plan.body);
-            match framer.push(&bbuf) {
-                Ok(p) => {
-                    if let Some(tap) = &mut down_tap {
-                        tap.feed(&bbuf[..p.consumed]);
-                    }
-                    out.extend_from_slice(&bbuf[..p.consumed]);
-                    bbuf.drain(..p.consumed);
+                if silent && self.reused {
+                    return Err(Step::Race(message));
                 }
-                Err(e) => {
-                    let msg = format!("invalid response body: {e}");
-                    return ctx
-                        .fail(
-                            client,
-                            guard,
-                            ProxyError::BadResponse,
-                            ErrorKind::Protocol,
-                            msg,
-                            done,
-                        )
-                        .await;
-                }
+                End::Failed(ProxyError::BadGateway, ErrorKind::Io, message)
             }
-            enum P2 {
-                Down(DownEnd),
-                Up,
-                Timeout,
-            }
-            let p2 = {
-                let mut down = pin!(download(client, &conn, &mut bbuf, framer, out, down_tap));
-                poll_fn(|cx| {
-                    if poll_upload(upload.as_mut(), &mut up_failed, cx).is_some() {
-                        return Poll::Ready(P2::Up);
-                    }
-                    if let Poll::Ready(end) = down.as_mut().poll(cx) {
-                        return Poll::Ready(P2::Down(end));
-                    }
-                    match Pin::new(&mut timer).poll(cx) {
-                        Poll::Ready(_) => Poll::Ready(P2::Timeout),
-                        Poll::Pending => Poll::Pending,
-                    }
-                })
-                .await
-            };
-            match p2 {
-                P2::Down(DownEnd::Done) => {
-                    let done = req_done.load(Ordering::Acquire);
-                    let self_delimited = matches!(
-                        plan.body,
-                        BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
-                    );
-                    let reuse = done
-                        && up_failed.is_none()
-                        && resp.keep_alive()
-                        && self_delimited
-                        && bbuf.is_empty();
-                    let after = if plan.keep_alive && done {
-                        After::KeepAlive
-                    } else if done {
-                        After::Close
-                    } else {
-                        After::Linger
-                    };
-                    Step::Finished {
-                        after,
-                        reuse,
-                        status,
-                    }
-                }
-                P2::Down(DownEnd::ClientGone) | P2::Up => return After::Gone,
-                P2::Down(DownEnd::Backend(kind, msg)) => {
-                    ctx.cut(guard, status, kind, msg);
-                    return After::Gone;
-                }
-                P2::Timeout => {
-                    let msg = "request timeout (--timeout) reached while streaming the response";
-                    ctx.cut(guard, status, ErrorKind::Timeout, msg.into());
-                    return After::Gone;
-                }
-            }
-        }
-    };
-    let (resp, out) = match step {
-        Step::Finished {
-            after,
-            reuse,
-            status,
-        } => {
-            guard.finish(Outcome::Response(status));
-            if reuse {
-                local.pool.put(id, conn);
-            }
-            return after;
-        }
-        Step::Upgrade(resp, out) => (resp, out),
-    };
+            Got::Fail(HeadFail::Invalid(e)) => End::Failed(
+                ProxyError::BadResponse,
+                ErrorKind::Protocol,
+                format!("invalid response: {e}"),
+            ),
+            Got::Timeout => End::Timeout,
+        }))
+    }
 
-    // Phase 3: 101 Switching Protocols. The client may already have sent tunnel bytes
-    // (kept in `cbuf`), and the backend may have sent some after its head (in `bbuf`).
-    // The request is logged now, as the tunnel may stay open for hours.
-    drop(capture);
-    let status = resp.status;
+    /// Step 3: the head (with the body bytes already here), then the body.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_body<F: Future<Output = UpEnd>>(
+        &mut self,
+        conn: &Stream,
+        bbuf: &mut Vec<u8>,
+        mut upload: Pin<&mut F>,
+        up_failed: &mut Option<std::io::Error>,
+        req_done: &AtomicBool,
+        resp: ResponseHead,
+        plan: ResponsePlan,
+        mut out: Vec<u8>,
+    ) -> Step {
+        let status = resp.status;
+        let mut framer = BodyFramer::new(plan.body);
+        let mut tap = Tap::new(self.capture, Side::Response, plan.body);
+        match framer.push(bbuf) {
+            Ok(p) => {
+                if let Some(tap) = &mut tap {
+                    tap.feed(&bbuf[..p.consumed]);
+                }
+                out.extend_from_slice(&bbuf[..p.consumed]);
+                bbuf.drain(..p.consumed);
+            }
+            Err(e) => {
+                let msg = format!("invalid response body: {e}");
+                let end = End::Failed(ProxyError::BadResponse, ErrorKind::Protocol, msg);
+                return Step::End(end);
+            }
+        }
+        enum Got {
+            Down(DownEnd),
+            Up,
+            Timeout,
+        }
+        let got = {
+            let mut down = pin!(download(self.client, conn, bbuf, framer, out, tap));
+            let timer = &mut self.timer;
+            poll_fn(|cx| {
+                if poll_upload(upload.as_mut(), up_failed, cx).is_some() {
+                    return Poll::Ready(Got::Up);
+                }
+                if let Poll::Ready(end) = down.as_mut().poll(cx) {
+                    return Poll::Ready(Got::Down(end));
+                }
+                match Pin::new(&mut *timer).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(Got::Timeout),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let (kind, message) = match got {
+            Got::Down(DownEnd::Done) => {
+                let done = req_done.load(Ordering::Acquire);
+                let self_delimited = matches!(
+                    plan.body,
+                    BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
+                );
+                let reuse = done
+                    && up_failed.is_none()
+                    && resp.keep_alive()
+                    && self_delimited
+                    && bbuf.is_empty();
+                let after = if plan.keep_alive && done {
+                    After::KeepAlive
+                } else if done {
+                    After::Close
+                } else {
+                    After::Linger
+                };
+                return Step::Finished {
+                    after,
+                    reuse,
+                    status,
+                };
+            }
+            Got::Down(DownEnd::ClientGone) | Got::Up => return Step::End(End::ClientGone),
+            Got::Down(DownEnd::Backend(kind, message)) => (kind, message),
+            Got::Timeout => (
+                ErrorKind::Timeout,
+                "request timeout (--timeout) reached while streaming the response".into(),
+            ),
+        };
+        Step::Cut {
+            status,
+            kind,
+            message,
+        }
+    }
+
+    fn log(&self, status: u16, error: String) {
+        (self.shared.log)(Notice::ProxyError {
+            backend: self.up.url.clone(),
+            request: format!("{} {}", self.req.method, self.req.target),
+            status,
+            error,
+        });
+    }
+
+    /// Answers the client for an exchange that ended before a response was under way,
+    /// and releases the lease with the matching outcome.
+    async fn end(&self, guard: LeaseGuard, end: End, req_done: bool) -> After {
+        let (answer, kind, message) = match end {
+            End::ClientGone => return After::Gone,
+            End::BadRequest => return self.reject(guard, ProxyError::BadRequest).await,
+            End::Failed(answer, kind, message) => (answer, kind, message),
+            End::Timeout => (
+                ProxyError::GatewayTimeout,
+                ErrorKind::Timeout,
+                "no response before the request timeout (--timeout)".to_string(),
+            ),
+        };
+        let reply = reply::error(answer);
+        self.log(reply.status, message.clone());
+        guard.finish(Outcome::Failed {
+            status: None,
+            error: BackendError { kind, message },
+        });
+        if let Some(c) = self.capture {
+            c.reply(&reply);
+        }
+        let keep = req_done && self.req.keep_alive() && !self.shared.is_shutting_down();
+        match write_reply(self.client, &reply, self.req, keep).await {
+            Err(_) => After::Gone,
+            Ok(()) if keep => After::KeepAlive,
+            Ok(()) if req_done => After::Close,
+            Ok(()) => After::Linger,
+        }
+    }
+
+    /// The client's request cannot be forwarded (bad body framing): 400, not the
+    /// backend's fault.
+    async fn reject(&self, guard: LeaseGuard, answer: ProxyError) -> After {
+        guard.finish(Outcome::Cancelled);
+        let reply = reply::error(answer);
+        if let Some(c) = self.capture {
+            c.reply(&reply);
+        }
+        let _ = write_reply(self.client, &reply, self.req, false).await;
+        After::Linger
+    }
+}
+
+/// Step 4: `101 Switching Protocols`. The client may already have sent tunnel bytes (kept
+/// in `cbuf`), and the backend may have sent some after its head (`bbuf`).
+async fn tunnel(
+    client: &Stream,
+    guard: LeaseGuard,
+    conn: Stream,
+    cbuf: &mut Vec<u8>,
+    bbuf: &[u8],
+    status: u16,
+    out: Vec<u8>,
+) -> After {
     let result = async {
         send(client, &out).await?;
-        send(client, &bbuf).await?;
+        send(client, bbuf).await?;
         send(&conn, cbuf).await?;
         cbuf.clear();
         splice(client, &conn).await
@@ -341,90 +580,4 @@ pub(crate) async fn forward(
     let _ = result;
     guard.finish(Outcome::Response(status));
     After::Gone
-}
-
-/// What the failure paths need.
-struct Ctx<'a> {
-    shared: &'a Shared,
-    id: BackendId,
-    req: &'a RequestHead,
-    capture: Option<&'a Capture>,
-}
-
-impl Ctx<'_> {
-    fn log(&self, status: u16, error: String) {
-        (self.shared.log)(Notice::ProxyError {
-            backend: self.shared.upstream(self.id).url.clone(),
-            request: format!("{} {}", self.req.method, self.req.target),
-            status,
-            error,
-        });
-    }
-
-    /// The backend failed before a response head: answer `answer`, release as `Failed`.
-    async fn fail(
-        &self,
-        client: &Stream,
-        guard: LeaseGuard,
-        answer: ProxyError,
-        kind: ErrorKind,
-        message: String,
-        req_done: bool,
-    ) -> After {
-        let reply = reply::error(answer);
-        self.log(reply.status, message.clone());
-        guard.finish(Outcome::Failed {
-            status: None,
-            error: BackendError { kind, message },
-        });
-        self.answer(client, reply, req_done).await
-    }
-
-    async fn timeout(&self, client: &Stream, guard: LeaseGuard, req_done: bool) -> After {
-        let msg = "no response before the request timeout (--timeout)".to_string();
-        self.fail(
-            client,
-            guard,
-            ProxyError::GatewayTimeout,
-            ErrorKind::Timeout,
-            msg,
-            req_done,
-        )
-        .await
-    }
-
-    /// The client's request cannot be forwarded (bad body framing): 400, not the
-    /// backend's fault.
-    async fn reject(&self, client: &Stream, guard: LeaseGuard, answer: ProxyError) -> After {
-        guard.finish(Outcome::Cancelled);
-        let reply = reply::error(answer);
-        if let Some(c) = self.capture {
-            c.reply(&reply);
-        }
-        let _ = write_reply(client, &reply, self.req, false).await;
-        After::Linger
-    }
-
-    /// Answers an error; the connection carries on only if the request was read whole.
-    async fn answer(&self, client: &Stream, reply: reply::Reply, req_done: bool) -> After {
-        if let Some(c) = self.capture {
-            c.reply(&reply);
-        }
-        let keep = req_done && self.req.keep_alive() && !self.shared.is_shutting_down();
-        match write_reply(client, &reply, self.req, keep).await {
-            Err(_) => After::Gone,
-            Ok(()) if keep => After::KeepAlive,
-            Ok(()) if req_done => After::Close,
-            Ok(()) => After::Linger,
-        }
-    }
-
-    /// The response was cut after its head: release as `Failed` with its status.
-    fn cut(&self, guard: LeaseGuard, status: u16, kind: ErrorKind, message: String) {
-        self.log(0, message.clone());
-        guard.finish(Outcome::Failed {
-            status: Some(status),
-            error: BackendError { kind, message },
-        });
-    }
 }

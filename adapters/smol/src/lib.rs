@@ -212,8 +212,11 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
         return std::future::pending().await;
     };
     let reaper = shared.clone();
-    ex.spawn(async move { reaper.local(index).pool.reap().await })
-        .detach();
+    ex.spawn(async move {
+        let limits = |slot| reaper.idle_limit(slot);
+        reaper.local(index).pool.reap(limits).await
+    })
+    .detach();
     let timers = shared.clone();
     ex.spawn(async move { timers.local(index).timers.run().await })
         .detach();

@@ -1,6 +1,8 @@
 //! Idle keep-alive connections to backends, per backend, newest first. A connection idle
-//! for `--pool-idle-timeout` (4 s, below uvicorn's 5 s) is closed by the reaper task; one
-//! the backend closed meanwhile is noticed (and dropped) when it is taken.
+//! for its backend's idle limit (4 s, below uvicorn's 5 s, or less when the backend
+//! announces `Keep-Alive: timeout=N`) is closed by the reaper task; one the backend closed
+//! meanwhile is noticed (and dropped) when it is taken: the reactor says whether anything
+//! arrived on it since it went idle, and only then is it looked at (a `recv` peek).
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -11,10 +13,6 @@ use futures_lite::future;
 use lb_core::BackendId;
 
 use crate::stream::Stream;
-
-/// Idle for less than this, a connection is taken without checking that the backend has
-/// not closed it.
-const FRESH: Duration = Duration::from_millis(50);
 
 struct Idle {
     conn: Stream,
@@ -30,19 +28,17 @@ struct Lists {
 
 pub(crate) struct Pool {
     lists: Mutex<Lists>,
-    timeout: Duration,
     /// Notified when a connection arrives in an empty pool (the reaper then has work).
     filled: Event,
 }
 
 impl Pool {
-    pub(crate) fn new(slots: usize, timeout: Duration) -> Self {
+    pub(crate) fn new(slots: usize) -> Self {
         Pool {
             lists: Mutex::new(Lists {
                 by_slot: (0..slots).map(|_| Vec::new()).collect(),
                 total: 0,
             }),
-            timeout,
             filled: Event::new(),
         }
     }
@@ -51,9 +47,10 @@ impl Pool {
         self.lists.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently used idle connection to `backend` that still looks usable (not
-    /// expired, not closed by the backend); stale ones are dropped on the way.
-    pub(crate) fn take(&self, backend: BackendId) -> Option<Stream> {
+    /// The most recently used idle connection to `backend` that still looks usable (idle
+    /// for less than `limit`, not closed by the backend); stale ones are dropped on the
+    /// way.
+    pub(crate) fn take(&self, backend: BackendId, limit: Duration) -> Option<Stream> {
         let now = Instant::now();
         let mut stale = Vec::new();
         let found = {
@@ -61,11 +58,10 @@ impl Pool {
             let mut found = None;
             while let Some(idle) = lists.by_slot[backend.slot()].pop() {
                 lists.total -= 1;
-                let idle_for = now.duration_since(idle.since);
-                // A connection idle only a moment is not checked (a `recv` each time, under
-                // load one per request): backends close idle connections after seconds.
-                let checked = idle_for < FRESH || !idle.conn.is_stale();
-                if idle_for < self.timeout && checked {
+                let young = now.duration_since(idle.since) < limit;
+                // Quiet: nothing arrived since it went idle, so no syscall is needed (under
+                // load, the usual case). Else look whether the backend closed it.
+                if young && (idle.conn.is_quiet() || !idle.conn.is_stale()) {
                     found = Some(idle.conn);
                     break;
                 }
@@ -77,9 +73,9 @@ impl Pool {
         found
     }
 
-    /// Keeps `conn` for the next request to `backend`.
-    pub(crate) fn put(&self, backend: BackendId, conn: Stream) {
-        if self.timeout.is_zero() {
+    /// Keeps `conn` for the next request to `backend`, unless its idle `limit` is 0.
+    pub(crate) fn put(&self, backend: BackendId, conn: Stream, limit: Duration) {
+        if limit.is_zero() {
             return;
         }
         let was_empty = {
@@ -96,8 +92,9 @@ impl Pool {
         }
     }
 
-    /// Runs forever: closes connections as their idle time runs out.
-    pub(crate) async fn reap(&self) {
+    /// Runs forever: closes connections as their idle time runs out (`limit` gives each
+    /// backend slot's idle limit).
+    pub(crate) async fn reap(&self, limit: impl Fn(usize) -> Duration) {
         loop {
             let filled = self.filled.listen();
             let now = Instant::now();
@@ -106,15 +103,16 @@ impl Pool {
                 let mut lists = self.lock();
                 let mut next: Option<Instant> = None;
                 let mut removed = 0;
-                for list in &mut lists.by_slot {
+                for (slot, list) in lists.by_slot.iter_mut().enumerate() {
+                    let timeout = limit(slot);
                     let n = list
                         .iter()
-                        .take_while(|i| now.duration_since(i.since) >= self.timeout)
+                        .take_while(|i| now.duration_since(i.since) >= timeout)
                         .count();
                     removed += n;
                     expired.extend(list.drain(..n));
                     if let Some(first) = list.first() {
-                        let due = first.since + self.timeout;
+                        let due = first.since + timeout;
                         next = Some(next.map_or(due, |t| t.min(due)));
                     }
                 }

@@ -37,8 +37,9 @@ pub(crate) enum UpEnd {
 
 /// Why no response head could be read.
 pub(crate) enum HeadFail {
-    /// The backend closed or failed before a complete head.
-    Io(String),
+    /// The backend closed or failed before a complete head; `silent` when not one byte
+    /// of a response had arrived.
+    Io { message: String, silent: bool },
     /// The head is not valid HTTP, or a `101` nobody asked for.
     Invalid(http1::Error),
     /// Forwarding an interim head to the client failed.
@@ -75,73 +76,158 @@ where
     }
 }
 
-/// Writes the head on a pooled connection, or a new one. A pooled connection that fails
-/// before any byte of the head reached it is replaced once by a new connection: the
-/// backend never saw the request, so sending it again is safe.
+/// A connection with `head` written to it: a pooled one if one takes the whole head,
+/// else a new one. Whether the connection was reused comes back with it: only a reused
+/// connection can lose the keep-alive race (see `exchange`). A pooled connection that
+/// fails while the head goes out never saw a whole request, so the head goes to a new
+/// connection instead.
 pub(crate) async fn send_head(
     shared: &Shared,
     local: &Local,
     id: BackendId,
     up: &Upstream,
     head: &[u8],
-) -> Result<Stream, (ErrorKind, String)> {
-    if let Some(conn) = local.pool.take(id) {
+) -> Result<(Stream, bool), (ErrorKind, String)> {
+    if let Some(conn) = local.pool.take(id, up.idle.get()) {
         let mut written = 0;
-        match write_counted(&conn, head, &mut written).await {
-            Ok(()) => return Ok(conn),
-            Err(e) if written > 0 => return Err((ErrorKind::Io, describe(&e))),
-            Err(_) => {}
+        if write_counted(&conn, head, &mut written).await.is_ok() {
+            return Ok((conn, true));
         }
     }
+    let conn = send_fresh(shared, local, up, head).await?;
+    Ok((conn, false))
+}
+
+/// A new connection to `up` with `bytes` written to it.
+pub(crate) async fn send_fresh(
+    shared: &Shared,
+    local: &Local,
+    up: &Upstream,
+    bytes: &[u8],
+) -> Result<Stream, (ErrorKind, String)> {
     let conn = shared
         .connector
         .connect(up, &local.reactor)
         .await
         .map_err(|m| (ErrorKind::Connect, m))?;
     let mut written = 0;
-    match write_counted(&conn, head, &mut written).await {
+    match write_counted(&conn, bytes, &mut written).await {
         Ok(()) => Ok(conn),
         Err(e) => Err((ErrorKind::Io, describe(&e))),
     }
 }
 
-/// Client → backend: the rest of the request body as it arrives (copied to `tap`), then
-/// (the body complete, `done` set) watching the client, so that one that leaves cancels
-/// the exchange.
+/// The request body on its way up: its framing, its copy for the request log, and the
+/// copy kept for a re-send.
+pub(crate) struct Upward<'a> {
+    pub(crate) framer: BodyFramer,
+    pub(crate) tap: Option<Tap<'a>>,
+    pub(crate) replay: Option<Replay>,
+}
+
+/// The request as it went to a reused connection (head and body), kept while it stays
+/// within `--replay-buffer`, to send it again on a new connection if the reused one turns
+/// out closed before any byte of the response.
+pub(crate) struct Replay {
+    bytes: Vec<u8>,
+    /// Body bytes it may still take.
+    room: usize,
+}
+
+impl Replay {
+    /// `sent` is the head with the body bytes that went with it (`body` of them).
+    pub(crate) fn new(sent: Vec<u8>, body: usize, limit: usize) -> Option<Replay> {
+        let room = limit.checked_sub(body)?;
+        Some(Replay { bytes: sent, room })
+    }
+
+    /// The bytes to send again.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Keeps `body` bytes in `replay`, or drops it once the body outgrows it.
+fn keep(replay: &mut Option<Replay>, body: &[u8]) {
+    if let Some(r) = replay {
+        match r.room.checked_sub(body.len()) {
+            Some(room) => {
+                r.room = room;
+                r.bytes.extend_from_slice(body);
+            }
+            None => *replay = None,
+        }
+    }
+}
+
+/// Client → backend: the rest of the request body as it arrives (copied to the tap and
+/// the replay copy), then (the body complete, `done` set) watching the client, so that
+/// one that leaves cancels the exchange. Once the body is complete, dropping the future
+/// and starting another (on a new connection) loses nothing; before, every body byte it
+/// took from `cbuf` went to the tap and the replay copy (if it still has room), written
+/// to the backend or not.
 pub(crate) async fn upload(
     client: &Stream,
     cbuf: &mut Vec<u8>,
     conn: &Stream,
-    mut framer: BodyFramer,
+    up: &mut Upward<'_>,
     done: &AtomicBool,
-    mut tap: Option<Tap<'_>>,
 ) -> UpEnd {
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
-    while !framer.is_done() {
-        if cbuf.is_empty() {
-            match read_more(client, cbuf, size.get()).await {
-                Ok(0) | Err(_) => return UpEnd::ClientGone,
-                Ok(n) => size.record(n),
-            }
-        }
-        let p = match framer.push(cbuf) {
-            Ok(p) => p,
-            Err(_) => return UpEnd::BadBody,
+    while !up.framer.is_done() {
+        let n = match next_body_part(client, cbuf, up, &mut size).await {
+            Ok(n) => n,
+            Err(end) => return end,
         };
-        if let Some(tap) = &mut tap {
-            tap.feed(&cbuf[..p.consumed]);
-        }
         let mut written = 0;
-        if let Err(e) = write_counted(conn, &cbuf[..p.consumed], &mut written).await {
+        let wrote = write_counted(conn, &cbuf[..n], &mut written).await;
+        cbuf.drain(..n);
+        if let Err(e) = wrote {
             return UpEnd::BackendWrite(e);
         }
-        cbuf.drain(..p.consumed);
-        budget.spend(p.consumed).await;
+        budget.spend(n).await;
     }
     done.store(true, Ordering::Release);
     watch(client, cbuf, WATCH_CAP).await;
     UpEnd::ClientGone
+}
+
+/// Reads the rest of the request body into the replay copy (nothing goes to a backend):
+/// whether the whole request is now held. `false` once it outgrows `--replay-buffer`.
+pub(crate) async fn hold_rest(client: &Stream, cbuf: &mut Vec<u8>, up: &mut Upward<'_>) -> bool {
+    let mut size = ReadSize::new();
+    while !up.framer.is_done() && up.replay.is_some() {
+        match next_body_part(client, cbuf, up, &mut size).await {
+            Ok(n) => drop(cbuf.drain(..n)),
+            Err(_) => return false,
+        }
+    }
+    up.replay.is_some()
+}
+
+/// The next bytes of the request body, at the start of `cbuf` (read from the client if
+/// it holds none): how many belong to the body. They have been fed to the tap and the
+/// replay copy.
+async fn next_body_part(
+    client: &Stream,
+    cbuf: &mut Vec<u8>,
+    up: &mut Upward<'_>,
+    size: &mut ReadSize,
+) -> Result<usize, UpEnd> {
+    if cbuf.is_empty() {
+        match read_more(client, cbuf, size.get()).await {
+            Ok(0) | Err(_) => return Err(UpEnd::ClientGone),
+            Ok(n) => size.record(n),
+        }
+    }
+    let p = up.framer.push(cbuf).map_err(|_| UpEnd::BadBody)?;
+    let part = &cbuf[..p.consumed];
+    if let Some(tap) = &mut up.tap {
+        tap.feed(part);
+    }
+    keep(&mut up.replay, part);
+    Ok(p.consumed)
 }
 
 /// Reads the final response head, forwarding interim (`1xx`) heads to the client. Returns
@@ -156,6 +242,7 @@ pub(crate) async fn response_head(
 ) -> Result<(ResponseHead, ResponsePlan, Vec<u8>), HeadFail> {
     let limits = &shared.limits;
     let mut check = false;
+    let mut silent = true;
     loop {
         if check {
             match http1::parse_response(bbuf, limits) {
@@ -188,12 +275,21 @@ pub(crate) async fn response_head(
         }
         match read_more(conn, bbuf, want).await {
             Ok(0) => {
-                return Err(HeadFail::Io(
-                    "backend closed the connection before answering".into(),
-                ))
+                return Err(HeadFail::Io {
+                    message: "backend closed the connection before answering".into(),
+                    silent,
+                })
             }
-            Ok(_) => check = may_end_head(bbuf, before) || bbuf.len() >= limits.max_head_bytes,
-            Err(e) => return Err(HeadFail::Io(describe(&e))),
+            Ok(_) => {
+                silent = false;
+                check = may_end_head(bbuf, before) || bbuf.len() >= limits.max_head_bytes;
+            }
+            Err(e) => {
+                return Err(HeadFail::Io {
+                    message: describe(&e),
+                    silent,
+                })
+            }
         }
     }
 }

@@ -270,6 +270,13 @@ impl<T: AsFd> Io<T> {
         }
         self.source.poll_ready(READ, tick, cx)
     }
+
+    /// Whether nothing has happened on the socket since a read found it empty: no bytes,
+    /// no end of stream, no error. Free (no syscall): an idle pooled connection that is
+    /// quiet was not closed by its peer, as far as the kernel has told.
+    pub(crate) fn is_quiet(&self) -> bool {
+        !self.source.closed() && self.drained.load(Ordering::Relaxed) == self.source.tick(READ)
+    }
 }
 
 impl<T: AsFd> Drop for Io<T> {
@@ -453,6 +460,32 @@ mod tests {
             });
             (first, reactor.block_on(read(&io, &mut buf)))
         })
+    }
+
+    /// An idle pooled connection: quiet while nothing arrives, not once the peer closed it
+    /// (seen without a syscall, from the reactor's events).
+    #[test]
+    fn a_connection_is_quiet_until_its_peer_closes() {
+        within(|| {
+            let reactor = Reactor::new().unwrap();
+            let (io, mut peer) = pair(&reactor);
+            peer.write_all(b"response").unwrap();
+            let mut buf = [0u8; 64];
+            let n = reactor.block_on(read(&io, &mut buf)).unwrap();
+            assert_eq!(n, 8);
+            reactor.block_on(future::yield_now());
+            assert!(io.is_quiet(), "read empty, nothing since");
+            drop(peer);
+            // Let the reactor take the hang-up's event.
+            for _ in 0..100 {
+                reactor.block_on(future::yield_now());
+                if !io.is_quiet() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            assert!(!io.is_quiet(), "the peer closed it");
+        });
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use event_listener::Event;
 use lb_core::http1::Limits;
+use lb_core::settings::IdleLimit;
 use lb_core::{
     Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta, PoolError,
     Reject, RequestMeta, Settings, Target, Ticket,
@@ -80,6 +81,8 @@ pub(crate) struct Upstream {
     pub(crate) target: Target,
     /// `GET <prefix><health path>`: the probe's request target.
     pub(crate) probe_target: String,
+    /// How long its connections may sit idle in a pool.
+    pub(crate) idle: IdleLimit,
 }
 
 pub(crate) struct Shared {
@@ -137,6 +140,7 @@ impl Shared {
                 url: target.url.clone(),
                 target,
                 probe_target,
+                idle: IdleLimit::new(settings.pool_idle_timeout),
             });
         }
         let connector = Connector::new(&settings, upstreams.iter().flatten())?;
@@ -149,7 +153,7 @@ impl Shared {
             locals: reactors
                 .into_iter()
                 .map(|reactor| Local {
-                    pool: Pool::new(upstreams.len(), settings.pool_idle_timeout),
+                    pool: Pool::new(upstreams.len()),
                     timers: Timers::new(),
                     reactor,
                 })
@@ -178,6 +182,13 @@ impl Shared {
         self.upstreams[id.slot()]
             .as_ref()
             .expect("every backend the core knows was registered at startup")
+    }
+
+    /// How long a connection to the backend in `slot` may sit idle in a pool.
+    pub(crate) fn idle_limit(&self, slot: usize) -> std::time::Duration {
+        self.upstreams[slot]
+            .as_ref()
+            .map_or(self.settings.pool_idle_timeout, |u| u.idle.get())
     }
 
     /// Selects a backend; the lease comes back wrapped in a guard that releases it.

@@ -33,6 +33,17 @@ impl Stream {
         !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Whether an idle connection certainly still works: its last read emptied it and the
+    /// reactor has seen nothing since (see `reactor::Io::is_quiet`). `false` means "look"
+    /// ([`Stream::is_stale`]), not "closed". A TLS stream is never known quiet.
+    pub(crate) fn is_quiet(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_quiet(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => false,
+        }
+    }
+
     /// Waits until the connection may have something to read (or an error, or its end),
     /// without reading: at once, unless its last read found it empty and no event came
     /// since (see `reactor`). A TLS stream may hold decrypted bytes the socket does not

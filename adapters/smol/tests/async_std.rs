@@ -76,6 +76,7 @@ fn settings(backend: SocketAddr) -> Settings {
         pool_idle_timeout: Duration::from_secs(4),
         max_head_bytes: 64 * 1024,
         head_timeout: Duration::from_secs(5),
+        replay_buffer: lb_core::settings::DEFAULT_REPLAY_BUFFER,
         hash_key: lb_core::HashKey::User,
         request_log: None,
     }

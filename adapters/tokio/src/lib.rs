@@ -159,10 +159,7 @@ async fn shard(
     let Ok(listener) = TcpListener::from_std(listener) else {
         return;
     };
-    let traffic = Arc::new(pool::Pool::new(
-        shared.connector.clone(),
-        shared.settings.pool_idle_timeout,
-    ));
+    let traffic = Arc::new(pool::Pool::new(shared.clone()));
     tokio::spawn(pool::Pool::reap(
         Arc::downgrade(&traffic),
         std::time::Duration::from_secs(1),

@@ -10,32 +10,103 @@
 //! shard's idle list; nobody polls it there.
 //!
 //! Rules kept from the field:
-//! - An idle connection is never used after `pool_idle_timeout` (4 s, below uvicorn's 5 s
-//!   keep-alive), and a reaper closes expired ones so they do not sit half-closed.
-//! - A request whose *reused* connection turned out closed before any byte of it was
-//!   written (hyper hands the request back) is sent once more on a fresh connection.
-//!   Nothing else is re-sent.
+//! - An idle connection is never used after its backend's idle limit (4 s, below
+//!   uvicorn's 5 s keep-alive, or less when the backend announces `Keep-Alive:
+//!   timeout=N`), and a reaper closes expired ones so they do not sit half-closed. One the
+//!   backend closed meanwhile is noticed at check-out: hyper reads its end of stream when
+//!   the connection is polled there.
+//! - The keep-alive race: a request whose *reused* connection failed before any byte of
+//!   the response arrived (the backend closed it as the request went out) is sent once
+//!   more on a new connection, if `lb` still holds it whole: hyper hands back one it never
+//!   wrote, else the head was copied before sending and the body kept (`upbody::Replay`)
+//!   within `--replay-buffer`. A failure on the new connection is the backend's own;
+//!   nothing else is re-sent.
 //! - Dropping a lent connection mid-exchange (the client left) closes it: the backend sees
 //!   the request cancelled at once.
 
 use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::client::Connector;
-use crate::upbody::UpBody;
+use crate::proxy::client_side;
+use crate::shared::Shared;
+use crate::upbody::{Replay, UpBody};
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+/// A backend connection as hyper's client sees it: counted, over TLS or not.
+type Io = TokioIo<Counted<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>>;
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes read from a connection, so that a failed exchange tells whether
+    /// any of its response arrived (see the keep-alive race in the module docs).
+    pub(crate) struct Counted<T> {
+        #[pin]
+        inner: T,
+        read: Arc<AtomicU64>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
 
 /// Why an exchange with a backend failed.
 #[derive(Debug)]
@@ -44,6 +115,10 @@ pub(crate) enum SendError {
     Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The connection failed after the request was (at least partly) sent.
     Http(hyper::Error),
+    /// A reused connection failed before any byte of the response arrived, and the
+    /// request could not be sent again (its body was not held whole): the keep-alive
+    /// race, not the backend's fault.
+    Race(hyper::Error),
 }
 
 /// A keep-alive connection to one backend.
@@ -54,6 +129,8 @@ pub(crate) struct Conn {
     conn: Option<Box<Connection<Io, UpBody>>>,
     /// When it went idle (for the idle timeout).
     idle_since: Instant,
+    /// Bytes read from it so far.
+    read: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -83,16 +160,17 @@ pub(crate) struct Pool {
     idle: Mutex<Vec<Vec<Conn>>>,
     connector: Connector,
     builder: http1::Builder,
-    idle_timeout: Duration,
+    /// For each backend's idle limit.
+    shared: Arc<Shared>,
 }
 
 impl Pool {
-    pub(crate) fn new(connector: Connector, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Pool {
             idle: Mutex::new(Vec::new()),
-            connector,
+            connector: shared.connector.clone(),
             builder: http1::Builder::new(),
-            idle_timeout,
+            shared,
         }
     }
 
@@ -104,9 +182,10 @@ impl Pool {
     /// enough. Older ones found on the way are closed.
     fn checkout(&self, slot: usize, cx: &mut Context<'_>) -> Option<Conn> {
         let now = Instant::now();
+        let limit = self.shared.idle_limit(slot);
         loop {
             let mut c = self.lock().get_mut(slot)?.pop()?;
-            if now.duration_since(c.idle_since) < self.idle_timeout && c.reusable(cx) {
+            if now.duration_since(c.idle_since) < limit && c.reusable(cx) {
                 return Some(c);
             }
         }
@@ -114,7 +193,7 @@ impl Pool {
 
     /// Returns a connection whose exchange has ended, if it can serve another request.
     fn checkin(&self, slot: usize, mut c: Conn, cx: &mut Context<'_>) {
-        if !c.reusable(cx) {
+        if !c.reusable(cx) || self.shared.idle_limit(slot).is_zero() {
             return;
         }
         c.idle_since = Instant::now();
@@ -142,11 +221,17 @@ impl Pool {
             .call(base.clone())
             .await
             .map_err(SendError::Connect)?;
+        let read = Arc::new(AtomicU64::new(0));
+        let io = TokioIo::new(Counted {
+            inner: TokioIo::new(io),
+            read: read.clone(),
+        });
         let (send, conn) = self.builder.handshake(io).await.map_err(SendError::Http)?;
         Ok(Conn {
             send,
             conn: Some(Box::new(conn)),
             idle_since: Instant::now(),
+            read,
         })
     }
 
@@ -174,11 +259,12 @@ impl Pool {
             let expired: Vec<Conn> = {
                 let mut idle = pool.lock();
                 let mut out = Vec::new();
-                for conns in idle.iter_mut() {
+                for (slot, conns) in idle.iter_mut().enumerate() {
+                    let limit = pool.shared.idle_limit(slot);
                     // Oldest first: the list is pushed and popped at its end.
                     let keep = conns
                         .iter()
-                        .position(|c| now.duration_since(c.idle_since) < pool.idle_timeout)
+                        .position(|c| now.duration_since(c.idle_since) < limit)
                         .unwrap_or(conns.len());
                     out.extend(conns.drain(..keep));
                 }
@@ -190,27 +276,52 @@ impl Pool {
 
     /// Sends `req` to the backend in `slot` (at `base`) and waits for the response head,
     /// driving the connection from the calling task. On success the connection comes back
-    /// lent to the response body.
+    /// lent to the response body. `replay` is the request body's copy, if it has a body.
     pub(crate) async fn send(
         &self,
         slot: usize,
         base: &Uri,
         req: Request<UpBody>,
+        replay: Option<&Arc<Replay>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         let pooled = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await;
-        let (mut c, reused) = match pooled {
-            Some(c) => (c, true),
-            None => (self.connect(base).await?, false),
+        let Some(mut c) = pooled else {
+            let mut c = self.connect(base).await?;
+            return match exchange(&mut c, req).await {
+                Ok(resp) => Ok((resp, c)),
+                Err(e) => Err(SendError::Http(e.into_error())),
+            };
         };
+        // Kept until the response head: the request may have to go out again.
+        let head = HeadCopy::of(&req);
+        let read = c.read.load(Ordering::Relaxed);
         match exchange(&mut c, req).await {
             Ok(resp) => Ok((resp, c)),
-            Err(mut e) => match e.take_message() {
-                // The reused connection was found closed before any byte of the request
-                // went out: the one transparent re-send, on a fresh connection. Boxed: a
-                // rare path whose state would otherwise enlarge every request's future.
-                Some(req) if reused => Box::pin(self.resend(base, req)).await,
-                _ => Err(SendError::Http(e.into_error())),
-            },
+            Err(mut e) => {
+                let again = match e.take_message() {
+                    // Found closed before any byte of the request went out.
+                    Some(req) => req,
+                    // The keep-alive race: nothing of the response arrived (and the
+                    // client's own body did not fail).
+                    None if c.read.load(Ordering::Relaxed) == read && !client_side(e.error()) => {
+                        // Dropping the connection drops what hyper held of the body,
+                        // which hands the unread rest back to `replay`.
+                        drop(c);
+                        let body = match replay {
+                            None => Some(UpBody::empty()),
+                            Some(r) => r.complete().await.map(UpBody::replayed),
+                        };
+                        match body {
+                            Some(body) => Request::from_parts(head.into_parts(), body),
+                            None => return Err(SendError::Race(e.into_error())),
+                        }
+                    }
+                    None => return Err(SendError::Http(e.into_error())),
+                };
+                // Boxed: a rare path whose state would otherwise enlarge every request's
+                // future.
+                Box::pin(self.resend(base, again)).await
+            }
         }
     }
 
@@ -224,6 +335,54 @@ impl Pool {
             Ok(resp) => Ok((resp, c)),
             Err(e) => Err(SendError::Http(e.into_error())),
         }
+    }
+}
+
+/// A request head, copied before it goes out on a reused connection, to send it again.
+/// The header values are copied into one buffer of their own: the request's own share
+/// hyper's read buffer, which they would keep alive for as long as the backend thinks.
+struct HeadCopy {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    names: Vec<(HeaderName, usize)>,
+    values: BytesMut,
+}
+
+impl HeadCopy {
+    fn of<B>(req: &Request<B>) -> Self {
+        let h = req.headers();
+        let mut names = Vec::with_capacity(h.len());
+        let mut values = BytesMut::with_capacity(h.iter().map(|(_, v)| v.len()).sum());
+        for (name, value) in h {
+            values.extend_from_slice(value.as_bytes());
+            names.push((name.clone(), value.len()));
+        }
+        HeadCopy {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            names,
+            values,
+        }
+    }
+
+    fn into_parts(self) -> http::request::Parts {
+        let mut values: Bytes = self.values.freeze();
+        let mut headers = HeaderMap::with_capacity(self.names.len());
+        for (name, len) in self.names {
+            let value = values.split_to(len);
+            // Copied from valid values: cannot fail.
+            if let Ok(v) = HeaderValue::from_maybe_shared(value) {
+                headers.append(name, v);
+            }
+        }
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method;
+        parts.uri = self.uri;
+        parts.version = self.version;
+        parts.headers = headers;
+        parts
     }
 }
 

@@ -21,7 +21,7 @@ use lb_core::{BackendError, ErrorKind, Notice, Outcome, OwnedMeta, Reject};
 use crate::body::Streamed;
 use crate::pool::{Lent, Pool, SendError};
 use crate::shared::{LeaseGuard, Shared};
-use crate::upbody::UpBody;
+use crate::upbody::{Replay, UpBody};
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
 
@@ -100,7 +100,11 @@ pub(crate) async fn handle(
         Arc::new(log.capture(arrived.into_std(), req.method().as_str(), pq))
     });
     let (parts, body) = req.into_parts();
-    let mut body = UpBody::new(body, capture.clone());
+    // A body is copied as it goes up, while it fits, to send it again after a keep-alive
+    // race (see `pool`).
+    let replay = (!hyper::body::Body::is_end_stream(&body))
+        .then(|| Replay::new(shared.settings.replay_buffer));
+    let mut body = UpBody::new(body, capture.clone(), replay.clone());
 
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
@@ -134,9 +138,10 @@ pub(crate) async fn handle(
         Err(reject) => return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject)))),
     };
     let req = Request::from_parts(parts, body);
-    Ok(forward(shared, traffic, guard, peer, req, deadline, capture).await)
+    Ok(forward(shared, traffic, guard, peer, req, deadline, capture, replay).await)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: Arc<Shared>,
     traffic: Traffic,
@@ -145,6 +150,7 @@ async fn forward(
     mut req: Request<UpBody>,
     deadline: tokio::time::Instant,
     capture: Option<Arc<Capture>>,
+    replay: Option<Arc<Replay>>,
 ) -> Response<ProxyBody> {
     let upstream = shared.upstream(guard.backend());
     if let Some(c) = &capture {
@@ -175,10 +181,15 @@ async fn forward(
             .await
             .map(|r| r.map(|resp| (resp, None)))
     } else {
-        tokio::time::timeout_at(deadline, traffic.send(slot, &upstream.base, req))
+        let send = traffic.send(slot, &upstream.base, req, replay.as_ref());
+        tokio::time::timeout_at(deadline, send)
             .await
             .map(|r| r.map(|(resp, c)| (resp, Some(c))))
     };
+    if let Some(r) = &replay {
+        // The response has begun (or the exchange failed): no re-send any more.
+        r.close();
+    }
     let (mut resp, conn) = match sent {
         Ok(Ok(sent)) => sent,
         Ok(Err(SendError::Http(e))) if client_side(&e) => {
@@ -191,6 +202,7 @@ async fn forward(
             let (kind, message) = match &e {
                 SendError::Connect(e) => (ErrorKind::Connect, describe(e.as_ref())),
                 SendError::Http(e) => (ErrorKind::Io, describe(e)),
+                SendError::Race(e) => (ErrorKind::Reuse, describe(e)),
             };
             let reply = fail(&shared, guard, &line, ProxyError::BadGateway, kind, message);
             return logged(&capture, reply);
@@ -224,6 +236,9 @@ async fn forward(
     let status = resp.status().as_u16();
     if let Some(c) = &capture {
         c.status(status);
+    }
+    if let Some(ka) = resp.headers().get(&KEEP_ALIVE) {
+        upstream.idle.learn(ka.as_bytes());
     }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -468,7 +483,7 @@ fn rewrite_request_headers(h: &mut HeaderMap, peer: &Peer, host: &HeaderValue, u
 }
 
 /// Whether a client error was caused by the client's own request body.
-fn client_side(e: &hyper::Error) -> bool {
+pub(crate) fn client_side(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {

@@ -13,6 +13,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
+use lb_core::settings::IdleLimit;
 use lb_core::{
     Action, Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta,
     PoolError, Reject, RequestMeta, Settings, Target, Ticket,
@@ -63,10 +64,13 @@ pub(crate) struct Upstream {
     pub(crate) probe_uri: Uri,
     /// Scheme and authority, what a connection is made to.
     pub(crate) base: Uri,
+    /// How long its connections may sit idle in a pool.
+    pub(crate) idle: IdleLimit,
 }
 
 impl Upstream {
-    fn new(t: &Target, health_path: &str) -> Result<Self, StartError> {
+    fn new(t: &Target, settings: &Settings) -> Result<Self, StartError> {
+        let health_path = &settings.health_path;
         let bad = |e: &dyn fmt::Display| StartError::Url(format!("backend {}: {e}", t.url));
         let scheme = if t.tls { Scheme::HTTPS } else { Scheme::HTTP };
         let authority: Authority = t.authority.parse().map_err(|e| bad(&e))?;
@@ -89,6 +93,7 @@ impl Upstream {
             host,
             prefix: t.path_prefix.clone(),
             probe_uri,
+            idle: IdleLimit::new(settings.pool_idle_timeout),
         })
     }
 
@@ -146,7 +151,7 @@ impl Shared {
             if upstreams.len() <= id.slot() {
                 upstreams.resize_with(id.slot() + 1, || None);
             }
-            upstreams[id.slot()] = Some(Upstream::new(&target, &settings.health_path)?);
+            upstreams[id.slot()] = Some(Upstream::new(&target, &settings)?);
         }
         let connector = client::connector(&settings)?;
         Ok(Arc::new(Shared {
@@ -173,6 +178,14 @@ impl Shared {
         self.upstreams[id.slot()]
             .as_ref()
             .expect("every backend the core knows was registered at startup")
+    }
+
+    /// How long a connection to the backend in `slot` may sit idle in a pool.
+    pub(crate) fn idle_limit(&self, slot: usize) -> std::time::Duration {
+        self.upstreams
+            .get(slot)
+            .and_then(Option::as_ref)
+            .map_or(self.settings.pool_idle_timeout, |u| u.idle.get())
     }
 
     /// Selects a backend; the lease comes back wrapped in a guard that releases it.

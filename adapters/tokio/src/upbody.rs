@@ -1,36 +1,212 @@
 //! The request body sent to a backend: frames already read (to route by content), then the
-//! rest of the client's body as it arrives; each frame copied to the request log if on.
+//! rest of the client's body as it arrives; each frame copied to the request log if on,
+//! and into the [`Replay`] copy while it fits.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use lb_core::reqlog::Capture;
 
-pin_project_lite::pin_project! {
-    pub(crate) struct UpBody {
-        buffered: VecDeque<Frame<Bytes>>,
-        buffered_len: u64,
-        #[pin]
-        rest: Option<Incoming>,
-        capture: Option<Arc<Capture>>,
+pub(crate) struct UpBody {
+    buffered: VecDeque<Frame<Bytes>>,
+    buffered_len: u64,
+    rest: Option<Incoming>,
+    capture: Option<Arc<Capture>>,
+    replay: Option<Arc<Replay>>,
+}
+
+/// A copy of a request body as it goes up, kept while it stays within `--replay-buffer`,
+/// so the request can be sent again after the keep-alive race (see `pool`). The bytes are
+/// copied, not shared: the client's frames share hyper's read buffer, which they would
+/// keep alive while the backend thinks. When hyper drops the body before its end (the
+/// connection failed), what is left of the client's body comes back here, so that it can
+/// still be read whole ([`Replay::complete`]).
+pub(crate) struct Replay {
+    state: Mutex<Kept>,
+}
+
+struct Kept {
+    data: BytesMut,
+    trailers: Option<HeaderMap>,
+    /// Bytes it may still take; `None` once it gave up (the body outgrew it, or the
+    /// response has begun and a re-send can no longer happen).
+    room: Option<usize>,
+    ended: bool,
+    /// The unread rest of a body hyper dropped.
+    rest: Option<Rest>,
+}
+
+/// The part of a client's body nobody read yet.
+struct Rest {
+    buffered: VecDeque<Frame<Bytes>>,
+    incoming: Option<Incoming>,
+    capture: Option<Arc<Capture>>,
+}
+
+/// A whole request body, to send again.
+pub(crate) struct Whole {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Replay {
+    /// A copy of at most `limit` body bytes.
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Replay {
+            state: Mutex::new(Kept {
+                data: BytesMut::new(),
+                trailers: None,
+                room: Some(limit),
+                ended: false,
+                rest: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Kept> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keep(&self, frame: &Frame<Bytes>) {
+        let mut k = self.lock();
+        let Some(room) = k.room else { return };
+        if let Some(d) = frame.data_ref() {
+            match room.checked_sub(d.len()) {
+                Some(room) => {
+                    k.room = Some(room);
+                    k.data.extend_from_slice(d);
+                }
+                None => k.give_up(),
+            }
+        } else if let Some(t) = frame.trailers_ref() {
+            k.trailers = Some(t.clone());
+        }
+    }
+
+    fn end(&self) {
+        self.lock().ended = true;
+    }
+
+    /// No re-send can happen any more: the copy goes.
+    pub(crate) fn close(&self) {
+        self.lock().give_up();
+    }
+
+    /// The whole body, reading what is left of it from the client first (the caller
+    /// bounds the wait); `None` if it outgrows the copy, fails or was never handed back.
+    pub(crate) async fn complete(&self) -> Option<Whole> {
+        let rest = {
+            let mut k = self.lock();
+            k.room?;
+            if k.ended {
+                None
+            } else {
+                Some(k.rest.take()?)
+            }
+        };
+        if let Some(mut rest) = rest {
+            while let Some(frame) = rest.buffered.pop_front() {
+                self.take(&frame, rest.capture.as_deref())?;
+            }
+            if let Some(mut incoming) = rest.incoming {
+                while let Some(frame) = incoming.frame().await {
+                    self.take(&frame.ok()?, rest.capture.as_deref())?;
+                }
+            }
+            self.end();
+        }
+        let mut k = self.lock();
+        k.room?;
+        Some(Whole {
+            data: std::mem::take(&mut k.data).freeze(),
+            trailers: k.trailers.take(),
+        })
+    }
+
+    /// Keeps a frame of the rest (and logs it); `None` once the copy gave up.
+    fn take(&self, frame: &Frame<Bytes>, capture: Option<&Capture>) -> Option<()> {
+        if let (Some(c), Some(d)) = (capture, frame.data_ref()) {
+            c.request(d);
+        }
+        self.keep(frame);
+        self.lock().room.map(|_| ())
+    }
+
+    /// hyper dropped the body before its end: keeps the rest, if a re-send may need it.
+    fn hand_back(&self, rest: Rest) {
+        let mut k = self.lock();
+        if k.room.is_some() && !k.ended {
+            k.rest = Some(rest);
+        }
+    }
+}
+
+impl Kept {
+    fn give_up(&mut self) {
+        self.room = None;
+        self.data = BytesMut::new();
+        self.trailers = None;
+        self.rest = None;
+    }
+}
+
+impl Drop for UpBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.replay.take() {
+            r.hand_back(Rest {
+                buffered: std::mem::take(&mut self.buffered),
+                incoming: self.rest.take(),
+                capture: self.capture.take(),
+            });
+        }
     }
 }
 
 impl UpBody {
-    /// The client's body as is.
-    pub(crate) fn new(body: Incoming, capture: Option<Arc<Capture>>) -> Self {
+    /// The client's body as is (`replay`: its copy for a re-send).
+    pub(crate) fn new(
+        body: Incoming,
+        capture: Option<Arc<Capture>>,
+        replay: Option<Arc<Replay>>,
+    ) -> Self {
         UpBody {
             buffered: VecDeque::new(),
             buffered_len: 0,
             rest: Some(body),
             capture,
+            replay,
         }
+    }
+
+    /// No body.
+    pub(crate) fn empty() -> Self {
+        UpBody {
+            buffered: VecDeque::new(),
+            buffered_len: 0,
+            rest: None,
+            capture: None,
+            replay: None,
+        }
+    }
+
+    /// A body kept whole, sent again (already in the request log).
+    pub(crate) fn replayed(whole: Whole) -> Self {
+        let mut body = UpBody::empty();
+        body.buffered_len = whole.data.len() as u64;
+        if !whole.data.is_empty() {
+            body.buffered.push_back(Frame::data(whole.data));
+        }
+        if let Some(t) = whole.trailers {
+            body.buffered.push_back(Frame::trailers(t));
+        }
+        body
     }
 
     /// Reads frames until `limit` data bytes or the end; they are replayed first. Returns the
@@ -72,27 +248,24 @@ impl Body for UpBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let polled = match this.buffered.pop_front() {
-            Some(frame) => {
-                if let Some(d) = frame.data_ref() {
-                    *this.buffered_len -= d.len() as u64;
+        let this = self.get_mut();
+        let polled = this.poll_inner(cx);
+        if let Some(r) = &this.replay {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    r.keep(frame);
+                    if this.is_end_stream() {
+                        r.end();
+                    }
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            None => match this.rest.as_pin_mut() {
-                None => Poll::Ready(None),
-                Some(rest) => rest.poll_frame(cx),
-            },
-        };
-        if let (Some(c), Poll::Ready(Some(Ok(frame)))) = (this.capture.as_ref(), &polled) {
-            if let Some(d) = frame.data_ref() {
-                c.request(d);
+                Poll::Ready(None) => r.end(),
+                // The client's body failed: it cannot be held whole.
+                Poll::Ready(Some(Err(_))) => r.close(),
+                Poll::Pending => {}
             }
         }
         polled
     }
-
     fn is_end_stream(&self) -> bool {
         self.buffered.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
@@ -108,5 +281,32 @@ impl Body for UpBody {
             hint.set_upper(upper + self.buffered_len);
         }
         hint
+    }
+}
+
+impl UpBody {
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self;
+        let polled = match this.buffered.pop_front() {
+            Some(frame) => {
+                if let Some(d) = frame.data_ref() {
+                    this.buffered_len -= d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => match this.rest.as_mut() {
+                None => Poll::Ready(None),
+                Some(rest) => Pin::new(rest).poll_frame(cx),
+            },
+        };
+        if let (Some(c), Poll::Ready(Some(Ok(frame)))) = (this.capture.as_ref(), &polled) {
+            if let Some(d) = frame.data_ref() {
+                c.request(d);
+            }
+        }
+        polled
     }
 }

@@ -500,3 +500,20 @@ fn keep_alive(version: Version, headers: &[Header]) -> bool {
     }
     version == Version::Http11 || has_token(headers, "connection", b"keep-alive")
 }
+
+/// The idle limit a `Keep-Alive` response field announces (`timeout=N`, seconds; RFC
+/// 2068 §19.7.1.1, still sent by Apache, gunicorn and others), if it names one.
+pub fn keep_alive_timeout(value: &[u8]) -> Option<u64> {
+    list_items(value).find_map(|item| {
+        let (name, n) = item.split_at(item.iter().position(|&b| b == b'=')?);
+        if !name.trim_ascii().eq_ignore_ascii_case(b"timeout") {
+            return None;
+        }
+        let n = n[1..].trim_ascii();
+        let n = n
+            .strip_prefix(b"\"")
+            .and_then(|n| n.strip_suffix(b"\""))
+            .unwrap_or(n);
+        std::str::from_utf8(n).ok()?.parse().ok()
+    })
+}

@@ -69,8 +69,8 @@ pub use dechunk::Dechunk;
 pub use error::Error;
 pub use framing::BodyKind;
 pub use head::{
-    parse_request, parse_response, Header, Limits, RequestHead, ResponseHead, Status, Version,
-    DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,
+    keep_alive_timeout, parse_request, parse_response, Header, Limits, RequestHead, ResponseHead,
+    Status, Version, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,
 };
 pub use rewrite::{rewrite_request, rewrite_response, Forwarding, ResponsePlan};
 

@@ -564,3 +564,15 @@ fn write_round_trips() {
     h.write(&mut out);
     assert_eq!(out, r.as_bytes());
 }
+
+#[test]
+fn keep_alive_timeouts() {
+    use super::keep_alive_timeout as t;
+    assert_eq!(t(b"timeout=5, max=100"), Some(5));
+    assert_eq!(t(b"max=100, Timeout = 2"), Some(2));
+    assert_eq!(t(b"timeout=\"7\""), Some(7));
+    assert_eq!(t(b"max=100"), None);
+    assert_eq!(t(b"timeout=soon"), None);
+    assert_eq!(t(b"timeout=-1"), None);
+    assert_eq!(t(b""), None);
+}

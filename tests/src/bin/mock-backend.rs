@@ -23,6 +23,8 @@
 //! | `--tokens N` | `10` | tokens per completion (chunks per stream) |
 //! | `--token-interval D` | `50ms` | time between streamed chunks |
 //! | `--idle-timeout D` | never | close keep-alive connections idle this long |
+//! | `--keep-alive-header N` | none | send `Keep-Alive: timeout=N` on every response |
+//! | `--close-after D` | never | close each connection this long after a response ends, without announcing it (no `Connection: close`) |
 //!
 //! Durations (`D`) are a number with an optional unit: `500ms`, `2s`, `1.5m`,
 //! `250us`, `100ns`, `1h`, or a plain number of seconds such as `0.5`.
@@ -80,7 +82,7 @@
 //!   health endpoint and the control endpoints; `in_flight` is how many of
 //!   those are being handled now (until their response body is fully sent);
 //!   `connections` counts accepted TCP connections, `open_connections` those
-//!   still open, `idle_closes` those closed by `--idle-timeout`.
+//!   still open, `idle_closes` those closed by `--idle-timeout` or `--close-after`.
 //! * `GET /ws`: WebSocket echo (text and binary messages are sent back
 //!   unchanged; pings are answered).
 //! * `POST /upload` (or PUT): reads the body as a stream (never buffered) and
@@ -192,6 +194,13 @@ struct Args {
     /// Close keep-alive connections idle for this long (`0`/`never` = never).
     #[arg(long, value_parser = parse_idle_timeout)]
     idle_timeout: Option<Duration>,
+    /// Announce `Keep-Alive: timeout=N` (seconds) on every response.
+    #[arg(long, value_name = "N")]
+    keep_alive_header: Option<u64>,
+    /// Close each connection this long after a response ended (`0` = at once), without
+    /// `Connection: close`: the backend that lets a client's reuse race its close.
+    #[arg(long, value_parser = parse_duration)]
+    close_after: Option<Duration>,
 }
 
 /// Parses `500ms`, `2s`, `1.5m`, `1h`, `250us`, `100ns` or plain seconds `0.5`.
@@ -285,6 +294,8 @@ struct ConnState {
     active: AtomicUsize,
     /// `App::nanos()` when bytes were last received or a request ended.
     last_activity: AtomicU64,
+    /// Responses finished on this connection.
+    served: AtomicU64,
 }
 
 impl ConnState {
@@ -341,6 +352,7 @@ impl Drop for RequestGuard {
             self.conn.app.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         self.conn.touch();
+        self.conn.served.fetch_add(1, Ordering::AcqRel);
         self.conn.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -702,7 +714,12 @@ async fn handle(
     } else if r == Route::Health {
         app.health_checks.fetch_add(1, Ordering::Relaxed);
     }
-    let resp = route(&app, r, req).await;
+    let mut resp = route(&app, r, req).await;
+    if let Some(n) = app.args.keep_alive_header {
+        if let Ok(v) = HeaderValue::from_str(&format!("timeout={n}")) {
+            resp.headers_mut().insert("keep-alive", v);
+        }
+    }
     Ok(resp.map(|inner| TrackedBody {
         inner,
         _guard: guard,
@@ -1168,6 +1185,7 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream) {
         app: app.clone(),
         active: AtomicUsize::new(0),
         last_activity: AtomicU64::new(app.nanos()),
+        served: AtomicU64::new(0),
     });
     let io = TokioIo::new(ActivityIo {
         inner: stream,
@@ -1180,23 +1198,35 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream) {
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    match app.args.idle_timeout {
-        None => {
-            let _ = conn.await;
-        }
-        Some(timeout) => loop {
+    // Idle rules: `--idle-timeout` from the start, `--close-after` once a response ended
+    // (the shorter wins).
+    let (idle, close_after) = (app.args.idle_timeout, app.args.close_after);
+    if idle.is_none() && close_after.is_none() {
+        let _ = conn.await;
+    } else {
+        loop {
+            let timeout = match (idle, close_after) {
+                (i, Some(c)) if state.served.load(Ordering::Acquire) > 0 => {
+                    i.map_or(c, |i| i.min(c))
+                }
+                (Some(i), _) => i,
+                // Only `--close-after`, nothing served yet: wait for a response to end.
+                (None, Some(c)) => c.max(Duration::from_millis(5)),
+                (None, None) => unreachable!("checked above"),
+            };
             let deadline = state.idle_deadline(timeout);
             tokio::select! {
                 _ = conn.as_mut() => break,
                 () = tokio::time::sleep_until(deadline) => {
-                    if state.idle_for_at_least(timeout) {
+                    let closable = idle.is_some() || state.served.load(Ordering::Acquire) > 0;
+                    if closable && state.idle_for_at_least(timeout) {
                         // Returning drops `conn` and with it the socket.
                         app.idle_closes.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
             }
-        },
+        }
     }
     app.open_connections.fetch_sub(1, Ordering::Relaxed);
 }
