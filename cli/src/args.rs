@@ -5,11 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use lb_core::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
-use lb_core::{
-    AffinityConfig, BackendSpec, Config, HashKey, HealthConfig, Policy, QueueConfig, Settings,
-    Target, MAX_WEIGHT,
-};
+use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig, MAX_WEIGHT};
+use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
+use lb_proxy::{HashKey, Settings, Target};
 
 /// The smallest health-check interval accepted.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -116,7 +114,7 @@ pub struct Cli {
     pub log_to: Option<PathBuf>,
 
     /// Cap on each body captured in the --log-to file, in bytes.
-    #[arg(long, default_value_t = lb_core::reqlog::DEFAULT_BODY_LIMIT)]
+    #[arg(long, default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT)]
     pub log_body_limit: u64,
 
     /// Most request body bytes kept per request to send it again on a fresh connection

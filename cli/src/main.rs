@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use lb_core::reqlog::RequestLog;
-use lb_core::{Notice, NoticeSink};
+use lb_proxy::reqlog::RequestLog;
+use lb_proxy::{Notice, NoticeSink};
 
 #[cfg(feature = "tokio")]
 const RUNTIME: &str = "tokio";
@@ -61,12 +61,12 @@ fn main() -> ExitCode {
 }
 
 #[cfg(feature = "tokio")]
-fn run(settings: lb_core::Settings, sink: NoticeSink) -> Result<(), String> {
+fn run(settings: lb_proxy::Settings, sink: NoticeSink) -> Result<(), String> {
     lb_tokio::run(settings, sink).map_err(|e| e.to_string())
 }
 
 #[cfg(all(feature = "smol", not(feature = "tokio")))]
-fn run(settings: lb_core::Settings, sink: NoticeSink) -> Result<(), String> {
+fn run(settings: lb_proxy::Settings, sink: NoticeSink) -> Result<(), String> {
     lb_smol::run(settings, sink).map_err(|e| e.to_string())
 }
 

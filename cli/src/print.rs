@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::SystemTime;
 
-use lb_core::{Event, HealthState, Notice, Settings, StatusReport};
+use lb_core::{Event, HealthState, StatusReport};
+use lb_proxy::{Notice, Settings};
 
 /// Formats one notice as log lines (without timestamps). `/health` is never logged.
 pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {

@@ -15,7 +15,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lb_core::reqlog::{dropped_line, Entry, EntrySink};
+use lb_proxy::reqlog::{dropped_line, Entry, EntrySink};
 
 /// Entries waiting for the writer; beyond this they are dropped and counted.
 const BACKLOG: usize = 1024;
@@ -102,7 +102,7 @@ fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_core::reqlog::RequestLog;
+    use lb_proxy::reqlog::RequestLog;
     use std::os::unix::fs::PermissionsExt as _;
     use std::time::Duration;
 

@@ -136,12 +136,8 @@ mod backend;
 mod balancer;
 mod hash;
 mod health;
-pub mod http1;
 mod policy;
 pub mod queue;
-pub mod reply;
-pub mod reqlog;
-pub mod settings;
 mod status;
 
 pub use affinity::{AffinityConfig, RequestKey, RoutingStats};
@@ -154,5 +150,4 @@ pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};
 pub use policy::{Policy, UnknownPolicy};
 pub use queue::{Admission, OwnedMeta, QueueConfig, QueueStats, Ticket};
-pub use settings::{HashKey, Notice, NoticeSink, RouteKeys, Settings, Target, UrlError};
 pub use status::{StatusReport, Summary, LOADS_ELIDE_ABOVE, LOADS_KEPT_EACH_END};

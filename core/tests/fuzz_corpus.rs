@@ -1,7 +1,8 @@
 //! Replays the fuzz corpora on stable: every file in `fuzz/corpus/<target>/` goes
 //! through the same harness the cargo-fuzz target runs (`fuzz/harness/<target>.rs`),
 //! followed by a few thousand seeded random inputs, so the harnesses' invariants are
-//! checked by a plain `cargo test -p lb-core` without nightly.
+//! checked by a plain `cargo test -p lb-core` without nightly. (The HTTP/1 codec's
+//! targets replay in `lb-http1`'s own `tests/fuzz_corpus.rs`.)
 
 use std::fs;
 use std::path::PathBuf;
@@ -10,12 +11,6 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 
 #[path = "../../fuzz/harness/health.rs"]
 mod health;
-#[path = "../../fuzz/harness/http1_chunked.rs"]
-mod http1_chunked;
-#[path = "../../fuzz/harness/http1_request.rs"]
-mod http1_request;
-#[path = "../../fuzz/harness/http1_response.rs"]
-mod http1_response;
 #[path = "../../fuzz/harness/pool_ops.rs"]
 mod pool_ops;
 
@@ -62,19 +57,4 @@ fn pool_ops_corpus() {
 #[test]
 fn health_corpus() {
     replay("health", health::run, 2000);
-}
-
-#[test]
-fn http1_request_corpus() {
-    replay("http1_request", http1_request::run, 2000);
-}
-
-#[test]
-fn http1_response_corpus() {
-    replay("http1_response", http1_response::run, 2000);
-}
-
-#[test]
-fn http1_chunked_corpus() {
-    replay("http1_chunked", http1_chunked::run, 2000);
 }

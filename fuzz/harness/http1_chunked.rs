@@ -1,10 +1,10 @@
-//! Fuzz harness: the chunked body framer of `lb_core::http1`.
+//! Fuzz harness: the chunked body framer of `lb_http1`.
 //!
 //! `run` must never panic. It checks that feeding the input in one piece,
 //! in two pieces split at a data-derived point, and one byte at a time all
 //! give the same verdict, and that `Progress` is self-consistent.
 
-use lb_core::http1::{BodyFramer, BodyKind, Error};
+use lb_http1::{BodyFramer, BodyKind, Error};
 
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {

@@ -1,5 +1,5 @@
 //! Fuzz harness: request heads, their rewrite, and the request body framer
-//! of `lb_core::http1`.
+//! of `lb_http1`.
 //!
 //! `run` must never panic. Invariants checked:
 //! * a prefix of the input parses as `Partial` or with the same verdict;
@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use lb_core::http1::{
+use lb_http1::{
     parse_request, rewrite_request, BodyFramer, BodyKind, Error, Forwarding, Limits, Status,
 };
 

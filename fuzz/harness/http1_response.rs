@@ -1,5 +1,5 @@
 //! Fuzz harness: response heads, their rewrite, and the response body
-//! framer of `lb_core::http1`.
+//! framer of `lb_http1`.
 //!
 //! The first input byte picks the request being answered (GET, HEAD,
 //! WebSocket upgrade, HTTP/1.0); the rest is the backend's byte stream.
@@ -9,7 +9,7 @@
 //! * the rewritten head parses, with the same body framing;
 //! * framing the bytes after the head agrees between one piece and two.
 
-use lb_core::http1::{
+use lb_http1::{
     parse_request, parse_response, rewrite_response, BodyFramer, BodyKind, Error, Limits,
     RequestHead, Status, Version,
 };

@@ -10,11 +10,9 @@ use std::time::Instant;
 
 use futures_lite::future;
 use lb_core::affinity::MAX_BODY_PREFIX;
-use lb_core::http1::{
-    self, BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version,
-};
-use lb_core::reply::{self, ProxyError, Reply};
 use lb_core::{OwnedMeta, Reject};
+use lb_http1::{BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version};
+use lb_proxy::reply::{self, ProxyError, Reply};
 
 use crate::exchange;
 use crate::io::{
@@ -44,7 +42,7 @@ enum Head {
     Request(RequestHead, usize),
     /// End of stream, an error, or shutdown while idle: close without a word.
     Closed,
-    Bad(http1::Error),
+    Bad(lb_http1::Error),
     TimedOut,
 }
 
@@ -250,7 +248,7 @@ async fn read_head(
         let mut check = !cbuf.is_empty();
         loop {
             if check {
-                match http1::parse_request(cbuf, &shared.limits) {
+                match lb_http1::parse_request(cbuf, &shared.limits) {
                     Ok(Status::Complete(req, n)) => return Head::Request(req, n),
                     Ok(Status::Partial) => {}
                     Err(e) => return Head::Bad(e),

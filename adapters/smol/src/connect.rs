@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_io::Timer;
 use futures_lite::future;
-use lb_core::Settings;
+use lb_proxy::Settings;
 
 use crate::reactor::{Io, Reactor};
 use crate::shared::{StartError, Upstream};

@@ -6,8 +6,8 @@ use std::time::Instant;
 use async_executor::Executor;
 use async_io::Timer;
 use futures_lite::future;
-use lb_core::http1::{self, Header, RequestHead, Status, Version};
 use lb_core::{Action, ProbeId, ProbeOutcome};
+use lb_http1::{Header, RequestHead, Status, Version};
 
 use crate::connect::describe;
 use crate::io::{head_read_size, read_more, send};
@@ -100,7 +100,7 @@ async fn check(shared: &Shared, probe: ProbeId) -> ProbeOutcome {
     }
     let mut buf = Vec::new();
     loop {
-        match http1::parse_response(&buf, &shared.limits) {
+        match lb_http1::parse_response(&buf, &shared.limits) {
             Ok(Status::Complete(resp, n)) if resp.is_interim() => {
                 // A 1xx before the real answer: skip it.
                 buf.drain(..n);

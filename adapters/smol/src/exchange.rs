@@ -1,5 +1,5 @@
 //! One proxied exchange: the request head and body to a backend, the response head and body
-//! back, or a tunnel after `101`. Every byte is framed by `lb_core::http1`; the lease goes
+//! back, or a tunnel after `101`. Every byte is framed by `lb_http1`; the lease goes
 //! back to the core with the outcome however the exchange ends.
 //!
 //! The steps, each raced against the request deadline (`--timeout` from the request's
@@ -31,12 +31,13 @@ use std::task::Poll;
 use std::time::Instant;
 
 use futures_lite::future;
-use lb_core::http1::{
+use lb_core::{BackendError, BackendId, ErrorKind, Outcome};
+use lb_http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
-use lb_core::reply::{self, ProxyError};
-use lb_core::reqlog::Capture;
-use lb_core::{BackendError, BackendId, ErrorKind, Notice, Outcome};
+use lb_proxy::reply::{self, ProxyError};
+use lb_proxy::reqlog::Capture;
+use lb_proxy::Notice;
 
 use crate::conn::{write_reply, After};
 use crate::connect::describe;

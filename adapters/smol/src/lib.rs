@@ -4,9 +4,9 @@
 //! outrun HAProxy. The tiny build of `lb`: no tokio, no hyper.
 //!
 //! What it does: accepts connections; reads request heads and frames bodies with
-//! `lb_core::http1` (it parses no HTTP of its own, save taking the data out of chunked
+//! `lb_http1` (it parses no HTTP of its own, save taking the data out of chunked
 //! bodies the framer has accepted, for routing and the request log); answers `/health`
-//! and errors from `lb_core::reply`; forwards everything else over pooled keep-alive
+//! and errors from `lb_proxy::reply`; forwards everything else over pooled keep-alive
 //! backend connections, streaming both bodies through small buffers (2 KiB growing to
 //! 32 KiB per direction) and writing each chunk through at once; splices upgraded
 //! connections (WebSocket); runs health probes when the core asks; and drains gracefully
@@ -18,7 +18,7 @@
 //! (`RequestKey::from_body`, `user_of`), then forwarded ahead of the rest; a request that
 //! finds every backend at `--max-conns` may wait in the core's admission queue
 //! (`--queue-timeout`), giving its place up if its client leaves; and `--log-to` writes
-//! one `lb_core::reqlog` line per request from a writer thread.
+//! one `lb_proxy::reqlog` line per request from a writer thread.
 //!
 //! TLS to `https://` backends (rustls, ring, system roots, `--backend-ca`) is the `tls`
 //! feature, off by default: it takes the stripped `lb` from about 1.2 MiB to 2.5 MiB.
@@ -63,7 +63,7 @@ use async_executor::Executor;
 use async_io::Timer;
 use async_signal::{Signal, Signals};
 use futures_lite::{future, StreamExt};
-use lb_core::{Notice, NoticeSink, Settings};
+use lb_proxy::{Notice, NoticeSink, Settings};
 use reactor::Reactor;
 use shared::Shared;
 

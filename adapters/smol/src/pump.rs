@@ -8,10 +8,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
-use lb_core::http1::{
-    self, rewrite_response, BodyFramer, RequestHead, ResponseHead, ResponsePlan, Status,
-};
 use lb_core::{BackendId, ErrorKind};
+use lb_http1::{rewrite_response, BodyFramer, RequestHead, ResponseHead, ResponsePlan, Status};
 
 use crate::connect::describe;
 use crate::io::{
@@ -41,7 +39,7 @@ pub(crate) enum HeadFail {
     /// of a response had arrived.
     Io { message: String, silent: bool },
     /// The head is not valid HTTP, or a `101` nobody asked for.
-    Invalid(http1::Error),
+    Invalid(lb_http1::Error),
     /// Forwarding an interim head to the client failed.
     ClientGone,
 }
@@ -245,7 +243,7 @@ pub(crate) async fn response_head(
     let mut silent = true;
     loop {
         if check {
-            match http1::parse_response(bbuf, limits) {
+            match lb_http1::parse_response(bbuf, limits) {
                 Ok(Status::Complete(resp, n)) => {
                     bbuf.drain(..n);
                     // Keep the client connection only if its request body is all read.

@@ -1,8 +1,8 @@
 //! `--log-to`: the bodies of a request, copied into its [`Capture`] as they stream (the
-//! capture and the writer are shared by both builds: `lb_core::reqlog` and the CLI).
+//! capture and the writer are shared by both builds: `lb_proxy::reqlog` and the CLI).
 
-use lb_core::http1::BodyKind;
-use lb_core::reqlog::Capture;
+use lb_http1::BodyKind;
+use lb_proxy::reqlog::Capture;
 
 /// Which body a [`Tap`] copies.
 #[derive(Clone, Copy)]
@@ -45,4 +45,4 @@ impl<'a> Tap<'a> {
     }
 }
 
-pub(crate) use lb_core::http1::Dechunk;
+pub(crate) use lb_http1::Dechunk;

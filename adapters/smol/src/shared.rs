@@ -17,12 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_listener::Event;
-use lb_core::http1::Limits;
-use lb_core::settings::IdleLimit;
 use lb_core::{
-    Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta, PoolError,
-    Reject, RequestMeta, Settings, Target, Ticket,
+    Admission, BackendId, Balancer, Lease, Outcome, OwnedMeta, PoolError, Reject, RequestMeta,
+    Ticket,
 };
+use lb_http1::Limits;
+use lb_proxy::settings::IdleLimit;
+use lb_proxy::{Notice, NoticeSink, Settings, Target};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 

@@ -9,7 +9,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use lb_core::{BackendSpec, Config, Notice, NoticeSink, Settings};
+use lb_core::{BackendSpec, Config};
+use lb_proxy::{Notice, NoticeSink, Settings};
 
 const BODY: &str = r#"{"ok":true}"#;
 
@@ -76,8 +77,8 @@ fn settings(backend: SocketAddr) -> Settings {
         pool_idle_timeout: Duration::from_secs(4),
         max_head_bytes: 64 * 1024,
         head_timeout: Duration::from_secs(5),
-        replay_buffer: lb_core::settings::DEFAULT_REPLAY_BUFFER,
-        hash_key: lb_core::HashKey::User,
+        replay_buffer: lb_proxy::settings::DEFAULT_REPLAY_BUFFER,
+        hash_key: lb_proxy::HashKey::User,
         request_log: None,
     }
 }

@@ -9,8 +9,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lb_core::reqlog::{Entry, EntrySink, RequestLog};
-use lb_core::{BackendSpec, Config, Notice, NoticeSink, Settings};
+use lb_core::{BackendSpec, Config};
+use lb_proxy::reqlog::{Entry, EntrySink, RequestLog};
+use lb_proxy::{Notice, NoticeSink, Settings};
 
 /// Path and body of each request a backend saw.
 type Seen = Mutex<Vec<(String, Vec<u8>)>>;
@@ -192,8 +193,8 @@ fn settings(backend: SocketAddr, queue: Option<Duration>, log: Option<RequestLog
         pool_idle_timeout: Duration::from_secs(4),
         max_head_bytes: 64 * 1024,
         head_timeout: Duration::from_secs(5),
-        replay_buffer: lb_core::settings::DEFAULT_REPLAY_BUFFER,
-        hash_key: lb_core::HashKey::User,
+        replay_buffer: lb_proxy::settings::DEFAULT_REPLAY_BUFFER,
+        hash_key: lb_proxy::HashKey::User,
         request_log: log,
     }
 }
@@ -322,7 +323,7 @@ fn chunked_bodies_are_logged_as_their_data() {
     let entries: Arc<Mutex<Vec<Entry>>> = Arc::default();
     let into = entries.clone();
     let sink: EntrySink = Arc::new(move |e, _started| into.lock().unwrap().push(e));
-    let log = RequestLog::new(sink, lb_core::reqlog::DEFAULT_BODY_LIMIT);
+    let log = RequestLog::new(sink, lb_proxy::reqlog::DEFAULT_BODY_LIMIT);
     let backend = Backend::spawn();
     let lb = Lb::spawn(settings(backend.addr, None, Some(log)));
 

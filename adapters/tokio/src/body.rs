@@ -10,8 +10,9 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use lb_core::reqlog::Capture;
-use lb_core::{BackendError, ErrorKind, Notice, Outcome};
+use lb_core::{BackendError, ErrorKind, Outcome};
+use lb_proxy::reqlog::Capture;
+use lb_proxy::Notice;
 use tokio::time::{Instant, Sleep};
 
 use crate::pool::Lent;

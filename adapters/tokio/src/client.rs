@@ -6,7 +6,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use lb_core::Settings;
+use lb_proxy::Settings;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 

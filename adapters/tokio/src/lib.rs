@@ -27,7 +27,7 @@ use std::time::Instant;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lb_core::{Notice, NoticeSink, Settings};
+use lb_proxy::{Notice, NoticeSink, Settings};
 use tokio::net::{TcpListener, TcpSocket};
 
 pub use shared::StartError;

@@ -14,9 +14,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lb_core::affinity::MAX_BODY_PREFIX;
-use lb_core::reply::{self, ProxyError, Reply};
-use lb_core::reqlog::Capture;
-use lb_core::{BackendError, ErrorKind, Notice, Outcome, OwnedMeta, Reject};
+use lb_core::{BackendError, ErrorKind, Outcome, OwnedMeta, Reject};
+use lb_proxy::reply::{self, ProxyError, Reply};
+use lb_proxy::reqlog::Capture;
+use lb_proxy::Notice;
 
 use crate::body::Streamed;
 use crate::pool::{Lent, Pool, SendError};
@@ -344,7 +345,7 @@ fn head_size(req: &Request<Incoming>) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-/// Why a backend response's framing is refused (as the smol build's `lb_core::http1`
+/// Why a backend response's framing is refused (as the smol build's `lb_http1`
 /// does): both `Content-Length` and `Transfer-Encoding`, or a transfer coding whose final
 /// coding is not `chunked`.
 fn bad_response_framing(h: &HeaderMap) -> Option<&'static str> {

@@ -13,11 +13,12 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
-use lb_core::settings::IdleLimit;
 use lb_core::{
-    Action, Admission, BackendId, Balancer, Lease, Notice, NoticeSink, Outcome, OwnedMeta,
-    PoolError, Reject, RequestMeta, Settings, Target, Ticket,
+    Action, Admission, BackendId, Balancer, Lease, Outcome, OwnedMeta, PoolError, Reject,
+    RequestMeta, Ticket,
 };
+use lb_proxy::settings::IdleLimit;
+use lb_proxy::{Notice, NoticeSink, Settings, Target};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use tokio::sync::{oneshot, Notify};

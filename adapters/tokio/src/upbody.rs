@@ -12,7 +12,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use lb_core::reqlog::Capture;
+use lb_proxy::reqlog::Capture;
 
 pub(crate) struct UpBody {
     buffered: VecDeque<Frame<Bytes>>,

@@ -1,7 +1,7 @@
 //! Taking the data out of a chunked body the [`BodyFramer`](super::BodyFramer) has
 //! already accepted.
 
-/// The data of a chunked body, from bytes `lb_core::http1::BodyFramer` has accepted.
+/// The data of a chunked body, from bytes `lb_http1::BodyFramer` has accepted.
 ///
 /// The framer delimits bodies without decoding them (a proxy forwards them verbatim);
 /// the request log and content-based routing need the chunks' data, which this takes out. Validation is the framer's: this only needs to tell size lines, data, line ends

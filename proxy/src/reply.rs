@@ -2,7 +2,7 @@
 //!
 //! Both adapters answer from here so the two builds say the same bytes.
 
-use crate::{Reject, Summary};
+use lb_core::{Reject, Summary};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1); a proxy never
 /// forwards them. Headers named in `Connection` are hop-by-hop too.

@@ -1,10 +1,10 @@
-//! Property tests for `lb_core::http1`: head round trips, rewrite output,
+//! Property tests for `lb_http1`: head round trips, rewrite output,
 //! split/unsplit agreement of framing (including pipelined messages), and
 //! robustness of the parsers on arbitrary bytes.
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb_core::http1::{
+use lb_http1::{
     parse_request, parse_response, rewrite_request, rewrite_response, BodyFramer, BodyKind, Error,
     Forwarding, Header, Limits, RequestHead, ResponseHead, Status, Version,
 };

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::affinity::user_of;
-use crate::{BackendSpec, Config, Event, Policy, RequestKey, RequestMeta};
+use lb_core::affinity::user_of;
+use lb_core::{BackendSpec, Config, Event, Policy, RequestKey, RequestMeta};
 
 /// Idle pooled connections to a backend are closed after this long. vLLM's server
 /// (uvicorn) closes idle keep-alive connections after 5 s; reusing one it is closing
@@ -64,7 +64,7 @@ impl IdleLimit {
 
     /// Learns from a response's `Keep-Alive` field value.
     pub fn learn(&self, keep_alive: &[u8]) {
-        if let Some(secs) = crate::http1::keep_alive_timeout(keep_alive) {
+        if let Some(secs) = lb_http1::keep_alive_timeout(keep_alive) {
             let ms = learned_idle(self.default, secs).as_millis() as u64;
             if ms != self.ms.load(Ordering::Relaxed) {
                 self.ms.store(ms, Ordering::Relaxed);
@@ -110,7 +110,7 @@ pub struct Settings {
 
 impl Settings {
     /// Whether routing needs the request body (its first
-    /// [`MAX_BODY_PREFIX`](crate::affinity::MAX_BODY_PREFIX) bytes) before selecting.
+    /// [`MAX_BODY_PREFIX`](lb_core::affinity::MAX_BODY_PREFIX) bytes) before selecting.
     pub fn routes_by_body(&self) -> bool {
         match self.core.policy {
             Policy::CacheAware => true,
@@ -158,7 +158,7 @@ pub struct RouteKeys {
 }
 
 impl RouteKeys {
-    /// The request's meta for [`Balancer::select`](crate::Balancer::select).
+    /// The request's meta for [`Balancer::select`](lb_core::Balancer::select).
     pub fn meta(&self, client_ip: IpAddr) -> RequestMeta<'_> {
         RequestMeta {
             client_ip: Some(client_ip),
