@@ -217,6 +217,10 @@ pub enum ErrorKind {
     /// connection as the request went out. Not the backend's fault: it never counts
     /// against its health.
     Reuse,
+    /// The backend's response is valid but beyond what the proxy passes on (a head over
+    /// its limit, a transfer coding it cannot keep intact). Not a sign of ill health: it
+    /// never counts against the backend.
+    Unsupported,
 }
 
 /// A failed backend exchange: a kind for decisions, a message for people.
@@ -257,7 +261,11 @@ impl Outcome {
                 status: Some(_),
                 error,
             } if error.kind == ErrorKind::Timeout => None,
-            Outcome::Failed { error, .. } if error.kind == ErrorKind::Reuse => None,
+            Outcome::Failed { error, .. }
+                if matches!(error.kind, ErrorKind::Reuse | ErrorKind::Unsupported) =>
+            {
+                None
+            }
             Outcome::Failed { .. } => Some(true),
             Outcome::Cancelled => None,
         }

@@ -1,14 +1,44 @@
 //! The proxy layer of `lb`: everything both runtimes need that is not I/O itself.
 //!
-//! `lb-core` makes the balancing decisions and `lb-http1` frames HTTP/1.1 bytes; the
-//! adapters (`lb-tokio`, `lb-smol`) move bytes and time. This crate sits between: the
-//! validated [`Settings`], the error replies both builds send ([`reply`]), the request
-//! log ([`reqlog`]), and the notices the CLI prints. It depends on no runtime.
+//! ```text
+//! cli/ (lb-cli)      flags → Settings → picks the adapter at build time → prints notices
+//! adapters/          tokio + hyper, smol + lb-http1: sockets, timers, byte pumps; no decisions
+//! proxy/ (lb-proxy)  this crate: shared state, leases, queue hand-over, the control loop,
+//!                    HTTP rules, error replies, the request log; no runtime
+//! http1/ (lb-http1)  sans-IO HTTP/1.1 framing (httparse) and the rules as pure functions
+//! core/ (lb-core)    sans-IO balancer: pool, policies, health, affinity, queue, status
+//! ```
+//!
+//! An adapter implements [`Runtime`] (a timer, spawning, one bounded GET) and builds a
+//! [`Proxy`] from the [`Settings`]; it spawns [`drive`] once, and for each request:
+//!
+//! 1. reads a request head and checks it with [`rules`] (refusals are [`reply`]s);
+//! 2. reads a body prefix when routing by content ([`Settings::routes_by_body`]), takes
+//!    the [`RouteKeys`] and calls [`Proxy::select_or_wait`] for a [`LeaseGuard`];
+//! 3. forwards and streams both ways; a failure becomes [`LeaseGuard::fail`] (before the
+//!    response head: the reply to send) or [`LeaseGuard::cut`] (after it);
+//! 4. lets the guard go: the lease returns to the core with the exchange's outcome.
+//!
+//! Which backend and whether it is healthy are the core's; what is valid HTTP and how a
+//! message is rewritten are [`rules`] and `lb-http1`; a new feature that both builds must
+//! show (a header rule, a metric, a log field) goes here, once.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod driver;
+mod lease;
+mod proxy;
 pub mod reply;
 pub mod reqlog;
+mod runtime;
 pub mod settings;
+mod start;
+mod upstream;
 
+pub use driver::drive;
+pub use lease::{Failure, LeaseGuard};
+pub use proxy::{client_ip, ConnectionGuard, Proxy};
+pub use runtime::{Fetched, Runtime};
 pub use settings::{HashKey, Notice, NoticeSink, RouteKeys, Settings, Target, UrlError};
+pub use start::StartError;
+pub use upstream::Upstream;

@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use futures_lite::future;
 use lb_core::affinity::MAX_BODY_PREFIX;
-use lb_core::{OwnedMeta, Reject};
 use lb_http1::{BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version};
 use lb_proxy::reply::{self, ProxyError, Reply};
+use lb_proxy::ConnectionGuard;
 
 use crate::exchange;
 use crate::io::{
@@ -20,7 +20,7 @@ use crate::io::{
 };
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
-use crate::shared::{ConnectionGuard, Local, Shared};
+use crate::rt::{Local, Proxy, Smol};
 use crate::stream::Stream;
 use crate::timers::Timers;
 
@@ -46,13 +46,19 @@ enum Head {
     TimedOut,
 }
 
-/// Serves one client connection until it closes.
-pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAddr) {
-    let shared = open.shared().clone();
+/// Serves one client connection of shard `shard` until it closes.
+pub(crate) async fn serve(
+    open: ConnectionGuard<Smol>,
+    shard: usize,
+    client: Stream,
+    peer: SocketAddr,
+) {
+    let proxy = open.proxy().clone();
+    let local = proxy.runtime().local(shard);
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {
-        let head = read_head(&shared, &open.local().timers, &client, &mut cbuf, !first).await;
+        let head = read_head(&proxy, &local.timers, &client, &mut cbuf, !first).await;
         let req = match head {
             Head::Request(req, n) => {
                 cbuf.drain(..n);
@@ -76,7 +82,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
             }
         };
         first = false;
-        let after = handle(&shared, open.local(), &client, &mut cbuf, peer, req).await;
+        let after = handle(&proxy, local, &client, &mut cbuf, peer, req).await;
         match after {
             After::KeepAlive => {}
             After::Close => return,
@@ -91,7 +97,7 @@ pub(crate) async fn serve(open: ConnectionGuard, client: Stream, peer: SocketAdd
 /// and the exchange. Every request but `/health` gets a request-log capture when
 /// `--log-to` is set.
 async fn handle(
-    shared: &Arc<Shared>,
+    proxy: &Arc<Proxy>,
     local: &Local,
     client: &Stream,
     cbuf: &mut Vec<u8>,
@@ -99,13 +105,12 @@ async fn handle(
     mut req: RequestHead,
 ) -> After {
     if path(&req.target) == "/health" {
-        let local = reply::health(shared.core().summary());
-        return answer(shared, client, &req, &local).await;
+        return answer(proxy, client, &req, &proxy.health()).await;
     }
+    let settings = proxy.settings();
     let arrived = Instant::now();
-    let deadline = arrived + shared.settings.request_timeout;
-    let capture = shared
-        .settings
+    let deadline = arrived + settings.request_timeout;
+    let capture = settings
         .request_log
         .as_ref()
         .map(|log| log.capture(arrived, &req.method, path_and_query(&req.target)));
@@ -113,7 +118,7 @@ async fn handle(
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.
     let mut prefix = None;
-    if shared.settings.routes_by_body() {
+    if settings.routes_by_body() {
         let read = future::or(read_prefix(client, cbuf, &mut req), async {
             local.timers.at(deadline).await;
             None
@@ -132,39 +137,28 @@ async fn handle(
         };
         prefix = Some(read);
     }
-    let keys = shared.settings.route_keys(
+    let keys = settings.route_keys(
         prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
         |name| req.header(name),
     );
-    let meta = keys.meta(peer.ip().to_canonical());
-    let selected = match shared.select(&meta) {
-        Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
-            // Wait for a slot; a client that leaves meanwhile gives its place up.
-            let wait = shared.wait_for_slot(OwnedMeta::from(&meta));
-            let waited = future::or(async { Some(wait.await) }, async {
-                watch(client, cbuf, WATCH_CAP).await;
-                None
-            });
-            match waited.await {
-                Some(selected) => selected,
-                None => return After::Gone,
-            }
+    let meta = keys.meta(lb_proxy::client_ip(peer.ip()));
+    // A wait in the queue gives its place up if the client leaves meanwhile.
+    let selected = future::or(async { Some(proxy.select_or_wait(&meta).await) }, async {
+        watch(client, cbuf, WATCH_CAP).await;
+        None
+    });
+    let local = match selected.await {
+        None => return After::Gone,
+        Some(Ok(guard)) => {
+            return exchange::forward(local, client, cbuf, peer, req, guard, deadline, capture)
+                .await
         }
-        selected => selected,
-    };
-    let local = match selected {
-        Ok(guard) => {
-            return exchange::forward(
-                shared, local, client, cbuf, peer, req, guard, deadline, capture,
-            )
-            .await
-        }
-        Err(reject) => reply::error(ProxyError::Rejected(reject)),
+        Some(Err(reject)) => reply::error(ProxyError::Rejected(reject)),
     };
     if let Some(c) = &capture {
         c.reply(&local);
     }
-    answer(shared, client, &req, &local).await
+    answer(proxy, client, &req, &local).await
 }
 
 /// Reads the request body into `cbuf` (after what it holds) until the body ends or
@@ -220,9 +214,9 @@ async fn read_prefix<'b>(
 /// Sends a reply the proxy made itself; the connection carries on only if the request
 /// had no body (a body we do not forward is not read: the connection closes after the
 /// answer).
-async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Reply) -> After {
+async fn answer(proxy: &Proxy, client: &Stream, req: &RequestHead, local: &Reply) -> After {
     let no_body = matches!(req.body_kind(), Ok(BodyKind::None | BodyKind::Length(0)));
-    let keep = no_body && req.keep_alive() && !shared.is_shutting_down();
+    let keep = no_body && req.keep_alive() && !proxy.is_shutting_down();
     match write_reply(client, local, req, keep).await {
         Err(_) => After::Gone,
         Ok(()) if keep => After::KeepAlive,
@@ -237,18 +231,19 @@ async fn answer(shared: &Shared, client: &Stream, req: &RequestHead, local: &Rep
 /// here yet; wait until the socket is readable before reading (sparing a read that would
 /// find nothing).
 async fn read_head(
-    shared: &Shared,
+    proxy: &Proxy,
     timers: &Timers,
     client: &Stream,
     cbuf: &mut Vec<u8>,
     idle: bool,
 ) -> Head {
-    let limit = shared.limits.max_head_bytes;
+    let limits = &proxy.runtime().limits;
+    let limit = limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
         loop {
             if check {
-                match lb_http1::parse_request(cbuf, &shared.limits) {
+                match lb_http1::parse_request(cbuf, limits) {
                     Ok(Status::Complete(req, n)) => return Head::Request(req, n),
                     Ok(Status::Partial) => {}
                     Err(e) => return Head::Bad(e),
@@ -257,7 +252,7 @@ async fn read_head(
             let before = cbuf.len();
             let want = head_read_size(before, limit);
             let got = if before == 0 {
-                if shared.is_shutting_down() {
+                if proxy.is_shutting_down() {
                     return Head::Closed;
                 }
                 let read = async {
@@ -267,7 +262,7 @@ async fn read_head(
                     read_more(client, cbuf, want).await
                 };
                 future::or(read, async {
-                    shared.shutdown_begun().await;
+                    proxy.shutdown_begun().await;
                     Ok(0)
                 })
                 .await
@@ -281,7 +276,7 @@ async fn read_head(
         }
     };
     future::or(read, async {
-        timers.after(shared.settings.head_timeout).await;
+        timers.after(proxy.settings().head_timeout).await;
         Head::TimedOut
     })
     .await

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use async_io::Timer;
 use futures_lite::future;
-use lb_proxy::Settings;
+use lb_proxy::{Settings, StartError, Target};
 
 use crate::reactor::{Io, Reactor};
-use crate::shared::{StartError, Upstream};
 use crate::stream::Stream;
 
-/// Opens backend connections; holds the TLS configuration when a backend needs it.
+/// Opens backend connections; holds the TLS configuration.
+#[derive(Clone)]
 pub(crate) struct Connector {
     /// `--connect-timeout`: for resolving, connecting and the TLS handshake together.
     timeout: Duration,
@@ -23,22 +23,15 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    pub(crate) fn new<'a>(
-        settings: &Settings,
-        mut upstreams: impl Iterator<Item = &'a Upstream>,
-    ) -> Result<Self, StartError> {
-        let https = upstreams.find(|u| u.target.tls);
+    pub(crate) fn new(settings: &Settings) -> Result<Self, StartError> {
         let timeout = settings.connect_timeout;
         #[cfg(feature = "tls")]
         {
-            let tls = crate::tls::connector(settings.backend_ca.as_deref(), https.is_some())?;
+            let tls = crate::tls::connector(settings.backend_ca.as_deref(), true)?;
             Ok(Connector { timeout, tls })
         }
         #[cfg(not(feature = "tls"))]
         {
-            if let Some(u) = https {
-                return Err(StartError::NoTls(u.url.to_string()));
-            }
             if let Some(path) = &settings.backend_ca {
                 std::fs::metadata(path)
                     .map_err(|e| StartError::Tls(format!("{}: {e}", path.display())))?;
@@ -47,22 +40,30 @@ impl Connector {
         }
     }
 
-    /// A new connection to `up`, on `reactor` (the shard's that will use it), within
+    /// Whether this build can reach `target`: an `https://` backend needs the `tls`
+    /// feature.
+    pub(crate) fn check(&self, target: &Target) -> Result<(), StartError> {
+        if target.tls && cfg!(not(feature = "tls")) {
+            return Err(StartError::NoTls(target.url.to_string()));
+        }
+        Ok(())
+    }
+
+    /// A new connection to `target`, on `reactor` (the shard's that will use it), within
     /// `--connect-timeout`; the error is a short description for the log.
     pub(crate) async fn connect(
         &self,
-        up: &Upstream,
+        target: &Target,
         reactor: &Arc<Reactor>,
     ) -> Result<Stream, String> {
-        future::or(self.attempt(up, reactor), async {
+        future::or(self.attempt(target, reactor), async {
             Timer::after(self.timeout).await;
             Err(describe(&io::ErrorKind::TimedOut.into()))
         })
         .await
     }
 
-    async fn attempt(&self, up: &Upstream, reactor: &Arc<Reactor>) -> Result<Stream, String> {
-        let t = &up.target;
+    async fn attempt(&self, t: &Target, reactor: &Arc<Reactor>) -> Result<Stream, String> {
         let addrs: Vec<SocketAddr> = match t.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, t.port)],
             Err(_) => async_net::resolve((t.host.as_str(), t.port))
@@ -74,7 +75,7 @@ impl Connector {
             match Io::connect(reactor, addr).await {
                 Ok(tcp) => {
                     let _ = tcp.get_ref().set_nodelay(true);
-                    return self.secure(up, tcp).await;
+                    return self.secure(t, tcp).await;
                 }
                 Err(e) => last = e,
             }
@@ -83,15 +84,15 @@ impl Connector {
     }
 
     #[cfg(feature = "tls")]
-    async fn secure(&self, up: &Upstream, tcp: Io<TcpStream>) -> Result<Stream, String> {
-        match (&self.tls, up.target.tls) {
-            (Some(tls), true) => crate::tls::handshake(tls, &up.target.host, tcp).await,
+    async fn secure(&self, t: &Target, tcp: Io<TcpStream>) -> Result<Stream, String> {
+        match (&self.tls, t.tls) {
+            (Some(tls), true) => crate::tls::handshake(tls, &t.host, tcp).await,
             _ => Ok(Stream::Tcp(tcp)),
         }
     }
 
     #[cfg(not(feature = "tls"))]
-    async fn secure(&self, _up: &Upstream, tcp: Io<TcpStream>) -> Result<Stream, String> {
+    async fn secure(&self, _t: &Target, tcp: Io<TcpStream>) -> Result<Stream, String> {
         Ok(Stream::Tcp(tcp))
     }
 }

@@ -26,18 +26,16 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use futures_lite::future;
-use lb_core::{BackendError, BackendId, ErrorKind, Outcome};
 use lb_http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
 use lb_proxy::reply::{self, ProxyError};
 use lb_proxy::reqlog::Capture;
-use lb_proxy::Notice;
+use lb_proxy::Failure;
 
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
@@ -47,7 +45,7 @@ use crate::pump::{
     HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
-use crate::shared::{LeaseGuard, Local, Shared, Upstream};
+use crate::rt::{LeaseGuard, Local, Proxy, Upstream};
 use crate::stream::Stream;
 use crate::timers::Sleep;
 
@@ -59,7 +57,6 @@ use crate::timers::Sleep;
 /// when the exchange ends (for an upgrade, once the `101` is sent).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
-    shared: &Arc<Shared>,
     local: &Local,
     client: &Stream,
     cbuf: &mut Vec<u8>,
@@ -69,17 +66,16 @@ pub(crate) async fn forward(
     deadline: Instant,
     capture: Option<Capture>,
 ) -> After {
-    let id = guard.backend();
-    let up = shared.upstream(id);
+    let proxy = guard.proxy().clone();
+    let up = guard.upstream().clone();
     if let Some(c) = &capture {
-        c.backend(up.url.clone());
+        c.backend(up.url().clone());
     }
     let mut x = Exchange {
-        shared,
+        proxy: &proxy,
         local,
         client,
-        id,
-        up,
+        up: &up,
         req: &req,
         capture: capture.as_ref(),
         timer: local.timers.at(deadline),
@@ -97,7 +93,7 @@ pub(crate) async fn forward(
     };
     x.reused = reused;
     if reused {
-        upward.replay = Replay::new(sent.bytes, sent.body, shared.settings.replay_buffer);
+        upward.replay = Replay::new(sent.bytes, sent.body, proxy.settings().replay_buffer);
     }
 
     let req_done = AtomicBool::new(body_read);
@@ -112,23 +108,15 @@ pub(crate) async fn forward(
                 reuse,
                 status,
             } => {
-                guard.finish(Outcome::Response(status));
+                guard.respond(status);
                 if reuse {
-                    local.pool.put(id, conn, up.idle.get());
+                    local.pool.put(up.id(), conn, up.idle.get());
                 }
                 return after;
             }
             Step::Upgrade(resp, out) => break (resp, out),
-            Step::Cut {
-                status,
-                kind,
-                message,
-            } => {
-                x.log(0, message.clone());
-                guard.finish(Outcome::Failed {
-                    status: Some(status),
-                    error: BackendError { kind, message },
-                });
+            Step::Cut { status, failure } => {
+                guard.cut(status, failure, &x.line());
                 return After::Gone;
             }
             Step::End(end) => {
@@ -141,8 +129,9 @@ pub(crate) async fn forward(
                 let whole = upward.replay.is_some() && x.hold_rest(cbuf, &mut upward).await;
                 let Some(replay) = upward.replay.take().filter(|_| whole) else {
                     let done = upward.framer.is_done();
-                    let end = End::Failed(ProxyError::BadGateway, ErrorKind::Reuse, message);
-                    return x.end(guard, end, done).await;
+                    return x
+                        .end(guard, End::Failed(Failure::Race(message)), done)
+                        .await;
                 };
                 req_done.store(true, Ordering::Release);
                 conn = match x.resend(cbuf, replay.bytes()).await {
@@ -169,10 +158,8 @@ struct Sent {
 /// How an exchange ended before a response was under way: the client gets an answer (or
 /// is gone).
 enum End {
-    /// The backend failed: answer with the error, release as `Failed`.
-    Failed(ProxyError, ErrorKind, String),
-    /// The deadline passed before a response head: 504.
-    Timeout,
+    /// The backend failed (or the deadline passed): answer with the error.
+    Failed(Failure),
     /// The client's request is malformed (bad body framing): 400, not the backend's fault.
     BadRequest,
     /// The client went away: nothing to answer.
@@ -191,11 +178,7 @@ enum Step {
     /// `101 Switching Protocols`: the rewritten head, then the tunnel.
     Upgrade(ResponseHead, Vec<u8>),
     /// The response was cut after its head (it had this status).
-    Cut {
-        status: u16,
-        kind: ErrorKind,
-        message: String,
-    },
+    Cut { status: u16, failure: Failure },
     /// It ended before a response was under way.
     End(End),
     /// A reused connection failed before any byte of a response: the keep-alive race.
@@ -204,10 +187,9 @@ enum Step {
 
 /// What the steps of one exchange share.
 struct Exchange<'a> {
-    shared: &'a Shared,
+    proxy: &'a Proxy,
     local: &'a Local,
     client: &'a Stream,
-    id: BackendId,
     up: &'a Upstream,
     req: &'a RequestHead,
     capture: Option<&'a Capture>,
@@ -254,15 +236,15 @@ impl<'a> Exchange<'a> {
 
     /// Step 1: a connection with the head on it (and whether it was reused).
     async fn connect(&mut self, cbuf: &mut Vec<u8>, sent: &Sent) -> Result<(Stream, bool), End> {
-        let (shared, local, id, up) = (self.shared, self.local, self.id, self.up);
-        self.guarded(cbuf, send_head(shared, local, id, up, &sent.bytes))
+        let (proxy, local, up) = (self.proxy, self.local, self.up);
+        self.guarded(cbuf, send_head(proxy, local, up, &sent.bytes))
             .await
     }
 
     /// A new connection with `bytes` (the whole request, after the keep-alive race) on it.
     async fn resend(&mut self, cbuf: &mut Vec<u8>, bytes: &[u8]) -> Result<Stream, End> {
-        let (shared, local, up) = (self.shared, self.local, self.up);
-        self.guarded(cbuf, send_fresh(shared, local, up, bytes))
+        let (proxy, local, up) = (self.proxy, self.local, self.up);
+        self.guarded(cbuf, send_fresh(proxy, local, up, bytes))
             .await
     }
 
@@ -281,15 +263,12 @@ impl<'a> Exchange<'a> {
     async fn guarded<T>(
         &mut self,
         cbuf: &mut Vec<u8>,
-        work: impl Future<Output = Result<T, (ErrorKind, String)>>,
+        work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, End> {
         let client = self.client;
         let timer = &mut self.timer;
         future::or(
-            async {
-                work.await
-                    .map_err(|(kind, msg)| End::Failed(ProxyError::BadGateway, kind, msg))
-            },
+            async { work.await.map_err(End::Failed) },
             future::or(
                 async {
                     watch(client, cbuf, WATCH_CAP).await;
@@ -297,7 +276,7 @@ impl<'a> Exchange<'a> {
                 },
                 async {
                     timer.await;
-                    Err(End::Timeout)
+                    Err(End::Failed(Failure::Timeout))
                 },
             ),
         )
@@ -363,7 +342,7 @@ impl<'a> Exchange<'a> {
         }
         let got = {
             let mut down = pin!(response_head(
-                self.shared,
+                self.proxy,
                 self.client,
                 conn,
                 bbuf,
@@ -402,14 +381,12 @@ impl<'a> Exchange<'a> {
                 if silent && self.reused {
                     return Err(Step::Race(message));
                 }
-                End::Failed(ProxyError::BadGateway, ErrorKind::Io, message)
+                End::Failed(Failure::Io(message))
             }
-            Got::Fail(HeadFail::Invalid(e)) => End::Failed(
-                ProxyError::BadResponse,
-                ErrorKind::Protocol,
-                format!("invalid response: {e}"),
-            ),
-            Got::Timeout => End::Timeout,
+            Got::Fail(HeadFail::Invalid(e)) => {
+                End::Failed(Failure::Invalid(format!("invalid response: {e}")))
+            }
+            Got::Timeout => End::Failed(Failure::Timeout),
         }))
     }
 
@@ -439,8 +416,7 @@ impl<'a> Exchange<'a> {
             }
             Err(e) => {
                 let msg = format!("invalid response body: {e}");
-                let end = End::Failed(ProxyError::BadResponse, ErrorKind::Protocol, msg);
-                return Step::End(end);
+                return Step::End(End::Failed(Failure::Invalid(msg)));
             }
         }
         enum Got {
@@ -465,7 +441,7 @@ impl<'a> Exchange<'a> {
             })
             .await
         };
-        let (kind, message) = match got {
+        let failure = match got {
             Got::Down(DownEnd::Done) => {
                 let done = req_done.load(Ordering::Acquire);
                 let self_delimited = matches!(
@@ -491,51 +467,29 @@ impl<'a> Exchange<'a> {
                 };
             }
             Got::Down(DownEnd::ClientGone) | Got::Up => return Step::End(End::ClientGone),
-            Got::Down(DownEnd::Backend(kind, message)) => (kind, message),
-            Got::Timeout => (
-                ErrorKind::Timeout,
-                "request timeout (--timeout) reached while streaming the response".into(),
-            ),
+            Got::Down(DownEnd::Backend(failure)) => failure,
+            Got::Timeout => Failure::Timeout,
         };
-        Step::Cut {
-            status,
-            kind,
-            message,
-        }
+        Step::Cut { status, failure }
     }
 
-    fn log(&self, status: u16, error: String) {
-        (self.shared.log)(Notice::ProxyError {
-            backend: self.up.url.clone(),
-            request: format!("{} {}", self.req.method, self.req.target),
-            status,
-            error,
-        });
+    /// The request as the log names it.
+    fn line(&self) -> String {
+        format!("{} {}", self.req.method, self.req.target)
     }
 
     /// Answers the client for an exchange that ended before a response was under way,
     /// and releases the lease with the matching outcome.
     async fn end(&self, guard: LeaseGuard, end: End, req_done: bool) -> After {
-        let (answer, kind, message) = match end {
+        let reply = match end {
             End::ClientGone => return After::Gone,
             End::BadRequest => return self.reject(guard, ProxyError::BadRequest).await,
-            End::Failed(answer, kind, message) => (answer, kind, message),
-            End::Timeout => (
-                ProxyError::GatewayTimeout,
-                ErrorKind::Timeout,
-                "no response before the request timeout (--timeout)".to_string(),
-            ),
+            End::Failed(failure) => guard.fail(failure, &self.line()),
         };
-        let reply = reply::error(answer);
-        self.log(reply.status, message.clone());
-        guard.finish(Outcome::Failed {
-            status: None,
-            error: BackendError { kind, message },
-        });
         if let Some(c) = self.capture {
             c.reply(&reply);
         }
-        let keep = req_done && self.req.keep_alive() && !self.shared.is_shutting_down();
+        let keep = req_done && self.req.keep_alive() && !self.proxy.is_shutting_down();
         match write_reply(self.client, &reply, self.req, keep).await {
             Err(_) => After::Gone,
             Ok(()) if keep => After::KeepAlive,
@@ -547,7 +501,7 @@ impl<'a> Exchange<'a> {
     /// The client's request cannot be forwarded (bad body framing): 400, not the
     /// backend's fault.
     async fn reject(&self, guard: LeaseGuard, answer: ProxyError) -> After {
-        guard.finish(Outcome::Cancelled);
+        drop(guard); // not the backend's fault: released as cancelled
         let reply = reply::error(answer);
         if let Some(c) = self.capture {
             c.reply(&reply);
@@ -579,6 +533,6 @@ async fn tunnel(
     // The tunnel ends when either side closes; an error on the way is not the backend's
     // fault any more than the client's.
     let _ = result;
-    guard.finish(Outcome::Response(status));
+    guard.respond(status);
     After::Gone
 }

@@ -39,7 +39,6 @@
 
 mod conn;
 mod connect;
-mod driver;
 mod exchange;
 mod io;
 mod listen;
@@ -47,7 +46,7 @@ mod pool;
 mod pump;
 mod reactor;
 mod reqlog;
-mod shared;
+mod rt;
 mod stream;
 mod timers;
 #[cfg(feature = "tls")]
@@ -65,9 +64,9 @@ use async_signal::{Signal, Signals};
 use futures_lite::{future, StreamExt};
 use lb_proxy::{Notice, NoticeSink, Settings};
 use reactor::Reactor;
-use shared::Shared;
+use rt::{Proxy, Smol};
 
-pub use shared::StartError;
+pub use lb_proxy::StartError;
 
 /// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
 /// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS
@@ -75,8 +74,9 @@ pub use shared::StartError;
 ///
 /// The calling thread runs the first shard, blocked in that shard's own reactor.
 pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
-    let mut signals = Signals::new([Signal::Term, Signal::Int]).map_err(StartError::Signal)?;
-    let reactor = Reactor::new().map_err(StartError::Reactor)?;
+    let mut signals = Signals::new([Signal::Term, Signal::Int])
+        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT handlers", e))?;
+    let reactor = Reactor::new().map_err(reactor_error)?;
     let shutdown = async move {
         let _ = signals.next().await;
     };
@@ -128,72 +128,73 @@ async fn start(
     let (first, nested) = match first {
         Shard0::Blocked(r) => (r, None),
         Shard0::Nested => {
-            let r = Reactor::new().map_err(StartError::Reactor)?;
-            let poller = r.nest().map_err(StartError::Reactor)?;
+            let r = Reactor::new().map_err(reactor_error)?;
+            let poller = r.nest().map_err(reactor_error)?;
             (r, Some(poller))
         }
     };
     let mut reactors = vec![first];
     for _ in 1..shards {
-        reactors.push(Reactor::new().map_err(StartError::Reactor)?);
+        reactors.push(Reactor::new().map_err(reactor_error)?);
     }
-    let shared = shared::Shared::new(settings, log.clone(), Instant::now(), reactors)?;
+    let rt = Smol::new(&settings, reactors)?;
+    let proxy = Proxy::new(settings, log.clone(), rt, Instant::now())?;
     let own = listeners.remove(0);
     for (i, listener) in listeners.into_iter().enumerate() {
-        let on_thread = shared.clone();
+        let on_thread = proxy.clone();
         let started = std::thread::Builder::new()
             .name(format!("lb-shard-{}", i + 1))
             .stack_size(SHARD_STACK)
             .spawn(move || {
-                let shared = on_thread;
+                let proxy = on_thread;
                 let ex = Executor::new();
-                let reactor = shared.local(i + 1).reactor.clone();
+                let reactor = proxy.runtime().local(i + 1).reactor.clone();
                 reactor.block_on(ex.run(async {
-                    future::or(
-                        shard(&shared, &ex, listener, i + 1),
-                        shared.shutdown_begun(),
-                    )
-                    .await;
-                    wind_down(&shared).await;
+                    future::or(shard(&proxy, &ex, listener, i + 1), proxy.shutdown_begun()).await;
+                    wind_down(&proxy).await;
                 }));
                 // Dropping the executor drops the tasks still running (streams cut at the
                 // deadline): their connections close and their leases are released.
                 drop(ex);
-                shared.shard_stopped();
+                proxy.runtime().shard_stopped();
             });
         if let Err(e) = started {
             // The shards already started stop with this one.
-            shared.begin_shutdown();
-            return Err(StartError::Thread(e));
+            proxy.begin_shutdown();
+            return Err(StartError::runtime("start a worker thread", e));
         }
     }
     let ex = Arc::new(Executor::new());
+    proxy.runtime().set_spawner(&ex);
     let served = ex.run(async {
-        ex.spawn(driver::drive(shared.clone(), Arc::downgrade(&ex)))
-            .detach();
+        ex.spawn(lb_proxy::drive(proxy.clone())).detach();
         if let Some(poller) = nested {
             ex.spawn(poller).detach();
         }
         log(Notice::Listening(local));
-        future::or(shard(&shared, &ex, own, 0), shutdown).await;
-        shared.begin_shutdown();
+        future::or(shard(&proxy, &ex, own, 0), shutdown).await;
+        proxy.begin_shutdown();
         log(Notice::ShuttingDown {
-            in_flight: shared.in_flight(),
+            in_flight: proxy.in_flight(),
         });
-        wind_down(&shared).await;
+        wind_down(&proxy).await;
     });
     served.await;
     drop(ex);
-    shared.shard_stopped();
+    proxy.runtime().shard_stopped();
     // The other shards reach the same deadline at about the same time.
-    future::or(shared.shards_stopped(), async {
+    future::or(proxy.runtime().shards_stopped(), async {
         Timer::after(Duration::from_secs(1)).await;
     })
     .await;
     log(Notice::Stopped {
-        abandoned: shared.in_flight(),
+        abandoned: proxy.in_flight(),
     });
     Ok(())
+}
+
+fn reactor_error(e: std::io::Error) -> StartError {
+    StartError::runtime("create an event loop (epoll)", e)
 }
 
 /// Stack size of the shards' own threads: connection tasks live on the heap, so the stack
@@ -202,8 +203,8 @@ const SHARD_STACK: usize = 256 * 1024;
 
 /// One shard: reaps its pool, fires its deadlines, accepts on its listener and serves each
 /// connection as a task on `ex`, until the future is dropped (which closes the listener).
-async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
-    let reactor = &shared.local(index).reactor;
+async fn shard(proxy: &Arc<Proxy>, ex: &Executor<'static>, listener: TcpListener, index: usize) {
+    let reactor = &proxy.runtime().local(index).reactor;
     let registered = listener
         .set_nonblocking(true)
         .and_then(|()| reactor.register(listener));
@@ -211,14 +212,14 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
         // Registering with the reactor failed: the other shards' listeners still serve.
         return std::future::pending().await;
     };
-    let reaper = shared.clone();
+    let reaper = proxy.clone();
     ex.spawn(async move {
         let limits = |slot| reaper.idle_limit(slot);
-        reaper.local(index).pool.reap(limits).await
+        reaper.runtime().local(index).pool.reap(limits).await
     })
     .detach();
-    let timers = shared.clone();
-    ex.spawn(async move { timers.local(index).timers.run().await })
+    let timers = proxy.clone();
+    ex.spawn(async move { timers.runtime().local(index).timers.run().await })
         .detach();
     loop {
         match listener.accept().await {
@@ -228,8 +229,8 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
                 let Ok(stream) = reactor.register(stream) else {
                     continue;
                 };
-                let open = shared.open_connection(index);
-                ex.spawn(conn::serve(open, stream::Stream::Tcp(stream), peer))
+                let open = proxy.open_connection();
+                ex.spawn(conn::serve(open, index, stream::Stream::Tcp(stream), peer))
                     .detach();
             }
             // Out of file descriptors and the like: the listener stays readable, so back
@@ -243,9 +244,9 @@ async fn shard(shared: &Arc<Shared>, ex: &Executor<'static>, listener: TcpListen
 
 /// After shutdown began: waits until every connection and lease is gone, for at most
 /// `--shutdown-timeout`.
-async fn wind_down(shared: &Shared) {
-    let deadline = Instant::now() + shared.settings.shutdown_timeout;
-    future::or(shared.drained(), async {
+async fn wind_down(proxy: &Proxy) {
+    let deadline = Instant::now() + proxy.settings().shutdown_timeout;
+    future::or(proxy.drained(), async {
         Timer::at(deadline).await;
     })
     .await;

@@ -8,15 +8,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
-use lb_core::{BackendId, ErrorKind};
 use lb_http1::{rewrite_response, BodyFramer, RequestHead, ResponseHead, ResponsePlan, Status};
+use lb_proxy::Failure;
 
 use crate::connect::describe;
 use crate::io::{
     head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
 };
 use crate::reqlog::Tap;
-use crate::shared::{Local, Shared, Upstream};
+use crate::rt::{Local, Proxy, Upstream};
 use crate::stream::Stream;
 
 /// Most bytes kept from a client while it waits for its response (a pipelined request,
@@ -48,7 +48,7 @@ pub(crate) enum HeadFail {
 pub(crate) enum DownEnd {
     Done,
     ClientGone,
-    Backend(ErrorKind, String),
+    Backend(Failure),
 }
 
 /// Polls the upload unless it already ended; a non-fatal end (a failed backend write) is
@@ -80,38 +80,38 @@ where
 /// fails while the head goes out never saw a whole request, so the head goes to a new
 /// connection instead.
 pub(crate) async fn send_head(
-    shared: &Shared,
+    proxy: &Proxy,
     local: &Local,
-    id: BackendId,
     up: &Upstream,
     head: &[u8],
-) -> Result<(Stream, bool), (ErrorKind, String)> {
-    if let Some(conn) = local.pool.take(id, up.idle.get()) {
+) -> Result<(Stream, bool), Failure> {
+    if let Some(conn) = local.pool.take(up.id(), up.idle.get()) {
         let mut written = 0;
         if write_counted(&conn, head, &mut written).await.is_ok() {
             return Ok((conn, true));
         }
     }
-    let conn = send_fresh(shared, local, up, head).await?;
+    let conn = send_fresh(proxy, local, up, head).await?;
     Ok((conn, false))
 }
 
 /// A new connection to `up` with `bytes` written to it.
 pub(crate) async fn send_fresh(
-    shared: &Shared,
+    proxy: &Proxy,
     local: &Local,
     up: &Upstream,
     bytes: &[u8],
-) -> Result<Stream, (ErrorKind, String)> {
-    let conn = shared
+) -> Result<Stream, Failure> {
+    let conn = proxy
+        .runtime()
         .connector
-        .connect(up, &local.reactor)
+        .connect(&up.target, &local.reactor)
         .await
-        .map_err(|m| (ErrorKind::Connect, m))?;
+        .map_err(Failure::Connect)?;
     let mut written = 0;
     match write_counted(&conn, bytes, &mut written).await {
         Ok(()) => Ok(conn),
-        Err(e) => Err((ErrorKind::Io, describe(&e))),
+        Err(e) => Err(Failure::Io(describe(&e))),
     }
 }
 
@@ -231,14 +231,14 @@ async fn next_body_part(
 /// Reads the final response head, forwarding interim (`1xx`) heads to the client. Returns
 /// the head, its plan, and the rewritten head to send.
 pub(crate) async fn response_head(
-    shared: &Shared,
+    proxy: &Proxy,
     client: &Stream,
     conn: &Stream,
     bbuf: &mut Vec<u8>,
     req: &RequestHead,
     req_done: &AtomicBool,
 ) -> Result<(ResponseHead, ResponsePlan, Vec<u8>), HeadFail> {
-    let limits = &shared.limits;
+    let limits = &proxy.runtime().limits;
     let mut check = false;
     let mut silent = true;
     loop {
@@ -247,7 +247,7 @@ pub(crate) async fn response_head(
                 Ok(Status::Complete(resp, n)) => {
                     bbuf.drain(..n);
                     // Keep the client connection only if its request body is all read.
-                    let close = shared.is_shutting_down() || !req_done.load(Ordering::Acquire);
+                    let close = proxy.is_shutting_down() || !req_done.load(Ordering::Acquire);
                     let mut out = Vec::with_capacity(512);
                     let plan =
                         rewrite_response(&resp, req, close, &mut out).map_err(HeadFail::Invalid)?;
@@ -322,19 +322,19 @@ pub(crate) async fn download(
             Ok(0) => {
                 return match framer.finish() {
                     Ok(()) => DownEnd::Done, // close-delimited: complete at EOF
-                    Err(e) => DownEnd::Backend(ErrorKind::Io, e.to_string()),
+                    Err(e) => DownEnd::Backend(Failure::Io(e.to_string())),
                 };
             }
             Ok(n) => {
                 size.record(n);
                 drained = n < want;
             }
-            Err(e) => return DownEnd::Backend(ErrorKind::Io, describe(&e)),
+            Err(e) => return DownEnd::Backend(Failure::Io(describe(&e))),
         }
         let p = match framer.push(bbuf) {
             Ok(p) => p,
             Err(e) => {
-                return DownEnd::Backend(ErrorKind::Protocol, format!("invalid response body: {e}"))
+                return DownEnd::Backend(Failure::Invalid(format!("invalid response body: {e}")))
             }
         };
         if let Some(tap) = &mut tap {

@@ -9,8 +9,8 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::shared::StartError;
 use crate::stream::Stream;
+use lb_proxy::StartError;
 
 /// Builds the client configuration. System roots are loaded only when a backend needs
 /// them (they cost memory); `--backend-ca` is always checked, so a bad path fails at

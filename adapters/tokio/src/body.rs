@@ -10,14 +10,13 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use lb_core::{BackendError, ErrorKind, Outcome};
 use lb_proxy::reqlog::Capture;
-use lb_proxy::Notice;
+use lb_proxy::Failure;
 use tokio::time::{Instant, Sleep};
 
 use crate::pool::Lent;
 use crate::proxy::{describe, ReqLine};
-use crate::shared::LeaseGuard;
+use crate::rt::LeaseGuard;
 
 pin_project_lite::pin_project! {
     /// Forwards each frame as soon as it arrives (no buffering). When the backend's body
@@ -86,7 +85,7 @@ impl Body for Streamed {
                     // hyper stops polling once the body says it has ended.
                     this.lent.finish(cx);
                     if let Some(g) = this.guard.take() {
-                        g.finish(Outcome::Response(*this.status));
+                        g.respond(*this.status);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -94,19 +93,14 @@ impl Body for Streamed {
             Poll::Ready(None) => {
                 this.lent.finish(cx);
                 if let Some(g) = this.guard.take() {
-                    g.finish(Outcome::Response(*this.status));
+                    g.respond(*this.status);
                 }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                let message = describe(&e);
-                fail(
-                    this.guard,
-                    *this.status,
-                    ErrorKind::Io,
-                    message,
-                    this.request,
-                );
+                if let Some(g) = this.guard.take() {
+                    g.cut(*this.status, Failure::Io(describe(&e)), this.request);
+                }
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
@@ -115,15 +109,10 @@ impl Body for Streamed {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 ready!(timer.as_mut().poll(cx));
-                let message =
-                    "request timeout (--timeout) reached while streaming the response".to_string();
-                fail(
-                    this.guard,
-                    *this.status,
-                    ErrorKind::Timeout,
-                    message.clone(),
-                    this.request,
-                );
+                if let Some(g) = this.guard.take() {
+                    g.cut(*this.status, Failure::Timeout, this.request);
+                }
+                let message = "request timeout (--timeout) reached while streaming the response";
                 Poll::Ready(Some(Err(message.into())))
             }
         }
@@ -136,29 +125,4 @@ impl Body for Streamed {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn fail(
-    guard: &mut Option<LeaseGuard>,
-    status: u16,
-    kind: ErrorKind,
-    message: String,
-    request: &ReqLine,
-) {
-    let Some(g) = guard.take() else { return };
-    let shared = g.shared().clone();
-    let backend = shared.upstream(g.backend()).url.clone();
-    g.finish(Outcome::Failed {
-        status: Some(status),
-        error: BackendError {
-            kind,
-            message: message.clone(),
-        },
-    });
-    (shared.log)(Notice::ProxyError {
-        backend,
-        request: request.to_string(),
-        status: 0,
-        error: message,
-    });
 }

@@ -1,16 +1,14 @@
-//! Connections to backends: the connector (TCP, connect timeout, TLS) and the probe client.
+//! Connections to backends: the connector (TCP, connect timeout, TLS).
 
 use std::sync::Arc;
 
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use lb_proxy::Settings;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use crate::shared::StartError;
+use lb_proxy::StartError;
 
 pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
@@ -57,23 +55,4 @@ pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http))
-}
-
-/// The health-probe client (proxied traffic uses each shard's `pool::Pool`), with the same
-/// connector and idle rule: idle connections close after `pool_idle_timeout` (below
-/// uvicorn's 5 s keep-alive), and a probe whose pooled connection turned out closed before
-/// any byte was written is re-sent once on a fresh connection; nothing else is retried.
-pub(crate) fn build<B>(connector: Connector, settings: &Settings) -> Client<Connector, B>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(settings.pool_idle_timeout)
-        .retry_canceled_requests(true)
-        .set_host(false)
-        .build(connector)
 }

@@ -10,10 +10,9 @@
 
 mod body;
 mod client;
-mod driver;
 mod pool;
 mod proxy;
-mod shared;
+mod rt;
 mod upbody;
 
 use std::future::Future;
@@ -28,9 +27,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lb_proxy::{Notice, NoticeSink, Settings};
+use rt::{Proxy, Tokio};
 use tokio::net::{TcpListener, TcpSocket};
 
-pub use shared::StartError;
+pub use lb_proxy::StartError;
 
 /// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
 /// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS setup).
@@ -42,19 +42,21 @@ pub use shared::StartError;
 /// probes) and signal handling.
 pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
     let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rt = runtime().map_err(StartError::Runtime)?;
+    let rt = runtime().map_err(|e| StartError::runtime("start the tokio runtime", e))?;
     // Binding registers a socket with a reactor, so it happens in the main runtime's
     // context; `into_std` hands each shard a plain socket to register with its own.
     let entered = rt.enter();
     // Signal handlers go in before any socket opens: a SIGTERM that arrives once lb accepts
     // connections must always mean a graceful stop, never the default kill.
-    let signals = Signals::install().map_err(StartError::Runtime)?;
+    let signals = Signals::install()
+        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT handlers", e))?;
     let listeners =
         bind_all(settings.listen, shards).map_err(|e| StartError::Bind(settings.listen, e))?;
     let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(settings.listen, e))?;
-    let shared = shared::Shared::new(settings, log.clone(), Instant::now())?;
+    let tokio = Tokio::new(&settings)?;
+    let proxy = Proxy::new(settings, log.clone(), tokio, Instant::now())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut first = None;
@@ -63,38 +65,38 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
             first = Some(listener);
             continue;
         }
-        let (shared, stop_rx, done_tx) = (shared.clone(), stop_rx.clone(), done_tx.clone());
+        let (proxy, stop_rx, done_tx) = (proxy.clone(), stop_rx.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name(format!("lb-shard-{i}"))
             .spawn(move || {
                 if let Ok(rt) = runtime() {
-                    rt.block_on(shard(shared, listener, stop_rx));
+                    rt.block_on(shard(proxy, listener, stop_rx));
                 }
                 let _ = done_tx.send(());
             })
-            .map_err(StartError::Runtime)?;
+            .map_err(|e| StartError::runtime("start a worker thread", e))?;
     }
     let first = first.expect("at least one shard");
     drop(entered);
     rt.block_on(async move {
-        tokio::spawn(driver::drive(shared.clone()));
-        let own = tokio::spawn(shard(shared.clone(), first, stop_rx));
+        tokio::spawn(lb_proxy::drive(proxy.clone()));
+        let own = tokio::spawn(shard(proxy.clone(), first, stop_rx));
         log(Notice::Listening(local));
         signals.recv().await;
-        shared.begin_shutdown();
+        proxy.begin_shutdown();
         log(Notice::ShuttingDown {
-            in_flight: shared.in_flight(),
+            in_flight: proxy.in_flight(),
         });
-        let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + proxy.settings().shutdown_timeout;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout_at(deadline, own).await;
         drop(done_tx);
         let _ =
             tokio::time::timeout_at(deadline, async { while done_rx.recv().await.is_some() {} })
                 .await;
-        let _ = tokio::time::timeout_at(deadline, shared.idle()).await;
+        let _ = tokio::time::timeout_at(deadline, proxy.idle()).await;
         log(Notice::Stopped {
-            abandoned: shared.in_flight(),
+            abandoned: proxy.in_flight(),
         });
     });
     Ok(())
@@ -152,23 +154,27 @@ fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> io::Result<std::net::Tc
 
 /// One shard: accepts on its listener until told to stop, then lets its connections finish.
 async fn shard(
-    shared: Arc<shared::Shared>,
+    proxy: Arc<Proxy>,
     listener: std::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let Ok(listener) = TcpListener::from_std(listener) else {
         return;
     };
-    let traffic = Arc::new(pool::Pool::new(shared.clone()));
+    let settings = proxy.settings();
+    let connector = proxy.runtime().connector.clone();
+    let traffic = Arc::new(pool::Pool::new(connector, settings.max_head_bytes));
+    let limits = proxy.clone();
     tokio::spawn(pool::Pool::reap(
         Arc::downgrade(&traffic),
         std::time::Duration::from_secs(1),
+        move |slot| limits.idle_limit(slot),
     ));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.settings.head_timeout)
-        .max_buf_size((2 * shared.settings.max_head_bytes).max(8192))
+        .header_read_timeout(settings.head_timeout)
+        .max_buf_size((2 * settings.max_head_bytes).max(8192))
         .keep_alive(true);
     // Every connection task holds a receiver (never polled): `closed()` resolves once the
     // last one is gone. `closing` asks them to finish gracefully.
@@ -186,9 +192,9 @@ async fn shard(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, traffic) = (shared.clone(), traffic.clone());
+                let (proxy, traffic) = (proxy.clone(), traffic.clone());
                 let peer = proxy::Peer::new(peer);
-                let service = service_fn(move |req| proxy::handle(shared.clone(), traffic.clone(), peer.clone(), req));
+                let service = service_fn(move |req| proxy::handle(proxy.clone(), traffic.clone(), peer.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
                 let (alive, closing) = (conns_rx.clone(), closing.clone());
                 tokio::spawn(async move {
@@ -202,12 +208,12 @@ async fn shard(
         }
     }
     drop(listener);
-    let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
     closing.begin();
     drop(conns_rx);
     let _ = tokio::time::timeout_at(deadline, conns_tx.closed()).await;
     // Upgraded connections (WebSockets) have left hyper; they hold leases until closed.
-    let _ = tokio::time::timeout_at(deadline, shared.idle()).await;
+    let _ = tokio::time::timeout_at(deadline, proxy.idle()).await;
 }
 
 /// A shard's request to its client connections to finish gracefully.

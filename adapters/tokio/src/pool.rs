@@ -45,7 +45,7 @@ use tower_service::Service;
 
 use crate::client::Connector;
 use crate::proxy::client_side;
-use crate::shared::Shared;
+use crate::rt::Upstream;
 use crate::upbody::{Replay, UpBody};
 
 /// A backend connection as hyper's client sees it: counted, over TLS or not.
@@ -160,17 +160,18 @@ pub(crate) struct Pool {
     idle: Mutex<Vec<Vec<Conn>>>,
     connector: Connector,
     builder: http1::Builder,
-    /// For each backend's idle limit.
-    shared: Arc<Shared>,
 }
 
 impl Pool {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    /// A pool whose connections buffer at most `max_head` bytes of a response head.
+    pub(crate) fn new(connector: Connector, max_head: usize) -> Self {
+        let mut builder = http1::Builder::new();
+        // hyper's buffer must hold a whole head: beyond it, the response is refused.
+        builder.max_buf_size(max_head.max(8192));
         Pool {
             idle: Mutex::new(Vec::new()),
-            connector: shared.connector.clone(),
-            builder: http1::Builder::new(),
-            shared,
+            connector,
+            builder,
         }
     }
 
@@ -180,9 +181,8 @@ impl Pool {
 
     /// The most recently used idle connection to `slot` that is still open and young
     /// enough. Older ones found on the way are closed.
-    fn checkout(&self, slot: usize, cx: &mut Context<'_>) -> Option<Conn> {
+    fn checkout(&self, slot: usize, limit: Duration, cx: &mut Context<'_>) -> Option<Conn> {
         let now = Instant::now();
-        let limit = self.shared.idle_limit(slot);
         loop {
             let mut c = self.lock().get_mut(slot)?.pop()?;
             if now.duration_since(c.idle_since) < limit && c.reusable(cx) {
@@ -191,9 +191,10 @@ impl Pool {
         }
     }
 
-    /// Returns a connection whose exchange has ended, if it can serve another request.
-    fn checkin(&self, slot: usize, mut c: Conn, cx: &mut Context<'_>) {
-        if !c.reusable(cx) || self.shared.idle_limit(slot).is_zero() {
+    /// Returns a connection whose exchange has ended, if it can serve another request
+    /// (and may sit idle at all: `limit` above 0).
+    fn checkin(&self, slot: usize, limit: Duration, mut c: Conn, cx: &mut Context<'_>) {
+        if limit.is_zero() || !c.reusable(cx) {
             return;
         }
         c.idle_since = Instant::now();
@@ -249,9 +250,13 @@ impl Pool {
         send.send_request(req).await.map_err(SendError::Http)
     }
 
-    /// Closes idle connections past the idle timeout, every `period`, for as long as the
-    /// pool is used.
-    pub(crate) async fn reap(pool: std::sync::Weak<Pool>, period: Duration) {
+    /// Closes idle connections past their backend's idle limit (`limit` of its slot),
+    /// every `period`, for as long as the pool is used.
+    pub(crate) async fn reap(
+        pool: std::sync::Weak<Pool>,
+        period: Duration,
+        limit: impl Fn(usize) -> Duration,
+    ) {
         loop {
             tokio::time::sleep(period).await;
             let Some(pool) = pool.upgrade() else { return };
@@ -260,7 +265,7 @@ impl Pool {
                 let mut idle = pool.lock();
                 let mut out = Vec::new();
                 for (slot, conns) in idle.iter_mut().enumerate() {
-                    let limit = pool.shared.idle_limit(slot);
+                    let limit = limit(slot);
                     // Oldest first: the list is pushed and popped at its end.
                     let keep = conns
                         .iter()
@@ -274,17 +279,21 @@ impl Pool {
         }
     }
 
-    /// Sends `req` to the backend in `slot` (at `base`) and waits for the response head,
-    /// driving the connection from the calling task. On success the connection comes back
-    /// lent to the response body. `replay` is the request body's copy, if it has a body.
+    /// Sends `req` to `upstream` and waits for the response head, driving the connection
+    /// from the calling task. On success the connection comes back lent to the response
+    /// body. `replay` is the request body's copy, if it has a body.
     pub(crate) async fn send(
         &self,
-        slot: usize,
-        base: &Uri,
+        upstream: &Upstream,
         req: Request<UpBody>,
         replay: Option<&Arc<Replay>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let pooled = poll_fn(|cx| Poll::Ready(self.checkout(slot, cx))).await;
+        let (slot, limit, base) = (
+            upstream.id().slot(),
+            upstream.idle.get(),
+            &upstream.ext.base,
+        );
+        let pooled = poll_fn(|cx| Poll::Ready(self.checkout(slot, limit, cx))).await;
         let Some(mut c) = pooled else {
             let mut c = self.connect(base).await?;
             return match exchange(&mut c, req).await {
@@ -406,13 +415,17 @@ async fn exchange(
 /// body has been read to its end, closed if dropped before.
 pub(crate) struct Lent {
     conn: Option<Conn>,
-    pool: std::sync::Arc<Pool>,
-    slot: usize,
+    pool: Arc<Pool>,
+    upstream: Arc<Upstream>,
 }
 
 impl Lent {
-    pub(crate) fn new(conn: Option<Conn>, pool: std::sync::Arc<Pool>, slot: usize) -> Self {
-        Lent { conn, pool, slot }
+    pub(crate) fn new(conn: Option<Conn>, pool: Arc<Pool>, upstream: Arc<Upstream>) -> Self {
+        Lent {
+            conn,
+            pool,
+            upstream,
+        }
     }
 
     /// Drives the connection so the response body makes progress.
@@ -426,7 +439,8 @@ impl Lent {
     /// take another request.
     pub(crate) fn finish(&mut self, cx: &mut Context<'_>) {
         if let Some(c) = self.conn.take() {
-            self.pool.checkin(self.slot, c, cx);
+            let (slot, limit) = (self.upstream.id().slot(), self.upstream.idle.get());
+            self.pool.checkin(slot, limit, c, cx);
         }
     }
 

@@ -14,14 +14,13 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lb_core::affinity::MAX_BODY_PREFIX;
-use lb_core::{BackendError, ErrorKind, Outcome, OwnedMeta, Reject};
 use lb_proxy::reply::{self, ProxyError, Reply};
 use lb_proxy::reqlog::Capture;
-use lb_proxy::Notice;
+use lb_proxy::Failure;
 
 use crate::body::Streamed;
 use crate::pool::{Lent, Pool, SendError};
-use crate::shared::{LeaseGuard, Shared};
+use crate::rt::{request_uri, LeaseGuard, Proxy};
 use crate::upbody::{Replay, UpBody};
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
@@ -59,7 +58,7 @@ pub(crate) struct Peer {
 
 impl Peer {
     pub(crate) fn new(addr: SocketAddr) -> Self {
-        let ip = addr.ip().to_canonical();
+        let ip = lb_proxy::client_ip(addr.ip());
         Peer {
             ip,
             forwarded_for: HeaderValue::try_from(ip.to_string()).ok(),
@@ -68,14 +67,15 @@ impl Peer {
 }
 
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
     traffic: Traffic,
     peer: Peer,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.uri().path() == "/health" {
-        return Ok(local(reply::health(shared.core().summary())));
+        return Ok(local(proxy.health()));
     }
+    let settings = proxy.settings();
     if req.headers().contains_key(header::TRANSFER_ENCODING)
         && req.headers().contains_key(header::CONTENT_LENGTH)
     {
@@ -86,7 +86,7 @@ pub(crate) async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
-    if head_size(&req) > shared.settings.max_head_bytes {
+    if head_size(&req) > settings.max_head_bytes {
         // hyper's own buffer limit is approximate (a single read may overshoot it), so the
         // documented limit is enforced here on what was parsed.
         let mut resp = local(reply::error(ProxyError::HeadTooLarge));
@@ -95,22 +95,22 @@ pub(crate) async fn handle(
         return Ok(resp);
     }
     let arrived = tokio::time::Instant::now();
-    let deadline = arrived + shared.settings.request_timeout;
-    let capture = shared.settings.request_log.as_ref().map(|log| {
+    let deadline = arrived + settings.request_timeout;
+    let capture = settings.request_log.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         Arc::new(log.capture(arrived.into_std(), req.method().as_str(), pq))
     });
     let (parts, body) = req.into_parts();
     // A body is copied as it goes up, while it fits, to send it again after a keep-alive
     // race (see `pool`).
-    let replay = (!hyper::body::Body::is_end_stream(&body))
-        .then(|| Replay::new(shared.settings.replay_buffer));
+    let replay =
+        (!hyper::body::Body::is_end_stream(&body)).then(|| Replay::new(settings.replay_buffer));
     let mut body = UpBody::new(body, capture.clone(), replay.clone());
 
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
     let mut prefix = None;
-    if shared.settings.routes_by_body() {
+    if settings.routes_by_body() {
         let read =
             match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
                 .await
@@ -121,15 +121,17 @@ pub(crate) async fn handle(
             };
         prefix = Some(read);
     }
-    let keys = shared.settings.route_keys(
+    let keys = settings.route_keys(
         prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
         |name| parts.headers.get(name).map(|v| v.as_bytes()),
     );
     let meta = keys.meta(peer.ip);
-    let guard = match shared.select(&meta) {
+    // Boxed: a queue wait is rare, and its state would otherwise enlarge every request's
+    // future.
+    let guard = match proxy.select(&meta) {
         Ok(g) => g,
-        Err(Reject::AllAtCapacity) if shared.settings.core.queue.enabled() => {
-            match Box::pin(shared.wait_for_slot(OwnedMeta::from(&meta))).await {
+        Err(lb_core::Reject::AllAtCapacity) if settings.core.queue.enabled() => {
+            match Box::pin(proxy.select_or_wait(&meta)).await {
                 Ok(g) => g,
                 Err(reject) => {
                     return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject))))
@@ -139,12 +141,10 @@ pub(crate) async fn handle(
         Err(reject) => return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject)))),
     };
     let req = Request::from_parts(parts, body);
-    Ok(forward(shared, traffic, guard, peer, req, deadline, capture, replay).await)
+    Ok(forward(traffic, guard, peer, req, deadline, capture, replay).await)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn forward(
-    shared: Arc<Shared>,
     traffic: Traffic,
     guard: LeaseGuard,
     peer: Peer,
@@ -153,17 +153,17 @@ async fn forward(
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
 ) -> Response<ProxyBody> {
-    let upstream = shared.upstream(guard.backend());
+    let upstream = guard.upstream().clone();
     if let Some(c) = &capture {
-        c.backend(upstream.url.clone());
+        c.backend(upstream.url().clone());
     }
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let uri = match upstream.target(req.uri().path_and_query()) {
+    let uri = match request_uri(&upstream, req.uri().path_and_query()) {
         Ok(u) => u,
         Err(_) => {
-            guard.finish(Outcome::Cancelled);
+            drop(guard); // not the backend's fault: released as cancelled
             return logged(&capture, reply::error(ProxyError::BadRequest));
         }
     };
@@ -174,15 +174,14 @@ async fn forward(
         method: req.method().clone(),
         uri: req.uri().clone(),
     };
-    rewrite_request_headers(req.headers_mut(), &peer, &upstream.host, upgrade);
+    rewrite_request_headers(req.headers_mut(), &peer, &upstream.ext.host, upgrade);
 
-    let slot = guard.backend().slot();
     let sent = if upgrade {
-        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.base, req)))
+        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext.base, req)))
             .await
             .map(|r| r.map(|resp| (resp, None)))
     } else {
-        let send = traffic.send(slot, &upstream.base, req, replay.as_ref());
+        let send = traffic.send(&upstream, req, replay.as_ref());
         tokio::time::timeout_at(deadline, send)
             .await
             .map(|r| r.map(|(resp, c)| (resp, Some(c))))
@@ -196,43 +195,23 @@ async fn forward(
         Ok(Err(SendError::Http(e))) if client_side(&e) => {
             // The client's request body failed (it went away mid-upload): not the
             // backend's fault.
-            guard.finish(Outcome::Cancelled);
+            drop(guard);
             return logged(&capture, reply::error(ProxyError::BadRequest));
         }
         Ok(Err(e)) => {
-            let (kind, message) = match &e {
-                SendError::Connect(e) => (ErrorKind::Connect, describe(e.as_ref())),
-                SendError::Http(e) => (ErrorKind::Io, describe(e)),
-                SendError::Race(e) => (ErrorKind::Reuse, describe(e)),
+            let failure = match &e {
+                SendError::Connect(e) => Failure::Connect(describe(e.as_ref())),
+                SendError::Http(e) => Failure::Io(describe(e)),
+                SendError::Race(e) => Failure::Race(describe(e)),
             };
-            let reply = fail(&shared, guard, &line, ProxyError::BadGateway, kind, message);
-            return logged(&capture, reply);
+            return logged(&capture, guard.fail(failure, &line));
         }
-        Err(_) => {
-            let msg = "no response before the request timeout (--timeout)".to_string();
-            let reply = fail(
-                &shared,
-                guard,
-                &line,
-                ProxyError::GatewayTimeout,
-                ErrorKind::Timeout,
-                msg,
-            );
-            return logged(&capture, reply);
-        }
+        Err(_) => return logged(&capture, guard.fail(Failure::Timeout, &line)),
     };
     if let Some(why) = bad_response_framing(resp.headers()) {
         // Ambiguous or non-chunked transfer coding from a backend is never passed on: it is
         // either response splitting or a backend we cannot delimit safely.
-        let reply = fail(
-            &shared,
-            guard,
-            &line,
-            ProxyError::BadResponse,
-            ErrorKind::Protocol,
-            why.into(),
-        );
-        return logged(&capture, reply);
+        return logged(&capture, guard.fail(Failure::Invalid(why.into()), &line));
     }
     let status = resp.status().as_u16();
     if let Some(c) = &capture {
@@ -256,11 +235,11 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, false);
     // No connection comes back for an upgrade request the backend answered without
     // switching: its one-off connection runs as a task and closes after this body.
-    let lent = Lent::new(conn, traffic.clone(), slot);
+    let lent = Lent::new(conn, traffic.clone(), upstream);
     let body = if hyper::body::Body::is_end_stream(&body) {
         drop(body);
         lent.finish_now().await;
-        guard.finish(Outcome::Response(status));
+        guard.respond(status);
         Either::Left(Full::default())
     } else {
         Either::Right(Streamed::new(
@@ -287,35 +266,12 @@ async fn splice(
     status: u16,
 ) {
     let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
-        guard.finish(Outcome::Cancelled);
-        return;
+        return; // the guard drops: cancelled
     };
     let mut client = TokioIo::new(client);
     let mut backend = TokioIo::new(backend);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-    guard.finish(Outcome::Response(status));
-}
-
-fn fail(
-    shared: &Shared,
-    guard: LeaseGuard,
-    line: &ReqLine,
-    answer: ProxyError,
-    kind: ErrorKind,
-    message: String,
-) -> Reply {
-    let reply = reply::error(answer);
-    (shared.log)(Notice::ProxyError {
-        backend: shared.upstream(guard.backend()).url.clone(),
-        request: line.to_string(),
-        status: reply.status,
-        error: message.clone(),
-    });
-    guard.finish(Outcome::Failed {
-        status: None,
-        error: BackendError { kind, message },
-    });
-    reply
+    guard.respond(status);
 }
 
 /// A response the proxy makes itself.

@@ -1,0 +1,343 @@
+//! [`Proxy`]: the state every task of every shard shares. The core (and the backends'
+//! [`Upstream`]s) behind one short-held lock, the settings, the notice sink, the
+//! lifecycle (connections open, shutdown) and the requests waiting in the admission queue.
+//!
+//! Every input to the core (`release`, `probe_result`, `handle_timeout`, `enqueue`,
+//! `cancel`) is followed, under its lock, by [`Proxy::drain`]: queue admissions are handed
+//! to the requests waiting for them (the core releases those nobody waits for any more),
+//! and the events are taken, to be logged outside the lock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use lb_core::{
+    Admission, BackendId, Balancer, Lease, Outcome, OwnedMeta, Reject, RequestMeta, Summary,
+};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use crate::lease::{LeaseGuard, QueueWait, Slot};
+use crate::reply::{self, Reply};
+use crate::runtime::Runtime;
+use crate::settings::{IdleLimit, Notice, NoticeSink, Settings, Target};
+use crate::start::StartError;
+use crate::upstream::Upstream;
+
+/// The shared state of one running proxy. Adapters hold it in an `Arc`.
+pub struct Proxy<R: Runtime> {
+    core: Mutex<Core<R>>,
+    rt: R,
+    settings: Settings,
+    log: NoticeSink,
+    shutting_down: AtomicBool,
+    /// Client connections being served.
+    connections: AtomicUsize,
+    /// Notified when shutdown begins, and then whenever a connection or a lease ends.
+    changed: Event,
+    /// Requests waiting in the core's admission queue, by ticket.
+    waiters: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// Wakes the driver when an input may have added an earlier deadline (a queued
+    /// request's expiry).
+    pub(crate) rearm: Event,
+}
+
+/// What the lock guards: the balancer, and the backends by slot.
+pub(crate) struct Core<R: Runtime> {
+    pub(crate) balancer: Balancer<SmallRng>,
+    upstreams: Vec<Option<Arc<Upstream<R>>>>,
+}
+
+/// What the core said after one input, handled outside its lock. (Actions are the
+/// driver's alone: it polls them itself.)
+#[derive(Default)]
+pub(crate) struct Drained {
+    events: Vec<lb_core::Event>,
+}
+
+impl<R: Runtime> Proxy<R> {
+    /// The proxy for `settings`, its backends added (and prepared by `rt`).
+    pub fn new(
+        settings: Settings,
+        log: NoticeSink,
+        rt: R,
+        now: Instant,
+    ) -> Result<Arc<Self>, StartError> {
+        let mut core = Core {
+            balancer: Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now),
+            upstreams: Vec::new(),
+        };
+        for spec in &settings.backends {
+            let target = Target::parse(&spec.url).map_err(|e| StartError::Url(e.to_string()))?;
+            let ext = rt.backend(&target)?;
+            let id = core
+                .balancer
+                .add_backend(now, spec.clone())
+                .map_err(StartError::Backend)?;
+            let idle = IdleLimit::new(settings.pool_idle_timeout);
+            let slot = id.slot();
+            if core.upstreams.len() <= slot {
+                core.upstreams.resize_with(slot + 1, || None);
+            }
+            core.upstreams[slot] = Some(Arc::new(Upstream::new(id, target, idle, ext)));
+        }
+        Ok(Arc::new(Proxy {
+            core: Mutex::new(core),
+            rt,
+            settings,
+            log,
+            shutting_down: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            changed: Event::new(),
+            waiters: Mutex::new(HashMap::new()),
+            rearm: Event::new(),
+        }))
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The adapter's runtime.
+    pub fn runtime(&self) -> &R {
+        &self.rt
+    }
+
+    /// Hands a notice to the log (the CLI prints it).
+    pub fn notify(&self, notice: Notice) {
+        (self.log)(notice);
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core<R>> {
+        // A panic while holding the lock cannot leave the core half-updated in a way that
+        // matters more than stopping the proxy would, so keep serving.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backend with this id, while it is in the pool.
+    pub fn upstream(&self, id: BackendId) -> Option<Arc<Upstream<R>>> {
+        self.lock().upstream(id)
+    }
+
+    /// How long a connection to the backend in `slot` may sit idle in a pool.
+    pub fn idle_limit(&self, slot: usize) -> Duration {
+        match self.lock().upstreams.get(slot) {
+            Some(Some(u)) => u.idle.get(),
+            _ => self.settings.pool_idle_timeout,
+        }
+    }
+
+    /// Counts and health, as `/health` reports them.
+    pub fn summary(&self) -> Summary {
+        self.lock().balancer.summary()
+    }
+
+    /// The answer to `GET /health`.
+    pub fn health(&self) -> Reply {
+        reply::health(self.summary())
+    }
+
+    /// Requests in flight (leases not yet released).
+    pub fn in_flight(&self) -> u64 {
+        self.lock().balancer.outstanding()
+    }
+
+    /// Selects a backend for a request from `client` with routing `meta`; the lease comes
+    /// back in a guard that releases it.
+    pub fn select(self: &Arc<Self>, meta: &RequestMeta<'_>) -> Result<LeaseGuard<R>, Reject> {
+        let mut core = self.lock();
+        let lease = core.balancer.select(Instant::now(), meta)?;
+        let upstream = core.upstream_of(&lease);
+        drop(core);
+        Ok(LeaseGuard::new(self.clone(), lease, upstream))
+    }
+
+    /// [`select`](Self::select), and when every backend is at its cap and the queue is on
+    /// (`--queue-timeout`), a wait in the queue: `Err` when the queue refuses (full: 429;
+    /// nothing healthy: 503) or the wait expires (429). Dropping the future (the client
+    /// left) gives the place up, and releases a lease that was already delivered.
+    pub async fn select_or_wait(
+        self: &Arc<Self>,
+        meta: &RequestMeta<'_>,
+    ) -> Result<LeaseGuard<R>, Reject> {
+        match self.select(meta) {
+            Err(Reject::AllAtCapacity) if self.settings.core.queue.enabled() => {
+                self.wait_for_slot(OwnedMeta::from(meta)).await
+            }
+            selected => selected,
+        }
+    }
+
+    /// Waits in the core's admission queue for a slot (see
+    /// [`select_or_wait`](Self::select_or_wait)).
+    pub async fn wait_for_slot(self: &Arc<Self>, meta: OwnedMeta) -> Result<LeaseGuard<R>, Reject> {
+        let slot = Arc::new(Slot::default());
+        let (ticket, d) = {
+            let mut core = self.lock();
+            let ticket = core.balancer.enqueue(Instant::now(), meta)?;
+            // Registered under the core's lock: no admission for it can be drained before.
+            self.waiters().insert(ticket.id(), slot.clone());
+            (ticket, self.drain(&mut core))
+        };
+        // Its expiry may be the earliest deadline now: the driver sets its timer again.
+        self.rearm.notify(usize::MAX);
+        let mut wait = QueueWait::new(self.clone(), ticket, slot);
+        self.dispatch(d);
+        match wait.receive().await {
+            Admission::Admitted(_, lease) => match self.upstream(lease.backend()) {
+                Some(upstream) => Ok(LeaseGuard::new(self.clone(), lease, upstream)),
+                None => {
+                    // Removed (forced) between the admission and now.
+                    self.release(lease, Outcome::Cancelled);
+                    Err(Reject::NoHealthyBackend)
+                }
+            },
+            Admission::Expired(_) => Err(Reject::AllAtCapacity),
+        }
+    }
+
+    pub(crate) fn waiters(&self) -> MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes what the core has to say after an input (call under its lock): its events,
+    /// and its queue admissions, handed to their waiting requests right here (a
+    /// non-blocking hand-over); the core releases those nobody waits for any more.
+    pub(crate) fn drain(&self, core: &mut Core<R>) -> Drained {
+        let mut d = Drained::default();
+        core.balancer.deliver_admissions(Instant::now(), |adm| {
+            match self.waiters().remove(&adm.ticket().id()) {
+                Some(slot) => slot.deliver(adm),
+                None => Err(adm),
+            }
+        });
+        while let Some(e) = core.balancer.poll_event() {
+            d.events.push(e);
+        }
+        d
+    }
+
+    /// Logs the events (outside the core's lock).
+    pub(crate) fn dispatch(&self, d: Drained) {
+        for e in d.events {
+            (self.log)(Notice::Core(e));
+        }
+    }
+
+    /// Gives a lease back with the outcome of its exchange.
+    pub(crate) fn release(&self, lease: Lease, outcome: Outcome) {
+        let d = {
+            let mut core = self.lock();
+            core.balancer.release(Instant::now(), lease, outcome);
+            self.drain(&mut core)
+        };
+        // A health transition may bring a probe forward (a passive ejection's re-probe).
+        if !d.events.is_empty() {
+            self.rearm.notify(usize::MAX);
+        }
+        self.dispatch(d);
+        if self.is_shutting_down() {
+            self.changed.notify(usize::MAX);
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Stops taking new work: listeners close, idle connections close, in-flight requests
+    /// finish.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.changed.notify(usize::MAX);
+        self.rearm.notify(usize::MAX);
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn shutdown_begun(&self) {
+        self.until(|p| p.is_shutting_down()).await
+    }
+
+    /// Resolves once no client connection is open and no lease is outstanding (call after
+    /// [`begin_shutdown`](Self::begin_shutdown)).
+    pub async fn drained(&self) {
+        self.until(|p| p.connections.load(Ordering::Acquire) == 0 && p.in_flight() == 0)
+            .await
+    }
+
+    /// Resolves once no lease is outstanding (call after
+    /// [`begin_shutdown`](Self::begin_shutdown)).
+    pub async fn idle(&self) {
+        self.until(|p| p.in_flight() == 0).await
+    }
+
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            let listener = self.changed.listen();
+            if done(self) {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Counts a client connection as open until the returned guard drops.
+    pub fn open_connection(self: &Arc<Self>) -> ConnectionGuard<R> {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            proxy: self.clone(),
+        }
+    }
+
+    /// Wakes whoever waits on the lifecycle (shutdown, drained) to look again.
+    pub fn changed(&self) {
+        self.changed.notify(usize::MAX);
+    }
+}
+
+impl<R: Runtime> Core<R> {
+    fn upstream(&self, id: BackendId) -> Option<Arc<Upstream<R>>> {
+        self.upstreams
+            .get(id.slot())?
+            .as_ref()
+            .filter(|u| u.id() == id)
+            .cloned()
+    }
+
+    fn upstream_of(&self, lease: &Lease) -> Arc<Upstream<R>> {
+        self.upstream(lease.backend())
+            .expect("a lease is on a backend in the pool: removal waits for its leases")
+    }
+}
+
+/// One open client connection; see [`Proxy::open_connection`].
+pub struct ConnectionGuard<R: Runtime> {
+    proxy: Arc<Proxy<R>>,
+}
+
+impl<R: Runtime> ConnectionGuard<R> {
+    /// The proxy it belongs to.
+    pub fn proxy(&self) -> &Arc<Proxy<R>> {
+        &self.proxy
+    }
+}
+
+impl<R: Runtime> Drop for ConnectionGuard<R> {
+    fn drop(&mut self) {
+        self.proxy.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.proxy.is_shutting_down() {
+            self.proxy.changed.notify(usize::MAX);
+        }
+    }
+}
+
+/// The client address as the core and `X-Forwarded-For` see it: IPv4-mapped IPv6
+/// addresses as IPv4.
+pub fn client_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
