@@ -45,8 +45,12 @@ use super::{BodyKind, Error};
 
 /// Longest chunk extension accepted on one chunk-size line, in bytes.
 pub const MAX_CHUNK_EXTENSION: usize = 4096;
-/// Largest trailer section accepted, in bytes.
-pub const MAX_TRAILER_BYTES: usize = 64 * 1024;
+/// Most chunk-extension bytes accepted in one body, all chunks together (hyper's limit
+/// too): a body of one-byte chunks each carrying a long extension costs its reader about
+/// nothing per byte of data otherwise.
+pub const MAX_CHUNK_EXTENSIONS_TOTAL: u64 = 16 * 1024;
+/// Largest trailer section accepted, in bytes (hyper's limit too).
+pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
 /// Progress reported by [`BodyFramer::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +68,8 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyFramer {
     state: State,
+    /// Chunk-extension bytes seen so far.
+    extensions: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +108,10 @@ impl BodyFramer {
             BodyKind::Chunked => State::Chunked(Chunk::Size { size: 0, digits: 0 }),
             BodyKind::CloseDelimited | BodyKind::Tunnel => State::UntilEof,
         };
-        BodyFramer { state }
+        BodyFramer {
+            state,
+            extensions: 0,
+        }
     }
 
     /// Feeds the next bytes of the stream.
@@ -140,6 +149,13 @@ impl BodyFramer {
                     self.state = State::Chunked(next);
                 }
                 State::Chunked(chunk) => {
+                    if let Chunk::Ext { .. } = chunk {
+                        self.extensions += 1;
+                        if self.extensions > MAX_CHUNK_EXTENSIONS_TOTAL {
+                            self.state = State::Failed(Error::InvalidChunk);
+                            return Err(Error::InvalidChunk);
+                        }
+                    }
                     self.state = match step(chunk, input[pos]) {
                         Ok(Some(next)) => State::Chunked(next),
                         Ok(None) => State::Done,

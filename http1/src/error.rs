@@ -18,6 +18,9 @@ use std::fmt;
 pub enum Error {
     /// The head did not end within [`Limits::max_head_bytes`](super::Limits).
     HeadTooLarge,
+    /// A request line that alone is longer than
+    /// [`Limits::max_head_bytes`](super::Limits): its target is too long.
+    UriTooLong,
     /// The head has more header lines than [`Limits::max_headers`](super::Limits).
     TooManyHeaders,
     /// A CR byte not followed by LF somewhere in the head.
@@ -75,12 +78,14 @@ pub enum Error {
 impl Error {
     /// The status code to answer a client whose **request** caused this
     /// error: 431 Request Header Fields Too Large for [`Error::HeadTooLarge`]
-    /// and [`Error::TooManyHeaders`], 400 Bad Request for everything else.
+    /// and [`Error::TooManyHeaders`], 414 URI Too Long for [`Error::UriTooLong`], 400 Bad
+    /// Request for everything else.
     ///
     /// For errors in a backend **response** answer 502 instead.
     pub fn status(self) -> u16 {
         match self {
             Error::HeadTooLarge | Error::TooManyHeaders => 431,
+            Error::UriTooLong => 414,
             _ => 400,
         }
     }
@@ -89,6 +94,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let msg = match self {
+            Error::UriTooLong => {
+                "request target is too long; send a shorter URL (or raise the head size limit)"
+            }
             Error::HeadTooLarge => {
                 "message head is too large; send fewer or shorter headers (or raise the head size limit)"
             }

@@ -51,31 +51,53 @@ pub(crate) enum Declared {
 
 /// Validates the framing headers and says what they declare.
 pub(crate) fn declared_framing(version: Version, headers: &[Header]) -> Result<Declared, Error> {
-    let length = content_length(headers)?;
-    let has_te = header_values(headers, "transfer-encoding").next().is_some();
-    match (length, has_te) {
+    let length = content_length(header_values(headers, "content-length"))?;
+    let chunked = chunked(version, header_values(headers, "transfer-encoding"))?;
+    match (length, chunked) {
         (Some(_), true) => Err(Error::ContentLengthAndTransferEncoding),
         (Some(n), false) => Ok(Declared::Length(n)),
-        (None, true) => {
-            let mut codings = header_values(headers, "transfer-encoding").flat_map(list_items);
-            let only_chunked = codings
-                .next()
-                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-                && codings.next().is_none();
-            if only_chunked && version == Version::Http11 {
-                Ok(Declared::Chunked)
-            } else {
-                Err(Error::UnsupportedTransferEncoding)
-            }
-        }
+        (None, true) => Ok(Declared::Chunked),
         (None, false) => Ok(Declared::Nothing),
     }
 }
 
-/// The `Content-Length`, if present and valid.
-pub(crate) fn content_length(headers: &[Header]) -> Result<Option<u64>, Error> {
+/// Whether the `Transfer-Encoding` values (every line of the field) declare a chunked
+/// body: `false` when there are none, `true` when their combined list is exactly
+/// `chunked` (case-insensitive) in an HTTP/1.1 message, and
+/// [`Error::UnsupportedTransferEncoding`] for anything else (`gzip`, `chunked, gzip`,
+/// `gzip, chunked`, `identity`, `chunked` on two lines, any coding in HTTP/1.0). A
+/// proxy that passes a body on byte for byte must understand all of its codings, and
+/// the last must be `chunked` for the length to be known (RFC 9112 §6.1).
+pub fn chunked<'a>(
+    version: Version,
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<bool, Error> {
+    let mut values = values.into_iter().peekable();
+    if values.peek().is_none() {
+        return Ok(false);
+    }
+    let mut codings = values.flat_map(list_items);
+    let only_chunked = codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none();
+    if only_chunked && version == Version::Http11 {
+        Ok(true)
+    } else {
+        Err(Error::UnsupportedTransferEncoding)
+    }
+}
+
+/// The `Content-Length` declared by the field's values (every line), if any:
+/// [`Error::InvalidContentLength`] for a value that is not a plain decimal number (no
+/// sign, no spaces inside; an empty list element included), and
+/// [`Error::ConflictingContentLength`] for values that differ (equal repeats, `5, 5`,
+/// are one length).
+pub fn content_length<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, Error> {
     let mut found = None;
-    for value in header_values(headers, "content-length") {
+    for value in values {
         // An empty value or an empty list element is invalid, not skipped.
         for item in value.split(|&b| b == b',') {
             let n = parse_decimal(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;

@@ -162,8 +162,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
         version: Version::from_minor(req.version.unwrap_or(1)),
         headers: owned_headers(req.headers),
     };
-    check_target(&head.method, &head.target)?;
-    check_host(&head)?;
+    crate::rules::check_target(&head.method, &head.target)?;
+    crate::rules::check_host(head.version, header_values(&head.headers, "host"))?;
     declared_framing(head.version, &head.headers)?;
     Ok(Status::Complete(head, span.end))
 }
@@ -174,8 +174,12 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
 /// 3-digit status >= 100, consistent framing headers. Whether the response
 /// has a body depends on the request; see [`ResponseHead::body_kind`].
 pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead>, Error> {
-    let Some(span) = scan_head(buf, limits)? else {
-        return Ok(Status::Partial);
+    let span = match scan_head(buf, limits) {
+        Ok(Some(span)) => span,
+        Ok(None) => return Ok(Status::Partial),
+        // A status line that long is just a head too large.
+        Err(Error::UriTooLong) => return Err(Error::HeadTooLarge),
+        Err(e) => return Err(e),
     };
     let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
     let mut res = httparse::Response::new(&mut slots);
@@ -354,10 +358,14 @@ fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
             _ => i += 1,
         }
     }
-    if buf.len() >= limits.max_head_bytes {
-        Err(Error::HeadTooLarge)
-    } else {
+    if buf.len() < limits.max_head_bytes {
         Ok(None)
+    } else if first_line_end.is_none() {
+        // The start line alone outgrows the limit: for a request, its target (RFC 9112
+        // §3: 414 rather than 431).
+        Err(Error::UriTooLong)
+    } else {
+        Err(Error::HeadTooLarge)
     }
 }
 
@@ -393,20 +401,6 @@ fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
         .collect()
 }
 
-/// Origin-form, absolute-form (http/https, no userinfo) or `*` for OPTIONS.
-fn check_target(method: &str, target: &str) -> Result<(), Error> {
-    if method == "CONNECT" || !target.is_ascii() {
-        return Err(Error::InvalidTarget);
-    }
-    if target.starts_with('/') || (target == "*" && method == "OPTIONS") {
-        return Ok(());
-    }
-    match split_absolute(target) {
-        Some((authority, _)) if !authority.is_empty() && !authority.contains('@') => Ok(()),
-        _ => Err(Error::InvalidTarget),
-    }
-}
-
 /// Splits an absolute-form `http(s)://authority/rest` target into the
 /// authority and the origin-form rest (`/` if empty, `/?q` if only a query).
 pub(crate) fn split_absolute(target: &str) -> Option<(&str, std::borrow::Cow<'_, str>)> {
@@ -430,25 +424,6 @@ pub(crate) fn split_absolute(target: &str) -> Option<(&str, std::borrow::Cow<'_,
 
 fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
     s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
-}
-
-/// HTTP/1.1 needs exactly one `Host`; any `Host` must look like an authority.
-fn check_host(head: &RequestHead) -> Result<(), Error> {
-    let mut hosts = header_values(&head.headers, "host");
-    let first = hosts.next();
-    if hosts.next().is_some() {
-        return Err(Error::InvalidHost);
-    }
-    match first {
-        None if head.version == Version::Http11 => Err(Error::InvalidHost),
-        Some(v) if !v.iter().all(|&b| is_authority_byte(b)) => Err(Error::InvalidHost),
-        _ => Ok(()),
-    }
-}
-
-/// unreserved / sub-delims / pct-encoded / `:` / `[` / `]` (RFC 3986).
-fn is_authority_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &[Header]) {

@@ -63,11 +63,14 @@ mod error;
 mod framing;
 mod head;
 mod rewrite;
+pub mod rules;
 
-pub use body::{BodyFramer, Progress, MAX_CHUNK_EXTENSION, MAX_TRAILER_BYTES};
+pub use body::{
+    BodyFramer, Progress, MAX_CHUNK_EXTENSION, MAX_CHUNK_EXTENSIONS_TOTAL, MAX_TRAILER_BYTES,
+};
 pub use dechunk::Dechunk;
 pub use error::Error;
-pub use framing::BodyKind;
+pub use framing::{chunked, content_length, BodyKind};
 pub use head::{
     keep_alive_timeout, parse_request, parse_response, Header, Limits, RequestHead, ResponseHead,
     Status, Version, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,

@@ -1,9 +1,11 @@
 //! Rewriting heads for the other side of the proxy.
 //!
-//! Both directions drop the hop-by-hop headers (RFC 9110 §7.6.1):
-//! `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
-//! `Transfer-Encoding`, `Upgrade` (kept when upgrading) and every header
-//! named in `Connection`. `Content-Length` and `Transfer-Encoding` are not
+//! Both directions drop the hop-by-hop headers ([`HOP_BY_HOP`]:
+//! `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
+//! `Upgrade` (kept when upgrading), `Proxy-Authenticate`,
+//! `Proxy-Authorization`) and every header named in `Connection`.
+//!
+//! [`HOP_BY_HOP`]: crate::rules::HOP_BY_HOP `Content-Length` and `Transfer-Encoding` are not
 //! copied but written again from the [`BodyKind`], so the emitted head always
 //! frames the (verbatim forwarded) body exactly as it was framed on input.
 //! Headers the proxy adds itself are written after the filtering and can't
@@ -13,7 +15,8 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use super::framing::content_length;
-use super::head::{has_token, header_values, list_items, split_absolute, write_header};
+use super::head::{has_token, header_values, split_absolute, write_header};
+use super::rules::{forwarded_for, is_hop_by_hop};
 use super::{BodyKind, Error, Header, RequestHead, ResponseHead, Version};
 
 /// Where and how a request is forwarded.
@@ -92,13 +95,10 @@ pub fn rewrite_request(
     }
 
     out.extend_from_slice(b"X-Forwarded-For: ");
-    if !has_token(&req.headers, "connection", b"x-forwarded-for") {
-        for item in header_values(&req.headers, "x-forwarded-for").flat_map(list_items) {
-            out.extend_from_slice(item);
-            out.extend_from_slice(b", ");
-        }
-    }
-    let _ = write!(out, "{}\r\n", fwd.client_ip);
+    let prior = header_values(&req.headers, "x-forwarded-for")
+        .filter(|_| !has_token(&req.headers, "connection", b"x-forwarded-for"));
+    forwarded_for(prior, fwd.client_ip, out);
+    out.extend_from_slice(b"\r\n");
     write_header(out, b"X-Forwarded-Proto", fwd.client_proto.as_bytes());
     if let Some(host) = client_host.filter(|h| !h.is_empty()) {
         write_header(out, b"X-Forwarded-Host", host);
@@ -179,7 +179,7 @@ pub fn rewrite_response(
     }
     match body {
         BodyKind::None if resp.status >= 200 && resp.status != 204 => {
-            if let Ok(Some(n)) = content_length(&resp.headers) {
+            if let Ok(Some(n)) = content_length(header_values(&resp.headers, "content-length")) {
                 write_framing(out, BodyKind::Length(n));
             }
         }
@@ -198,17 +198,6 @@ pub fn rewrite_response(
     Ok(plan)
 }
 
-/// Hop-by-hop headers, always dropped (`upgrade` unless upgrading).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// The headers to copy: not hop-by-hop, not named in `Connection`, not
 /// framing, not in `replaced`. `Upgrade` survives when `upgrade` is true.
 fn kept<'a>(
@@ -220,7 +209,7 @@ fn kept<'a>(
         if upgrade && h.is("upgrade") {
             return true;
         }
-        let dropped = HOP_BY_HOP.iter().any(|&n| h.is(n))
+        let dropped = is_hop_by_hop(&h.name)
             || h.is("content-length")
             || replaced.iter().any(|&n| h.is(n))
             || has_token(headers, "connection", h.name.as_bytes());

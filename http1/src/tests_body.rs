@@ -218,3 +218,27 @@ fn chunked_eof_before_end_is_incomplete() {
     );
     assert_eq!(f.finish(), Ok(()));
 }
+
+#[test]
+fn chunk_extensions_are_bounded_per_body() {
+    // One-byte chunks, each with a 1000-byte extension: under the per-line limit, but
+    // the body's extensions together outgrow MAX_CHUNK_EXTENSIONS_TOTAL.
+    let chunk = format!("1;{}\r\nx\r\n", "e".repeat(999));
+    let mut f = BodyFramer::new(BodyKind::Chunked);
+    let mut failed = None;
+    for i in 0..40 {
+        if let Err(e) = f.push(chunk.as_bytes()) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = failed.expect("the extensions' total is bounded");
+    assert_eq!(e, Error::InvalidChunk);
+    assert_eq!(i as u64, MAX_CHUNK_EXTENSIONS_TOTAL / 1000);
+    // A body with extensions within the bound is fine.
+    let mut f = BodyFramer::new(BodyKind::Chunked);
+    for _ in 0..10 {
+        f.push(chunk.as_bytes()).unwrap();
+    }
+    assert!(f.push(b"0\r\n\r\n").unwrap().done);
+}

@@ -392,6 +392,12 @@ fn head_size_limit() {
         "a".repeat(DEFAULT_MAX_HEAD_BYTES)
     );
     assert_eq!(res_err(&r), Error::HeadTooLarge);
+    // A request line that alone outgrows the limit: its target is too long (414).
+    let long_url = format!("GET /{} HTTP/1.1\r\n", "a".repeat(DEFAULT_MAX_HEAD_BYTES));
+    assert_eq!(req_err(&long_url), Error::UriTooLong);
+    assert_eq!(Error::UriTooLong.status(), 414);
+    let long_status = format!("HTTP/1.1 200 {}\r\n", "a".repeat(DEFAULT_MAX_HEAD_BYTES));
+    assert_eq!(res_err(&long_status), Error::HeadTooLarge);
 }
 
 #[test]

@@ -69,6 +69,7 @@ fn request_rewrite_full_example() {
         out,
         "POST /base/v1/models?x=1 HTTP/1.1\r\n\
          Host: backend:8080\r\n\
+         Trailer: X-Sum\r\n\
          Accept: */*\r\n\
          X-Forwarded-For: 1.2.3.4, 5.6.7.8, 10.0.0.7\r\n\
          X-Forwarded-Proto: https\r\n\
@@ -176,7 +177,8 @@ fn response_rewrite_drops_hop_by_hop_and_keeps_framing() {
     );
     assert_eq!(
         out,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        // `Trailer` is end-to-end (RFC 9110 §6.6.2): it announces the trailers that follow.
+        "HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use lb_http1::rules::HOP_BY_HOP;
 use lb_http1::{
     parse_request, parse_response, rewrite_request, rewrite_response, BodyFramer, BodyKind, Error,
     Forwarding, Header, Limits, RequestHead, ResponseHead, Status, Version,
@@ -311,11 +312,14 @@ proptest! {
     /// The rewritten request parses, is framed the same, targets the
     /// backend and carries no hop-by-hop headers.
     #[test]
-    fn rewritten_request_is_valid(head in request_head(), hop in vec(0usize..6, 0..3)) {
+    fn rewritten_request_is_valid(head in request_head(), hop in vec(0usize..7, 0..3)) {
         let mut head = head;
-        const HOP: [&str; 6] = ["Connection", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection"];
+        // The one table (but the framing field, which the generated head sets itself), in
+        // upper case as some clients send it.
+        let hop_fields: Vec<&str> =
+            HOP_BY_HOP.into_iter().filter(|n| *n != "transfer-encoding").collect();
         for h in hop {
-            head.headers.push(Header::new(HOP[h], "x"));
+            head.headers.push(Header::new(hop_fields[h].to_ascii_uppercase(), "x"));
         }
         let mut out = Vec::new();
         let body = rewrite_request(&head, &FWD, &mut out).unwrap();
@@ -329,7 +333,8 @@ proptest! {
         prop_assert_eq!(&back.target, &format!("/base{}", origin_path(&head.target)));
         let xff = back.header("x-forwarded-for").unwrap();
         prop_assert!(xff.ends_with(b"192.0.2.9"));
-        for name in ["keep-alive", "te", "trailer", "upgrade", "proxy-connection", "connection"] {
+        // (The framing is written again from the body kind.)
+        for name in hop_fields {
             prop_assert!(back.header(name).is_none(), "{} survived", name);
         }
     }

@@ -4,19 +4,6 @@
 
 use lb_core::{Reject, Summary};
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1); a proxy never
-/// forwards them. Headers named in `Connection` are hop-by-hop too.
-pub const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-];
-
 /// A complete small response: status, extra headers, JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {

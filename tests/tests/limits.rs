@@ -292,3 +292,54 @@ fn sigterm_as_soon_as_lb_accepts_exits_0() {
         "lb accepted a connection, then a SIGTERM made it exit with {st}"
     );
 }
+
+/// Content-based routing reads a body prefix before choosing a backend. A client that
+/// sends one-byte chunks each with a 4 KB chunk extension used to grow the smol build's
+/// memory without bound (the prefix was bounded in data, not in bytes read: 3 MB to 304
+/// MB of RSS after 300 MiB sent). Now the body's extensions are bounded (16 KiB in all,
+/// as hyper bounds them): the request gets 400 in both builds (what the client sent
+/// before that sits in socket buffers, not in lb), and memory stays small.
+#[test]
+fn chunk_extensions_cannot_grow_memory() {
+    use std::io::{Read, Write};
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--backends",
+        &m.url(),
+        "--routing",
+        "cache-aware",
+        "--max-conns",
+        "8",
+    ]);
+    lb.wait_healthy(1);
+    let before = lb.vm_hwm_kib();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", lb.port)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let chunk = format!("1;{}\r\n{{\r\n", "e".repeat(4000));
+    let mut sent = 0usize;
+    // Until lb answers or closes (a write fails), at most 8 MiB.
+    while sent < 8 << 20 {
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 400"),
+        "after {sent} bytes of extensions: {reply:?}"
+    );
+    let grew = lb.vm_hwm_kib().saturating_sub(before);
+    assert!(grew < 16 * 1024, "peak RSS grew by {grew} KiB");
+    // Nothing reached the backend, and lb still serves.
+    assert_eq!(m.requests(), 0);
+    assert_eq!(lb.completion().status, 200);
+}

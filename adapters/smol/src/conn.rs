@@ -162,8 +162,8 @@ async fn handle(
 }
 
 /// Reads the request body into `cbuf` (after what it holds) until the body ends or
-/// [`MAX_BODY_PREFIX`] bytes of its data are here; returns the data and whether the body
-/// ended within it. `None`: the client left, or its body is badly framed. A client that
+/// [`MAX_BODY_PREFIX`] bytes of it (as read, framing included) are here; returns the data
+/// and whether the body ended within it. `None`: the client left, or its body is badly framed. A client that
 /// waits for `100 Continue` gets it first (and the backend is not asked again).
 async fn read_prefix<'b>(
     client: &Stream,
@@ -188,7 +188,9 @@ async fn read_prefix<'b>(
             }
             None => consumed,
         };
-        if p.done || held >= MAX_BODY_PREFIX {
+        // Bounded in bytes read off the socket, not only in data: chunk framing (and its
+        // extensions) take room too.
+        if p.done || held >= MAX_BODY_PREFIX || consumed >= MAX_BODY_PREFIX {
             break;
         }
         if first && req.expects_continue() {

@@ -384,7 +384,14 @@ impl<'a> Exchange<'a> {
                 End::Failed(Failure::Io(message))
             }
             Got::Fail(HeadFail::Invalid(e)) => {
-                End::Failed(Failure::Invalid(format!("invalid response: {e}")))
+                let message = format!("invalid response: {e}");
+                End::Failed(match e {
+                    // Valid HTTP beyond what lb passes on: not the backend's ill health.
+                    lb_http1::Error::HeadTooLarge
+                    | lb_http1::Error::TooManyHeaders
+                    | lb_http1::Error::UnsupportedTransferEncoding => Failure::Unsupported(message),
+                    _ => Failure::Invalid(message),
+                })
             }
             Got::Timeout => End::Failed(Failure::Timeout),
         }))

@@ -10,6 +10,7 @@
 
 mod body;
 mod client;
+mod headers;
 mod pool;
 mod proxy;
 mod rt;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -19,6 +19,10 @@ use lb_proxy::reqlog::Capture;
 use lb_proxy::Failure;
 
 use crate::body::Streamed;
+use crate::headers::{
+    check_request, check_response, is_upgrade, rewrite_request_headers, strip_hop_by_hop,
+    KEEP_ALIVE,
+};
 use crate::pool::{Lent, Pool, SendError};
 use crate::rt::{request_uri, LeaseGuard, Proxy};
 use crate::upbody::{Replay, UpBody};
@@ -39,12 +43,6 @@ impl fmt::Display for ReqLine {
     }
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
 /// The backend connections of the shard serving the request.
 pub(crate) type Traffic = Arc<Pool>;
 
@@ -52,17 +50,16 @@ pub(crate) type Traffic = Arc<Pool>;
 /// `X-Forwarded-For` value (formatted once per connection, not per request).
 #[derive(Clone)]
 pub(crate) struct Peer {
-    ip: IpAddr,
-    forwarded_for: Option<HeaderValue>,
+    pub(crate) ip: IpAddr,
+    pub(crate) forwarded_for: HeaderValue,
 }
 
 impl Peer {
     pub(crate) fn new(addr: SocketAddr) -> Self {
         let ip = lb_proxy::client_ip(addr.ip());
-        Peer {
-            ip,
-            forwarded_for: HeaderValue::try_from(ip.to_string()).ok(),
-        }
+        let forwarded_for = HeaderValue::try_from(ip.to_string())
+            .expect("an IP address in text is a valid header value");
+        Peer { ip, forwarded_for }
     }
 }
 
@@ -76,11 +73,8 @@ pub(crate) async fn handle(
         return Ok(local(proxy.health()));
     }
     let settings = proxy.settings();
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        // Ambiguous framing is the classic request-smuggling vector: refuse it (hyper
-        // would let chunked win), and close the connection.
+    if check_request(&req).is_err() {
+        // What the codec refuses (see `headers`): 400, and the connection closes.
         let mut resp = local(reply::error(ProxyError::BadRequest));
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -201,6 +195,10 @@ async fn forward(
         Ok(Err(e)) => {
             let failure = match &e {
                 SendError::Connect(e) => Failure::Connect(describe(e.as_ref())),
+                SendError::Http(e) if e.is_parse_too_large() => Failure::Unsupported(format!(
+                    "invalid response: {}",
+                    lb_http1::Error::HeadTooLarge
+                )),
                 SendError::Http(e) => Failure::Io(describe(e)),
                 SendError::Race(e) => Failure::Race(describe(e)),
             };
@@ -208,10 +206,8 @@ async fn forward(
         }
         Err(_) => return logged(&capture, guard.fail(Failure::Timeout, &line)),
     };
-    if let Some(why) = bad_response_framing(resp.headers()) {
-        // Ambiguous or non-chunked transfer coding from a backend is never passed on: it is
-        // either response splitting or a backend we cannot delimit safely.
-        return logged(&capture, guard.fail(Failure::Invalid(why.into()), &line));
+    if let Err(failure) = check_response(resp.version(), resp.headers()) {
+        return logged(&capture, guard.fail(failure, &line));
     }
     let status = resp.status().as_u16();
     if let Some(c) = &capture {
@@ -301,144 +297,6 @@ fn head_size(req: &Request<Incoming>) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-/// Why a backend response's framing is refused (as the smol build's `lb_http1`
-/// does): both `Content-Length` and `Transfer-Encoding`, or a transfer coding whose final
-/// coding is not `chunked`.
-fn bad_response_framing(h: &HeaderMap) -> Option<&'static str> {
-    if !h.contains_key(header::TRANSFER_ENCODING) {
-        return None;
-    }
-    if h.contains_key(header::CONTENT_LENGTH) {
-        return Some("invalid response: both Content-Length and Transfer-Encoding");
-    }
-    let last = h
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .rfind(|t| !t.is_empty());
-    match last {
-        Some(t) if t.eq_ignore_ascii_case("chunked") => None,
-        _ => Some("invalid response: Transfer-Encoding does not end in chunked"),
-    }
-}
-
-fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE) && connection_has(h, "upgrade")
-}
-
-fn connection_has(h: &HeaderMap, token: &str) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Whether `name` is hop-by-hop by definition (RFC 9110 §7.6.1), whatever `Connection` says.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those `Connection` names. An upgrade
-/// keeps `Upgrade` and `Connection: upgrade`.
-///
-/// Runs twice per request, so it looks before it removes: one pass over the names finds
-/// the hop-by-hop ones present (usually none, or `Connection` alone), and only those are
-/// removed; `Connection`'s tokens are read without allocating in the usual single line.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let mut present: [Option<HeaderName>; 8] = Default::default();
-    for (slot, name) in present
-        .iter_mut()
-        .zip(h.keys().filter(|n| is_hop_by_hop(n)))
-    {
-        *slot = Some(name.clone());
-    }
-    if present[0].is_some() {
-        let mut lines = h.get_all(header::CONNECTION).iter();
-        let first = lines.next().cloned();
-        let more: Vec<HeaderValue> = lines.cloned().collect();
-        for line in first.iter().chain(&more) {
-            let tokens = line.to_str().unwrap_or_default().split(',').map(str::trim);
-            for token in tokens.filter(|t| !named_elsewhere(t)) {
-                if !(upgrade && token.eq_ignore_ascii_case("upgrade")) {
-                    // Not a header name (junk): nothing by that name to remove.
-                    h.remove(token);
-                }
-            }
-        }
-        for name in present.iter().flatten() {
-            if !(upgrade && name == header::UPGRADE) {
-                h.remove(name);
-            }
-        }
-    }
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// Whether a `Connection` token needs no removal of its own: empty, or `keep-alive` (the
-/// usual one), a header that is hop-by-hop anyway and goes with the others. Saves parsing
-/// and looking up a name per message. (`close` is looked up: RFC 9110 §7.6.1 removes a
-/// field by that name too.)
-fn named_elsewhere(token: &str) -> bool {
-    token.is_empty() || token.eq_ignore_ascii_case("keep-alive")
-}
-
-/// Hop-by-hop headers out; `X-Forwarded-For` appended, `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` set; `Host` becomes the backend's authority (what it would see if
-/// called directly, like nginx's default `proxy_set_header Host $proxy_host`).
-fn rewrite_request_headers(h: &mut HeaderMap, peer: &Peer, host: &HeaderValue, upgrade: bool) {
-    strip_hop_by_hop(h, upgrade);
-    // Up to three names are added: grow the map at most once.
-    h.reserve(3);
-    match h.entry(&X_FORWARDED_FOR) {
-        Entry::Occupied(mut prior) => {
-            // Several lines are one list (RFC 9110 §5.3); they fold into one line. An
-            // unreadable prior value is replaced rather than passed on.
-            let mut chain = String::new();
-            for line in prior.iter() {
-                match line.to_str() {
-                    Ok(v) => {
-                        chain.push_str(v);
-                        chain.push_str(", ");
-                    }
-                    Err(_) => {
-                        chain.clear();
-                        break;
-                    }
-                }
-            }
-            chain.push_str(&peer.ip.to_string());
-            match HeaderValue::try_from(chain)
-                .ok()
-                .or(peer.forwarded_for.clone())
-            {
-                Some(v) => drop(prior.insert(v)),
-                None => drop(prior.remove_entry_mult()),
-            }
-        }
-        Entry::Vacant(slot) => {
-            if let Some(v) = peer.forwarded_for.clone() {
-                slot.insert(v);
-            }
-        }
-    }
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(client_host) = h.insert(header::HOST, host.clone()) {
-        h.insert(&X_FORWARDED_HOST, client_host);
-    }
-}
-
 /// Whether a client error was caused by the client's own request body.
 pub(crate) fn client_side(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
@@ -473,75 +331,4 @@ pub(crate) fn describe(e: &(dyn StdError + 'static)) -> String {
         cur = err.source();
     }
     last
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(lines: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in lines {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    fn names(h: &HeaderMap) -> Vec<&str> {
-        let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        v.sort_unstable();
-        v
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_connection_names_go() {
-        let mut h = map(&[
-            ("Connection", "Keep-Alive, X-Hop"),
-            ("Connection", " x-other ,, close"),
-            ("X-Hop", "1"),
-            ("X-Other", "2"),
-            // Named by `close` above: a field by that name goes too (RFC 9110 §7.6.1).
-            ("Close", "3"),
-            ("Keep-Alive", "timeout=5"),
-            ("TE", "trailers"),
-            ("Trailer", "X-T"),
-            ("Transfer-Encoding", "chunked"),
-            ("Upgrade", "websocket"),
-            ("Proxy-Connection", "keep-alive"),
-            ("Proxy-Authenticate", "Basic"),
-            ("Content-Type", "text/plain"),
-            ("X-End", "yes"),
-        ]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(names(&h), ["content-type", "x-end"]);
-    }
-
-    #[test]
-    fn an_upgrade_keeps_upgrade_and_says_so() {
-        let mut h = map(&[
-            ("Connection", "Upgrade, X-Hop"),
-            ("Upgrade", "websocket"),
-            ("X-Hop", "1"),
-            ("Sec-WebSocket-Key", "k"),
-        ]);
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
-        assert_eq!(h[header::CONNECTION], "upgrade");
-        assert_eq!(h[header::UPGRADE], "websocket");
-    }
-
-    #[test]
-    fn messages_without_hop_by_hop_headers_are_untouched() {
-        let mut h = map(&[("Host", "a"), ("Content-Length", "3"), ("X-A", "1")]);
-        let before = h.clone();
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h, before);
-        // A Connection token that names no header (or is not a name at all) is harmless.
-        let mut h = map(&[("Connection", "close, not a name, x-absent"), ("X-A", "1")]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(names(&h), ["x-a"]);
-    }
 }
