@@ -53,6 +53,8 @@ pub struct Forwarding<'a> {
 /// * `X-Forwarded-For`: the client's list (all lines merged) with
 ///   `client_ip` appended; `X-Forwarded-Proto` and `X-Forwarded-Host` are
 ///   replaced, never merged.
+/// * `Expect: 100-continue` dropped: the proxy answers `100 Continue` itself when it
+///   starts reading the body.
 /// * hop-by-hop headers dropped (see the module docs); for an upgrade
 ///   request ([`RequestHead::is_upgrade`]) `Upgrade` is kept and
 ///   `Connection: upgrade` is sent.
@@ -210,11 +212,18 @@ fn kept<'a>(
             return true;
         }
         let dropped = is_hop_by_hop(&h.name)
+            || is_expect_continue(h)
             || h.is("content-length")
             || replaced.iter().any(|&n| h.is(n))
             || has_token(headers, "connection", h.name.as_bytes());
         !dropped
     })
+}
+
+/// `Expect: 100-continue`: the proxy answers it itself (when it starts reading the body),
+/// so the backend is not asked again.
+fn is_expect_continue(h: &Header) -> bool {
+    h.is("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
 }
 
 fn write_framing(out: &mut Vec<u8>, body: BodyKind) {

@@ -221,6 +221,7 @@ impl<'a> Exchange<'a> {
         head.extend_from_slice(&cbuf[..early]);
         cbuf.drain(..early);
         let upward = Upward {
+            continue_due: self.req.expects_continue() && !framer.is_done(),
             framer,
             tap,
             replay: None,

@@ -121,6 +121,9 @@ pub(crate) struct Upward<'a> {
     pub(crate) framer: BodyFramer,
     pub(crate) tap: Option<Tap<'a>>,
     pub(crate) replay: Option<Replay>,
+    /// The client waits for `100 Continue` before it sends the body (`Expect`): sent
+    /// when the body is first read (the backend is not asked).
+    pub(crate) continue_due: bool,
 }
 
 /// The request as it went to a reused connection (head and body), kept while it stays
@@ -214,6 +217,12 @@ async fn next_body_part(
     size: &mut ReadSize,
 ) -> Result<usize, UpEnd> {
     if cbuf.is_empty() {
+        if up.continue_due {
+            up.continue_due = false;
+            send(client, b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| UpEnd::ClientGone)?;
+        }
         match read_more(client, cbuf, size.get()).await {
             Ok(0) | Err(_) => return Err(UpEnd::ClientGone),
             Ok(n) => size.record(n),

@@ -135,6 +135,14 @@ pub(crate) fn rewrite_request_headers(
     upgrade: bool,
 ) {
     strip_hop_by_hop(h, upgrade);
+    // hyper answers `Expect: 100-continue` itself when the body is first read: the backend
+    // is not asked again (as `lb_http1::rewrite_request` does).
+    if h
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        h.remove(header::EXPECT);
+    }
     // Up to three names are added: grow the map at most once.
     h.reserve(3);
     match h.entry(&X_FORWARDED_FOR) {
