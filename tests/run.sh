@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: core unit/property/statistical/golden tests and fuzz-corpus replay,
-# adapter and CLI unit tests, then the black-box suite against both builds of lb.
+# adapter and CLI unit tests, then the black-box suite against both builds of lb, then the
+# conformance suite that runs the same raw exchanges through both builds and compares them.
 #   tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,9 @@ echo "== unit, property and corpus-replay tests"
 cargo test --workspace --exclude lb-tests
 for b in tokio smol; do
   echo "== black-box suite against the $b build"
-  LB_BIN="$PWD/target/bin/lb-$b" cargo test -p lb-tests
+  # tests/conformance.rs needs both builds at once: it skips here and runs once below.
+  env -u LB_BIN_TOKIO -u LB_BIN_SMOL LB_BIN="$PWD/target/bin/lb-$b" cargo test -p lb-tests
 done
+echo "== conformance: the same exchanges through both builds"
+LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
+  cargo test -p lb-tests --test conformance

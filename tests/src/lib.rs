@@ -29,6 +29,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use serde_json::{json, Value};
 
+pub mod scripted;
+pub use scripted::{After, Continue, Received, Script, ScriptedBackend, KEEPALIVE_PATH};
+
 /// How long helpers wait for a condition before they give up (and panic).
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -424,6 +427,9 @@ pub struct LbOptions {
     pub nofile_soft: Option<u64>,
     /// Do not wait for `lb` to answer `GET /health` before returning.
     pub no_wait: bool,
+    /// Run this binary instead of [`lb_bin`] (a test that compares builds
+    /// starts several in one process).
+    pub bin: Option<PathBuf>,
 }
 
 /// A running `lb`, killed on drop.
@@ -499,7 +505,7 @@ impl Lb {
     }
 
     fn start(args: &[String], port: u16, opts: &LbOptions) -> Lb {
-        let bin = lb_bin();
+        let bin = opts.bin.clone().unwrap_or_else(lb_bin);
         let mut cmd = match opts.nofile_soft {
             Some(n) => {
                 let mut c = Command::new("sh");
