@@ -59,7 +59,7 @@ pub fn run(data: &[u8]) {
 
     let kind = resp.body_kind(&req);
     out.clear();
-    let plan = rewrite_response(&resp, &req, pick & 0x80 != 0, &mut out);
+    let plan = rewrite_response(&resp, &req, pick & 0x80 != 0, None, &mut out);
     assert_eq!(plan.map(|p| p.body), kind);
     let Ok(plan) = plan else {
         assert_eq!(kind, Err(Error::UnexpectedUpgrade));
@@ -67,6 +67,7 @@ pub fn run(data: &[u8]) {
     };
     assert!(!plan.keep_alive || req.keep_alive());
     assert_eq!(plan.is_upgrade(), plan.body == BodyKind::Tunnel);
+    assert!(!plan.rechunk || plan.body == BodyKind::CloseDelimited);
     if out.is_empty() {
         assert!(resp.is_interim() && req.version == Version::Http10);
     } else {
@@ -74,7 +75,13 @@ pub fn run(data: &[u8]) {
             Ok(Status::Complete(back, m)) => {
                 assert_eq!(m, out.len());
                 assert_eq!(back.status, resp.status);
-                assert_eq!(back.body_kind(&req), Ok(plan.body));
+                // What the client reads: chunked when a close-delimited body is re-chunked.
+                let sent = if plan.rechunk {
+                    BodyKind::Chunked
+                } else {
+                    plan.body
+                };
+                assert_eq!(back.body_kind(&req), Ok(sent));
             }
             other => panic!("rewritten head does not parse: {other:?}"),
         }

@@ -2,9 +2,10 @@
 //!
 //! Which headers are accepted:
 //!
-//! * `Content-Length`: one or more lines, each a comma list of decimal
-//!   numbers; all numbers must be equal (`5` and `5, 5` are fine, `5` and
-//!   `6` are [`Error::ConflictingContentLength`]).
+//! * `Content-Length`: one or more lines, each one decimal number; all
+//!   must be equal (two lines `5` are fine, `5` and `6` are
+//!   [`Error::ConflictingContentLength`], `5, 5` on one line is
+//!   [`Error::InvalidContentLength`]).
 //! * `Transfer-Encoding`: the combined list over all lines must be exactly
 //!   `chunked` (case-insensitive). Anything else (`gzip`, `chunked, gzip`,
 //!   `gzip, chunked`, `identity`, `chunked, chunked`) is
@@ -89,22 +90,20 @@ pub fn chunked<'a>(
 }
 
 /// The `Content-Length` declared by the field's values (every line), if any:
-/// [`Error::InvalidContentLength`] for a value that is not a plain decimal number (no
-/// sign, no spaces inside; an empty list element included), and
-/// [`Error::ConflictingContentLength`] for values that differ (equal repeats, `5, 5`,
-/// are one length).
+/// [`Error::InvalidContentLength`] for a value that is not one plain decimal number (no
+/// sign, no spaces inside, no list), and [`Error::ConflictingContentLength`] for lines
+/// that differ (equal lines are one length).
 pub fn content_length<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Option<u64>, Error> {
     let mut found = None;
     for value in values {
-        // An empty value or an empty list element is invalid, not skipped.
-        for item in value.split(|&b| b == b',') {
-            let n = parse_decimal(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
-            match found {
-                Some(m) if m != n => return Err(Error::ConflictingContentLength),
-                _ => found = Some(n),
-            }
+        // One number a line: a list (`5, 5`), an empty value, a sign or inner spaces are
+        // invalid (hyper refuses them too).
+        let n = parse_decimal(value.trim_ascii()).ok_or(Error::InvalidContentLength)?;
+        match found {
+            Some(m) if m != n => return Err(Error::ConflictingContentLength),
+            _ => found = Some(n),
         }
     }
     Ok(found)

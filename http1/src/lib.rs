@@ -42,7 +42,7 @@
 //!         let (resp, n) = parse_response(&backend_buf, &limits)?;   // Partial: read more
 //!         backend_buf.drain(..n);                                    // error: 502
 //!         out.clear();
-//!         let plan = rewrite_response(&resp, &req, shutting_down, &mut out)?;
+//!         let plan = rewrite_response(&resp, &req, shutting_down, Some(&date), &mut out)?;
 //!         send out to client;
 //!         if !resp.is_interim() { break plan; }    // 100/103: wait for the final head
 //!     };
@@ -58,6 +58,7 @@
 //! ```
 
 mod body;
+mod date;
 mod dechunk;
 mod error;
 mod framing;
@@ -68,6 +69,7 @@ pub mod rules;
 pub use body::{
     BodyFramer, Progress, MAX_CHUNK_EXTENSION, MAX_CHUNK_EXTENSIONS_TOTAL, MAX_TRAILER_BYTES,
 };
+pub use date::{http_date, HTTP_DATE_LEN};
 pub use dechunk::Dechunk;
 pub use error::Error;
 pub use framing::{chunked, content_length, BodyKind};

@@ -122,6 +122,10 @@ pub struct ResponsePlan {
     /// this response. (Whether the *backend* connection can be reused is
     /// [`ResponseHead::keep_alive`] plus a self-delimited body.)
     pub keep_alive: bool,
+    /// A close-delimited body goes to the client chunked (so that its
+    /// connection can stay open): wrap each part read in a chunk, and end
+    /// with the last chunk `0\r\n\r\n` when the backend closes.
+    pub rechunk: bool,
 }
 
 impl ResponsePlan {
@@ -136,18 +140,22 @@ impl ResponsePlan {
 /// to `req` into `out`, and says how to continue.
 ///
 /// `close` asks to close the client connection after this response (e.g.
-/// when shutting down). The emitted head:
+/// when shutting down); `date` is the current time as an HTTP-date
+/// ([`http_date`](crate::http_date)), sent when the response has no `Date`
+/// (RFC 9110 §6.6.1 asks a proxy to add one). The emitted head:
 ///
 /// * status line `HTTP/1.1 <status> <reason>` (a proxy sends its own
 ///   version);
 /// * hop-by-hop headers dropped; for a 101, `Upgrade` is kept and
 ///   `Connection: upgrade` is sent;
 /// * framing re-emitted from the body kind; for a response without body
-///   (HEAD, 304) a valid `Content-Length` is kept as information, for 1xx
-///   and 204 it is dropped;
+///   (HEAD) a valid `Content-Length` is kept as information, for 1xx, 204
+///   and 304 it is dropped; a close-delimited body goes to an HTTP/1.1 client
+///   chunked ([`ResponsePlan::rechunk`]), so its connection can stay open;
 /// * `Connection: close` if the client connection will not be kept open
-///   (client asked, `close`, or close-delimited body), and
-///   `Connection: keep-alive` for an HTTP/1.0 client that keeps it open.
+///   (but to an HTTP/1.0 client that did not ask for `keep-alive`: closing
+///   is its default), and `Connection: keep-alive` for an HTTP/1.0 client
+///   that keeps it open.
 ///
 /// Interim responses (1xx other than 101, [`ResponseHead::is_interim`]) get
 /// no `Connection` header; another response head follows. For an HTTP/1.0
@@ -159,15 +167,22 @@ pub fn rewrite_response(
     resp: &ResponseHead,
     req: &RequestHead,
     close: bool,
+    date: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) -> Result<ResponsePlan, Error> {
     let body = resp.body_kind(req)?;
-    let self_delimited = matches!(
-        body,
-        BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
-    );
+    let rechunk = body == BodyKind::CloseDelimited && req.version == Version::Http11;
+    let self_delimited = rechunk
+        || matches!(
+            body,
+            BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
+        );
     let keep_alive = !close && req.keep_alive() && self_delimited;
-    let plan = ResponsePlan { body, keep_alive };
+    let plan = ResponsePlan {
+        body,
+        keep_alive,
+        rechunk,
+    };
     if resp.is_interim() && req.version == Version::Http10 {
         return Ok(plan);
     }
@@ -180,20 +195,24 @@ pub fn rewrite_response(
         write_header(out, h.name.as_bytes(), &h.value);
     }
     match body {
-        BodyKind::None if resp.status >= 200 && resp.status != 204 => {
+        BodyKind::None if resp.status >= 200 && resp.status != 204 && resp.status != 304 => {
             if let Ok(Some(n)) = content_length(header_values(&resp.headers, "content-length")) {
                 write_framing(out, BodyKind::Length(n));
             }
         }
+        _ if rechunk => write_framing(out, BodyKind::Chunked),
         _ => write_framing(out, body),
+    }
+    if let Some(date) = date.filter(|_| resp.header("date").is_none() && !resp.is_interim()) {
+        write_header(out, b"Date", date);
     }
     if plan.is_upgrade() {
         write_header(out, b"Connection", b"upgrade");
     } else if resp.is_interim() {
         // The final response will say.
-    } else if !keep_alive {
+    } else if !keep_alive && (req.version == Version::Http11 || req.keep_alive()) {
         write_header(out, b"Connection", b"close");
-    } else if req.version == Version::Http10 {
+    } else if keep_alive && req.version == Version::Http10 {
         write_header(out, b"Connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");

@@ -41,7 +41,7 @@ fn rw_req(s: &str, prefix: &str) -> (String, BodyKind) {
 
 fn rw_res(r: &str, q: &str, close: bool) -> (String, ResponsePlan) {
     let mut out = Vec::new();
-    let plan = rewrite_response(&parse_res(r), &parse_req(q), close, &mut out).unwrap();
+    let plan = rewrite_response(&parse_res(r), &parse_req(q), close, None, &mut out).unwrap();
     (String::from_utf8(out).unwrap(), plan)
 }
 
@@ -172,7 +172,8 @@ fn response_rewrite_drops_hop_by_hop_and_keeps_framing() {
         plan,
         ResponsePlan {
             body: BodyKind::Chunked,
-            keep_alive: true
+            keep_alive: true,
+            rechunk: false,
         }
     );
     assert_eq!(
@@ -183,19 +184,47 @@ fn response_rewrite_drops_hop_by_hop_and_keeps_framing() {
 }
 
 #[test]
-fn close_delimited_response_closes_client() {
+fn close_delimited_response_goes_chunked_to_an_http11_client() {
     let (out, plan) = rw_res("HTTP/1.0 200 OK\r\nServer: s\r\n\r\n", GET, false);
     assert_eq!(
         plan,
         ResponsePlan {
             body: BodyKind::CloseDelimited,
-            keep_alive: false
+            keep_alive: true,
+            rechunk: true,
         }
     );
     assert_eq!(
         out,
+        "HTTP/1.1 200 OK\r\nServer: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    // An HTTP/1.0 client cannot read chunks: the body ends with the connection.
+    let http10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let (out, plan) = rw_res("HTTP/1.0 200 OK\r\nServer: s\r\n\r\n", http10, false);
+    assert!(!plan.keep_alive && !plan.rechunk);
+    assert_eq!(
+        out,
         "HTTP/1.1 200 OK\r\nServer: s\r\nConnection: close\r\n\r\n"
     );
+}
+
+#[test]
+fn a_date_is_added_when_the_backend_sent_none() {
+    let date = crate::http_date(784_111_777);
+    let mut out = Vec::new();
+    let r = parse_res("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    rewrite_response(&r, &parse_req(GET), false, Some(&date), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"),
+        "{out}"
+    );
+    let mut out = Vec::new();
+    let r = parse_res("HTTP/1.1 200 OK\r\nDate: Mon, 07 Nov 1994 00:00:00 GMT\r\n\r\n");
+    rewrite_response(&r, &parse_req(GET), false, Some(&date), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(out.matches("Date:").count(), 1, "{out}");
+    assert!(out.contains("Mon, 07 Nov 1994"), "{out}");
 }
 
 #[test]
@@ -213,9 +242,10 @@ fn client_close_and_forced_close() {
     let (out, plan) = rw_res(r, "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", false);
     assert!(plan.keep_alive);
     assert!(out.ends_with("Content-Length: 2\r\nConnection: keep-alive\r\n\r\n"));
+    // An HTTP/1.0 client that did not ask to keep the connection needs no word.
     let (out, plan) = rw_res(r, "GET / HTTP/1.0\r\n\r\n", false);
     assert!(!plan.keep_alive);
-    assert!(out.ends_with("Connection: close\r\n\r\n"));
+    assert!(out.ends_with("Content-Length: 2\r\n\r\n"));
 }
 
 #[test]
@@ -224,12 +254,13 @@ fn bodiless_responses_keep_or_drop_content_length() {
     let (out, plan) = rw_res("HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n", head, false);
     assert_eq!(plan.body, BodyKind::None);
     assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n");
+    // 304 drops it, as 204 does (and as hyper does).
     let (out, _) = rw_res(
         "HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n",
         GET,
         false,
     );
-    assert!(out.contains("Content-Length: 42"));
+    assert!(!out.contains("Content-Length"), "{out}");
     let (out, plan) = rw_res(
         "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
         GET,
@@ -239,7 +270,8 @@ fn bodiless_responses_keep_or_drop_content_length() {
         plan,
         ResponsePlan {
             body: BodyKind::None,
-            keep_alive: true
+            keep_alive: true,
+            rechunk: false,
         }
     );
     assert_eq!(out, "HTTP/1.1 204 No Content\r\n\r\n");
@@ -257,7 +289,7 @@ fn switching_protocols_is_a_tunnel() {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\nConnection: upgrade\r\n\r\n"
     );
     let mut out = Vec::new();
-    let err = rewrite_response(&parse_res(r), &parse_req(GET), false, &mut out);
+    let err = rewrite_response(&parse_res(r), &parse_req(GET), false, None, &mut out);
     assert_eq!(err, Err(Error::UnexpectedUpgrade));
 }
 

@@ -4,15 +4,28 @@
 
 use lb_core::{Reject, Summary};
 
-/// A complete small response: status, extra headers, JSON body.
+/// A complete small response: status, extra headers, JSON body (or none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     /// Status code.
     pub status: u16,
-    /// Extra headers besides `Content-Type: application/json` and `Content-Length`.
+    /// Extra headers besides `Content-Length` (and `Content-Type: application/json` when
+    /// there is a body).
     pub headers: &'static [(&'static str, &'static str)],
-    /// The JSON body.
+    /// The JSON body; empty for [`refused`].
     pub body: String,
+}
+
+/// The answer to a request head refused before anything else happens (malformed, a
+/// target or head over the limit, a refused method, a bad `Host` or framing): the status
+/// alone, no body, and the connection closes, in both builds the form hyper gives its own
+/// refusals (`400`, `414`, `431` with `Content-Length: 0` and `Connection: close`).
+pub fn refused(status: u16) -> Reply {
+    Reply {
+        status,
+        headers: &[("connection", "close")],
+        body: String::new(),
+    }
 }
 
 /// The answer to `GET /health`: 200 `ok` when a backend is healthy, else 503 `degraded`.

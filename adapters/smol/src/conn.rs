@@ -16,7 +16,7 @@ use lb_proxy::ConnectionGuard;
 
 use crate::exchange;
 use crate::io::{
-    head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
+    date_now, head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
 };
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
@@ -72,12 +72,7 @@ pub(crate) async fn serve(
                 return linger_close(&client).await;
             }
             Head::Bad(e) => {
-                let answer = if e.status() == 431 {
-                    ProxyError::HeadTooLarge
-                } else {
-                    ProxyError::BadRequest
-                };
-                let _ = write_local(&client, &reply::error(answer), false, true).await;
+                let _ = write_local(&client, &reply::refused(e.status()), false, true).await;
                 return linger_close(&client).await;
             }
         };
@@ -317,7 +312,9 @@ pub(crate) async fn write_reply(
     keep: bool,
 ) -> std::io::Result<()> {
     let http10 = req.version == Version::Http10;
-    write_local_head(client, reply, keep, http10, !req.is_head()).await
+    // An HTTP/1.0 client that did not ask to keep the connection needs no word.
+    let say_close = !keep && (!http10 || req.keep_alive());
+    write_local_head(client, reply, keep, say_close, http10, !req.is_head()).await
 }
 
 /// Sends a reply when there is no parsed request (a bad or late head).
@@ -327,28 +324,34 @@ async fn write_local(
     keep: bool,
     body: bool,
 ) -> std::io::Result<()> {
-    write_local_head(client, reply, keep, false, body).await
+    write_local_head(client, reply, keep, !keep, false, body).await
 }
 
 async fn write_local_head(
     client: &Stream,
     reply: &Reply,
     keep: bool,
+    say_close: bool,
     http10: bool,
     body: bool,
 ) -> std::io::Result<()> {
-    let mut headers = Vec::with_capacity(4 + reply.headers.len());
-    headers.push(Header::new("Content-Type", "application/json"));
+    let mut headers = Vec::with_capacity(5 + reply.headers.len());
+    if !reply.body.is_empty() {
+        headers.push(Header::new("Content-Type", "application/json"));
+    }
     headers.push(Header::new(
         "Content-Length",
         reply.body.len().to_string().into_bytes(),
     ));
+    let mut closing = false;
     for (name, value) in reply.headers {
+        closing |= name.eq_ignore_ascii_case("connection");
         headers.push(Header::new(*name, *value));
     }
-    if !keep {
+    headers.push(Header::new("Date", date_now().to_vec()));
+    if say_close && !closing {
         headers.push(Header::new("Connection", "close"));
-    } else if http10 {
+    } else if keep && http10 {
         headers.push(Header::new("Connection", "keep-alive"));
     }
     let head = ResponseHead {
@@ -371,6 +374,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         408 => "Request Timeout",
+        414 => "URI Too Long",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",

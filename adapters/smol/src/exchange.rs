@@ -41,7 +41,7 @@ use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{send, splice, watch};
 use crate::pump::{
-    download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
+    chunk, download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
     HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
@@ -419,7 +419,11 @@ impl<'a> Exchange<'a> {
                 if let Some(tap) = &mut tap {
                     tap.feed(&bbuf[..p.consumed]);
                 }
-                out.extend_from_slice(&bbuf[..p.consumed]);
+                if plan.rechunk {
+                    chunk(&mut out, &bbuf[..p.consumed]);
+                } else {
+                    out.extend_from_slice(&bbuf[..p.consumed]);
+                }
                 bbuf.drain(..p.consumed);
             }
             Err(e) => {
@@ -433,7 +437,15 @@ impl<'a> Exchange<'a> {
             Timeout,
         }
         let got = {
-            let mut down = pin!(download(self.client, conn, bbuf, framer, out, tap));
+            let mut down = pin!(download(
+                self.client,
+                conn,
+                bbuf,
+                framer,
+                out,
+                tap,
+                plan.rechunk
+            ));
             let timer = &mut self.timer;
             poll_fn(|cx| {
                 if poll_upload(upload.as_mut(), up_failed, cx).is_some() {

@@ -13,6 +13,15 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::stream::Stream;
 
+/// Now as an HTTP-date, for the `Date` of the responses `lb` makes or passes on without
+/// one.
+pub(crate) fn date_now() -> [u8; lb_http1::HTTP_DATE_LEN] {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    lb_http1::http_date(secs)
+}
+
 /// Most bytes moved per read while streaming a body or a tunnel: the most buffered per
 /// direction, whatever the size of the body.
 pub(crate) const CHUNK: usize = 32 * 1024;

@@ -13,7 +13,7 @@ use lb_proxy::Failure;
 
 use crate::connect::describe;
 use crate::io::{
-    head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
+    date_now, head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
 };
 use crate::reqlog::Tap;
 use crate::rt::{Local, Proxy, Upstream};
@@ -258,8 +258,9 @@ pub(crate) async fn response_head(
                     // Keep the client connection only if its request body is all read.
                     let close = proxy.is_shutting_down() || !req_done.load(Ordering::Acquire);
                     let mut out = Vec::with_capacity(512);
-                    let plan =
-                        rewrite_response(&resp, req, close, &mut out).map_err(HeadFail::Invalid)?;
+                    let date = date_now();
+                    let plan = rewrite_response(&resp, req, close, Some(&date), &mut out)
+                        .map_err(HeadFail::Invalid)?;
                     if !resp.is_interim() {
                         return Ok((resp, plan, out));
                     }
@@ -304,6 +305,10 @@ pub(crate) async fn response_head(
 /// Backend → client: the head (with the first body bytes), then the body as it arrives
 /// (copied to `tap`), each read written through at once (server-sent events are not held
 /// back).
+///
+/// With `rechunk` (a close-delimited body to an HTTP/1.1 client, see
+/// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
+/// stream as the last chunk.
 pub(crate) async fn download(
     client: &Stream,
     conn: &Stream,
@@ -311,11 +316,13 @@ pub(crate) async fn download(
     mut framer: BodyFramer,
     out: Vec<u8>,
     mut tap: Option<Tap<'_>>,
+    rechunk: bool,
 ) -> DownEnd {
     if send(client, &out).await.is_err() {
         return DownEnd::ClientGone;
     }
     drop(out);
+    let mut chunked = Vec::new();
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
     // Whether the last read emptied the socket (it returned less than asked): then the
@@ -330,7 +337,12 @@ pub(crate) async fn download(
         match read_more(conn, bbuf, want).await {
             Ok(0) => {
                 return match framer.finish() {
-                    Ok(()) => DownEnd::Done, // close-delimited: complete at EOF
+                    // Close-delimited: complete at EOF.
+                    Ok(()) if rechunk => match send(client, b"0\r\n\r\n").await {
+                        Ok(()) => DownEnd::Done,
+                        Err(_) => DownEnd::ClientGone,
+                    },
+                    Ok(()) => DownEnd::Done,
                     Err(e) => DownEnd::Backend(Failure::Io(e.to_string())),
                 };
             }
@@ -349,11 +361,29 @@ pub(crate) async fn download(
         if let Some(tap) = &mut tap {
             tap.feed(&bbuf[..p.consumed]);
         }
-        if send(client, &bbuf[..p.consumed]).await.is_err() {
+        let part = if rechunk {
+            chunked.clear();
+            chunk(&mut chunked, &bbuf[..p.consumed]);
+            &chunked[..]
+        } else {
+            &bbuf[..p.consumed]
+        };
+        if send(client, part).await.is_err() {
             return DownEnd::ClientGone;
         }
         bbuf.drain(..p.consumed);
         budget.spend(p.consumed).await;
     }
     DownEnd::Done
+}
+
+/// Appends `data` as one chunk (nothing if it is empty: that would be the last chunk).
+pub(crate) fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }

@@ -125,20 +125,21 @@ fn named_elsewhere(token: &str) -> bool {
 }
 
 /// Hop-by-hop headers out; `X-Forwarded-For` appended (`lb_http1::rules::forwarded_for`),
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` set; `Host` becomes the backend's authority
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` set (from an absolute-form target's
+/// authority if there is one, else `Host`); `Host` becomes the backend's authority
 /// (what it would see if called directly, like nginx's default `proxy_set_header Host
 /// $proxy_host`).
 pub(crate) fn rewrite_request_headers(
     h: &mut HeaderMap,
     peer: &Peer,
     host: &HeaderValue,
+    target_authority: Option<HeaderValue>,
     upgrade: bool,
 ) {
     strip_hop_by_hop(h, upgrade);
     // hyper answers `Expect: 100-continue` itself when the body is first read: the backend
     // is not asked again (as `lb_http1::rewrite_request` does).
-    if h
-        .get(header::EXPECT)
+    if h.get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
     {
         h.remove(header::EXPECT);
@@ -160,8 +161,9 @@ pub(crate) fn rewrite_request_headers(
         }
     }
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(client_host) = h.insert(header::HOST, host.clone()) {
-        h.insert(&X_FORWARDED_HOST, client_host);
+    let client_host = h.insert(header::HOST, host.clone());
+    if let Some(v) = target_authority.or(client_host).filter(|v| !v.is_empty()) {
+        h.insert(&X_FORWARDED_HOST, v);
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -73,20 +73,16 @@ pub(crate) async fn handle(
         return Ok(local(proxy.health()));
     }
     let settings = proxy.settings();
-    if check_request(&req).is_err() {
-        // What the codec refuses (see `headers`): 400, and the connection closes.
-        let mut resp = local(reply::error(ProxyError::BadRequest));
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+    if let Err(e) = check_request(&req) {
+        // What the codec refuses (see `headers`): the status alone, and the connection
+        // closes.
+        return Ok(local(reply::refused(e.status())));
     }
     if head_size(&req) > settings.max_head_bytes {
         // hyper's own buffer limit is approximate (a single read may overshoot it), so the
         // documented limit is enforced here on what was parsed.
-        let mut resp = local(reply::error(ProxyError::HeadTooLarge));
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+        let status = lb_http1::Error::HeadTooLarge.status();
+        return Ok(local(reply::refused(status)));
     }
     let arrived = tokio::time::Instant::now();
     let deadline = arrived + settings.request_timeout;
@@ -154,6 +150,7 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
+    let client_authority = req.uri().authority().cloned();
     let uri = match request_uri(&upstream, req.uri().path_and_query()) {
         Ok(u) => u,
         Err(_) => {
@@ -168,7 +165,15 @@ async fn forward(
         method: req.method().clone(),
         uri: req.uri().clone(),
     };
-    rewrite_request_headers(req.headers_mut(), &peer, &upstream.ext.host, upgrade);
+    // The authority of an absolute-form target wins over `Host` (RFC 9112 §3.2.2).
+    let authority = client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    rewrite_request_headers(
+        req.headers_mut(),
+        &peer,
+        &upstream.ext.host,
+        authority,
+        upgrade,
+    );
 
     let sent = if upgrade {
         tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext.base, req)))
@@ -199,6 +204,9 @@ async fn forward(
                     "invalid response: {}",
                     lb_http1::Error::HeadTooLarge
                 )),
+                SendError::Http(e) if e.is_parse() => {
+                    Failure::Invalid(format!("invalid response: {}", describe(e)))
+                }
                 SendError::Http(e) => Failure::Io(describe(e)),
                 SendError::Race(e) => Failure::Race(describe(e)),
             };
@@ -207,6 +215,12 @@ async fn forward(
         Err(_) => return logged(&capture, guard.fail(Failure::Timeout, &line)),
     };
     if let Err(failure) = check_response(resp.version(), resp.headers()) {
+        return logged(&capture, guard.fail(failure, &line));
+    }
+    if fields_size(resp.headers()) > guard.proxy().settings().max_head_bytes {
+        // As for requests: hyper's buffer limit is approximate; the head limit is ours.
+        let why = lb_http1::Error::HeadTooLarge;
+        let failure = Failure::Unsupported(format!("invalid response: {why}"));
         return logged(&capture, guard.fail(failure, &line));
     }
     let status = resp.status().as_u16();
@@ -218,17 +232,25 @@ async fn forward(
     }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let backend_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
-            let (mut parts, _) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, true);
-            return Response::from_parts(parts, Either::Left(Full::default()));
-        }
+        let Some(client_upgrade) = client_upgrade else {
+            // A 101 nobody asked for: the codec refuses it too.
+            let why = lb_http1::Error::UnexpectedUpgrade;
+            let failure = Failure::Invalid(format!("invalid response: {why}"));
+            return logged(&capture, guard.fail(failure, &line));
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        parts.version = http::Version::HTTP_11;
+        return Response::from_parts(parts, Either::Left(Full::default()));
     }
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    // A proxy sends its own version: hyper then frames the body for the client (chunks
+    // for a close-delimited HTTP/1.0 answer to an HTTP/1.1 client).
+    parts.version = http::Version::HTTP_11;
     // No connection comes back for an upgrade request the backend answered without
     // switching: its one-off connection runs as a task and closes after this body.
     let lent = Lent::new(conn, traffic.clone(), upstream);
@@ -272,14 +294,17 @@ async fn splice(
 
 /// A response the proxy makes itself.
 pub(crate) fn local(reply: Reply) -> Response<ProxyBody> {
+    let json = !reply.body.is_empty();
     let mut resp = Response::new(Either::Left(Full::new(Bytes::from(reply.body))));
     *resp.status_mut() =
         StatusCode::from_u16(reply.status).expect("replies use valid status codes");
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    if json {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
     for (name, value) in reply.headers {
         h.insert(*name, HeaderValue::from_static(value));
     }
@@ -292,9 +317,13 @@ fn head_size(req: &Request<Incoming>) -> usize {
     let target = uri.authority().map_or(0, |a| a.as_str().len() + 8)
         + uri.path_and_query().map_or(1, |p| p.as_str().len());
     let line = req.method().as_str().len() + target + 12;
-    req.headers()
-        .iter()
-        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+    line + fields_size(req.headers())
+}
+
+/// The bytes the header lines of a head took on the wire, near enough.
+fn fields_size(h: &HeaderMap) -> usize {
+    h.iter()
+        .fold(0, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 /// Whether a client error was caused by the client's own request body.

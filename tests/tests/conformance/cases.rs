@@ -328,6 +328,29 @@ pub(crate) fn backend_no_trailers(o: &Outcome) -> Result<(), String> {
     }
 }
 
+/// The client got the trailer `name: value`.
+pub(crate) fn client_trailer(
+    name: &'static str,
+    value: &'static str,
+) -> impl Fn(&Outcome) -> Result<(), String> {
+    move |o| {
+        if values(&o.client.trailers, name) == [value] {
+            Ok(())
+        } else {
+            Err(format!("the client got trailers {:?}", o.client.trailers))
+        }
+    }
+}
+
+/// The client got no trailers.
+pub(crate) fn client_no_trailers(o: &Outcome) -> Result<(), String> {
+    if o.client.trailers.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the client got trailers {:?}", o.client.trailers))
+    }
+}
+
 /// The client's final response has none of the fields `names`.
 pub(crate) fn client_lacks(
     names: &'static [&'static str],
@@ -978,7 +1001,25 @@ pub(crate) fn cases() -> Vec<Case> {
             .concat(),
         )
         .status(200)
-        .check("client body", client_body("hinted")),
+        .check("client body", client_body("hinted"))
+        .differ(
+            "RFC 9110 §15.2 has a proxy forward 1xx responses; hyper's client consumes them \
+             and its server cannot send one (but the 100 it makes itself): the tokio build \
+             drops 103 Early Hints",
+        )
+        .on(
+            Build::Smol,
+            expect_check("RFC 9110 §15.2: the 103 is forwarded", client_interim(103)),
+        )
+        .on(
+            Build::Tokio,
+            expect_check("hyper: the 103 is dropped", |o: &Outcome| {
+                match o.client.interim.is_empty() {
+                    true => Ok(()),
+                    false => Err(format!("{} interim responses", o.client.interim.len())),
+                }
+            }),
+        ),
         // -- responses without a body, with a Content-Length ---------------
         Case::new(
             "head_with_content_length",
@@ -1079,7 +1120,24 @@ pub(crate) fn cases() -> Vec<Case> {
             ),
         )
         .status(200)
-        .check("client body", client_body("hello")),
+        .check("client body", client_body("hello"))
+        .differ(
+            "hyper's server writes only the trailer fields the response's `Trailer` field \
+             names (and only to a client that sent `TE: trailers`); RFC 9110 §6.5.1 lets a \
+             recipient discard trailers: the tokio build drops undeclared ones, the smol \
+             build passes the chunked body on as it came",
+        )
+        .on(
+            Build::Smol,
+            expect_check(
+                "the trailer is passed on",
+                client_trailer("x-checksum", "abc"),
+            ),
+        )
+        .on(
+            Build::Tokio,
+            expect_check("hyper: undeclared trailers are dropped", client_no_trailers),
+        ),
         // -- HTTP/1.0 -------------------------------------------------------
         Case::new(
             "http10_client",
