@@ -411,9 +411,24 @@ fn timeout_gives_504_in_about_the_timeout() {
         took >= Duration::from_millis(1500) && took <= Duration::from_secs(10),
         "--timeout 2s answered 504 after {took:?}"
     );
-    // lb is fine afterwards.
-    let (status, _) = lb.try_health().expect("lb still answers /health");
-    assert!(status == 200 || status == 503);
+    // No response head before --timeout is a passive failure, and --passive-threshold 1
+    // (the default) ejects at once; the next probe is a whole interval (30 s) away and
+    // --rise 2 needs two, so the backend stays out. The lease may be released just after the
+    // 504 has gone out, so wait for the transition's log line; then /health says exactly
+    // that: degraded, nothing in flight.
+    let line = lb
+        .log
+        .wait_for(DEADLINE, |l| is_unhealthy_line(l, m.port))
+        .unwrap_or_else(|| panic!("no [HEALTH] ejection of {}:\n{}", m.url(), lb.log.text()));
+    assert!(line.contains("from a proxied request"), "{line}");
+    let (status, h) = lb.try_health().expect("lb still answers /health");
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["healthy_backends"], 0, "{h}");
+    assert_eq!(h["total_backends"], 1, "{h}");
+    assert_eq!(h["active_conns"], 0, "{h}");
+    // And it keeps answering: with no healthy backend, a request gets 503 at once.
+    assert_error_json(&lb.completion(), 503);
 }
 
 #[test]
