@@ -10,6 +10,12 @@
 # Debug assertions are on (the core's lease drop-bomb and underflow checks); no sanitizer
 # is needed, the core is safe Rust. Crashes are kept in fuzz/artifacts/<target>/ and make
 # the script fail. Stable CI replays the corpus with `cargo test -p lb-core --test fuzz_corpus`.
+#
+# The fuzz crate builds from its committed lock, fuzz/Cargo.lock, and leaves it as it is:
+# cargo-fuzz has no --locked (rust-fuzz/cargo-fuzz#312) and cargo no setting for it
+# (rust-lang/cargo#8207), so `cargo fetch --locked` runs first. It fails when the lock
+# does not satisfy the manifests (update it with `cargo +nightly update` in fuzz/ and commit
+# it); when it passes, the builds below resolve to exactly that lock.
 set -euo pipefail
 
 secs="${1:-60}"
@@ -27,10 +33,17 @@ fi
 
 flags=(--sanitizer none --debug-assertions)
 targets=$(cargo +nightly fuzz list)
-cargo +nightly fuzz build "${flags[@]}"
-
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
+cp Cargo.lock "$scratch/Cargo.lock"
+cargo +nightly fetch --locked
+cargo +nightly fuzz build "${flags[@]}"
+if ! cmp -s Cargo.lock "$scratch/Cargo.lock"; then
+    diff -u "$scratch/Cargo.lock" Cargo.lock || true
+    echo "the fuzz build changed fuzz/Cargo.lock"
+    exit 1
+fi
+
 failed=()
 for t in $targets; do
     mkdir -p "corpus/$t" "$scratch/$t"

@@ -91,7 +91,8 @@ use std::fmt;
 use std::time::Duration;
 
 mod key;
-pub(crate) mod table;
+pub(crate) mod select;
+mod table;
 
 pub use key::{user_of, RequestKey, BLOCK_BYTES, CHAIN_CAP, MAX_BODY_PREFIX};
 
@@ -187,12 +188,4 @@ impl fmt::Display for RoutingStats {
             self.keys
         )
     }
-}
-
-/// How one cache-aware pick went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Route {
-    Warm,
-    Cold,
-    Overflow,
 }

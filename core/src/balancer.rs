@@ -1,367 +1,23 @@
 //! The [`Balancer`]: the pool, its policy, health and status, driven by the adapter.
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::Rng;
 
-use crate::affinity::table::{Owner, Table};
-use crate::affinity::{AffinityConfig, RequestKey, Route, RoutingStats, UNCAPPED_CONNS};
+use crate::affinity::select::CacheAware;
+use crate::affinity::RoutingStats;
 use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
+use crate::config::Config;
+use crate::event::{Action, Cause, Event, ProbeId};
 use crate::hash::hash_bytes;
-use crate::health::{Health, HealthConfig, HealthState, ProbeOutcome};
-use crate::policy::{within_guard, LeastLoaded, Policy, Selector};
-use crate::queue::{Admission, OwnedMeta, Queue, QueueConfig, QueueStats, Ticket};
+use crate::health::{Health, HealthState, ProbeOutcome};
+use crate::lease::{Lease, Outcome, Reject};
+use crate::policy::{Policy, Selector};
+use crate::queue::{Admission, OwnedMeta, Queue, QueueStats, Ticket};
+use crate::request::RequestMeta;
 use crate::status::{StatusReport, Summary};
-
-/// The smallest interval or timeout the core works with: shorter ones are raised to it, so
-/// that a deadline is always strictly in the future (no busy loop).
-pub const MIN_TICK: Duration = Duration::from_millis(1);
-
-/// Everything the balancer needs to know up front.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
-    /// The balancing policy.
-    pub policy: Policy,
-    /// Active and passive health settings.
-    pub health: HealthConfig,
-    /// Time between [`Event::Status`] reports; `None` for no reports.
-    pub status_interval: Option<Duration>,
-    /// Cache-aware routing settings (used by [`Policy::CacheAware`] only).
-    pub affinity: AffinityConfig,
-    /// The admission queue (off by default).
-    pub queue: QueueConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        let health = HealthConfig::default();
-        Config {
-            policy: Policy::LeastConn,
-            status_interval: Some(health.interval),
-            health,
-            affinity: AffinityConfig::default(),
-            queue: QueueConfig::default(),
-        }
-    }
-}
-
-impl Config {
-    /// Checks the settings against the backends they will run with: what the balancer
-    /// would otherwise quietly clamp or work around. The CLI calls it before starting.
-    ///
-    /// - [`Policy::CacheAware`] needs every backend to have `max_conns > 0`: its load
-    ///   guard and its table bound scale with it.
-    /// - The affinity TTL must be positive and `entries_per_conn` at least 1.
-    /// - A queue timeout needs a queue size above 0.
-    pub fn validate(&self, backends: &[BackendSpec]) -> Result<(), ConfigError> {
-        if self.policy == Policy::CacheAware {
-            if let Some(b) = backends.iter().find(|b| b.max_conns == 0) {
-                return Err(ConfigError(format!(
-                    "routing {} needs a connection limit (--max-conns > 0): backend {} has none",
-                    self.policy, b.url
-                )));
-            }
-            if self.affinity.ttl.is_zero() {
-                return Err(ConfigError(
-                    "the affinity TTL must be greater than 0".into(),
-                ));
-            }
-            if self.affinity.entries_per_conn == 0 {
-                return Err(ConfigError(
-                    "the affinity table needs at least 1 entry per connection".into(),
-                ));
-            }
-        }
-        if self.queue.timeout.is_some() && self.queue.size == 0 {
-            return Err(ConfigError(
-                "a queue timeout needs a queue size greater than 0".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Settings that cannot work together, from [`Config::validate`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// What a policy may use to choose a backend for one request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestMeta<'a> {
-    /// The client's address.
-    pub client_ip: Option<IpAddr>,
-    /// An affinity key (a header's value, the OpenAI `user` field, ...). Hashing policies
-    /// use it instead of the client's address when present.
-    pub key: Option<&'a [u8]>,
-    /// The request's cache-aware key, computed once by the adapter with
-    /// [`RequestKey::from_body`]; used by [`Policy::CacheAware`] only.
-    pub affinity: Option<&'a RequestKey>,
-}
-
-impl<'a> RequestMeta<'a> {
-    /// Meta for a request from `client_ip`.
-    pub fn from_ip(client_ip: IpAddr) -> Self {
-        RequestMeta {
-            client_ip: Some(client_ip),
-            key: None,
-            affinity: None,
-        }
-    }
-
-    /// The same meta with a cache-aware key.
-    pub fn with_affinity(self, key: &'a RequestKey) -> Self {
-        RequestMeta {
-            affinity: Some(key),
-            ..self
-        }
-    }
-
-    /// The same meta with an affinity key.
-    pub fn with_key(self, key: &'a [u8]) -> Self {
-        RequestMeta {
-            key: Some(key),
-            ..self
-        }
-    }
-
-    /// The hash hashing policies route by: the key's, else the client address's.
-    fn affinity_hash(&self) -> Option<u64> {
-        if let Some(k) = self.key {
-            return Some(hash_bytes(k));
-        }
-        self.client_ip.map(|ip| match ip {
-            IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => hash_bytes(&v4.octets()),
-                None => hash_bytes(&v6.octets()),
-            },
-        })
-    }
-}
-
-/// A reserved slot on one backend: the request in flight.
-///
-/// Returned by [`Balancer::select`]; give it back exactly once with [`Balancer::release`],
-/// which consumes it. In debug builds, dropping a lease without releasing it panics, so
-/// tests catch a path that forgets (adapters tie the release to a guard's `Drop`).
-#[must_use = "a Lease must be given back with Balancer::release"]
-#[derive(Debug, PartialEq, Eq)]
-pub struct Lease {
-    backend: BackendId,
-    epoch: u64,
-    released: bool,
-}
-
-impl Lease {
-    /// The backend that serves this request.
-    pub fn backend(&self) -> BackendId {
-        self.backend
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if cfg!(debug_assertions) && !self.released && !std::thread::panicking() {
-            panic!(
-                "lease on backend {} dropped without Balancer::release",
-                self.backend
-            );
-        }
-    }
-}
-
-/// Why no backend was selected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reject {
-    /// No backend is healthy (the proxy answers 503).
-    NoHealthyBackend,
-    /// Every healthy backend is at its in-flight cap (the proxy answers 429).
-    AllAtCapacity,
-}
-
-impl fmt::Display for Reject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Reject::NoHealthyBackend => "no healthy backend",
-            Reject::AllAtCapacity => "every healthy backend is at its connection limit",
-        })
-    }
-}
-
-/// What kind of failure a backend exchange ended with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// The connection could not be made (refused, unreachable, TLS handshake).
-    Connect,
-    /// The request's deadline passed.
-    Timeout,
-    /// The connection failed while in use (reset, closed early).
-    Io,
-    /// The backend sent something that is not valid HTTP.
-    Protocol,
-    /// A reused keep-alive connection failed before any byte of the response arrived,
-    /// and the request could not be sent again: the backend most likely closed the idle
-    /// connection as the request went out. Not the backend's fault: it never counts
-    /// against its health.
-    Reuse,
-    /// The backend's response is valid but beyond what the proxy passes on (a head over
-    /// its limit, a transfer coding it cannot keep intact). Not a sign of ill health: it
-    /// never counts against the backend.
-    Unsupported,
-}
-
-/// A failed backend exchange: a kind for decisions, a message for people.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendError {
-    /// The kind of failure.
-    pub kind: ErrorKind,
-    /// What happened, e.g. `connection refused`.
-    pub message: String,
-}
-
-/// How a request's exchange with its backend ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The backend answered with this status and the exchange finished normally.
-    Response(u16),
-    /// The backend failed: before a response head (`status` is `None`) or after it.
-    Failed {
-        /// The response status, if a head arrived before the failure.
-        status: Option<u16>,
-        /// What went wrong.
-        error: BackendError,
-    },
-    /// The client went away, or the request ended for a reason not the backend's.
-    Cancelled,
-}
-
-impl Outcome {
-    /// The passive-health signal of this outcome: `Some(true)` for a failure (5xx, a
-    /// transport error, a timeout before the response head), `Some(false)` for a success
-    /// (any status below 500: 4xx and 429 never count against a backend), `None` when it
-    /// says nothing about the backend (client gone; a timeout after the head, since the
-    /// backend was answering; a keep-alive race, [`ErrorKind::Reuse`]).
-    pub fn passive_failure(&self) -> Option<bool> {
-        match self {
-            Outcome::Response(status) => Some(*status >= 500),
-            Outcome::Failed {
-                status: Some(_),
-                error,
-            } if error.kind == ErrorKind::Timeout => None,
-            Outcome::Failed { error, .. }
-                if matches!(error.kind, ErrorKind::Reuse | ErrorKind::Unsupported) =>
-            {
-                None
-            }
-            Outcome::Failed { .. } => Some(true),
-            Outcome::Cancelled => None,
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Outcome::Response(s) => write!(f, "status {s}"),
-            Outcome::Failed {
-                status: None,
-                error,
-            } => write!(f, "error: {}", error.message),
-            Outcome::Failed {
-                status: Some(s),
-                error,
-            } => write!(f, "error after status {s}: {}", error.message),
-            Outcome::Cancelled => f.write_str("cancelled"),
-        }
-    }
-}
-
-/// Identifies one probe, to match its result to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ProbeId {
-    backend: BackendId,
-    seq: u64,
-}
-
-impl ProbeId {
-    /// The probed backend.
-    pub fn backend(self) -> BackendId {
-        self.backend
-    }
-}
-
-/// Work the adapter must do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Probe a backend's health path and report with [`Balancer::probe_result`]. The core
-    /// counts the probe as timed out at `deadline` whatever the adapter does.
-    StartProbe {
-        /// The probe, to hand back with its result.
-        probe: ProbeId,
-        /// The backend's URL.
-        url: Arc<str>,
-        /// When the probe must have finished.
-        deadline: Instant,
-    },
-}
-
-/// Why a backend's health changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cause {
-    /// An active probe.
-    Probe(ProbeOutcome),
-    /// Real traffic.
-    Passive(Outcome),
-}
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Cause::Probe(p) => write!(f, "{p}"),
-            Cause::Passive(o) => write!(f, "{o} from a proxied request"),
-        }
-    }
-}
-
-/// Something worth telling the operator.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// A backend changed health; emitted exactly once per transition.
-    Health {
-        /// The backend.
-        backend: BackendId,
-        /// Its URL.
-        url: Arc<str>,
-        /// The new state.
-        state: HealthState,
-        /// Why.
-        cause: Cause,
-        /// The backend's epoch after the transition (bumped when it turns unhealthy).
-        epoch: u64,
-    },
-    /// The periodic status report.
-    Status(StatusReport),
-    /// A backend left the pool (removed, or drained and idle).
-    Removed {
-        /// The backend.
-        backend: BackendId,
-        /// Its URL.
-        url: Arc<str>,
-    },
-}
 
 /// The sans-IO load balancer.
 ///
@@ -380,11 +36,8 @@ pub struct Balancer<R = SmallRng> {
     next_status: Option<Instant>,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
-    /// The affinity table (cache-aware routing only).
-    affinity: Option<Table>,
-    /// Cache-aware counters since the start, and at the last status report.
-    routing: RoutingStats,
-    routing_reported: RoutingStats,
+    /// The affinity table and its counters (cache-aware routing only).
+    cache_aware: Option<CacheAware>,
     /// Requests waiting for a slot.
     queue: Queue,
     admissions: VecDeque<Admission>,
@@ -395,36 +48,28 @@ impl<R> Drop for Balancer<R> {
         // Leases in admissions nobody polled die with the balancer: nothing to release
         // them to.
         for a in self.admissions.drain(..) {
-            if let Admission::Admitted(_, mut lease) = a {
-                lease.released = true;
+            if let Admission::Admitted(_, lease) = a {
+                let _ = lease.end();
             }
         }
     }
 }
 
 impl<R: Rng> Balancer<R> {
-    /// An empty balancer. Intervals and timeouts below [`MIN_TICK`] are raised to it.
-    pub fn new(mut config: Config, rng: R, now: Instant) -> Self {
-        let h = &mut config.health;
-        h.interval = h.interval.max(MIN_TICK);
-        h.timeout = h.timeout.max(MIN_TICK);
-        h.fall = h.fall.max(1);
-        h.rise = h.rise.max(1);
-        config.status_interval = config.status_interval.map(|d| d.max(MIN_TICK));
-        config.affinity.ttl = config.affinity.ttl.max(MIN_TICK);
-        config.affinity.entries_per_conn = config.affinity.entries_per_conn.max(1);
-        config.queue.timeout = config.queue.timeout.map(|d| d.max(MIN_TICK));
+    /// An empty balancer. Intervals and timeouts below [`MIN_TICK`](crate::MIN_TICK) are
+    /// raised to it.
+    pub fn new(config: Config, rng: R, now: Instant) -> Self {
+        let config = config.clamped();
         let mut rng = rng;
         // Only cache-aware routing draws from the RNG here, so the other policies' pick
         // sequences for a given seed are unchanged.
-        let affinity = (config.policy == Policy::CacheAware).then(|| Table::new(rng.random()));
+        let cache_aware =
+            (config.policy == Policy::CacheAware).then(|| CacheAware::new(rng.random()));
         Balancer {
             next_status: config.status_interval.map(|d| now + d),
             config,
             rng,
-            affinity,
-            routing: RoutingStats::default(),
-            routing_reported: RoutingStats::default(),
+            cache_aware,
             queue: Queue::default(),
             admissions: VecDeque::new(),
             slots: Vec::new(),
@@ -474,10 +119,7 @@ impl<R: Rng> Balancer<R> {
 
     /// Cache-aware routing counters since the start (`None` under other policies).
     pub fn routing_stats(&self) -> Option<RoutingStats> {
-        self.affinity.as_ref().map(|t| RoutingStats {
-            keys: t.len(),
-            ..self.routing
-        })
+        self.cache_aware.as_ref().map(CacheAware::stats)
     }
 
     /// Requests waiting in the admission queue.
@@ -580,7 +222,16 @@ impl<R: Rng> Balancer<R> {
     pub fn select(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
         let policy = self.config.policy;
         let picked = match policy {
-            Policy::CacheAware => self.pick_cache_aware(now, meta),
+            Policy::CacheAware => self.cache_aware.as_mut().and_then(|c| {
+                c.pick(
+                    now,
+                    meta.units(),
+                    &self.config.affinity,
+                    &self.slots,
+                    &mut self.selector,
+                    &mut self.rng,
+                )
+            }),
             _ => {
                 let key = match policy {
                     Policy::IpHash | Policy::ConsistentHash => meta.affinity_hash(),
@@ -596,11 +247,7 @@ impl<R: Rng> Balancer<R> {
                     .expect("the selector only returns present slots");
                 b.in_flight += 1;
                 self.outstanding += 1;
-                Ok(Lease {
-                    backend: b.id,
-                    epoch: b.health.epoch(),
-                    released: false,
-                })
+                Ok(Lease::new(b.id, b.health.epoch()))
             }
             None if self.selector.ready(&self.slots).is_empty() => Err(Reject::NoHealthyBackend),
             None => Err(Reject::AllAtCapacity),
@@ -615,10 +262,9 @@ impl<R: Rng> Balancer<R> {
         self.admit(now);
     }
 
-    fn release_inner(&mut self, now: Instant, mut lease: Lease, outcome: Outcome) {
-        lease.released = true;
+    fn release_inner(&mut self, now: Instant, lease: Lease, outcome: Outcome) {
+        let (id, epoch) = lease.end();
         self.outstanding -= 1;
-        let id = lease.backend;
         let health = self.config.health.clone();
         let Some(b) = self.get_mut(id) else {
             return; // removed while in flight
@@ -631,7 +277,7 @@ impl<R: Rng> Balancer<R> {
             }
             return;
         }
-        if lease.epoch != b.health.epoch() {
+        if epoch != b.health.epoch() {
             return;
         }
         let Some(failed) = outcome.passive_failure() else {
@@ -679,9 +325,8 @@ impl<R: Rng> Balancer<R> {
                 });
             }
         }
-        if let Some(table) = self.affinity.as_mut() {
-            let slots = &self.slots;
-            table.sweep(now, self.config.affinity.ttl, |s| ready_owner(slots, s));
+        if let Some(c) = self.cache_aware.as_mut() {
+            c.sweep(now, self.config.affinity.ttl, &self.slots);
         }
         let admissions = &mut self.admissions;
         self.queue
@@ -691,10 +336,7 @@ impl<R: Rng> Balancer<R> {
             if due <= now {
                 self.next_status = Some(next_after(due, every, now));
                 let mut report = StatusReport::new(self.backends().collect());
-                if let Some(total) = self.routing_stats() {
-                    report.routing = Some(total.since(&self.routing_reported));
-                    self.routing_reported = total;
-                }
+                report.routing = self.cache_aware.as_mut().map(CacheAware::report);
                 if let Some(total) = self.queue_stats() {
                     report.queue = Some(total.since(&self.queue.reported));
                     self.queue.reported = total;
@@ -874,93 +516,6 @@ impl<R: Rng> Balancer<R> {
         }
     }
 
-    /// Cache-aware pick (see [`crate::affinity`] for the rule): a backend holding the
-    /// longest known prefix unless load says otherwise; then the request's chain is
-    /// recorded on the pick.
-    fn pick_cache_aware(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Option<u32> {
-        let units = meta.affinity.map_or(&[][..], RequestKey::units);
-        let ttl = self.config.affinity.ttl;
-        let percent = self.config.affinity.overflow_percent;
-        let all_holders = self.config.affinity.all_holders;
-        let slots = &self.slots;
-        let table = self.affinity.as_mut()?;
-        if self.selector.ready(slots).is_empty() {
-            return None;
-        }
-        let (slot, route) = if units.is_empty() {
-            (self.selector.least_conn(slots, &mut self.rng), Route::Cold)
-        } else {
-            let min = self.selector.min_load(slots);
-            let allowed = |s: u32| {
-                let b = slots[s as usize]
-                    .as_ref()
-                    .expect("live nodes are on present backends");
-                within_guard(b, min, percent).then_some(b)
-            };
-            let rng = &mut self.rng;
-            // One holder per unit: the deepest one, allowed or not; with all holders, the
-            // least loaded of the allowed ones.
-            let mut deepest_holder: Option<u32> = None;
-            let mut pick = LeastLoaded::default();
-            let (deepest, accepted) = table.lookup(
-                now,
-                ttl,
-                units,
-                |s| ready_owner(slots, s),
-                |s| {
-                    if !all_holders {
-                        deepest_holder = Some(s);
-                        return true;
-                    }
-                    let Some(b) = allowed(s) else {
-                        return false;
-                    };
-                    pick.offer(s, b, slots, rng);
-                    true
-                },
-            );
-            let best = if all_holders {
-                pick.best
-            } else {
-                deepest_holder.filter(|&s| allowed(s).is_some())
-            };
-            match (deepest, accepted, best) {
-                (None, _, _) => (self.selector.least_conn(slots, &mut self.rng), Route::Cold),
-                (Some(d), Some(a), Some(s)) if a == d => (Some(s), Route::Warm),
-                (Some(_), Some(_), Some(s)) => (Some(s), Route::Overflow),
-                (Some(_), _, _) => (
-                    self.selector.least_conn(slots, &mut self.rng),
-                    Route::Overflow,
-                ),
-            }
-        };
-        let slot = slot?;
-        let r = &mut self.routing;
-        r.requests += 1;
-        match route {
-            Route::Warm => r.warm += 1,
-            Route::Cold => r.cold += 1,
-            Route::Overflow => r.overflow += 1,
-        }
-        if units.is_empty() {
-            r.unkeyed += 1;
-        } else {
-            let b = slots[slot as usize]
-                .as_ref()
-                .expect("picked slots are present");
-            let cap = conns(b) as usize * self.config.affinity.entries_per_conn as usize;
-            table.record(
-                now,
-                units,
-                slot,
-                (b.id, b.health.epoch()),
-                cap,
-                !all_holders,
-            );
-        }
-        Some(slot)
-    }
-
     fn get(&self, id: BackendId) -> Option<&Backend> {
         self.slots
             .get(id.slot as usize)?
@@ -998,25 +553,6 @@ impl<R: Rng> Balancer<R> {
         };
         self.events.push_back(event);
         self.selector.invalidate();
-    }
-}
-
-/// The backend in `slot` and its epoch, if it is ready (healthy, not draining): the owner
-/// its affinity entries must match to be live.
-fn ready_owner(slots: &[Option<Backend>], slot: u32) -> Option<Owner> {
-    slots
-        .get(slot as usize)?
-        .as_ref()
-        .filter(|b| b.health.is_healthy() && !b.draining)
-        .map(|b| (b.id, b.health.epoch()))
-}
-
-/// A backend's `max_conns` for the cache-aware guard and table bound.
-pub(crate) fn conns(b: &Backend) -> u32 {
-    if b.max_conns == 0 {
-        UNCAPPED_CONNS
-    } else {
-        b.max_conns
     }
 }
 
@@ -1071,15 +607,6 @@ mod tests {
         b.release(now, l, Outcome::Response(200));
         assert_eq!(b.backend(id).unwrap().in_flight, 0);
         assert_eq!(b.outstanding(), 0);
-    }
-
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "dropped without Balancer::release")]
-    fn forgotten_lease_panics_in_debug() {
-        let (mut b, now) = lb(Policy::RoundRobin);
-        b.add_backend(now, BackendSpec::new("http://a")).unwrap();
-        let _ = b.select(now, &RequestMeta::default()).unwrap();
     }
 
     #[test]

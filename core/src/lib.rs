@@ -134,20 +134,25 @@
 pub mod affinity;
 mod backend;
 mod balancer;
+mod config;
+mod event;
 mod hash;
 mod health;
+mod lease;
 mod policy;
 pub mod queue;
+mod request;
 mod status;
 
 pub use affinity::{AffinityConfig, RequestKey, RoutingStats};
 pub use backend::{BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
-pub use balancer::{
-    Action, BackendError, Balancer, Cause, Config, ConfigError, ErrorKind, Event, Lease, Outcome,
-    ProbeId, Reject, RequestMeta, MIN_TICK,
-};
+pub use balancer::Balancer;
+pub use config::{Config, ConfigError, MIN_TICK};
+pub use event::{Action, Cause, Event, ProbeId};
 pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};
+pub use lease::{BackendError, ErrorKind, Lease, Outcome, Reject};
 pub use policy::{Policy, UnknownPolicy};
 pub use queue::{Admission, OwnedMeta, QueueConfig, QueueStats, Ticket};
+pub use request::RequestMeta;
 pub use status::{StatusReport, Summary, LOADS_ELIDE_ABOVE, LOADS_KEPT_EACH_END};

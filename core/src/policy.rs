@@ -10,7 +10,6 @@ use std::str::FromStr;
 use rand::Rng;
 
 use crate::backend::Backend;
-use crate::balancer::conns;
 use crate::hash;
 
 /// A balancing policy.
@@ -413,14 +412,6 @@ impl LeastLoaded {
             Some(std::cmp::Ordering::Greater) => {}
         }
     }
-}
-
-/// The cache-aware load guard: whether `b` may take a request that belongs to it, being
-/// below its cap and at most `overflow_percent` of its `max_conns` ahead of `min` (the
-/// least-loaded ready backend's in-flight count).
-pub(crate) fn within_guard(b: &Backend, min: u32, overflow_percent: u32) -> bool {
-    let ahead = u64::from(b.in_flight.saturating_sub(min));
-    !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b))
 }
 
 /// Maps a uniform 32-bit value onto `0..n` (Lemire's multiply-shift).

@@ -25,7 +25,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::affinity::RequestKey;
-use crate::balancer::{Lease, RequestMeta};
+use crate::lease::Lease;
+use crate::request::RequestMeta;
 
 /// The default bound of the admission queue.
 pub const DEFAULT_QUEUE_SIZE: usize = 1024;

@@ -411,9 +411,24 @@ fn timeout_gives_504_in_about_the_timeout() {
         took >= Duration::from_millis(1500) && took <= Duration::from_secs(10),
         "--timeout 2s answered 504 after {took:?}"
     );
-    // lb is fine afterwards.
-    let (status, _) = lb.try_health().expect("lb still answers /health");
-    assert!(status == 200 || status == 503);
+    // No response head before --timeout is a passive failure, and --passive-threshold 1
+    // (the default) ejects at once; the next probe is a whole interval (30 s) away and
+    // --rise 2 needs two, so the backend stays out. The lease may be released just after the
+    // 504 has gone out, so wait for the transition's log line; then /health says exactly
+    // that: degraded, nothing in flight.
+    let line = lb
+        .log
+        .wait_for(DEADLINE, |l| is_unhealthy_line(l, m.port))
+        .unwrap_or_else(|| panic!("no [HEALTH] ejection of {}:\n{}", m.url(), lb.log.text()));
+    assert!(line.contains("from a proxied request"), "{line}");
+    let (status, h) = lb.try_health().expect("lb still answers /health");
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["healthy_backends"], 0, "{h}");
+    assert_eq!(h["total_backends"], 1, "{h}");
+    assert_eq!(h["active_conns"], 0, "{h}");
+    // And it keeps answering: with no healthy backend, a request gets 503 at once.
+    assert_error_json(&lb.completion(), 503);
 }
 
 #[test]
@@ -568,6 +583,68 @@ fn hop_by_hop_headers_are_not_forwarded() {
     assert_eq!(h["x-end-to-end"], "yes", "{h}");
     for hop in ["x-hop", "keep-alive", "proxy-connection"] {
         assert!(h.get(hop).is_none(), "{hop} reached the backend: {h}");
+    }
+
+    // The response direction: a backend that sends hop-by-hop fields, and fields its
+    // `Connection` names (over two lines: one list, RFC 9110 §5.3).
+    let body = r#"{"ok":true}"#;
+    let raw = format!(
+        "HTTP/1.1 200 OK\r\n\
+         Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\
+         Connection: close, X-Resp-Hop\r\n\
+         Connection: X-Resp-Hop-2\r\n\
+         X-Resp-Hop: secret\r\n\
+         X-Resp-Hop-2: secret too\r\n\
+         Keep-Alive: timeout=77, max=3\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         Upgrade: h2c\r\n\
+         TE: trailers\r\n\
+         X-End-To-End: yes\r\n\
+         \r\n{body}",
+        body.len()
+    );
+    let fake = FakeBackend::spawn(move |_| FakeReply::Raw(raw.clone().into_bytes()));
+    let lb = Lb::spawn(&["--backends", &fake.url()]);
+    lb.wait_healthy(1);
+    // A keep-alive client: the backend's `Connection: close` is about its own connection
+    // and must not close this one.
+    let mut c = Conn::open(lb.port).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
+    for _ in 0..2 {
+        let r = c.request("GET", "/resp-hops", &[], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), body);
+        assert_eq!(r.header("x-end-to-end"), Some("yes"), "{:?}", r.headers);
+        for hop in [
+            "x-resp-hop",
+            "x-resp-hop-2",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "te",
+        ] {
+            assert!(
+                r.header(hop).is_none(),
+                "{hop} reached the client: {:?}",
+                r.headers
+            );
+        }
+        // lb may say `Connection` for its own client connection, nothing else.
+        let connection: Vec<&str> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .collect();
+        assert!(
+            connection
+                .iter()
+                .all(|t| t.eq_ignore_ascii_case("keep-alive")),
+            "the backend's Connection reached the client: {:?}",
+            r.headers
+        );
     }
 }
 

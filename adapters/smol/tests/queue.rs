@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lb_core::{BackendSpec, Config};
+use lb_core::{BackendSpec, Config, Event, QueueStats};
 use lb_proxy::reqlog::{Entry, EntrySink, RequestLog};
 use lb_proxy::{Notice, NoticeSink, Settings};
 
@@ -134,6 +134,9 @@ fn dechunk(mut wire: &[u8]) -> Vec<u8> {
 /// in the proxy fails the test).
 struct Lb {
     addr: SocketAddr,
+    /// The admission queue as the core's status reports (every [`STATUS_EVERY`]) tell it:
+    /// `waiting` as of the last report, the counters summed over all of them.
+    queue: Arc<Mutex<QueueStats>>,
     stop: Option<async_std::channel::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -142,10 +145,24 @@ impl Lb {
     fn spawn(settings: Settings) -> Lb {
         let (addr_tx, addr_rx) = mpsc::channel();
         let addr_tx = Mutex::new(addr_tx);
-        let log: NoticeSink = Arc::new(move |n: Notice| {
-            if let Notice::Listening(a) = n {
+        let queue = Arc::new(Mutex::new(QueueStats::default()));
+        let seen = queue.clone();
+        let log: NoticeSink = Arc::new(move |n: Notice| match n {
+            Notice::Listening(a) => {
                 let _ = addr_tx.lock().unwrap().send(a);
             }
+            Notice::Core(Event::Status(report)) => {
+                if let Some(q) = report.queue {
+                    let mut total = seen.lock().unwrap();
+                    total.waiting = q.waiting;
+                    total.enqueued += q.enqueued;
+                    total.admitted += q.admitted;
+                    total.expired += q.expired;
+                    total.full += q.full;
+                    total.cancelled += q.cancelled;
+                }
+            }
+            _ => {}
         });
         let (stop, stopped) = async_std::channel::bounded::<()>(1);
         let thread = thread::spawn(move || {
@@ -157,8 +174,25 @@ impl Lb {
         let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         Lb {
             addr,
+            queue,
             stop: Some(stop),
             thread: Some(thread),
+        }
+    }
+
+    /// Waits until the queue, as the status reports tell it, satisfies `done`.
+    fn wait_queue(&self, what: &str, done: impl Fn(&QueueStats) -> bool) {
+        let t = Instant::now();
+        loop {
+            let q = *self.queue.lock().unwrap();
+            if done(&q) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "never {what}: the queue is {q:?}"
+            );
+            thread::sleep(STATUS_EVERY);
         }
     }
 }
@@ -175,9 +209,13 @@ impl Drop for Lb {
     }
 }
 
+/// How often the core reports its status (with the queue's counters) in these tests.
+const STATUS_EVERY: Duration = Duration::from_millis(5);
+
 fn settings(backend: SocketAddr, queue: Option<Duration>, log: Option<RequestLog>) -> Settings {
     let mut core = Config::default();
     core.queue.timeout = queue;
+    core.status_interval = Some(STATUS_EVERY);
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         backends: vec![BackendSpec {
@@ -240,11 +278,12 @@ fn a_client_that_leaves_the_queue_gives_its_place_up() {
     let lb = Lb::spawn(settings(backend.addr, Some(Duration::from_secs(5)), None));
     let a = open(lb.addr, &get("/hold-a"));
     backend.wait_for("/hold-a");
-    // B finds the only slot taken: it waits in the queue, then its client leaves.
+    // B finds the only slot taken: it waits in the queue, then its client leaves, and
+    // lb gives its place up.
     let b = open(lb.addr, &get("/b"));
-    thread::sleep(Duration::from_millis(300));
+    lb.wait_queue("B waiting", |q| q.waiting == 1 && q.enqueued == 1);
     drop(b);
-    thread::sleep(Duration::from_millis(300));
+    lb.wait_queue("B's place given up", |q| q.waiting == 0 && q.cancelled == 1);
     backend.release();
     let ra = answer(a);
     assert!(ra.starts_with("HTTP/1.1 200"), "{ra}");
@@ -265,7 +304,7 @@ fn a_queued_request_gets_the_slot_and_leaving_as_it_frees_leaks_nothing() {
     let a = open(lb.addr, &get("/hold-1"));
     backend.wait_for("/hold-1");
     let b = open(lb.addr, &get("/after-1"));
-    thread::sleep(Duration::from_millis(200));
+    lb.wait_queue("B waiting", |q| q.waiting == 1 && q.enqueued == 1);
     backend.release();
     let (ra, rb) = (answer(a), answer(b));
     assert!(ra.starts_with("HTTP/1.1 200"), "{ra}");
@@ -280,7 +319,10 @@ fn a_queued_request_gets_the_slot_and_leaving_as_it_frees_leaks_nothing() {
         let a = open(lb.addr, &get(&hold));
         backend.wait_for(&hold);
         let b = open(lb.addr, &get("/leaving"));
-        thread::sleep(Duration::from_millis(100 + 20 * i));
+        let enqueued = 2 + i;
+        lb.wait_queue("the leaving client waiting", |q| {
+            q.waiting == 1 && q.enqueued == enqueued
+        });
         backend.release();
         drop(b);
         assert!(answer(a).starts_with("HTTP/1.1 200"));

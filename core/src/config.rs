@@ -1,0 +1,106 @@
+//! The balancer's settings, and the checks that tell a user which ones cannot work.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::affinity::AffinityConfig;
+use crate::backend::BackendSpec;
+use crate::health::HealthConfig;
+use crate::policy::Policy;
+use crate::queue::QueueConfig;
+
+/// The smallest interval or timeout the core works with: shorter ones are raised to it, so
+/// that a deadline is always strictly in the future (no busy loop).
+pub const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// Everything the balancer needs to know up front.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The balancing policy.
+    pub policy: Policy,
+    /// Active and passive health settings.
+    pub health: HealthConfig,
+    /// Time between [`Event::Status`](crate::Event::Status) reports; `None` for no reports.
+    pub status_interval: Option<Duration>,
+    /// Cache-aware routing settings (used by [`Policy::CacheAware`] only).
+    pub affinity: AffinityConfig,
+    /// The admission queue (off by default).
+    pub queue: QueueConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let health = HealthConfig::default();
+        Config {
+            policy: Policy::LeastConn,
+            status_interval: Some(health.interval),
+            health,
+            affinity: AffinityConfig::default(),
+            queue: QueueConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings against the backends they will run with: what the balancer
+    /// would otherwise quietly clamp or work around. The CLI calls it before starting.
+    ///
+    /// - [`Policy::CacheAware`] needs every backend to have `max_conns > 0`: its load
+    ///   guard and its table bound scale with it.
+    /// - The affinity TTL must be positive and `entries_per_conn` at least 1.
+    /// - A queue timeout needs a queue size above 0.
+    pub fn validate(&self, backends: &[BackendSpec]) -> Result<(), ConfigError> {
+        if self.policy == Policy::CacheAware {
+            if let Some(b) = backends.iter().find(|b| b.max_conns == 0) {
+                return Err(ConfigError(format!(
+                    "routing {} needs a connection limit (--max-conns > 0): backend {} has none",
+                    self.policy, b.url
+                )));
+            }
+            if self.affinity.ttl.is_zero() {
+                return Err(ConfigError(
+                    "the affinity TTL must be greater than 0".into(),
+                ));
+            }
+            if self.affinity.entries_per_conn == 0 {
+                return Err(ConfigError(
+                    "the affinity table needs at least 1 entry per connection".into(),
+                ));
+            }
+        }
+        if self.queue.timeout.is_some() && self.queue.size == 0 {
+            return Err(ConfigError(
+                "a queue timeout needs a queue size greater than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same settings with what the balancer cannot run with raised to the least it
+    /// can: intervals and timeouts to [`MIN_TICK`] (so a deadline is never now), counts
+    /// to 1. [`Balancer::new`](crate::Balancer::new) runs with these.
+    pub(crate) fn clamped(mut self) -> Config {
+        let h = &mut self.health;
+        h.interval = h.interval.max(MIN_TICK);
+        h.timeout = h.timeout.max(MIN_TICK);
+        h.fall = h.fall.max(1);
+        h.rise = h.rise.max(1);
+        self.status_interval = self.status_interval.map(|d| d.max(MIN_TICK));
+        self.affinity.ttl = self.affinity.ttl.max(MIN_TICK);
+        self.affinity.entries_per_conn = self.affinity.entries_per_conn.max(1);
+        self.queue.timeout = self.queue.timeout.map(|d| d.max(MIN_TICK));
+        self
+    }
+}
+
+/// Settings that cannot work together, from [`Config::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}

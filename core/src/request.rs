@@ -1,0 +1,68 @@
+//! What the adapter tells the core about one request, for the policy to route by.
+
+use std::net::IpAddr;
+
+use crate::affinity::RequestKey;
+use crate::hash::hash_bytes;
+
+/// What a policy may use to choose a backend for one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestMeta<'a> {
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// An affinity key (a header's value, the OpenAI `user` field, ...). Hashing policies
+    /// use it instead of the client's address when present.
+    pub key: Option<&'a [u8]>,
+    /// The request's cache-aware key, computed once by the adapter with
+    /// [`RequestKey::from_body`]; used by [`Policy::CacheAware`](crate::Policy::CacheAware)
+    /// only.
+    pub affinity: Option<&'a RequestKey>,
+}
+
+impl<'a> RequestMeta<'a> {
+    /// Meta for a request from `client_ip`.
+    pub fn from_ip(client_ip: IpAddr) -> Self {
+        RequestMeta {
+            client_ip: Some(client_ip),
+            key: None,
+            affinity: None,
+        }
+    }
+
+    /// The same meta with a cache-aware key.
+    pub fn with_affinity(self, key: &'a RequestKey) -> Self {
+        RequestMeta {
+            affinity: Some(key),
+            ..self
+        }
+    }
+
+    /// The same meta with an affinity key.
+    pub fn with_key(self, key: &'a [u8]) -> Self {
+        RequestMeta {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    /// The hash hashing policies route by: the key's, else the client address's. An
+    /// IPv4-mapped IPv6 address hashes as its IPv4 address, so a dual-stack listener
+    /// sends a client to the same backend whichever way it connects.
+    pub(crate) fn affinity_hash(&self) -> Option<u64> {
+        if let Some(k) = self.key {
+            return Some(hash_bytes(k));
+        }
+        self.client_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => hash_bytes(&v4.octets()),
+                None => hash_bytes(&v6.octets()),
+            },
+        })
+    }
+
+    /// The cache-aware key's chain units (none without a key).
+    pub(crate) fn units(&self) -> &'a [u64] {
+        self.affinity.map_or(&[][..], RequestKey::units)
+    }
+}
