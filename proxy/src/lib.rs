@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod deadline;
 pub mod reply;
 pub mod reqlog;
 pub mod settings;
