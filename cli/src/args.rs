@@ -12,6 +12,11 @@ use lb_proxy::{HashKey, Settings, Target};
 /// The smallest health-check interval accepted.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The longest duration any flag accepts: 30 days. Longer is no sensible timeout or
+/// interval, and a bound checked at start keeps every `now + duration` far from the end
+/// of what an `Instant` can hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// lb: one address in front of many HTTP backends (vLLM, SGLang, llama.cpp, TGI, or any
 /// HTTP service). Streams without buffering, checks health, balances load.
 #[derive(Parser, Debug)]
@@ -135,7 +140,8 @@ fn version() -> &'static str {
     }
 }
 
-/// Parses Go-style durations: `500ms`, `30s`, `5m`, `4h`, `1h30m`.
+/// Parses Go-style durations: `500ms`, `30s`, `5m`, `4h`, `1h30m`, at most
+/// [`MAX_DURATION`].
 pub fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.starts_with('-') {
@@ -143,8 +149,15 @@ pub fn duration(s: &str) -> Result<Duration, String> {
             "'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m"
         ));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m"))
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m")
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "'{s}' is longer than 30 days, the longest duration accepted"
+        ));
+    }
+    Ok(d)
 }
 
 fn hash_key(s: &str) -> Result<HashKey, String> {
@@ -284,6 +297,10 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_proxy::deadline::{deadline, FAR};
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+    use std::time::Instant;
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let cli = Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
@@ -298,6 +315,54 @@ mod tests {
         assert_eq!(duration("4h"), Ok(Duration::from_secs(4 * 3600)));
         assert!(duration("-5s").unwrap_err().contains("negative"));
         assert!(duration("soon").is_err());
+        assert_eq!(duration("30d"), Ok(MAX_DURATION));
+        assert_eq!(duration("720h"), Ok(MAX_DURATION));
+        assert!(duration("720h1ns").unwrap_err().contains("30 days"));
+        assert!(duration("500000000000y").unwrap_err().contains("30 days"));
+        // Too large for humantime itself.
+        assert!(duration("99999999999999999999999y").is_err());
+    }
+
+    proptest! {
+        /// Whatever the string, the parser answers (no panic) with a duration of at most
+        /// 30 days, and the deadline of that duration is exact.
+        #[test]
+        fn any_string_gives_a_bounded_duration_or_an_error(s in any::<String>()) {
+            check_duration(&s)?;
+        }
+
+        /// The same for strings that look like durations, with numbers of any size.
+        #[test]
+        fn duration_like_strings_are_bounded(
+            s in "-?[0-9]{1,25}(ns|us|ms|s|m|h|d|w|M|y)( ?[0-9]{1,25}(ns|us|ms|s|m|h|d|w|M|y)){0,2}"
+        ) {
+            check_duration(&s)?;
+        }
+
+        /// Any duration at all gives a deadline (no panic), between now and now + FAR,
+        /// exact up to FAR.
+        #[test]
+        fn any_duration_gives_a_deadline(secs in any::<u64>(), nanos in 0u32..1_000_000_000) {
+            let after = Duration::new(secs, nanos);
+            let now = Instant::now();
+            let at = deadline(now, after);
+            prop_assert!(at >= now);
+            prop_assert!(at - now <= FAR);
+            if after <= FAR {
+                prop_assert_eq!(at - now, after);
+            } else {
+                prop_assert_eq!(at - now, FAR);
+            }
+        }
+    }
+
+    fn check_duration(s: &str) -> Result<(), TestCaseError> {
+        if let Ok(d) = duration(s) {
+            prop_assert!(d <= MAX_DURATION, "{s:?} gave {d:?}");
+            let now = Instant::now();
+            prop_assert_eq!(deadline(now, d), now + d);
+        }
+        Ok(())
     }
 
     #[test]
@@ -331,6 +396,14 @@ mod tests {
             (&["--backends", "a:1", "--port", "70000"][..], "--port"),
             (&["--backends", "a:1", "--timeout", "-5s"][..], "--timeout"),
             (&["--backends", "a:1", "--timeout", "abc"][..], "--timeout"),
+            (
+                &["--backends", "a:1", "--timeout", "500000000000y"][..],
+                "--timeout",
+            ),
+            (
+                &["--backends", "a:1", "--queue-timeout", "31d"][..],
+                "--queue-timeout",
+            ),
             (
                 &["--backends", "a:1", "--health-check-interval", "1s"][..],
                 "health-check-interval",

@@ -165,6 +165,30 @@ fn refuses_bad_durations() {
     refused_with(&["--timeout=-5s"], &["timeout"]);
 }
 
+/// Every flag that takes a duration.
+const DURATION_FLAGS: [&str; 9] = [
+    "--timeout",
+    "--connect-timeout",
+    "--health-check-interval",
+    "--health-timeout",
+    "--status-interval",
+    "--shutdown-timeout",
+    "--head-timeout",
+    "--affinity-ttl",
+    "--queue-timeout",
+];
+
+#[test]
+fn refuses_durations_over_30_days() {
+    // `--timeout 500000000000y` was accepted, then every request panicked computing its
+    // deadline and got no answer.
+    for flag in DURATION_FLAGS {
+        for value in ["500000000000y", "31d", "720h1s", "1y"] {
+            refused_with(&[flag, value], &[flag, "30 days"]);
+        }
+    }
+}
+
 #[test]
 fn refuses_negative_numbers() {
     // Refused; the message need not name the flag (a leading `-` may read
@@ -272,7 +296,7 @@ fn accepts_every_documented_flag() {
     assert_eq!(status, 200, "{h}");
     assert_eq!(lb.completion().status, 200);
     // Durations in other spellings.
-    for t in ["4h", "5m", "30s", "2500ms"] {
+    for t in ["4h", "5m", "30s", "2500ms", "30d"] {
         let lb = Lb::spawn(&["--backends", &url, "--timeout", t]);
         assert_eq!(lb.completion().status, 200, "--timeout {t}");
     }
