@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig, MAX_WEIGHT};
 use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
@@ -71,8 +72,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 1)]
     pub passive_threshold: u32,
 
-    /// Balancing policy.
-    #[arg(long, default_value = "least-conn", value_parser = policy)]
+    /// Balancing policy (backends at --max-conns are skipped by every one).
+    #[arg(long, value_name = "POLICY", default_value = "least-conn", value_parser = policy_parser())]
     pub routing: Policy,
 
     /// Per-backend cap on requests in flight; 0 = unlimited. When every healthy backend is
@@ -164,8 +165,41 @@ fn hash_key(s: &str) -> Result<HashKey, String> {
     s.parse()
 }
 
-fn policy(s: &str) -> Result<Policy, String> {
-    s.parse::<Policy>().map_err(|e| e.to_string())
+/// `--routing`: the policies with a few words each (`--help` lists them), their aliases
+/// accepted too.
+fn policy_parser() -> impl TypedValueParser<Value = Policy> {
+    let values = Policy::ALL.map(|p| {
+        let (help, aliases): (&str, &[&str]) = match p {
+            Policy::LeastConn => (
+                "fewest requests in flight relative to weight (default)",
+                &["least-connections"],
+            ),
+            Policy::RoundRobin => ("strict rotation over the healthy backends", &["rr"]),
+            Policy::WeightedRoundRobin => (
+                "rotation in proportion to URL#weight=N (nginx's smooth weighted round robin)",
+                &["wrr"],
+            ),
+            Policy::Random => ("uniformly at random, in proportion to weight", &[]),
+            Policy::IpHash => (
+                "the client's address picks the backend: each client sticks to one",
+                &[],
+            ),
+            Policy::P2c => (
+                "the less loaded of two random backends (alias random-two-least)",
+                &["random-two-least"],
+            ),
+            Policy::CacheAware => (
+                "LLM prompt-prefix (KV cache) affinity, unless load says otherwise; needs --max-conns",
+                &[],
+            ),
+            Policy::ConsistentHash => (
+                "the --hash-key value picks the backend: session affinity",
+                &[],
+            ),
+        };
+        PossibleValue::new(p.name()).help(help).aliases(aliases)
+    });
+    PossibleValuesParser::new(values).try_map(|s| s.parse::<Policy>())
 }
 
 /// Parses one backend argument: `URL` or `URL#weight=N`.
@@ -385,6 +419,21 @@ mod tests {
         assert_eq!(s.core.policy, Policy::LeastConn);
         assert_eq!(s.request_timeout, Duration::from_secs(4 * 3600));
         assert_eq!(s.core.status_interval, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn every_policy_name_and_alias_is_accepted() {
+        let names = Policy::names();
+        let mut all: Vec<&str> = names.split(", ").collect();
+        all.extend(["rr", "wrr", "least-connections"]);
+        for name in all {
+            let s = parse(&["--backends", "a:1", "--max-conns", "1", "--routing", name]);
+            assert_eq!(
+                s.map(|s| s.core.policy),
+                Ok(name.parse::<Policy>().unwrap()),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -93,6 +93,29 @@ fn version_and_help() {
             out.stdout
         );
     }
+    // Every routing policy, each with a few words on the same line.
+    for policy in [
+        "least-conn",
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "ip-hash",
+        "p2c",
+        "random-two-least",
+        "cache-aware",
+        "consistent-hash",
+    ] {
+        let described = out.stdout.lines().any(|l| {
+            l.split(|c: char| c.is_whitespace() || ":(),".contains(c))
+                .any(|w| w == policy)
+                && l.split_whitespace().count() >= 4
+        });
+        assert!(
+            described,
+            "--help should list --routing {policy} with a few words; got:\n{}",
+            out.stdout
+        );
+    }
 }
 
 #[test]
