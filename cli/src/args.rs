@@ -33,27 +33,27 @@ pub struct Cli {
     pub extra_backends: Vec<String>,
 
     /// Port to listen on.
-    #[arg(long, default_value_t = 8080, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "PORT", default_value_t = 8080, value_parser = port, allow_negative_numbers = true)]
     pub port: u16,
 
     /// Address to listen on.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED), value_parser = ip)]
     pub bind: IpAddr,
 
     /// Whole-request timeout (response head and body); exceeded → 504 or a cut stream.
-    #[arg(long, default_value = "4h", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "4h", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub timeout: Duration,
 
     /// Timeout for connecting to a backend.
-    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
     /// Time between health-check sweeps (at least 5s).
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub health_check_interval: Duration,
 
     /// Timeout of one health probe (capped by the interval).
-    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub health_timeout: Duration,
 
     /// Path probed on every backend; 2xx or 429 means alive.
@@ -61,15 +61,15 @@ pub struct Cli {
     pub health_path: String,
 
     /// Consecutive failed probes that mark a backend unhealthy.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive_u32, allow_negative_numbers = true)]
     pub fall: u32,
 
     /// Consecutive passing probes that bring an unhealthy backend back.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = positive_u32, allow_negative_numbers = true)]
     pub rise: u32,
 
     /// Consecutive proxy errors (transport error or 5xx) that mark a backend unhealthy; 0 = off.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_u32, allow_negative_numbers = true)]
     pub passive_threshold: u32,
 
     /// Balancing policy (backends at --max-conns are skipped by every one).
@@ -78,15 +78,15 @@ pub struct Cli {
 
     /// Per-backend cap on requests in flight; 0 = unlimited. When every healthy backend is
     /// full, requests get 429 with Retry-After: 1.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = whole_u32, allow_negative_numbers = true)]
     pub max_conns: u32,
 
     /// Time between [STATUS] lines (default: the health-check interval).
-    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub status_interval: Option<Duration>,
 
     /// How long in-flight requests may finish after SIGTERM/SIGINT.
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Duration,
 
     /// Extra CA bundle (PEM) to trust for https:// backends, besides the system roots.
@@ -94,7 +94,7 @@ pub struct Cli {
     pub backend_ca: Option<PathBuf>,
 
     /// A client must send its request head within this long.
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub head_timeout: Duration,
 
     /// What consistent-hash routing hashes: header:NAME, user (the OpenAI `user` field) or
@@ -103,16 +103,16 @@ pub struct Cli {
     pub hash_key: HashKey,
 
     /// Cache-aware routing forgets a prefix after this long unused (sliding).
-    #[arg(long, default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub affinity_ttl: Duration,
 
     /// When every healthy backend is at --max-conns, wait up to this long for a free slot
     /// (FIFO) before answering 429. Default: answer 429 at once.
-    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub queue_timeout: Option<Duration>,
 
     /// Most requests waiting for a slot at once (with --queue-timeout).
-    #[arg(long, default_value_t = lb_core::queue::DEFAULT_QUEUE_SIZE)]
+    #[arg(long, value_name = "N", default_value_t = lb_core::queue::DEFAULT_QUEUE_SIZE, value_parser = whole_usize, allow_negative_numbers = true)]
     pub queue_size: usize,
 
     /// Append one JSON line per request (bodies included) to this file, created with mode 0640.
@@ -120,12 +120,12 @@ pub struct Cli {
     pub log_to: Option<PathBuf>,
 
     /// Cap on each body captured in the --log-to file, in bytes.
-    #[arg(long, default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT)]
+    #[arg(long, value_name = "BYTES", default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT, value_parser = whole_u64, allow_negative_numbers = true)]
     pub log_body_limit: u64,
 
     /// Most request body bytes kept per request to send it again on a fresh connection
     /// when its reused keep-alive connection turns out closed before any response byte.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REPLAY_BUFFER)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REPLAY_BUFFER, value_parser = whole_usize, allow_negative_numbers = true)]
     pub replay_buffer: usize,
 
     /// Log one line per backend (URL, state, in-flight) with each status line.
@@ -145,10 +145,17 @@ fn version() -> &'static str {
 /// [`MAX_DURATION`].
 pub fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    if t.starts_with('-') {
-        return Err(format!(
-            "'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m"
-        ));
+    if t.is_empty() {
+        return Err("missing value".into());
+    }
+    if let Some(rest) = t.strip_prefix('-') {
+        // Flags may take values that start with '-' so that "-5s" gets this message, not
+        // "unknown flag"; a flag there means the value was left out.
+        return Err(if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            format!("'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m")
+        } else {
+            format!("missing value (found the flag '{t}')")
+        });
     }
     let d = humantime::parse_duration(t).map_err(|e| {
         format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m")
@@ -159,6 +166,48 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// A whole number from `min` up to what `T` holds, for the numeric flags.
+fn whole<T: TryFrom<u64>>(s: &str, min: u64, max: u64) -> Result<T, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("missing value".into());
+    }
+    let too_large = || format!("'{s}' is too large (at most {max})");
+    match t.parse::<u64>() {
+        Ok(n) if n < min => Err(format!("'{s}' is not a whole number ≥ {min}")),
+        Ok(n) => T::try_from(n).map_err(|_| too_large()),
+        // All digits but no u64: beyond any limit.
+        Err(_) if t.bytes().all(|b| b.is_ascii_digit()) => Err(too_large()),
+        Err(_) => Err(format!("'{s}' is not a whole number ≥ {min}")),
+    }
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    whole(s, 1, u16::MAX.into())
+}
+
+fn positive_u32(s: &str) -> Result<u32, String> {
+    whole(s, 1, u32::MAX.into())
+}
+
+fn whole_u32(s: &str) -> Result<u32, String> {
+    whole(s, 0, u32::MAX.into())
+}
+
+fn whole_u64(s: &str) -> Result<u64, String> {
+    whole(s, 0, u64::MAX)
+}
+
+fn whole_usize(s: &str) -> Result<usize, String> {
+    whole(s, 0, u64::try_from(usize::MAX).unwrap_or(u64::MAX))
+}
+
+fn ip(s: &str) -> Result<IpAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"))
 }
 
 fn hash_key(s: &str) -> Result<HashKey, String> {
