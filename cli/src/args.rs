@@ -119,7 +119,9 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub log_to: Option<PathBuf>,
 
-    /// Cap on each body captured in the --log-to file, in bytes.
+    /// Cap on each body captured in the --log-to file, in bytes (cut bodies are flagged
+    /// request_truncated / response_truncated). Each request in flight holds up to this
+    /// much a body for the log.
     #[arg(long, value_name = "BYTES", default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT, value_parser = whole_u64, allow_negative_numbers = true)]
     pub log_body_limit: u64,
 
