@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig, MAX_WEIGHT};
 use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
@@ -11,6 +12,11 @@ use lb_proxy::{HashKey, Settings, Target};
 
 /// The smallest health-check interval accepted.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The longest duration any flag accepts: 30 days. Longer is no sensible timeout or
+/// interval, and a bound checked at start keeps every `now + duration` far from the end
+/// of what an `Instant` can hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// lb: one address in front of many HTTP backends (vLLM, SGLang, llama.cpp, TGI, or any
 /// HTTP service). Streams without buffering, checks health, balances load.
@@ -27,27 +33,27 @@ pub struct Cli {
     pub extra_backends: Vec<String>,
 
     /// Port to listen on.
-    #[arg(long, default_value_t = 8080, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "PORT", default_value_t = 8080, value_parser = port, allow_negative_numbers = true)]
     pub port: u16,
 
     /// Address to listen on.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED), value_parser = ip)]
     pub bind: IpAddr,
 
     /// Whole-request timeout (response head and body); exceeded → 504 or a cut stream.
-    #[arg(long, default_value = "4h", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "4h", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub timeout: Duration,
 
     /// Timeout for connecting to a backend.
-    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
     /// Time between health-check sweeps (at least 5s).
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub health_check_interval: Duration,
 
     /// Timeout of one health probe (capped by the interval).
-    #[arg(long, default_value = "5s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub health_timeout: Duration,
 
     /// Path probed on every backend; 2xx or 429 means alive.
@@ -55,32 +61,32 @@ pub struct Cli {
     pub health_path: String,
 
     /// Consecutive failed probes that mark a backend unhealthy.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive_u32, allow_negative_numbers = true)]
     pub fall: u32,
 
     /// Consecutive passing probes that bring an unhealthy backend back.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = positive_u32, allow_negative_numbers = true)]
     pub rise: u32,
 
     /// Consecutive proxy errors (transport error or 5xx) that mark a backend unhealthy; 0 = off.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_u32, allow_negative_numbers = true)]
     pub passive_threshold: u32,
 
-    /// Balancing policy.
-    #[arg(long, default_value = "least-conn", value_parser = policy)]
+    /// Balancing policy (backends at --max-conns are skipped by every one).
+    #[arg(long, value_name = "POLICY", default_value = "least-conn", value_parser = policy_parser())]
     pub routing: Policy,
 
     /// Per-backend cap on requests in flight; 0 = unlimited. When every healthy backend is
     /// full, requests get 429 with Retry-After: 1.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = whole_u32, allow_negative_numbers = true)]
     pub max_conns: u32,
 
     /// Time between [STATUS] lines (default: the health-check interval).
-    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub status_interval: Option<Duration>,
 
     /// How long in-flight requests may finish after SIGTERM/SIGINT.
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub shutdown_timeout: Duration,
 
     /// Extra CA bundle (PEM) to trust for https:// backends, besides the system roots.
@@ -88,7 +94,7 @@ pub struct Cli {
     pub backend_ca: Option<PathBuf>,
 
     /// A client must send its request head within this long.
-    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub head_timeout: Duration,
 
     /// What consistent-hash routing hashes: header:NAME, user (the OpenAI `user` field) or
@@ -97,29 +103,31 @@ pub struct Cli {
     pub hash_key: HashKey,
 
     /// Cache-aware routing forgets a prefix after this long unused (sliding).
-    #[arg(long, default_value = "1h", value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub affinity_ttl: Duration,
 
     /// When every healthy backend is at --max-conns, wait up to this long for a free slot
     /// (FIFO) before answering 429. Default: answer 429 at once.
-    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub queue_timeout: Option<Duration>,
 
     /// Most requests waiting for a slot at once (with --queue-timeout).
-    #[arg(long, default_value_t = lb_core::queue::DEFAULT_QUEUE_SIZE)]
+    #[arg(long, value_name = "N", default_value_t = lb_core::queue::DEFAULT_QUEUE_SIZE, value_parser = whole_usize, allow_negative_numbers = true)]
     pub queue_size: usize,
 
     /// Append one JSON line per request (bodies included) to this file, created with mode 0640.
     #[arg(long, value_name = "PATH")]
     pub log_to: Option<PathBuf>,
 
-    /// Cap on each body captured in the --log-to file, in bytes.
-    #[arg(long, default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT)]
+    /// Cap on each body captured in the --log-to file, in bytes (cut bodies are flagged
+    /// request_truncated / response_truncated). Each request in flight holds up to this
+    /// much a body for the log.
+    #[arg(long, value_name = "BYTES", default_value_t = lb_proxy::reqlog::DEFAULT_BODY_LIMIT, value_parser = whole_u64, allow_negative_numbers = true)]
     pub log_body_limit: u64,
 
     /// Most request body bytes kept per request to send it again on a fresh connection
     /// when its reused keep-alive connection turns out closed before any response byte.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REPLAY_BUFFER)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_REPLAY_BUFFER, value_parser = whole_usize, allow_negative_numbers = true)]
     pub replay_buffer: usize,
 
     /// Log one line per backend (URL, state, in-flight) with each status line.
@@ -135,24 +143,114 @@ fn version() -> &'static str {
     }
 }
 
-/// Parses Go-style durations: `500ms`, `30s`, `5m`, `4h`, `1h30m`.
+/// Parses Go-style durations: `500ms`, `30s`, `5m`, `4h`, `1h30m`, at most
+/// [`MAX_DURATION`].
 pub fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    if t.starts_with('-') {
+    if t.is_empty() {
+        return Err("missing value".into());
+    }
+    if let Some(rest) = t.strip_prefix('-') {
+        // Flags may take values that start with '-' so that "-5s" gets this message, not
+        // "unknown flag"; a flag there means the value was left out.
+        return Err(if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            format!("'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m")
+        } else {
+            format!("missing value (found the flag '{t}')")
+        });
+    }
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m")
+    })?;
+    if d > MAX_DURATION {
         return Err(format!(
-            "'{s}' is negative; durations are like 500ms, 30s, 5m, 4h, 1h30m"
+            "'{s}' is longer than 30 days, the longest duration accepted"
         ));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 500ms, 30s, 5m, 4h, 1h30m"))
+    Ok(d)
+}
+
+/// A whole number from `min` up to what `T` holds, for the numeric flags.
+fn whole<T: TryFrom<u64>>(s: &str, min: u64, max: u64) -> Result<T, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("missing value".into());
+    }
+    let too_large = || format!("'{s}' is too large (at most {max})");
+    match t.parse::<u64>() {
+        Ok(n) if n < min => Err(format!("'{s}' is not a whole number ≥ {min}")),
+        Ok(n) => T::try_from(n).map_err(|_| too_large()),
+        // All digits but no u64: beyond any limit.
+        Err(_) if t.bytes().all(|b| b.is_ascii_digit()) => Err(too_large()),
+        Err(_) => Err(format!("'{s}' is not a whole number ≥ {min}")),
+    }
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    whole(s, 1, u16::MAX.into())
+}
+
+fn positive_u32(s: &str) -> Result<u32, String> {
+    whole(s, 1, u32::MAX.into())
+}
+
+fn whole_u32(s: &str) -> Result<u32, String> {
+    whole(s, 0, u32::MAX.into())
+}
+
+fn whole_u64(s: &str) -> Result<u64, String> {
+    whole(s, 0, u64::MAX)
+}
+
+fn whole_usize(s: &str) -> Result<usize, String> {
+    whole(s, 0, u64::try_from(usize::MAX).unwrap_or(u64::MAX))
+}
+
+fn ip(s: &str) -> Result<IpAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"))
 }
 
 fn hash_key(s: &str) -> Result<HashKey, String> {
     s.parse()
 }
 
-fn policy(s: &str) -> Result<Policy, String> {
-    s.parse::<Policy>().map_err(|e| e.to_string())
+/// `--routing`: the policies with a few words each (`--help` lists them), their aliases
+/// accepted too.
+fn policy_parser() -> impl TypedValueParser<Value = Policy> {
+    let values = Policy::ALL.map(|p| {
+        let (help, aliases): (&str, &[&str]) = match p {
+            Policy::LeastConn => (
+                "fewest requests in flight relative to weight (default)",
+                &["least-connections"],
+            ),
+            Policy::RoundRobin => ("strict rotation over the healthy backends", &["rr"]),
+            Policy::WeightedRoundRobin => (
+                "rotation in proportion to URL#weight=N (nginx's smooth weighted round robin)",
+                &["wrr"],
+            ),
+            Policy::Random => ("uniformly at random, in proportion to weight", &[]),
+            Policy::IpHash => (
+                "the client's address picks the backend: each client sticks to one",
+                &[],
+            ),
+            Policy::P2c => (
+                "the less loaded of two random backends (alias random-two-least)",
+                &["random-two-least"],
+            ),
+            Policy::CacheAware => (
+                "LLM prompt-prefix (KV cache) affinity, unless load says otherwise; needs --max-conns",
+                &[],
+            ),
+            Policy::ConsistentHash => (
+                "the --hash-key value picks the backend: session affinity",
+                &[],
+            ),
+        };
+        PossibleValue::new(p.name()).help(help).aliases(aliases)
+    });
+    PossibleValuesParser::new(values).try_map(|s| s.parse::<Policy>())
 }
 
 /// Parses one backend argument: `URL` or `URL#weight=N`.
@@ -284,6 +382,10 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_proxy::deadline::{deadline, FAR};
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+    use std::time::Instant;
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let cli = Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
@@ -298,6 +400,54 @@ mod tests {
         assert_eq!(duration("4h"), Ok(Duration::from_secs(4 * 3600)));
         assert!(duration("-5s").unwrap_err().contains("negative"));
         assert!(duration("soon").is_err());
+        assert_eq!(duration("30d"), Ok(MAX_DURATION));
+        assert_eq!(duration("720h"), Ok(MAX_DURATION));
+        assert!(duration("720h1ns").unwrap_err().contains("30 days"));
+        assert!(duration("500000000000y").unwrap_err().contains("30 days"));
+        // Too large for humantime itself.
+        assert!(duration("99999999999999999999999y").is_err());
+    }
+
+    proptest! {
+        /// Whatever the string, the parser answers (no panic) with a duration of at most
+        /// 30 days, and the deadline of that duration is exact.
+        #[test]
+        fn any_string_gives_a_bounded_duration_or_an_error(s in any::<String>()) {
+            check_duration(&s)?;
+        }
+
+        /// The same for strings that look like durations, with numbers of any size.
+        #[test]
+        fn duration_like_strings_are_bounded(
+            s in "-?[0-9]{1,25}(ns|us|ms|s|m|h|d|w|M|y)( ?[0-9]{1,25}(ns|us|ms|s|m|h|d|w|M|y)){0,2}"
+        ) {
+            check_duration(&s)?;
+        }
+
+        /// Any duration at all gives a deadline (no panic), between now and now + FAR,
+        /// exact up to FAR.
+        #[test]
+        fn any_duration_gives_a_deadline(secs in any::<u64>(), nanos in 0u32..1_000_000_000) {
+            let after = Duration::new(secs, nanos);
+            let now = Instant::now();
+            let at = deadline(now, after);
+            prop_assert!(at >= now);
+            prop_assert!(at - now <= FAR);
+            if after <= FAR {
+                prop_assert_eq!(at - now, after);
+            } else {
+                prop_assert_eq!(at - now, FAR);
+            }
+        }
+    }
+
+    fn check_duration(s: &str) -> Result<(), TestCaseError> {
+        if let Ok(d) = duration(s) {
+            prop_assert!(d <= MAX_DURATION, "{s:?} gave {d:?}");
+            let now = Instant::now();
+            prop_assert_eq!(deadline(now, d), now + d);
+        }
+        Ok(())
     }
 
     #[test]
@@ -323,6 +473,21 @@ mod tests {
     }
 
     #[test]
+    fn every_policy_name_and_alias_is_accepted() {
+        let names = Policy::names();
+        let mut all: Vec<&str> = names.split(", ").collect();
+        all.extend(["rr", "wrr", "least-connections"]);
+        for name in all {
+            let s = parse(&["--backends", "a:1", "--max-conns", "1", "--routing", name]);
+            assert_eq!(
+                s.map(|s| s.core.policy),
+                Ok(name.parse::<Policy>().unwrap()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn refusals_name_the_flag() {
         for (args, needle) in [
             (&[][..], "backends"),
@@ -331,6 +496,14 @@ mod tests {
             (&["--backends", "a:1", "--port", "70000"][..], "--port"),
             (&["--backends", "a:1", "--timeout", "-5s"][..], "--timeout"),
             (&["--backends", "a:1", "--timeout", "abc"][..], "--timeout"),
+            (
+                &["--backends", "a:1", "--timeout", "500000000000y"][..],
+                "--timeout",
+            ),
+            (
+                &["--backends", "a:1", "--queue-timeout", "31d"][..],
+                "--queue-timeout",
+            ),
             (
                 &["--backends", "a:1", "--health-check-interval", "1s"][..],
                 "health-check-interval",

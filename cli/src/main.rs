@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod flag_error;
 mod print;
 mod reqlog;
 
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return fail(&one_line(&e.to_string())),
+        Err(e) => return fail(&flag_error::one_line(&e)),
     };
     let verbose = cli.verbose;
     let (log_to, log_body_limit) = (cli.log_to.clone(), cli.log_body_limit);
@@ -68,19 +69,6 @@ fn run(settings: lb_proxy::Settings, sink: NoticeSink) -> Result<(), String> {
 #[cfg(all(feature = "smol", not(feature = "tokio")))]
 fn run(settings: lb_proxy::Settings, sink: NoticeSink) -> Result<(), String> {
     lb_smol::run(settings, sink).map_err(|e| e.to_string())
-}
-
-/// Clap's errors span several lines; users and scripts get one that names the flag.
-fn one_line(msg: &str) -> String {
-    msg.lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-        .trim_start_matches("error: ")
-        .to_string()
 }
 
 fn fail(msg: &str) -> ExitCode {

@@ -1,42 +1,84 @@
 //! `--log-to`'s writer: the file and the thread that writes it, shared by both builds.
 //!
-//! The proxy hands each finished entry to [`open`]'s sink, which only queues it: a bounded
-//! channel to the writer thread, so a slow disk never blocks a request. Entries that do not
-//! fit are counted, and the count is written as a line of its own before the next entry.
-//! When the proxy has stopped, [`Writer::finish`] waits until what was queued is on disk,
-//! so the requests a graceful shutdown lets finish are logged too.
+//! The proxy hands each finished entry to [`open`]'s sink, which only queues it for the
+//! writer thread, so a slow disk never blocks a request. The queue is bounded in bytes
+//! ([`BACKLOG_BYTES`], each entry counted by its [`Entry::footprint`]), so the memory it
+//! takes depends neither on how far the writer is behind nor on how many entries wait:
+//! entries that do not fit are dropped and counted, and the count is written as a line
+//! of its own before the next entry. When the proxy has stopped, [`Writer::finish`]
+//! waits until what was queued is on disk, so the requests a graceful shutdown lets
+//! finish are logged too.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lb_proxy::reqlog::{dropped_line, Entry, EntrySink};
 
-/// Entries waiting for the writer; beyond this they are dropped and counted.
-const BACKLOG: usize = 1024;
+/// The most bytes of entries waiting for the writer (16 MiB: 256 entries with both bodies
+/// at the default 64 KiB cap, tens of thousands of small ones); beyond it entries are
+/// dropped and counted. An entry larger than this on its own still goes into an empty
+/// queue, so a `--log-body-limit` above 8 MiB logs as long as the writer keeps up.
+pub(crate) const BACKLOG_BYTES: usize = 16 << 20;
 
 enum Msg {
-    Entry(Entry),
+    /// An entry, and the bytes it counts for in the backlog.
+    Entry(Entry, usize),
     /// Write out everything before this, then answer.
     Flush(SyncSender<()>),
 }
 
+/// The bytes of the entries queued for the writer, held under a bound.
+struct Backlog {
+    queued: AtomicUsize,
+    bound: usize,
+}
+
+impl Backlog {
+    /// Counts `size` more bytes in, unless that would pass the bound (into an empty
+    /// backlog, anything goes). Whether it did.
+    fn admit(&self, size: usize) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q == 0 || q.saturating_add(size) <= self.bound).then(|| q.saturating_add(size))
+            })
+            .is_ok()
+    }
+
+    /// `size` bytes left the backlog (written, or never sent).
+    fn release(&self, size: usize) {
+        self.queued.fetch_sub(size, Ordering::AcqRel);
+    }
+}
+
 /// The writer thread's handle, kept by whoever stops the proxy.
 pub(crate) struct Writer {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
+    #[cfg(test)]
+    backlog: Arc<Backlog>,
 }
 
 impl Writer {
     /// Waits, at most `limit`, until every entry queued so far is written and flushed (and
     /// the count of dropped ones, if any). Whether it got there in time.
     pub(crate) fn finish(self, limit: Duration) -> bool {
+        self.flush(limit)
+    }
+
+    fn flush(&self, limit: Duration) -> bool {
         let (ack, done) = sync_channel(1);
         self.tx.send(Msg::Flush(ack)).is_ok() && done.recv_timeout(limit).is_ok()
+    }
+
+    /// Bytes of entries queued now.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.backlog.queued.load(Ordering::Acquire)
     }
 }
 
@@ -48,19 +90,36 @@ pub(crate) fn open(path: &Path) -> io::Result<(EntrySink, Writer)> {
         .append(true)
         .mode(0o640)
         .open(path)?;
-    let (tx, rx) = sync_channel(BACKLOG);
+    start(BufWriter::new(file), BACKLOG_BYTES)
+}
+
+/// Starts the writer thread on `out`, its backlog bounded at `bound` bytes.
+fn start(out: impl Write + Send + 'static, bound: usize) -> io::Result<(EntrySink, Writer)> {
+    let (tx, rx) = channel();
+    let backlog = Arc::new(Backlog {
+        queued: AtomicUsize::new(0),
+        bound,
+    });
     let dropped = Arc::new(AtomicU64::new(0));
-    let counter = dropped.clone();
+    let (counter, drained) = (dropped.clone(), backlog.clone());
     std::thread::Builder::new()
         .name("lb-request-log".into())
-        .spawn(move || write_loop(rx, BufWriter::new(file), counter))?;
-    let writer = Writer { tx: tx.clone() };
+        .spawn(move || write_loop(rx, out, counter, &drained))?;
+    let writer = Writer {
+        tx: tx.clone(),
+        #[cfg(test)]
+        backlog: backlog.clone(),
+    };
     let sink: EntrySink = Arc::new(move |mut entry: Entry, started: Instant| {
         let took = started.elapsed();
         entry.duration_ms = took.as_millis() as u64;
         entry.time_unix_ms = SystemTime::now().checked_sub(took).map_or(0, unix_ms);
-        if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Entry(entry)) {
+        let size = entry.footprint();
+        if !backlog.admit(size) {
             dropped.fetch_add(1, Ordering::Relaxed);
+        } else if tx.send(Msg::Entry(entry, size)).is_err() {
+            // The writer is gone (it never is before the process ends).
+            backlog.release(size);
         }
     });
     Ok((sink, writer))
@@ -71,7 +130,7 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>) {
+fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>, backlog: &Backlog) {
     let write_dropped = |out: &mut dyn Write, time_unix_ms: u64| {
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
@@ -82,9 +141,11 @@ fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>) {
         let mut next = Some(first);
         while let Some(msg) = next {
             match msg {
-                Msg::Entry(e) => {
+                Msg::Entry(e, size) => {
                     write_dropped(&mut out, e.time_unix_ms);
                     let _ = out.write_all(e.record().to_line().as_bytes());
+                    drop(e);
+                    backlog.release(size);
                 }
                 Msg::Flush(ack) => {
                     write_dropped(&mut out, unix_ms(SystemTime::now()));
@@ -104,7 +165,91 @@ mod tests {
     use super::*;
     use lb_proxy::reqlog::RequestLog;
     use std::os::unix::fs::PermissionsExt as _;
+    use std::sync::{Condvar, Mutex};
     use std::time::Duration;
+
+    /// An output that blocks every write until opened, and keeps what it was given.
+    #[derive(Clone, Default)]
+    struct Gated(Arc<Gate>);
+
+    #[derive(Default)]
+    struct Gate {
+        state: Mutex<(bool, Vec<u8>)>,
+        opened: Condvar,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            self.0.state.lock().unwrap().0 = true;
+            self.0.opened.notify_all();
+        }
+
+        fn lines(&self) -> Vec<serde_json::Value> {
+            let text = self.0.state.lock().unwrap().1.clone();
+            String::from_utf8(text)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut state = self.0.state.lock().unwrap();
+            while !state.0 {
+                state = self.0.opened.wait(state).unwrap();
+            }
+            state.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_writer_drops_and_counts_past_the_byte_bound() {
+        const BOUND: usize = 1 << 20;
+        let out = Gated::default();
+        let (sink, writer) = start(out.clone(), BOUND).unwrap();
+        let log = RequestLog::new(sink, 1 << 20);
+        let body = vec![b'x'; 100 << 10];
+        let one = {
+            let mut e = Entry::new(0, "POST", "/upload");
+            e.add_request(&body, 1 << 20);
+            e.footprint()
+        };
+        // The writer takes the first entry and blocks writing it; it still counts
+        // until written, so exactly `fits` entries are queued.
+        let fits = BOUND / one;
+        let sent = fits + 25;
+        for _ in 0..sent {
+            let capture = log.capture(Instant::now(), "POST", "/upload");
+            capture.request(&body);
+        }
+        assert_eq!(writer.queued(), fits * one);
+        out.open();
+        assert!(writer.flush(Duration::from_secs(10)));
+        assert_eq!(writer.queued(), 0);
+        let lines = out.lines();
+        let logged = lines.iter().filter(|l| l["path"] == "/upload").count();
+        let dropped: u64 = lines
+            .iter()
+            .filter_map(|l| l["dropped_records"].as_u64())
+            .sum();
+        assert_eq!((logged, dropped), (fits, 25), "{} lines", lines.len());
+
+        // Written out, the backlog takes entries again: more than it holds at once, in all.
+        for _ in 0..sent {
+            log.capture(Instant::now(), "POST", "/again").request(&body);
+            assert!(writer.flush(Duration::from_secs(10)));
+        }
+        assert!(writer.finish(Duration::from_secs(10)));
+        let again = out.lines().iter().filter(|l| l["path"] == "/again").count();
+        assert_eq!(again, sent);
+    }
 
     #[test]
     fn entries_reach_the_file_with_time_and_duration() {

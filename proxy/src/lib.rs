@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod deadline;
 mod driver;
 mod lease;
 mod proxy;

@@ -9,8 +9,14 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Default cap on each captured body (`--log-body-limit`).
-pub const DEFAULT_BODY_LIMIT: u64 = 1 << 30;
+/// Default cap on each captured body (`--log-body-limit`): 64 KiB, enough for almost
+/// every completion request and answer, and what keeps a request's capture small
+/// whatever its bodies' sizes.
+pub const DEFAULT_BODY_LIMIT: u64 = 64 * 1024;
+
+/// What an [`Entry`] costs besides its strings and bodies ([`Entry::footprint`]): the
+/// entry itself and its place in the writer's queue.
+pub const ENTRY_OVERHEAD: usize = 256;
 
 /// One completed (or refused) request.
 #[derive(Clone, Copy, Debug)]
@@ -215,6 +221,16 @@ impl Entry {
         self.add_response(body, limit);
     }
 
+    /// The bytes this entry holds in memory: its buffers' capacities and
+    /// [`ENTRY_OVERHEAD`]. The writer's backlog is bounded in these.
+    pub fn footprint(&self) -> usize {
+        ENTRY_OVERHEAD
+            + self.method.capacity()
+            + self.path.capacity()
+            + self.request.capacity()
+            + self.response.capacity()
+    }
+
     /// The borrowed record to write.
     pub fn record(&self) -> Record<'_> {
         Record {
@@ -237,7 +253,15 @@ fn append(buf: &mut Vec<u8>, truncated: &mut bool, data: &[u8], limit: u64) {
     if data.len() > room {
         *truncated = true;
     }
-    buf.extend_from_slice(&data[..data.len().min(room)]);
+    let take = &data[..data.len().min(room)];
+    if buf.len() + take.len() > buf.capacity() {
+        // Grow by doubling as usual, but never past the cap: a capture holds at most
+        // `limit` bytes a body, not the next power of two.
+        let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+        let want = (buf.capacity() * 2).max(buf.len() + take.len()).min(cap);
+        buf.reserve_exact(want - buf.len());
+    }
+    buf.extend_from_slice(take);
 }
 
 /// The line written when records had to be dropped (the writer fell behind).
@@ -354,6 +378,19 @@ mod tests {
         e.set_reply(429, b"{}", 3);
         assert_eq!((e.status, e.response.as_slice()), (429, &b"{}"[..]));
         assert_eq!(e.record().method, "POST");
+    }
+
+    #[test]
+    fn a_capped_body_holds_no_more_than_its_cap() {
+        let mut e = Entry::new(0, "POST", "/x");
+        let limit = 64 * 1024;
+        for _ in 0..1000 {
+            e.add_request(&[b'a'; 1000], limit);
+        }
+        assert_eq!(e.request.len(), 65536);
+        assert!(e.request_truncated);
+        assert_eq!(e.request.capacity(), 65536, "grown past the cap");
+        assert_eq!(e.footprint(), ENTRY_OVERHEAD + 4 + 2 + 65536);
     }
 
     #[test]

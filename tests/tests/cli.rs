@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use lb_tests::*;
 
-/// Run `lb` with `args`, expect a non-zero exit, and a stderr that contains
-/// every one of `needles` (case-insensitive).
+/// Run `lb` with `args`, expect exit status 2, nothing on stdout, and on stderr one line
+/// `lb: error: …` that contains every one of `needles` (case-insensitive).
 fn refused(args: &[&str], needles: &[&str]) {
     let out = run_lb(args, Duration::from_secs(10));
-    assert!(
-        !out.status.success(),
-        "lb {args:?} exited with {} but should refuse its input; stderr: {:?}",
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "lb {args:?} exited with {} but should refuse its input with status 2; stderr: {:?}",
         out.status,
         out.stderr
     );
+    assert_eq!(out.stdout, "", "lb {args:?}: nothing on stdout");
     let err = out.stderr.to_lowercase();
     assert!(
         !err.trim().is_empty(),
@@ -32,6 +34,14 @@ fn refused(args: &[&str], needles: &[&str]) {
         lines.len(),
         1,
         "lb {args:?}: the error should be one line, got: {:?}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.starts_with("lb: error: ")
+            && !err.contains("tip:")
+            && !err.contains("usage")
+            && !err.contains("--help` for"),
+        "lb {args:?}: the error should be one `lb: error: ` sentence, got: {:?}",
         out.stderr
     );
     for n in needles {
@@ -90,6 +100,29 @@ fn version_and_help() {
         assert!(
             out.stdout.contains(flag),
             "--help should document {flag}; got:\n{}",
+            out.stdout
+        );
+    }
+    // Every routing policy, each with a few words on the same line.
+    for policy in [
+        "least-conn",
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "ip-hash",
+        "p2c",
+        "random-two-least",
+        "cache-aware",
+        "consistent-hash",
+    ] {
+        let described = out.stdout.lines().any(|l| {
+            l.split(|c: char| c.is_whitespace() || ":(),".contains(c))
+                .any(|w| w == policy)
+                && l.split_whitespace().count() >= 4
+        });
+        assert!(
+            described,
+            "--help should list --routing {policy} with a few words; got:\n{}",
             out.stdout
         );
     }
@@ -165,22 +198,152 @@ fn refuses_bad_durations() {
     refused_with(&["--timeout=-5s"], &["timeout"]);
 }
 
+/// Every flag that takes a duration.
+const DURATION_FLAGS: [&str; 9] = [
+    "--timeout",
+    "--connect-timeout",
+    "--health-check-interval",
+    "--health-timeout",
+    "--status-interval",
+    "--shutdown-timeout",
+    "--head-timeout",
+    "--affinity-ttl",
+    "--queue-timeout",
+];
+
 #[test]
-fn refuses_negative_numbers() {
-    // Refused; the message need not name the flag (a leading `-` may read
-    // as an unknown option).
+fn refuses_durations_over_30_days() {
+    // `--timeout 500000000000y` was accepted, then every request panicked computing its
+    // deadline and got no answer.
+    for flag in DURATION_FLAGS {
+        for value in ["500000000000y", "31d", "720h1s", "1y"] {
+            refused_with(&[flag, value], &[flag, "30 days"]);
+        }
+    }
+}
+
+/// Every flag that takes a whole number.
+const NUMERIC_FLAGS: [&str; 8] = [
+    "--port",
+    "--fall",
+    "--rise",
+    "--passive-threshold",
+    "--max-conns",
+    "--queue-size",
+    "--log-body-limit",
+    "--replay-buffer",
+];
+
+/// Every flag that takes a value.
+const VALUE_FLAGS: [&str; 15] = [
+    "--backends",
+    "--port",
+    "--bind",
+    "--health-path",
+    "--fall",
+    "--rise",
+    "--passive-threshold",
+    "--routing",
+    "--max-conns",
+    "--backend-ca",
+    "--hash-key",
+    "--queue-size",
+    "--log-to",
+    "--log-body-limit",
+    "--replay-buffer",
+];
+
+/// [`refused`] for `extra` after a backend, and loopback and a free port unless `extra`
+/// gives `--bind` or `--port` itself (a flag given twice is refused for that).
+fn refused_after(extra: &[&str], needles: &[&str]) {
+    let gives = |flag: &str| extra.iter().any(|a| a.split('=').next() == Some(flag));
     let b = some_backend();
-    refused(
-        &["--backends", &b, "--bind", "127.0.0.1", "--port", "-1"],
-        &[],
-    );
-    refused_with(&["--max-conns", "-1"], &[]);
+    let p = free_port().to_string();
+    let mut args = vec!["--backends", &b];
+    if !gives("--port") {
+        args.extend(["--port", &p]);
+    }
+    if !gives("--bind") {
+        args.extend(["--bind", "127.0.0.1"]);
+    }
+    args.extend_from_slice(extra);
+    refused(&args, needles);
+}
+
+#[test]
+fn refuses_negative_numbers_naming_the_flag() {
+    // clap took "-1" for an unknown flag: "unexpected argument '-1' found tip: …".
+    for flag in NUMERIC_FLAGS {
+        for value in ["-1", "-5", "-1.5"] {
+            refused_after(
+                &[flag, value],
+                &[flag, &format!("'{value}'"), "whole number"],
+            );
+        }
+        refused_after(&[&format!("{flag}=-1")], &[flag, "'-1'", "whole number"]);
+    }
+}
+
+#[test]
+fn refuses_non_numeric_numbers_naming_the_flag() {
+    for flag in NUMERIC_FLAGS {
+        for value in ["many", "1.5", "1e3", "0x10", "5k"] {
+            refused_after(
+                &[flag, value],
+                &[flag, &format!("'{value}'"), "whole number"],
+            );
+        }
+        refused_after(&[flag, "99999999999999999999999"], &[flag, "too large"]);
+    }
+    refused_after(&["--port", "65536"], &["--port", "at most 65535"]);
+    for flag in ["--port", "--fall", "--rise"] {
+        refused_after(&[flag, "0"], &[flag, "'0'", "≥ 1"]);
+    }
 }
 
 #[test]
 fn refuses_unknown_flags() {
     let b = some_backend();
-    refused(&["--backends", &b, "--no-such-flag"], &["no-such-flag"]);
+    refused(
+        &["--backends", &b, "--no-such-flag"],
+        &["unknown flag --no-such-flag", "lb --help"],
+    );
+    refused_with(&["--foo=bar"], &["unknown flag --foo "]);
+    refused_with(&["-x"], &["unknown flag -x "]);
+    refused_with(
+        &["--max-con", "3"],
+        &["unknown flag --max-con ", "--max-conns"],
+    );
+    refused_with(&["--verbose", "--bogus", "1"], &["unknown flag --bogus"]);
+}
+
+#[test]
+fn refuses_missing_values() {
+    for flag in VALUE_FLAGS.iter().chain(&DURATION_FLAGS) {
+        // Last on the line, or followed by another flag.
+        refused_after(&[flag], &[flag, "missing value"]);
+        refused_after(&[flag, "--verbose"], &[flag, "missing value"]);
+        refused_after(&[&format!("{flag}=")], &[flag]);
+    }
+}
+
+#[test]
+fn refuses_values_for_boolean_flags() {
+    for value in ["yes", "true", "1", ""] {
+        refused_with(
+            &[&format!("--verbose={value}")],
+            &["--verbose", "takes no value"],
+        );
+    }
+    refused_with(&["-v=1"], &["short flags take no '=value'"]);
+}
+
+#[test]
+fn refuses_a_flag_given_twice() {
+    refused_with(
+        &["--max-conns", "1", "--max-conns", "2"],
+        &["--max-conns", "more than once"],
+    );
 }
 
 #[test]
@@ -234,14 +397,14 @@ fn refuses_a_port_another_lb_listens_on() {
 fn refuses_unknown_routing_policy() {
     refused_with(
         &["--routing", "fastest-first"],
-        &["least-conn", "round-robin"],
+        &["--routing", "'fastest-first'", "least-conn", "round-robin"],
     );
 }
 
 #[test]
 fn refuses_bad_max_conns() {
     for value in ["many", "1.5"] {
-        refused_with(&["--max-conns", value], &["max-conns"]);
+        refused_with(&["--max-conns", value], &["--max-conns", "whole number"]);
     }
 }
 
@@ -272,7 +435,7 @@ fn accepts_every_documented_flag() {
     assert_eq!(status, 200, "{h}");
     assert_eq!(lb.completion().status, 200);
     // Durations in other spellings.
-    for t in ["4h", "5m", "30s", "2500ms"] {
+    for t in ["4h", "5m", "30s", "2500ms", "30d"] {
         let lb = Lb::spawn(&["--backends", &url, "--timeout", t]);
         assert_eq!(lb.completion().status, 200, "--timeout {t}");
     }

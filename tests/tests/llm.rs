@@ -1025,7 +1025,15 @@ fn requests_a_graceful_stop_lets_finish_are_logged() {
     for i in 0..3 {
         let path = dir.0.join(format!("stop-{i}.jsonl"));
         let path_s = path.to_str().expect("utf-8 temp path").to_string();
-        let mut lb = Lb::spawn(&["--backends", &m.url(), "--log-to", &path_s]);
+        // Bodies logged whole (the default cap is 64 KiB).
+        let mut lb = Lb::spawn(&[
+            "--backends",
+            &m.url(),
+            "--log-to",
+            &path_s,
+            "--log-body-limit",
+            "8388608",
+        ]);
         let port = lb.port;
         let inflight = thread::spawn(move || try_completion(port));
         wait_until(
@@ -1051,6 +1059,71 @@ fn requests_a_graceful_stop_lets_finish_are_logged() {
             .count();
         assert_eq!(logged, 1, "stop {i}: the log holds {text:?}");
     }
+}
+
+#[test]
+fn request_log_memory_does_not_grow_with_body_size() {
+    // One 200 MiB upload with --log-to took lb's peak RSS to 617 MB: the capture kept
+    // every byte (the cap was 1 GiB), then the writer copied them into the line.
+    const SIZE: u64 = 64 << 20;
+    const RSS_LIMIT_KIB: u64 = 64 * 1024;
+    let dir = TempDir::new("llm-log-big");
+    let path = dir.0.join("requests.jsonl");
+    let path_s = path.to_str().expect("utf-8 temp path").to_string();
+    let m = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&["--backends", &m.url(), "--log-to", &path_s]);
+    let mut c = Conn::open(lb.port).unwrap();
+    c.send_head(
+        "POST",
+        "/upload",
+        &[("Content-Type", "text/plain"), ("Connection", "close")],
+        Some(SIZE),
+    )
+    .unwrap();
+    // ASCII, so the logged string is exactly the bytes kept; each MiB numbered.
+    let mut block: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut fnv = Fnv1a::default();
+    for i in 0..SIZE >> 20 {
+        block[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        fnv.update(&block);
+        c.write_raw(&block).unwrap();
+    }
+    let r = c.read_response("POST").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["bytes"], SIZE, "{v}");
+    assert_eq!(v["fnv1a"].as_str(), Some(fnv.hex().as_str()), "{v}");
+
+    let line = wait_until(
+        DEADLINE,
+        "the upload's line in the request log",
+        || {
+            // A whole line: the writer may be halfway through it.
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains("\"/upload\""))
+                .map(str::to_string)
+        },
+        Option::is_some,
+    )
+    .unwrap();
+    let logged: Value = serde_json::from_str(&line).expect("one JSON line");
+    assert_eq!(logged["status"], 200);
+    assert_eq!(logged["request_truncated"], true, "cut at the cap");
+    let kept = logged["request"].as_str().expect("the body as a string");
+    assert_eq!(kept.len(), 64 * 1024, "the default cap is 64 KiB");
+    assert!(kept.starts_with("00000000ijklmnop"), "{}", &kept[..32]);
+
+    let hwm = lb.vm_hwm_kib();
+    eprintln!(
+        "lb VmHWM after a {} MiB upload with --log-to: {hwm} KiB",
+        SIZE >> 20
+    );
+    assert!(
+        hwm < RSS_LIMIT_KIB,
+        "lb's peak RSS {hwm} KiB: --log-to should keep 64 KiB of the body, not all of it"
+    );
 }
 
 #[test]
