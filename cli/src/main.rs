@@ -48,8 +48,17 @@ fn main() -> ExitCode {
     }
     // 1000 concurrent requests need two descriptors each; the soft limit is often 1024.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    print::emit(&print::summary(&settings, RUNTIME));
-    let sink: NoticeSink = Arc::new(move |n: Notice| print::emit(&print::lines(&n, verbose)));
+    // The summary is printed once the proxy has started (bound, backends accepted): a
+    // start-up failure is then the one line `lb: error: ...`, nothing before it.
+    let summary = std::sync::Mutex::new(Some(print::summary(&settings, RUNTIME)));
+    let sink: NoticeSink = Arc::new(move |n: Notice| {
+        if let Notice::Listening(_) = n {
+            if let Some(lines) = summary.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                print::emit(&lines);
+            }
+        }
+        print::emit(&print::lines(&n, verbose))
+    });
     let ran = run(settings, sink);
     if let Some(writer) = log_writer {
         // The requests a graceful stop let finish are in the queue: write them out.

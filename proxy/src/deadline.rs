@@ -54,8 +54,8 @@ mod tests {
 
     #[test]
     fn never_panics_near_the_end_of_the_clock() {
-        // The latest instant reachable from now by doubling steps: adding FAR to it
-        // overflows, so the helper has to fall back.
+        // An instant near the end of the clock (within a few nanoseconds of it): adding FAR
+        // to it overflows, so the helper has to fall back.
         let mut end = Instant::now();
         let mut step = Duration::from_secs(1);
         while let Some(next) = end.checked_add(step) {
@@ -68,7 +68,9 @@ mod tests {
             }
             step /= 2;
         }
-        assert_eq!(deadline(end, Duration::MAX), end);
+        // Near the end, whatever fits: never a panic, never earlier than now.
+        let far = deadline(end, Duration::MAX);
+        assert!(far >= end && far.checked_add(FAR).is_none());
         assert_eq!(deadline(end, Duration::ZERO), end);
     }
 }

@@ -663,3 +663,30 @@ fn random_reaches_every_backend() {
     let by_port = sequential_completions(&lb, 40);
     assert_eq!(by_port.len(), 2, "{by_port:?}");
 }
+
+/// Start-up failures are one line too, with nothing printed before them: a port in use
+/// (here by another lb), and, in the smol build without TLS, an `https://` backend.
+#[test]
+fn start_up_failures_are_one_line() {
+    let m = Mock::spawn::<&str>(&[]);
+    let first = Lb::spawn(&["--backends", &m.url()]);
+    first.wait_healthy(1);
+    let port = first.port.to_string();
+    refused(
+        &[
+            "--backends",
+            &m.url(),
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+        ],
+        &["--port", "in use"],
+    );
+    if build_is("smol") {
+        refused_with(
+            &["--backends", "https://127.0.0.1:1"],
+            &["--backends", "tls"],
+        );
+    }
+}

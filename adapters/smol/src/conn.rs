@@ -104,7 +104,7 @@ async fn handle(
     }
     let settings = proxy.settings();
     let arrived = Instant::now();
-    let deadline = arrived + settings.request_timeout;
+    let deadline = lb_proxy::deadline::deadline(arrived, settings.request_timeout);
     let capture = settings
         .request_log
         .as_ref()

@@ -245,7 +245,7 @@ async fn shard(proxy: &Arc<Proxy>, ex: &Executor<'static>, listener: TcpListener
 /// After shutdown began: waits until every connection and lease is gone, for at most
 /// `--shutdown-timeout`.
 async fn wind_down(proxy: &Proxy) {
-    let deadline = Instant::now() + proxy.settings().shutdown_timeout;
+    let deadline = lb_proxy::deadline::deadline(Instant::now(), proxy.settings().shutdown_timeout);
     future::or(proxy.drained(), async {
         Timer::at(deadline).await;
     })

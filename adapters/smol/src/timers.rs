@@ -83,7 +83,7 @@ impl Timers {
 
     /// A future that resolves `d` from now.
     pub(crate) fn after(&self, d: Duration) -> Sleep<'_> {
-        self.at(Instant::now() + d)
+        self.at(lb_proxy::deadline::deadline(Instant::now(), d))
     }
 
     /// Entries not yet fired or dropped.

@@ -88,7 +88,7 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         log(Notice::ShuttingDown {
             in_flight: proxy.in_flight(),
         });
-        let deadline = tokio::time::Instant::now() + proxy.settings().shutdown_timeout;
+        let deadline = after(proxy.settings().shutdown_timeout);
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout_at(deadline, own).await;
         drop(done_tx);
@@ -101,6 +101,11 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         });
     });
     Ok(())
+}
+
+/// `d` from now, saturating (`lb_proxy::deadline`): never a panic, whatever `d`.
+pub(crate) fn after(d: std::time::Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(lb_proxy::deadline::deadline(Instant::now(), d))
 }
 
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -209,7 +214,7 @@ async fn shard(
         }
     }
     drop(listener);
-    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    let deadline = after(settings.shutdown_timeout);
     closing.begin();
     drop(conns_rx);
     let _ = tokio::time::timeout_at(deadline, conns_tx.closed()).await;

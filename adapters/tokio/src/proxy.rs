@@ -85,7 +85,7 @@ pub(crate) async fn handle(
         return Ok(local(reply::refused(status)));
     }
     let arrived = tokio::time::Instant::now();
-    let deadline = arrived + settings.request_timeout;
+    let deadline = crate::after(settings.request_timeout);
     let capture = settings.request_log.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         Arc::new(log.capture(arrived.into_std(), req.method().as_str(), pq))
