@@ -72,6 +72,17 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = whole_u32, allow_negative_numbers = true)]
     pub passive_threshold: u32,
 
+    /// Passive errors never eject a backend when that would leave fewer than (100 - this)
+    /// percent of the backends (rounded up) healthy: a lone backend is never ejected by
+    /// passive errors alone. 100 = no limit; probes may eject any number.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = percent, allow_negative_numbers = true)]
+    pub max_passive_ejection_percent: u32,
+
+    /// Other backends a request tries when its backend cannot be reached (connect refused
+    /// or timed out, or reset before any byte of the request was written); 0 = none.
+    #[arg(long, value_name = "N", default_value_t = lb_proxy::settings::DEFAULT_CONNECT_RETRIES, value_parser = whole_u32, allow_negative_numbers = true)]
+    pub connect_retries: u32,
+
     /// Balancing policy (backends at --max-conns are skipped by every one).
     #[arg(long, value_name = "POLICY", default_value = "least-conn", value_parser = policy_parser())]
     pub routing: Policy,
@@ -192,6 +203,13 @@ fn port(s: &str) -> Result<u16, String> {
 
 fn positive_u32(s: &str) -> Result<u32, String> {
     whole(s, 1, u32::MAX.into())
+}
+
+fn percent(s: &str) -> Result<u32, String> {
+    match whole(s, 0, 100)? {
+        n if n <= 100 => Ok(n),
+        _ => Err(format!("'{s}' is not a percentage (0 to 100)")),
+    }
 }
 
 fn whole_u32(s: &str) -> Result<u32, String> {
@@ -347,6 +365,7 @@ impl Cli {
                     fall: self.fall,
                     rise: self.rise,
                     passive_threshold: self.passive_threshold,
+                    max_passive_ejection_percent: self.max_passive_ejection_percent,
                 },
                 status_interval: Some(self.status_interval.unwrap_or(self.health_check_interval)),
                 affinity: AffinityConfig {
@@ -367,6 +386,7 @@ impl Cli {
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: self.head_timeout,
             replay_buffer: self.replay_buffer,
+            connect_retries: self.connect_retries,
             hash_key: self.hash_key,
             // Opened by `main` once the flags are known to be good (see `crate::reqlog`).
             request_log: None,

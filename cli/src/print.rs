@@ -37,6 +37,14 @@ pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
                 "[ERROR] {request} -> {backend}: {error} ({answered})"
             )]
         }
+        Notice::Failover {
+            from,
+            to,
+            request,
+            error,
+        } => vec![format!(
+            "[RETRY] {request} -> {from}: {error}; sent to {to} instead"
+        )],
         Notice::ShuttingDown { in_flight } => vec![format!(
             "[INFO] shutting down: no new connections, waiting for {in_flight} in-flight request(s)"
         )],

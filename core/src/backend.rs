@@ -108,13 +108,20 @@ pub(crate) struct Backend {
     pub(crate) probe: Option<(u64, Instant)>,
     /// Sequence number of the last probe started.
     pub(crate) probe_seq: u64,
+    /// The wait before the next re-probe of a passively ejected backend (doubling up to
+    /// the probe interval); `None` otherwise.
+    pub(crate) backoff: Option<std::time::Duration>,
+    /// Set for the span of one `select` that must avoid this backend (a failover away
+    /// from it): it then counts as full.
+    pub(crate) excluded: bool,
 }
 
 impl Backend {
-    /// Whether this backend is at its in-flight cap.
+    /// Whether this backend can take no request now: at its in-flight cap, or excluded
+    /// from the selection under way.
     #[inline]
     pub(crate) fn at_cap(&self) -> bool {
-        self.max_conns != 0 && self.in_flight >= self.max_conns
+        self.excluded || (self.max_conns != 0 && self.in_flight >= self.max_conns)
     }
 }
 
@@ -133,6 +140,9 @@ pub struct BackendView {
     pub in_flight: u32,
     /// Whether it is healthy.
     pub healthy: bool,
+    /// Whether a probe has passed since it joined (until then it takes traffic only while
+    /// no proven backend is there).
+    pub proven: bool,
     /// Whether it is draining (no new requests; removed once idle).
     pub draining: bool,
     /// How many times it has been ejected (bumped on each healthy → unhealthy transition).
@@ -148,6 +158,7 @@ impl From<&Backend> for BackendView {
             max_conns: b.max_conns,
             in_flight: b.in_flight,
             healthy: b.health.is_healthy(),
+            proven: b.health.is_proven(),
             draining: b.draining,
             epoch: b.health.epoch(),
         }

@@ -12,7 +12,7 @@ use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MA
 use crate::config::Config;
 use crate::event::{Action, Cause, Event, ProbeId};
 use crate::hash::hash_bytes;
-use crate::health::{Health, HealthState, ProbeOutcome};
+use crate::health::{Health, HealthState, ProbeOutcome, PASSIVE_REPROBE};
 use crate::lease::{Lease, Outcome, Reject};
 use crate::policy::{Policy, Selector};
 use crate::queue::{Admission, OwnedMeta, Queue, QueueStats, Ticket};
@@ -171,6 +171,8 @@ impl<R: Rng> Balancer<R> {
             next_probe: now,
             probe: None,
             probe_seq: 0,
+            backoff: None,
+            excluded: false,
         });
         self.selector.invalidate();
         self.admit(now);
@@ -220,6 +222,33 @@ impl<R: Rng> Balancer<R> {
     /// healthy backend is full the answer is [`Reject::AllAtCapacity`]; with a queue
     /// configured, hand the request to [`Balancer::enqueue`] then.
     pub fn select(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
+        self.select_excluding(now, meta, &[])
+    }
+
+    /// [`select`](Balancer::select), avoiding the backends in `exclude` (they count as
+    /// full): a failover away from backends that could not be reached. With nothing else
+    /// eligible the answer is [`Reject::AllAtCapacity`].
+    pub fn select_excluding(
+        &mut self,
+        now: Instant,
+        meta: &RequestMeta<'_>,
+        exclude: &[BackendId],
+    ) -> Result<Lease, Reject> {
+        self.set_excluded(exclude, true);
+        let picked = self.pick(now, meta);
+        self.set_excluded(exclude, false);
+        picked
+    }
+
+    fn set_excluded(&mut self, exclude: &[BackendId], on: bool) {
+        for &id in exclude {
+            if let Some(b) = self.get_mut(id) {
+                b.excluded = on;
+            }
+        }
+    }
+
+    fn pick(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
         let policy = self.config.policy;
         let picked = match policy {
             Policy::CacheAware => self.cache_aware.as_mut().and_then(|c| {
@@ -283,9 +312,28 @@ impl<R: Rng> Balancer<R> {
         let Some(failed) = outcome.passive_failure() else {
             return;
         };
-        if let Some(state) = b.health.on_passive(failed, &health) {
+        let may_eject = self.may_eject_passively();
+        let b = self.get_mut(id).expect("looked up above");
+        if let Some(state) = b.health.on_passive(failed, may_eject, &health) {
+            // Probed again soon, then less and less often (PASSIVE_REPROBE).
+            b.backoff = Some(PASSIVE_REPROBE);
+            b.next_probe = b.next_probe.min(now + PASSIVE_REPROBE);
             self.transition(id, state, Cause::Passive(outcome));
         }
+    }
+
+    /// Whether passive health may eject one more backend: not if that would leave fewer
+    /// than `100 - max_passive_ejection_percent` percent of the backends (rounded up)
+    /// healthy.
+    fn may_eject_passively(&self) -> bool {
+        let (mut total, mut healthy) = (0u64, 0u64);
+        for b in self.slots.iter().flatten().filter(|b| !b.draining) {
+            total += 1;
+            healthy += u64::from(b.health.is_healthy());
+        }
+        let kept = 100 - u64::from(self.config.health.max_passive_ejection_percent.min(100));
+        let min_healthy = (total * kept).div_ceil(100);
+        healthy > min_healthy
     }
 
     // ------------------------------------------------------------------ time and probes
@@ -312,7 +360,19 @@ impl<R: Rng> Balancer<R> {
             };
             if !b.draining && b.next_probe <= now {
                 b.probe_seq += 1;
-                b.next_probe = next_after(b.next_probe, interval, now);
+                b.next_probe = match b.backoff {
+                    // A passively ejected backend: the wait doubles, and once it reaches
+                    // the interval the sweeps' schedule takes over.
+                    Some(wait) if !b.health.is_healthy() && wait < interval => {
+                        let wait = (wait * 2).min(interval);
+                        b.backoff = (wait < interval).then_some(wait);
+                        now + wait
+                    }
+                    _ => {
+                        b.backoff = None;
+                        next_after(b.next_probe, interval, now)
+                    }
+                };
                 let deadline = (now + timeout).min(b.next_probe);
                 b.probe = Some((b.probe_seq, deadline));
                 self.actions.push_back(Action::StartProbe {
@@ -535,8 +595,12 @@ impl<R: Rng> Balancer<R> {
         let Some(b) = self.slots[id.slot as usize].as_mut() else {
             return;
         };
+        let proven = b.health.is_proven();
         if let Some(state) = b.health.on_probe(outcome.passed(), health) {
             self.transition(id, state, Cause::Probe(outcome));
+        } else if !proven && b.health.is_proven() {
+            // Proven now: it may take the place of backends not yet probed.
+            self.selector.invalidate();
         }
     }
 
@@ -582,6 +646,162 @@ mod tests {
             ..Config::default()
         };
         (Balancer::new(config, SmallRng::seed_from_u64(1), now), now)
+    }
+
+    /// `n` backends `http://b0..`, round robin, no status reports.
+    fn pool(n: usize) -> (Balancer, Instant, Vec<BackendId>) {
+        let now = Instant::now();
+        let config = Config {
+            policy: Policy::RoundRobin,
+            status_interval: None,
+            ..Config::default()
+        };
+        let mut b = Balancer::new(config, SmallRng::seed_from_u64(1), now);
+        let ids = (0..n)
+            .map(|i| {
+                b.add_backend(now, BackendSpec::new(format!("http://b{i}")))
+                    .unwrap()
+            })
+            .collect();
+        (b, now, ids)
+    }
+
+    /// Runs the due sweep; each probe of a backend in `failing` fails, the others pass.
+    fn sweep(b: &mut Balancer, now: Instant, failing: &[BackendId]) -> Vec<BackendId> {
+        b.handle_timeout(now);
+        let mut probed = Vec::new();
+        while let Some(Action::StartProbe { probe, .. }) = b.poll_action() {
+            let status = if failing.contains(&probe.backend()) {
+                503
+            } else {
+                200
+            };
+            b.probe_result(now, probe, ProbeOutcome::Status(status));
+            probed.push(probe.backend());
+        }
+        probed
+    }
+
+    fn fail(b: &mut Balancer, now: Instant, id: BackendId) {
+        let lease = b
+            .select_excluding(now, &RequestMeta::default(), &[])
+            .unwrap();
+        assert_eq!(lease.backend(), id, "the test picks round robin");
+        let error = crate::lease::BackendError {
+            kind: crate::lease::ErrorKind::Connect,
+            message: "refused".into(),
+        };
+        b.release(
+            now,
+            lease,
+            Outcome::Failed {
+                status: None,
+                error,
+            },
+        );
+    }
+
+    #[test]
+    fn passive_errors_never_eject_a_lone_backend() {
+        let (mut b, now, ids) = pool(1);
+        for _ in 0..5 {
+            fail(&mut b, now, ids[0]);
+        }
+        assert!(b.backend(ids[0]).unwrap().healthy);
+        // A probe still can.
+        sweep(&mut b, now, &ids);
+        assert!(!b.backend(ids[0]).unwrap().healthy);
+    }
+
+    #[test]
+    fn passive_errors_keep_half_of_the_pool() {
+        let (mut b, now, ids) = pool(2);
+        fail(&mut b, now, ids[0]);
+        assert!(!b.backend(ids[0]).unwrap().healthy, "one of two may go");
+        fail(&mut b, now, ids[1]);
+        fail(&mut b, now, ids[1]);
+        assert!(b.backend(ids[1]).unwrap().healthy, "the last one stays");
+    }
+
+    #[test]
+    fn a_passively_ejected_backend_is_reprobed_soon_then_less_often() {
+        let (mut b, t0, ids) = pool(2);
+        sweep(&mut b, t0, &[]);
+        fail(&mut b, t0, ids[0]);
+        assert!(!b.backend(ids[0]).unwrap().healthy);
+        // Re-probes at 1 s, then 2 s later, 4 s later, ... while it keeps failing, up to
+        // the interval (30 s); the other backend stays on the 30 s sweeps.
+        let mut probed_at = Vec::new();
+        let mut now = t0;
+        while probed_at.len() < 7 {
+            now = b.poll_timeout().unwrap();
+            if sweep(&mut b, now, &ids[..1]).contains(&ids[0]) {
+                probed_at.push(now);
+            }
+        }
+        let gaps: Vec<u64> = probed_at
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs())
+            .collect();
+        assert_eq!(probed_at[0] - t0, Duration::from_secs(1));
+        assert_eq!(gaps, [2, 4, 8, 16, 30, 30]);
+        // Two passes in a row (rise 2) bring it back.
+        let mut passes = 0;
+        while passes < 2 {
+            assert!(!b.backend(ids[0]).unwrap().healthy);
+            let next = b.poll_timeout().unwrap();
+            assert!(next > now);
+            now = next;
+            passes += usize::from(sweep(&mut b, now, &[]).contains(&ids[0]));
+        }
+        assert!(b.backend(ids[0]).unwrap().healthy);
+    }
+
+    #[test]
+    fn backends_not_yet_probed_wait_while_a_proven_one_serves() {
+        let (mut b, now, ids) = pool(3);
+        // Before any probe answers, all serve: start-up never answers 503.
+        let picks: Vec<_> = (0..3)
+            .map(|_| {
+                let l = b.select(now, &RequestMeta::default()).unwrap();
+                let id = l.backend();
+                b.release(now, l, Outcome::Response(200));
+                id
+            })
+            .collect();
+        assert_eq!(picks.len(), 3);
+        assert!(ids.iter().all(|id| picks.contains(id)));
+        // b0's probe passes; the others' have not answered yet: only b0 serves.
+        b.handle_timeout(now);
+        while let Some(Action::StartProbe { probe, .. }) = b.poll_action() {
+            if probe.backend() == ids[0] {
+                b.probe_result(now, probe, ProbeOutcome::Status(200));
+            }
+        }
+        for _ in 0..6 {
+            let l = b.select(now, &RequestMeta::default()).unwrap();
+            assert_eq!(l.backend(), ids[0]);
+            b.release(now, l, Outcome::Response(200));
+        }
+    }
+
+    #[test]
+    fn a_failover_avoids_the_backends_it_left() {
+        let (mut b, now, ids) = pool(3);
+        for _ in 0..10 {
+            let l = b
+                .select_excluding(now, &RequestMeta::default(), &ids[..2])
+                .unwrap();
+            assert_eq!(l.backend(), ids[2]);
+            b.release(now, l, Outcome::Response(200));
+        }
+        assert_eq!(
+            b.select_excluding(now, &RequestMeta::default(), &ids),
+            Err(Reject::AllAtCapacity)
+        );
+        // The exclusion lasts one selection.
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        b.release(now, l, Outcome::Response(200));
     }
 
     #[test]

@@ -18,7 +18,17 @@ pub struct HealthConfig {
     /// Consecutive passive failures (transport errors and 5xx from real traffic) that eject
     /// a healthy backend; 0 turns passive health off.
     pub passive_threshold: u32,
+    /// Passive failures never eject a backend when that would leave fewer than
+    /// `100 - max_passive_ejection_percent` percent of the backends (rounded up) healthy,
+    /// like Envoy's `max_ejection_percent`: passive health alone cannot empty the pool (a
+    /// lone backend is never ejected by it). Probes may still eject any number. 100 turns
+    /// the limit off; 0 turns passive ejection off.
+    pub max_passive_ejection_percent: u32,
 }
+
+/// The first re-probe of a passively ejected backend comes this soon; the wait then
+/// doubles up to the probe interval.
+pub const PASSIVE_REPROBE: Duration = Duration::from_secs(1);
 
 impl Default for HealthConfig {
     fn default() -> Self {
@@ -28,6 +38,7 @@ impl Default for HealthConfig {
             fall: 1,
             rise: 2,
             passive_threshold: 1,
+            max_passive_ejection_percent: 50,
         }
     }
 }
@@ -105,6 +116,9 @@ pub struct Health {
     passive_failures: u32,
     passes: u32,
     epoch: u64,
+    /// A probe has passed (or the backend was trusted without one): until then a healthy
+    /// backend takes traffic only while no proven one exists.
+    proven: bool,
 }
 
 impl Default for Health {
@@ -122,7 +136,21 @@ impl Health {
             passive_failures: 0,
             passes: 0,
             epoch: 0,
+            proven: false,
         }
+    }
+
+    /// A backend that takes traffic at once, as if a probe had passed.
+    pub fn trusted() -> Self {
+        Health {
+            proven: true,
+            ..Health::new()
+        }
+    }
+
+    /// Whether a probe has ever passed (or the backend was trusted).
+    pub fn is_proven(&self) -> bool {
+        self.proven
     }
 
     /// The current state.
@@ -147,6 +175,7 @@ impl Health {
 
     /// Feeds one probe result; returns the new state if it changed.
     pub fn on_probe(&mut self, passed: bool, config: &HealthConfig) -> Option<HealthState> {
+        self.proven |= passed;
         match (self.state, passed) {
             (HealthState::Healthy, true) => {
                 self.probe_failures = 0;
@@ -168,8 +197,15 @@ impl Health {
     }
 
     /// Feeds one signal from real traffic (`failed`: transport error or 5xx; otherwise a
-    /// response below 500); returns the new state if it changed.
-    pub fn on_passive(&mut self, failed: bool, config: &HealthConfig) -> Option<HealthState> {
+    /// response below 500); returns the new state if it changed. `may_eject` says whether
+    /// the pool can spare this backend (the passive-ejection limit): when it cannot, the
+    /// failures still count, and the next failure once it can ejects it.
+    pub fn on_passive(
+        &mut self,
+        failed: bool,
+        may_eject: bool,
+        config: &HealthConfig,
+    ) -> Option<HealthState> {
         if self.state == HealthState::Unhealthy || config.passive_threshold == 0 {
             return None;
         }
@@ -177,8 +213,8 @@ impl Health {
             self.passive_failures = 0;
             return None;
         }
-        self.passive_failures += 1;
-        (self.passive_failures >= config.passive_threshold).then(|| self.eject())
+        self.passive_failures = self.passive_failures.saturating_add(1);
+        (self.passive_failures >= config.passive_threshold && may_eject).then(|| self.eject())
     }
 
     fn eject(&mut self) -> HealthState {
@@ -240,8 +276,8 @@ mod tests {
     fn passive_ejects_but_never_restores() {
         let c = cfg(1, 1);
         let mut h = Health::new();
-        assert_eq!(h.on_passive(true, &c), Some(HealthState::Unhealthy));
-        assert_eq!(h.on_passive(false, &c), None);
+        assert_eq!(h.on_passive(true, true, &c), Some(HealthState::Unhealthy));
+        assert_eq!(h.on_passive(false, true, &c), None);
         assert!(!h.is_healthy());
         assert_eq!(h.on_probe(true, &c), Some(HealthState::Healthy));
     }
@@ -254,7 +290,29 @@ mod tests {
         };
         let mut h = Health::new();
         for _ in 0..10 {
-            assert_eq!(h.on_passive(true, &c), None);
+            assert_eq!(h.on_passive(true, true, &c), None);
         }
+    }
+
+    #[test]
+    fn passive_failures_wait_until_the_pool_can_spare_the_backend() {
+        let c = cfg(1, 1);
+        let mut h = Health::new();
+        assert_eq!(h.on_passive(true, false, &c), None);
+        assert_eq!(h.on_passive(true, false, &c), None);
+        assert!(h.is_healthy());
+        assert_eq!(h.on_passive(true, true, &c), Some(HealthState::Unhealthy));
+    }
+
+    #[test]
+    fn a_passing_probe_proves_a_backend() {
+        let c = cfg(1, 1);
+        let mut h = Health::new();
+        assert!(h.is_healthy() && !h.is_proven());
+        h.on_probe(false, &c);
+        assert!(!h.is_proven());
+        h.on_probe(true, &c);
+        assert!(h.is_proven());
+        assert!(Health::trusted().is_proven());
     }
 }

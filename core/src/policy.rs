@@ -123,8 +123,11 @@ const MAX_SCHEDULE_WORK: usize = 1 << 24;
 #[derive(Debug, Default)]
 pub(crate) struct Selector {
     stale: bool,
-    /// Slots of selectable backends (healthy, not draining), ascending.
+    /// Slots of selectable backends (healthy, not draining, and proven if any is),
+    /// ascending.
     ready: Vec<u32>,
+    /// Whether some ready backend is proven by a probe (then only proven ones are ready).
+    proven_only: bool,
     /// Whether every ready backend has the same weight.
     uniform: bool,
     /// Each ready slot repeated weight/gcd times: uniform picks from it are weighted picks.
@@ -150,6 +153,13 @@ impl Selector {
         self.stale = true;
     }
 
+    /// Whether only backends proven by a probe serve now (some is): a backend picked by
+    /// other means (an affinity holder) must then be proven too.
+    pub(crate) fn proven_only(&mut self, slots: &[Option<Backend>]) -> bool {
+        self.refresh(slots);
+        self.proven_only
+    }
+
     /// Number of selectable backends (after a rebuild).
     pub(crate) fn ready(&mut self, slots: &[Option<Backend>]) -> &[u32] {
         self.refresh(slots);
@@ -162,11 +172,21 @@ impl Selector {
         }
         self.stale = false;
         self.ready.clear();
+        // Backends not yet proven by a probe take traffic only while no proven one is
+        // there (at start, before the first probes answer).
+        let serving = |b: &&Backend| b.health.is_healthy() && !b.draining;
+        let proven = slots
+            .iter()
+            .flatten()
+            .filter(serving)
+            .any(|b| b.health.is_proven());
+        self.proven_only = proven;
         self.ready.extend(
             slots
                 .iter()
                 .flatten()
-                .filter(|b| b.health.is_healthy() && !b.draining)
+                .filter(serving)
+                .filter(|b| !proven || b.health.is_proven())
                 .map(|b| b.id.slot),
         );
         let weight = |s: u32| backend(slots, s).weight;

@@ -85,6 +85,7 @@ mod tests {
             max_conns: 0,
             in_flight,
             healthy,
+            proven: true,
             draining: false,
             epoch: 0,
         }

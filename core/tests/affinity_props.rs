@@ -84,6 +84,7 @@ impl Harness {
                 fall: 1,
                 rise: 1,
                 passive_threshold: 0,
+                ..HealthConfig::default()
             },
             status_interval: None,
             affinity: AffinityConfig {

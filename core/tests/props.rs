@@ -143,6 +143,8 @@ struct MBackend {
     probes: Vec<bool>,
     /// Passive signals (true = failure) since the last transition, while healthy.
     passive: Vec<bool>,
+    /// A probe has passed since it joined.
+    proven: bool,
     next_probe: u64,
     probe: Option<(ProbeId, u64)>,
 }
@@ -177,6 +179,8 @@ struct Model {
     fall: u32,
     rise: u32,
     passive_threshold: u32,
+    /// `max_passive_ejection_percent`.
+    ejectable: u32,
     now: u64,
     next_status: u64,
     /// Present backends by slot.
@@ -213,6 +217,7 @@ impl Model {
     fn probe(&mut self, slot: usize, o: ProbeOutcome) {
         let (fall, rise) = (self.fall, self.rise);
         let b = self.backends.get_mut(&slot).unwrap();
+        b.proven |= model_probe_passed(&o);
         b.probes.push(model_probe_passed(&o));
         if b.healthy && last_n_all(&b.probes, fall, false) {
             self.transition(slot, false, Cause::Probe(o));
@@ -223,12 +228,17 @@ impl Model {
 
     fn passive(&mut self, slot: usize, failed: bool, o: Outcome) {
         let threshold = self.passive_threshold;
+        // The floor passive health keeps: ceil(total * (100 - ejectable) / 100) healthy.
+        let active = self.backends.values().filter(|b| !b.draining);
+        let total = active.clone().count() as u64;
+        let healthy = active.filter(|b| b.healthy).count() as u64;
+        let floor = (total * u64::from(100 - self.ejectable.min(100))).div_ceil(100);
         let b = self.backends.get_mut(&slot).unwrap();
         if !b.healthy || threshold == 0 {
             return;
         }
         b.passive.push(failed);
-        if last_n_all(&b.passive, threshold, true) {
+        if last_n_all(&b.passive, threshold, true) && healthy > floor {
             self.transition(slot, false, Cause::Passive(o));
         }
     }
@@ -342,7 +352,14 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(policy: Policy, seed: u64, fall: u32, rise: u32, passive_threshold: u32) -> Self {
+    fn new(
+        policy: Policy,
+        seed: u64,
+        fall: u32,
+        rise: u32,
+        passive_threshold: u32,
+        ejectable: u32,
+    ) -> Self {
         let t0 = Instant::now();
         let config = Config {
             policy,
@@ -352,6 +369,7 @@ impl Harness {
                 fall,
                 rise,
                 passive_threshold,
+                max_passive_ejection_percent: ejectable,
             },
             status_interval: Some(ms(STATUS)),
             ..Config::default()
@@ -363,6 +381,7 @@ impl Harness {
                 fall,
                 rise,
                 passive_threshold,
+                ejectable,
                 now: 0,
                 next_status: STATUS,
                 backends: BTreeMap::new(),
@@ -420,6 +439,7 @@ impl Harness {
                             epoch: 0,
                             probes: Vec::new(),
                             passive: Vec::new(),
+                            proven: false,
                             next_probe: self.model.now,
                             probe: None,
                         },
@@ -514,7 +534,10 @@ impl Harness {
         if let Some(rk) = &rk {
             meta = meta.with_affinity(rk);
         }
-        let ready: Vec<&MBackend> = self.model.backends.values().filter(|b| b.ready()).collect();
+        // Healthy and not draining; and proven by a probe, if any such backend is.
+        let up: Vec<&MBackend> = self.model.backends.values().filter(|b| b.ready()).collect();
+        let any_proven = up.iter().any(|b| b.proven);
+        let ready: Vec<&MBackend> = up.into_iter().filter(|b| !any_proven || b.proven).collect();
         let eligible: Vec<&MBackend> = ready.iter().copied().filter(|b| !b.capped()).collect();
         let policy = self.bal.config().policy;
         match self.bal.select(now, &meta) {
@@ -727,9 +750,10 @@ proptest! {
         fall in 1u32..4,
         rise in 1u32..4,
         passive_threshold in 0u32..4,
+        ejectable in prop_oneof![Just(0u32), Just(50), Just(100), 0u32..=100],
         ops in proptest::collection::vec(op(), 1..150),
     ) {
-        let mut h = Harness::new(policy, seed, fall, rise, passive_threshold);
+        let mut h = Harness::new(policy, seed, fall, rise, passive_threshold, ejectable);
         h.check();
         for op in &ops {
             h.apply(op);
@@ -978,7 +1002,14 @@ proptest! {
             _ => {
                 let i = leave % n;
                 let spec = BackendSpec { weight: weights[i], ..BackendSpec::new(format!("http://b{i}")) };
-                bal.add_backend(now, spec).unwrap()
+                let id = bal.add_backend(now, spec).unwrap();
+                // A newcomer takes traffic once a probe has proven it (its first one is due
+                // at once).
+                bal.handle_timeout(now);
+                while let Some(Action::StartProbe { probe, .. }) = bal.poll_action() {
+                    bal.probe_result(now, probe, ProbeOutcome::Status(200));
+                }
+                id
             }
         };
         let again = map(&mut bal, now);
@@ -1092,7 +1123,7 @@ proptest! {
         let (mut healthy, mut epoch) = (true, 0u64);
         let (mut probes, mut passive) = (Vec::<bool>::new(), Vec::<bool>::new());
         for (is_probe, ok) in inputs {
-            let got = if is_probe { h.on_probe(ok, &config) } else { h.on_passive(!ok, &config) };
+            let got = if is_probe { h.on_probe(ok, &config) } else { h.on_passive(!ok, true, &config) };
             let mut want = None;
             if is_probe {
                 probes.push(ok);

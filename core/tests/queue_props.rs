@@ -72,10 +72,17 @@ impl Harness {
         assert!(self.waiting.len() <= self.size);
         assert_eq!(self.bal.outstanding(), self.held.len() as u64);
         if !self.waiting.is_empty() {
-            let free = self
+            // Serving: healthy, not draining, and proven if any such backend is.
+            let up: Vec<_> = self
                 .bal
                 .backends()
-                .any(|b| b.healthy && !b.draining && b.in_flight < b.max_conns);
+                .filter(|b| b.healthy && !b.draining)
+                .collect();
+            let any_proven = up.iter().any(|b| b.proven);
+            let free = up
+                .iter()
+                .filter(|b| !any_proven || b.proven)
+                .any(|b| b.in_flight < b.max_conns);
             assert!(!free, "a slot is free while requests wait");
         }
     }

@@ -24,8 +24,9 @@ struct Setup {
 enum Input {
     /// A probe; `true` = it passed.
     Probe(bool),
-    /// A signal from real traffic; `true` = a failure.
-    Passive(bool),
+    /// A signal from real traffic: a failure or not, and whether the pool can spare the
+    /// backend (the passive-ejection limit).
+    Passive { failed: bool, may_eject: bool },
 }
 
 /// Whether the last `n` (at least 1) entries of `h` exist and all equal `v`.
@@ -48,6 +49,7 @@ pub fn run(data: &[u8]) {
         fall: u32::from(setup.fall % 6),
         rise: u32::from(setup.rise % 6),
         passive_threshold: u32::from(setup.passive_threshold % 5),
+        max_passive_ejection_percent: 50,
     };
     let mut h = Health::new();
     let mut healthy = true;
@@ -71,12 +73,13 @@ pub fn run(data: &[u8]) {
                 };
                 (got, want)
             }
-            Input::Passive(failed) => {
-                let got = h.on_passive(failed, &config);
+            Input::Passive { failed, may_eject } => {
+                let got = h.on_passive(failed, may_eject, &config);
                 let mut want = None;
                 if healthy && config.passive_threshold > 0 {
                     passive.push(failed);
-                    if last_n_all(&passive, config.passive_threshold, true) {
+                    // At the threshold, it waits until the pool can spare it.
+                    if may_eject && last_n_all(&passive, config.passive_threshold, true) {
                         want = Some(HealthState::Unhealthy);
                     }
                 }

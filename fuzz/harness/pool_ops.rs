@@ -43,6 +43,7 @@ struct Setup {
     fall: u8,
     rise: u8,
     passive_threshold: u8,
+    max_passive_ejection_percent: u8,
     queue_timeout_ms: Option<u8>,
     queue_size: u8,
     overflow_percent: u8,
@@ -235,7 +236,7 @@ impl State {
 
     fn select(&mut self, key: Option<u8>) {
         let before: Vec<BackendView> = self.bal.backends().collect();
-        let ready = || before.iter().filter(|v| v.healthy && !v.draining);
+        let ready = || serving(&before);
         let below_cap = |v: &&BackendView| v.max_conns == 0 || v.in_flight < v.max_conns;
         let owned = owned_meta(key);
         let meta: RequestMeta<'_> = owned.as_meta();
@@ -338,15 +339,21 @@ impl State {
                 .expect("a queue deadline is pending");
             assert!(t <= *first, "poll_timeout() after a queue deadline");
             // Nobody waits while a slot is free: a waiter would have taken it.
-            let free = self.bal.backends().any(|v| {
-                v.healthy && !v.draining && (v.max_conns == 0 || v.in_flight < v.max_conns)
-            });
+            let views: Vec<BackendView> = self.bal.backends().collect();
+            let free = serving(&views).any(|v| v.max_conns == 0 || v.in_flight < v.max_conns);
             assert!(!free, "requests wait while a backend has a free slot");
         }
         if let Some(r) = self.bal.routing_stats() {
             assert_eq!(r.warm + r.cold + r.overflow, r.requests);
         }
+        let (mut passive_ejections, mut probe_events) = (0, 0);
         while let Some(e) = self.bal.poll_event() {
+            if let Event::Health { cause, .. } = &e {
+                match cause {
+                    Cause::Passive(_) => passive_ejections += 1,
+                    Cause::Probe(_) => probe_events += 1,
+                }
+            }
             match e {
                 Event::Health {
                     backend,
@@ -389,6 +396,24 @@ impl State {
         }
         let views: Vec<BackendView> = self.bal.backends().collect();
         assert_eq!(views.len(), self.health.len(), "pool and events disagree");
+        if passive_ejections > 0 && probe_events == 0 {
+            // Passive health alone never takes the pool below its floor.
+            let active = views.iter().filter(|v| !v.draining);
+            let total = active.clone().count() as u64;
+            let healthy = active.filter(|v| v.healthy).count() as u64;
+            let pct = u64::from(
+                self.bal
+                    .config()
+                    .health
+                    .max_passive_ejection_percent
+                    .min(100),
+            );
+            let floor = (total * (100 - pct)).div_ceil(100);
+            assert!(
+                healthy >= floor,
+                "{healthy} of {total} healthy, floor {floor}"
+            );
+        }
         for v in &views {
             let leases = self.held.iter().filter(|l| l.backend() == v.id).count();
             assert_eq!(
@@ -402,6 +427,14 @@ impl State {
         assert_eq!(self.bal.outstanding(), outstanding);
         assert_eq!(self.bal.summary().in_flight, outstanding);
     }
+}
+
+/// The backends a request may go to: healthy, not draining, and proven by a probe if
+/// any such is proven.
+fn serving(views: &[BackendView]) -> impl Iterator<Item = &BackendView> + Clone {
+    let up = |v: &&BackendView| v.healthy && !v.draining;
+    let proven = views.iter().filter(up).any(|v| v.proven);
+    views.iter().filter(up).filter(move |v| !proven || v.proven)
 }
 
 /// The `i`-th item counted from the end (recent items are likelier), if any.
@@ -425,6 +458,7 @@ pub fn run(data: &[u8]) {
             fall: u32::from(setup.fall % 5),
             rise: u32::from(setup.rise % 5),
             passive_threshold: u32::from(setup.passive_threshold % 4),
+            max_passive_ejection_percent: u32::from(setup.max_passive_ejection_percent % 101),
         },
         status_interval: setup.status_ms.map(ms),
         affinity: AffinityConfig {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_listener::Event;
-use lb_core::{Admission, BackendError, BackendId, ErrorKind, Lease, Outcome, Ticket};
+use lb_core::{Admission, BackendError, BackendId, ErrorKind, Lease, Outcome, RequestMeta, Ticket};
 
 use crate::proxy::Proxy;
 use crate::reply::{self, ProxyError, Reply};
@@ -130,6 +130,44 @@ impl<R: Runtime> LeaseGuard<R> {
             error: BackendError { kind, message },
         });
         reply
+    }
+
+    /// The backend could not be reached (`Failure::Connect`, or a failure before any byte
+    /// of the request was written): the request is safe to send elsewhere. Logged as a
+    /// failover, the lease released as `Failed` (the backend's passive-health signal), and
+    /// another backend selected for `meta`, avoiding those in `tried` (this one is added).
+    /// `Err` with the reply for the original failure when no other backend can take it,
+    /// or `--connect-retries` are used up.
+    pub fn fail_over(
+        mut self,
+        failure: Failure,
+        request: &dyn fmt::Display,
+        meta: &RequestMeta<'_>,
+        tried: &mut Vec<BackendId>,
+    ) -> Result<LeaseGuard<R>, Reply> {
+        tried.push(self.backend());
+        let retries = self.proxy.settings().connect_retries as usize;
+        let next = if tried.len() > retries {
+            None
+        } else {
+            self.proxy.select_excluding(meta, tried)
+        };
+        let Some(next) = next else {
+            return Err(self.fail(failure, request));
+        };
+        let kind = failure.kind();
+        let message = failure.message(false);
+        self.proxy.notify(Notice::Failover {
+            from: self.upstream.url().clone(),
+            to: next.upstream.url().clone(),
+            request: request.to_string(),
+            error: message.clone(),
+        });
+        self.release(Outcome::Failed {
+            status: None,
+            error: BackendError { kind, message },
+        });
+        Ok(next)
     }
 
     /// The response was cut after its head (which had `status`): logged, the lease

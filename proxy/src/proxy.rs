@@ -156,6 +156,23 @@ impl<R: Runtime> Proxy<R> {
         Ok(LeaseGuard::new(self.clone(), lease, upstream))
     }
 
+    /// A backend for a request leaving the backends in `tried` (a failover), if one can
+    /// take it now (no wait in the queue).
+    pub(crate) fn select_excluding(
+        self: &Arc<Self>,
+        meta: &RequestMeta<'_>,
+        tried: &[BackendId],
+    ) -> Option<LeaseGuard<R>> {
+        let mut core = self.lock();
+        let lease = core
+            .balancer
+            .select_excluding(Instant::now(), meta, tried)
+            .ok()?;
+        let upstream = core.upstream_of(&lease);
+        drop(core);
+        Some(LeaseGuard::new(self.clone(), lease, upstream))
+    }
+
     /// [`select`](Self::select), and when every backend is at its cap and the queue is on
     /// (`--queue-timeout`), a wait in the queue: `Err` when the queue refuses (full: 429;
     /// nothing healthy: 503) or the wait expires (429). Dropping the future (the client

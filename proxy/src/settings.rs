@@ -21,6 +21,10 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default cap on a request or response head.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Default of `--connect-retries`: a request whose backend cannot be reached tries up to
+/// this many others.
+pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+
 /// Default of `--replay-buffer`: the most request body bytes kept to send a request
 /// again when its reused connection turns out closed (enough for almost every
 /// completion request).
@@ -101,6 +105,10 @@ pub struct Settings {
     /// Most request body bytes kept to send a request again on a fresh connection when
     /// its reused one failed before any response byte (`--replay-buffer`).
     pub replay_buffer: usize,
+    /// How many other backends a request may go to when its backend cannot be reached
+    /// (connect refused or timed out, or reset before any byte of the request was
+    /// written), `--connect-retries`.
+    pub connect_retries: u32,
     /// What `consistent-hash` routing hashes.
     pub hash_key: HashKey,
     /// The request log (`--log-to`): where each request's entry goes, and the cap on each
@@ -109,6 +117,28 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Settings for `backends` on `listen`, everything else at the CLI's defaults (the
+    /// README's flags table): a base for tests and embedders, `Settings { .., ..new }`.
+    pub fn new(listen: SocketAddr, backends: Vec<BackendSpec>) -> Settings {
+        Settings {
+            listen,
+            backends,
+            core: Config::default(),
+            request_timeout: Duration::from_secs(4 * 3600),
+            connect_timeout: Duration::from_secs(5),
+            health_path: "/v1/models".into(),
+            shutdown_timeout: Duration::from_secs(30),
+            backend_ca: None,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
+            head_timeout: Duration::from_secs(30),
+            replay_buffer: DEFAULT_REPLAY_BUFFER,
+            connect_retries: DEFAULT_CONNECT_RETRIES,
+            hash_key: HashKey::User,
+            request_log: None,
+        }
+    }
+
     /// Whether routing needs the request body (its first
     /// [`MAX_BODY_PREFIX`](lb_core::affinity::MAX_BODY_PREFIX) bytes) before selecting.
     pub fn routes_by_body(&self) -> bool {
@@ -369,6 +399,18 @@ pub enum Notice {
         /// What went wrong.
         error: String,
     },
+    /// A request could not reach its backend (nothing of it was written) and went to
+    /// another one (`--connect-retries`).
+    Failover {
+        /// The backend it could not reach.
+        from: Arc<str>,
+        /// The backend it goes to now.
+        to: Arc<str>,
+        /// Method and path of the request.
+        request: String,
+        /// Why the first backend failed.
+        error: String,
+    },
     /// A signal arrived: no new connections; waiting for this many requests.
     ShuttingDown {
         /// Requests in flight at that moment.
@@ -390,23 +432,12 @@ mod tests {
 
     fn routing(policy: Policy, hash_key: HashKey) -> Settings {
         Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            backends: Vec::new(),
             core: Config {
                 policy,
                 ..Config::default()
             },
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(2),
-            health_path: "/v1/models".into(),
-            shutdown_timeout: Duration::from_secs(5),
-            backend_ca: None,
-            pool_idle_timeout: POOL_IDLE_TIMEOUT,
-            max_head_bytes: MAX_HEAD_BYTES,
-            head_timeout: Duration::from_secs(5),
-            replay_buffer: DEFAULT_REPLAY_BUFFER,
             hash_key,
-            request_log: None,
+            ..Settings::new("127.0.0.1:0".parse().unwrap(), Vec::new())
         }
     }
 

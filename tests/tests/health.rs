@@ -3,6 +3,8 @@
 //! backends that close idle keep-alive connections.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_tests::*;
@@ -206,6 +208,8 @@ fn killed_backend_is_excluded_within_an_interval_and_readmitted_after_two_probes
     );
 }
 
+/// With `--connect-retries 0` (no failover), the request that finds a backend dead gets
+/// 502, and passive health takes that backend out (one of two may go).
 #[test]
 fn proxy_errors_alone_eject_a_killed_backend() {
     // A 60 s interval: after the startup sweep, no probe runs during the test.
@@ -214,6 +218,8 @@ fn proxy_errors_alone_eject_a_killed_backend() {
     let lb = Lb::spawn(&[
         "--health-check-interval",
         "60s",
+        "--connect-retries",
+        "0",
         "--backends",
         &a.url(),
         &b.url(),
@@ -401,5 +407,89 @@ fn probe_passes_on_2xx_and_429_and_fails_on_5xx() {
             "backend {port} was marked unhealthy: {}",
             lb.log.text()
         );
+    }
+}
+
+/// A backend ejected by passive health (a 500 from real traffic) is probed again after
+/// 1 s, then 2 s later (the wait doubling up to the interval): with `--rise 2` it is back
+/// within seconds, though the probe interval is a minute.
+#[test]
+fn a_passively_ejected_backend_is_probed_again_within_seconds() {
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    // Its probes pass; its first answer to real traffic is a 500, then 200s.
+    let flaky = FakeBackend::spawn(move |req| {
+        if req.starts_with(b"GET /v1/models ") {
+            return FakeReply::json(200, &[], r#"{"object":"list","data":[]}"#);
+        }
+        let status = if count.fetch_add(1, SeqCst) == 0 {
+            500
+        } else {
+            200
+        };
+        FakeReply::json(status, &[], r#"{"ok":true}"#)
+    });
+    let other = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--backends",
+        &flaky.url(),
+        &other.url(),
+        "--routing",
+        "round-robin",
+        "--health-check-interval",
+        "60s",
+    ]);
+    lb.wait_healthy(2);
+    // Round robin: one of the first two requests meets the 500.
+    let statuses: Vec<u16> = (0..2).map(|_| lb.completion().status).collect();
+    assert!(statuses.contains(&500), "{statuses:?}");
+    let line = lb
+        .log
+        .wait_for(DEADLINE, |l| is_unhealthy_line(l, flaky.port))
+        .expect("passively ejected");
+    assert!(line.contains("from a proxied request"), "{line}");
+    // Back in seconds, by two probes (1 s, then 2 s later), not at the next 60 s sweep.
+    let back = lb
+        .log
+        .wait_for(Duration::from_secs(15), |l| is_healthy_line(l, flaky.port))
+        .expect("re-probed and restored within 15 s though the interval is 60 s");
+    assert!(back.contains("status 200"), "{back}");
+    lb.wait_healthy(2);
+}
+
+/// At start, a backend whose first probe has not answered yet takes no traffic once
+/// another backend has passed its probe (before any has, all take traffic: start-up
+/// never answers 503). Here the first backend's probe hangs and it answers real traffic
+/// with 500s: no request reaches it.
+#[test]
+fn a_backend_not_yet_probed_waits_while_a_proven_one_serves() {
+    let slow = FakeBackend::spawn(|req| {
+        if req.starts_with(b"GET /v1/models ") {
+            std::thread::sleep(Duration::from_secs(8));
+            return FakeReply::json(200, &[], r#"{"object":"list","data":[]}"#);
+        }
+        FakeReply::json(500, &[], r#"{"error":"not ready"}"#)
+    });
+    let good = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--backends",
+        &slow.url(),
+        &good.url(),
+        "--routing",
+        "round-robin",
+        "--health-check-interval",
+        "60s",
+        "--health-timeout",
+        "10s",
+    ]);
+    lb.wait_healthy(2);
+    poll(DEADLINE, || (good.health_checks() > 0).then_some(()))
+        .expect("the good backend's start-up probe");
+    // The probe's answer reaches lb a moment after the mock counts it.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..20 {
+        let r = lb.completion();
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.backend_port(), Some(good.port), "request {i}");
     }
 }

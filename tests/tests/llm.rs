@@ -572,7 +572,7 @@ fn prefix_is_repointed_to_the_backend_that_served_it_last() {
 }
 
 #[test]
-fn pinned_backend_dies_next_request_fails_then_moves_to_a_healthy_one() {
+fn pinned_backend_dies_next_request_fails_over_to_a_healthy_one() {
     let mut mocks = spawn_mocks(3, &[]);
     let lb = spawn_lb(
         &mocks,
@@ -595,18 +595,22 @@ fn pinned_backend_dies_next_request_fails_then_moves_to_a_healthy_one() {
         .expect("pinned mock")
         .kill();
 
-    // Turn 3 still goes to the pinned backend (no probe has run): 502, and
-    // passive health ejects the backend.
-    let r = c.send(lb.port);
-    assert_error_json(&r, 502);
+    // Turn 3 still goes to the pinned backend (no probe has run); it cannot be reached,
+    // so the request fails over to a healthy backend (--connect-retries) and the client
+    // sees no error; passive health ejects the dead one.
+    let moved = c.turn(lb.port, "Question four.", "turn 3, failed over");
+    assert_ne!(moved, pinned, "the request stayed on the dead backend");
     lb.log
         .wait_for(DEADLINE, |l| is_unhealthy_line(l, pinned))
         .unwrap_or_else(|| panic!("no [HEALTH] line ejecting {pinned}"));
+    assert!(lb
+        .log
+        .wait_for(DEADLINE, |l| l.contains("[RETRY]")
+            && l.contains(&format!(":{pinned}")))
+        .is_some());
     lb.wait_healthy(2);
 
-    // The retry lands on a healthy backend, and the conversation stays there.
-    let moved = c.turn(lb.port, "Question four.", "turn 3, retried");
-    assert_ne!(moved, pinned, "the retry went to the dead backend");
+    // The conversation stays on its new backend.
     assert_eq!(
         c.turn(lb.port, "Question five.", "turn 4"),
         moved,

@@ -411,81 +411,144 @@ fn timeout_gives_504_in_about_the_timeout() {
         took >= Duration::from_millis(1500) && took <= Duration::from_secs(10),
         "--timeout 2s answered 504 after {took:?}"
     );
-    // No response head before --timeout is a passive failure, and --passive-threshold 1
-    // (the default) ejects at once; the next probe is a whole interval (30 s) away and
-    // --rise 2 needs two, so the backend stays out. The lease may be released just after the
-    // 504 has gone out, so wait for the transition's log line; then /health says exactly
-    // that: degraded, nothing in flight.
+    // No response head before --timeout is a passive failure, but a lone backend is never
+    // ejected by passive failures alone (--max-passive-ejection-percent): /health stays ok,
+    // and the lease comes back (it may be released just after the 504 has gone out).
+    let h = lb.wait_active(0, DEADLINE);
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["healthy_backends"], 1, "{h}");
+    assert_eq!(h["total_backends"], 1, "{h}");
+    let ejected = lb.log.matching(|l| is_unhealthy_line(l, m.port));
+    assert!(
+        ejected.is_empty(),
+        "a lone backend was ejected: {ejected:?}"
+    );
+}
+
+/// The same timeout with two backends: the one that timed out is ejected by passive health
+/// (one of two may go; the next probe is a whole interval away and --rise 2 needs two), and
+/// the next request goes to the other.
+#[test]
+fn a_backend_that_times_out_is_ejected_when_another_remains() {
+    let m = Mock::spawn(&["--mode", "timeout"]);
+    let ok = Mock::spawn::<&str>(&[]);
+    let lb = Lb::spawn(&[
+        "--backends",
+        &m.url(),
+        &ok.url(),
+        "--routing",
+        "round-robin",
+        "--timeout",
+        "2s",
+        "--health-path",
+        "/stats",
+    ]);
+    lb.wait_healthy(2);
+    // Round robin from the first backend: the first request that times out is the ejection.
+    let mut saw_504 = false;
+    for _ in 0..2 {
+        let r = lb.completion();
+        if r.status == 504 {
+            assert_error_json(&r, 504);
+            saw_504 = true;
+            break;
+        }
+        assert_eq!(r.backend_port(), Some(ok.port));
+    }
+    assert!(saw_504, "no request went to the backend that never answers");
     let line = lb
         .log
         .wait_for(DEADLINE, |l| is_unhealthy_line(l, m.port))
         .unwrap_or_else(|| panic!("no [HEALTH] ejection of {}:\n{}", m.url(), lb.log.text()));
     assert!(line.contains("from a proxied request"), "{line}");
-    let (status, h) = lb.try_health().expect("lb still answers /health");
-    assert_eq!(status, 503, "{h}");
-    assert_eq!(h["status"], "degraded", "{h}");
-    assert_eq!(h["healthy_backends"], 0, "{h}");
-    assert_eq!(h["total_backends"], 1, "{h}");
-    assert_eq!(h["active_conns"], 0, "{h}");
-    // And it keeps answering: with no healthy backend, a request gets 503 at once.
-    assert_error_json(&lb.completion(), 503);
-}
-
-#[test]
-fn connect_failure_gives_502_and_the_backend_is_ejected() {
-    // With a 60 s probe interval, only proxy errors can find a dead backend.
-    let a = Mock::spawn::<&str>(&[]);
-    let mut b = Mock::spawn::<&str>(&[]);
-    let lb = Lb::spawn(&[
-        "--routing",
-        "round-robin",
-        "--health-check-interval",
-        "60s",
-        "--backends",
-        &a.url(),
-        "--backends",
-        &b.url(),
-    ]);
-    lb.wait_healthy(2);
-    // Let the startup sweep finish (both probed) before killing b.
-    wait_until(
-        DEADLINE,
-        "startup probes",
-        || (a.health_checks(), b.health_checks()),
-        |(x, y)| *x >= 1 && *y >= 1,
-    );
-    let b_port = b.port;
-    b.kill();
-
-    let mut statuses = Vec::new();
-    for _ in 0..12 {
-        let r = lb.completion();
-        if r.status == 502 {
-            assert_error_json(&r, 502);
-        } else {
-            assert_eq!(r.status, 200, "{}", r.text());
-            assert_eq!(r.backend_port(), Some(a.port));
-        }
-        statuses.push(r.status);
-    }
-    let n502 = statuses.iter().filter(|s| **s == 502).count();
-    assert_eq!(
-        n502, 1,
-        "round-robin: the first request to the dead backend gets 502, then it is \
-         ejected and every later request goes to the live one; statuses: {statuses:?}"
-    );
-    assert!(
-        lb.log
-            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, b_port))
-            .is_some(),
-        "the log should show the dead backend marked as unhealthy"
-    );
-    let (status, h) = lb.health();
-    assert_eq!(status, 200);
+    let h = lb.wait_active(0, DEADLINE);
     assert_eq!(h["healthy_backends"], 1, "{h}");
     assert_eq!(h["total_backends"], 2, "{h}");
+    for _ in 0..4 {
+        let r = lb.completion();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.backend_port(), Some(ok.port));
+    }
 }
 
+/// A backend that is down (connect refused): the request goes to the other backend
+/// (`--connect-retries`, default 2) and the client never sees the failure; the dead
+/// backend is ejected by passive health (one of two may go) and every later request
+/// goes to the live one. With `--connect-retries 0` the first request to the dead
+/// backend gets 502, as before there was failover.
+#[test]
+fn connect_failure_fails_over_and_the_backend_is_ejected() {
+    for retries in ["2", "0"] {
+        // With a 60 s probe interval, only proxy errors can find a dead backend.
+        let a = Mock::spawn::<&str>(&[]);
+        let mut b = Mock::spawn::<&str>(&[]);
+        let lb = Lb::spawn(&[
+            "--routing",
+            "round-robin",
+            "--health-check-interval",
+            "60s",
+            "--connect-retries",
+            retries,
+            "--backends",
+            &a.url(),
+            "--backends",
+            &b.url(),
+        ]);
+        lb.wait_healthy(2);
+        // Let the startup sweep finish (both probed) before killing b.
+        wait_until(
+            DEADLINE,
+            "startup probes",
+            || (a.health_checks(), b.health_checks()),
+            |(x, y)| *x >= 1 && *y >= 1,
+        );
+        let b_port = b.port;
+        b.kill();
+
+        let mut statuses = Vec::new();
+        for _ in 0..12 {
+            let r = lb.completion();
+            if r.status == 502 {
+                assert_error_json(&r, 502);
+            } else {
+                assert_eq!(r.status, 200, "{}", r.text());
+                assert_eq!(r.backend_port(), Some(a.port));
+            }
+            statuses.push(r.status);
+        }
+        let n502 = statuses.iter().filter(|s| **s == 502).count();
+        let retried = lb.log.matching(|l| l.contains("[RETRY]"));
+        if retries == "0" {
+            assert_eq!(
+                n502, 1,
+                "round-robin: the first request to the dead backend gets 502, then it \
+                 is ejected and every later request goes to the live one; {statuses:?}"
+            );
+            assert!(retried.is_empty(), "{retried:?}");
+        } else {
+            assert_eq!(n502, 0, "the failover hides the dead backend: {statuses:?}");
+            assert_eq!(retried.len(), 1, "one request failed over: {retried:?}");
+            assert!(retried[0].contains(&format!(":{b_port}")), "{retried:?}");
+            assert!(retried[0].contains(&format!(":{}", a.port)), "{retried:?}");
+        }
+        assert!(
+            lb.log
+                .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, b_port))
+                .is_some(),
+            "the log should show the dead backend marked as unhealthy"
+        );
+        let (status, h) = lb.health();
+        assert_eq!(status, 200);
+        assert_eq!(h["healthy_backends"], 1, "{h}");
+        assert_eq!(h["total_backends"], 2, "{h}");
+        assert_eq!(h["active_conns"], 0, "{h}");
+    }
+}
+
+/// A backend that closes the connection after reading the request, without an answer:
+/// 502 (the request reached it: no failover). It is the only backend, so passive health
+/// does not eject it (a lone backend never is, `--max-passive-ejection-percent`): the
+/// next request gets 502 again, not 503; a probe would eject it.
 #[test]
 fn reset_before_response_head_gives_502() {
     // A backend that answers its health probes but closes every other
@@ -501,15 +564,14 @@ fn reset_before_response_head_gives_502() {
     lb.wait_healthy(1);
     let r = lb.completion();
     assert_error_json(&r, 502);
-    // Passive ejection: the only backend is now unhealthy.
-    assert!(
-        lb.log
-            .wait_for(Duration::from_secs(5), |l| is_unhealthy_line(l, fake.port))
-            .is_some(),
-        "the backend that closed the connection should be marked unhealthy"
-    );
     let r = lb.completion();
-    assert_error_json(&r, 503);
+    assert_error_json(&r, 502);
+    let unhealthy = lb.log.matching(|l| is_unhealthy_line(l, fake.port));
+    assert!(
+        unhealthy.is_empty(),
+        "a lone backend was ejected: {unhealthy:?}"
+    );
+    assert_eq!(lb.health().1["healthy_backends"], 1);
 }
 
 #[test]

@@ -145,8 +145,10 @@ async fn handle(
     let local = match selected.await {
         None => return After::Gone,
         Some(Ok(guard)) => {
-            return exchange::forward(local, client, cbuf, peer, req, guard, deadline, capture)
-                .await
+            return exchange::forward(
+                local, client, cbuf, peer, req, &meta, guard, deadline, capture,
+            )
+            .await
         }
         Some(Err(reject)) => reply::error(ProxyError::Rejected(reject)),
     };

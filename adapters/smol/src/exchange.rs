@@ -26,10 +26,12 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use futures_lite::future;
+use lb_core::RequestMeta;
 use lb_http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
@@ -55,6 +57,9 @@ use crate::timers::Sleep;
 /// routing, the body or its first part), and keeps what follows this request's body. The
 /// request log's `capture` gets the backend, the status and both bodies; it is written
 /// when the exchange ends (for an upgrade, once the `101` is sent).
+///
+/// A backend that cannot be reached (nothing of the request was written to it) hands the
+/// request to another (`--connect-retries`, [`LeaseGuard::fail_over`]), chosen for `meta`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
     local: &Local,
@@ -62,20 +67,21 @@ pub(crate) async fn forward(
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
     req: RequestHead,
-    guard: LeaseGuard,
+    meta: &RequestMeta<'_>,
+    mut guard: LeaseGuard,
     deadline: Instant,
     capture: Option<Capture>,
 ) -> After {
     let proxy = guard.proxy().clone();
-    let up = guard.upstream().clone();
     if let Some(c) = &capture {
-        c.backend(up.url().clone());
+        c.backend(guard.upstream().url().clone());
     }
     let mut x = Exchange {
         proxy: &proxy,
         local,
         client,
-        up: &up,
+        up: guard.upstream().clone(),
+        peer,
         req: &req,
         capture: capture.as_ref(),
         timer: local.timers.at(deadline),
@@ -83,13 +89,28 @@ pub(crate) async fn forward(
     };
 
     // The head for the backend, with the body bytes already here.
-    let Some((sent, mut upward)) = x.outgoing(peer, cbuf) else {
+    let Some((mut sent, mut upward)) = x.outgoing(cbuf) else {
         return x.reject(guard, ProxyError::BadRequest).await;
     };
     let body_read = upward.framer.is_done();
-    let (mut conn, reused) = match x.connect(cbuf, &sent).await {
-        Ok(c) => c,
-        Err(end) => return x.end(guard, end, body_read).await,
+    let mut tried = Vec::new();
+    let (mut conn, reused) = loop {
+        match x.connect(cbuf, &sent).await {
+            Ok(c) => break c,
+            Err(End::Failed(f @ Failure::Connect(_))) => {
+                match guard.fail_over(f, &x.line(), meta, &mut tried) {
+                    Ok(next) => guard = next,
+                    Err(reply) => return x.answer(reply, body_read).await,
+                }
+                x.up = guard.upstream().clone();
+                if let Some(c) = &capture {
+                    c.backend(x.up.url().clone());
+                }
+                // The head names its backend (Host, path prefix): written again for it.
+                x.rehead(&mut sent);
+            }
+            Err(end) => return x.end(guard, end, body_read).await,
+        }
     };
     x.reused = reused;
     if reused {
@@ -110,7 +131,7 @@ pub(crate) async fn forward(
             } => {
                 guard.respond(status);
                 if reuse {
-                    local.pool.put(up.id(), conn, up.idle.get());
+                    local.pool.put(x.up.id(), conn, x.up.idle.get());
                 }
                 return after;
             }
@@ -190,7 +211,9 @@ struct Exchange<'a> {
     proxy: &'a Proxy,
     local: &'a Local,
     client: &'a Stream,
-    up: &'a Upstream,
+    /// The backend (another one after a failover).
+    up: Arc<Upstream>,
+    peer: SocketAddr,
     req: &'a RequestHead,
     capture: Option<&'a Capture>,
     /// The request deadline.
@@ -203,15 +226,9 @@ struct Exchange<'a> {
 impl<'a> Exchange<'a> {
     /// The head for the backend with the body bytes already read (taken from `cbuf`),
     /// and the body's way up. `None` when the request's framing is invalid.
-    fn outgoing(&self, peer: SocketAddr, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
-        let fwd = Forwarding {
-            client_ip: peer.ip().to_canonical(),
-            client_proto: "http",
-            backend_authority: &self.up.target.authority,
-            backend_path_prefix: &self.up.target.path_prefix,
-        };
+    fn outgoing(&self, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
         let mut head = Vec::with_capacity(1024);
-        let kind = rewrite_request(self.req, &fwd, &mut head).ok()?;
+        let kind = self.head(&mut head).ok()?;
         let mut framer = BodyFramer::new(kind);
         let mut tap = Tap::new(self.capture, Side::Request, kind);
         let early = framer.push(cbuf).ok()?.consumed;
@@ -235,17 +252,38 @@ impl<'a> Exchange<'a> {
         ))
     }
 
+    /// Writes the head for the backend into `out`; says how the body is framed.
+    fn head(&self, out: &mut Vec<u8>) -> Result<BodyKind, lb_http1::Error> {
+        let fwd = Forwarding {
+            client_ip: lb_proxy::client_ip(self.peer.ip()),
+            client_proto: "http",
+            backend_authority: &self.up.target.authority,
+            backend_path_prefix: &self.up.target.path_prefix,
+        };
+        rewrite_request(self.req, &fwd, out)
+    }
+
+    /// `sent` again for the backend now chosen (after a failover): its head, then the
+    /// same body bytes.
+    fn rehead(&self, sent: &mut Sent) {
+        let body = sent.bytes.split_off(sent.bytes.len() - sent.body);
+        sent.bytes.clear();
+        // Its framing was accepted for the first backend: it is the same request.
+        let _ = self.head(&mut sent.bytes);
+        sent.bytes.extend_from_slice(&body);
+    }
+
     /// Step 1: a connection with the head on it (and whether it was reused).
     async fn connect(&mut self, cbuf: &mut Vec<u8>, sent: &Sent) -> Result<(Stream, bool), End> {
-        let (proxy, local, up) = (self.proxy, self.local, self.up);
-        self.guarded(cbuf, send_head(proxy, local, up, &sent.bytes))
+        let (proxy, local, up) = (self.proxy, self.local, self.up.clone());
+        self.guarded(cbuf, send_head(proxy, local, &up, &sent.bytes))
             .await
     }
 
     /// A new connection with `bytes` (the whole request, after the keep-alive race) on it.
     async fn resend(&mut self, cbuf: &mut Vec<u8>, bytes: &[u8]) -> Result<Stream, End> {
-        let (proxy, local, up) = (self.proxy, self.local, self.up);
-        self.guarded(cbuf, send_fresh(proxy, local, up, bytes))
+        let (proxy, local, up) = (self.proxy, self.local, self.up.clone());
+        self.guarded(cbuf, send_fresh(proxy, local, &up, bytes))
             .await
     }
 
@@ -506,6 +544,12 @@ impl<'a> Exchange<'a> {
             End::BadRequest => return self.reject(guard, ProxyError::BadRequest).await,
             End::Failed(failure) => guard.fail(failure, &self.line()),
         };
+        self.answer(reply, req_done).await
+    }
+
+    /// Sends `reply` (an error) to the client; the connection carries on only if the
+    /// request was read whole.
+    async fn answer(&self, reply: lb_proxy::reply::Reply, req_done: bool) -> After {
         if let Some(c) = self.capture {
             c.reply(&reply);
         }

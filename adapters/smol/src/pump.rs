@@ -111,6 +111,9 @@ pub(crate) async fn send_fresh(
     let mut written = 0;
     match write_counted(&conn, bytes, &mut written).await {
         Ok(()) => Ok(conn),
+        // Reset before any byte of the request went out: as good as refused (the request
+        // may go elsewhere).
+        Err(e) if written == 0 => Err(Failure::Connect(describe(&e))),
         Err(e) => Err(Failure::Io(describe(&e))),
     }
 }

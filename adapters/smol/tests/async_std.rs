@@ -73,13 +73,7 @@ fn settings(backend: SocketAddr) -> Settings {
         connect_timeout: Duration::from_secs(2),
         health_path: "/v1/models".into(),
         shutdown_timeout: Duration::from_secs(5),
-        backend_ca: None,
-        pool_idle_timeout: Duration::from_secs(4),
-        max_head_bytes: 64 * 1024,
-        head_timeout: Duration::from_secs(5),
-        replay_buffer: lb_proxy::settings::DEFAULT_REPLAY_BUFFER,
-        hash_key: lb_proxy::HashKey::User,
-        request_log: None,
+        ..Settings::new("127.0.0.1:0".parse().unwrap(), Vec::new())
     }
 }
 

@@ -228,12 +228,8 @@ fn settings(backend: SocketAddr, queue: Option<Duration>, log: Option<RequestLog
         health_path: "/probe".into(),
         shutdown_timeout: Duration::from_secs(2),
         backend_ca: None,
-        pool_idle_timeout: Duration::from_secs(4),
-        max_head_bytes: 64 * 1024,
-        head_timeout: Duration::from_secs(5),
-        replay_buffer: lb_proxy::settings::DEFAULT_REPLAY_BUFFER,
-        hash_key: lb_proxy::HashKey::User,
         request_log: log,
+        ..Settings::new("127.0.0.1:0".parse().unwrap(), Vec::new())
     }
 }
 

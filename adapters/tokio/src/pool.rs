@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::client::Connector;
-use crate::proxy::client_side;
+use crate::proxy::{client_side, describe};
 use crate::rt::Upstream;
 use crate::upbody::{Replay, UpBody};
 
@@ -109,7 +109,6 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
 }
 
 /// Why an exchange with a backend failed.
-#[derive(Debug)]
 pub(crate) enum SendError {
     /// No connection could be made (refused, timed out, TLS).
     Connect(Box<dyn std::error::Error + Send + Sync>),
@@ -119,6 +118,9 @@ pub(crate) enum SendError {
     /// request could not be sent again (its body was not held whole): the keep-alive
     /// race, not the backend's fault.
     Race(hyper::Error),
+    /// The request never reached the backend (no connection could be made, or a new one
+    /// failed before any byte of it was written): it comes back, to go elsewhere.
+    Unreached(String, Box<Request<UpBody>>),
 }
 
 /// A keep-alive connection to one backend.
@@ -295,11 +297,7 @@ impl Pool {
         );
         let pooled = poll_fn(|cx| Poll::Ready(self.checkout(slot, limit, cx))).await;
         let Some(mut c) = pooled else {
-            let mut c = self.connect(base).await?;
-            return match exchange(&mut c, req).await {
-                Ok(resp) => Ok((resp, c)),
-                Err(e) => Err(SendError::Http(e.into_error())),
-            };
+            return self.fresh(base, req).await;
         };
         // Kept until the response head: the request may have to go out again.
         let head = HeadCopy::of(&req);
@@ -329,20 +327,31 @@ impl Pool {
                 };
                 // Boxed: a rare path whose state would otherwise enlarge every request's
                 // future.
-                Box::pin(self.resend(base, again)).await
+                Box::pin(self.fresh(base, again)).await
             }
         }
     }
 
-    async fn resend(
+    /// `req` on a new connection. A request that never left (no connection, or one that
+    /// failed before any byte of it was written) comes back: it may go to another backend.
+    async fn fresh(
         &self,
         base: &Uri,
         req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let mut c = self.connect(base).await?;
+        let mut c = match self.connect(base).await {
+            Ok(c) => c,
+            Err(SendError::Connect(e)) => {
+                return Err(SendError::Unreached(describe(e.as_ref()), Box::new(req)))
+            }
+            Err(e) => return Err(e),
+        };
         match exchange(&mut c, req).await {
             Ok(resp) => Ok((resp, c)),
-            Err(e) => Err(SendError::Http(e.into_error())),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(SendError::Unreached(describe(e.error()), Box::new(req))),
+                None => Err(SendError::Http(e.into_error())),
+            },
         }
     }
 }

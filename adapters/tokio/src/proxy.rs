@@ -24,7 +24,7 @@ use crate::headers::{
     KEEP_ALIVE,
 };
 use crate::pool::{Lent, Pool, SendError};
-use crate::rt::{request_uri, LeaseGuard, Proxy};
+use crate::rt::{request_uri, LeaseGuard, Proxy, Upstream};
 use crate::upbody::{Replay, UpBody};
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
@@ -131,19 +131,38 @@ pub(crate) async fn handle(
         Err(reject) => return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject)))),
     };
     let req = Request::from_parts(parts, body);
-    Ok(forward(traffic, guard, peer, req, deadline, capture, replay).await)
+    let to = Route {
+        traffic,
+        peer,
+        meta: &meta,
+        deadline,
+    };
+    Ok(forward(to, guard, req, capture, replay).await)
+}
+
+/// Where a request goes and how: the shard's backend connections, the client, the
+/// routing keys (for a failover), the request deadline.
+struct Route<'a> {
+    traffic: Traffic,
+    peer: Peer,
+    meta: &'a lb_core::RequestMeta<'a>,
+    deadline: tokio::time::Instant,
 }
 
 async fn forward(
-    traffic: Traffic,
-    guard: LeaseGuard,
-    peer: Peer,
+    to: Route<'_>,
+    mut guard: LeaseGuard,
     mut req: Request<UpBody>,
-    deadline: tokio::time::Instant,
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
 ) -> Response<ProxyBody> {
-    let upstream = guard.upstream().clone();
+    let Route {
+        traffic,
+        peer,
+        meta,
+        deadline,
+    } = to;
+    let mut upstream = guard.upstream().clone();
     if let Some(c) = &capture {
         c.backend(upstream.url().clone());
     }
@@ -180,10 +199,26 @@ async fn forward(
             .await
             .map(|r| r.map(|resp| (resp, None)))
     } else {
-        let send = traffic.send(&upstream, req, replay.as_ref());
-        tokio::time::timeout_at(deadline, send)
-            .await
-            .map(|r| r.map(|(resp, c)| (resp, Some(c))))
+        let mut tried = Vec::new();
+        loop {
+            let send = traffic.send(&upstream, req, replay.as_ref());
+            match tokio::time::timeout_at(deadline, send).await {
+                // The backend could not be reached: the request goes to another one.
+                Ok(Err(SendError::Unreached(why, back))) => {
+                    match guard.fail_over(Failure::Connect(why), &line, meta, &mut tried) {
+                        Ok(next) => guard = next,
+                        Err(reply) => return logged(&capture, reply),
+                    }
+                    req = *back;
+                    retarget(&mut req, &upstream, guard.upstream());
+                    upstream = guard.upstream().clone();
+                    if let Some(c) = &capture {
+                        c.backend(upstream.url().clone());
+                    }
+                }
+                sent => break sent.map(|r| r.map(|(resp, c)| (resp, Some(c)))),
+            }
+        }
     };
     if let Some(r) = &replay {
         // The response has begun (or the exchange failed): no re-send any more.
@@ -209,6 +244,7 @@ async fn forward(
                 }
                 SendError::Http(e) => Failure::Io(describe(e)),
                 SendError::Race(e) => Failure::Race(describe(e)),
+                SendError::Unreached(why, _) => Failure::Connect(why.clone()),
             };
             return logged(&capture, guard.fail(failure, &line));
         }
@@ -265,6 +301,23 @@ async fn forward(
         ))
     };
     Response::from_parts(parts, body)
+}
+
+/// Points a request meant for `from` at `to` (a failover): its target's path prefix and
+/// its `Host` are the backend's.
+fn retarget(req: &mut Request<UpBody>, from: &Upstream, to: &Upstream) {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let own = pq
+        .strip_prefix(from.target.path_prefix.as_str())
+        .unwrap_or(pq);
+    if let Ok(uri) = own
+        .parse::<http::uri::PathAndQuery>()
+        .map_err(http::Error::from)
+        .and_then(|pq| request_uri(to, Some(&pq)))
+    {
+        *req.uri_mut() = uri;
+    }
+    req.headers_mut().insert(header::HOST, to.ext.host.clone());
 }
 
 /// A local reply, recorded in the request log.

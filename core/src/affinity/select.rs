@@ -79,11 +79,13 @@ impl CacheAware {
             (selector.least_conn(slots, rng), Route::Cold)
         } else {
             let min = selector.min_load(slots);
+            let proven_only = selector.proven_only(slots);
             let allowed = |s: u32| {
                 let b = slots[s as usize]
                     .as_ref()
                     .expect("live nodes are on present backends");
-                within_guard(b, min, config.overflow_percent).then_some(b)
+                let serves = !proven_only || b.health.is_proven();
+                (serves && within_guard(b, min, config.overflow_percent)).then_some(b)
             };
             // One holder per unit: the deepest one, allowed or not; with all holders, the
             // least loaded of the allowed ones.
