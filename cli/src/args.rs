@@ -108,6 +108,22 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
     pub head_timeout: Duration,
 
+    /// A request body that sends nothing for this long is given up (408 if no response
+    /// has begun), so a client trickling its body cannot hold a slot for --timeout.
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
+    pub client_body_timeout: Duration,
+
+    /// A client that reads nothing of its response for this long is cut off (a
+    /// streaming client reads continuously).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
+    pub client_write_timeout: Duration,
+
+    /// Most client connections open at once; at the limit lb stops accepting and new
+    /// clients wait in the kernel's backlog. Default: half of the open-files limit left
+    /// after a small reserve (each client may hold a backend connection too).
+    #[arg(long, value_name = "N", value_parser = positive_usize, allow_negative_numbers = true)]
+    pub max_client_conns: Option<usize>,
+
     /// What consistent-hash routing hashes: header:NAME, user (the OpenAI `user` field) or
     /// client-ip. Requests without the header or field hash the client IP.
     #[arg(long, default_value = "user", value_parser = hash_key)]
@@ -210,6 +226,10 @@ fn percent(s: &str) -> Result<u32, String> {
         n if n <= 100 => Ok(n),
         _ => Err(format!("'{s}' is not a percentage (0 to 100)")),
     }
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    whole(s, 1, usize::MAX as u64)
 }
 
 fn whole_u32(s: &str) -> Result<u32, String> {
@@ -325,6 +345,8 @@ impl Cli {
             ("--connect-timeout", self.connect_timeout),
             ("--health-timeout", self.health_timeout),
             ("--head-timeout", self.head_timeout),
+            ("--client-body-timeout", self.client_body_timeout),
+            ("--client-write-timeout", self.client_write_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{flag} must be greater than 0"));
@@ -385,6 +407,12 @@ impl Cli {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: self.head_timeout,
+            client_body_timeout: self.client_body_timeout,
+            client_write_timeout: self.client_write_timeout,
+            // Set by `main` once the open-files limit is raised, unless given.
+            max_client_conns: self
+                .max_client_conns
+                .unwrap_or(lb_proxy::settings::DEFAULT_MAX_CLIENT_CONNS),
             replay_buffer: self.replay_buffer,
             connect_retries: self.connect_retries,
             hash_key: self.hash_key,

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     };
     let verbose = cli.verbose;
     let (log_to, log_body_limit) = (cli.log_to.clone(), cli.log_body_limit);
+    let max_client_conns_given = cli.max_client_conns.is_some();
     let mut settings = match cli.into_settings() {
         Ok(s) => s,
         Err(msg) => return fail(&msg),
@@ -47,7 +48,12 @@ fn main() -> ExitCode {
         }
     }
     // 1000 concurrent requests need two descriptors each; the soft limit is often 1024.
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let nofile = rlimit::increase_nofile_limit(u64::MAX);
+    if !max_client_conns_given {
+        if let Ok(n) = nofile {
+            settings.max_client_conns = lb_proxy::settings::max_client_conns_for(n);
+        }
+    }
     // The summary is printed once the proxy has started (bound, backends accepted): a
     // start-up failure is then the one line `lb: error: ...`, nothing before it.
     let summary = std::sync::Mutex::new(Some(print::summary(&settings, RUNTIME)));

@@ -174,6 +174,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
 /// 3-digit status >= 100, consistent framing headers. Whether the response
 /// has a body depends on the request; see [`ResponseHead::body_kind`].
 pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead>, Error> {
+    // What is here must at least start a status line: a peer that is not speaking HTTP is
+    // refused now, not when (if ever) a head ends. (First, so that a prefix of a head
+    // and the whole head are refused for the same reason.)
+    status_line_start(buf)?;
     let span = match scan_head(buf, limits) {
         Ok(Some(span)) => span,
         Ok(None) => return Ok(Status::Partial),
@@ -200,6 +204,35 @@ pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead
     };
     declared_framing(head.version, &head.headers)?;
     Ok(Status::Complete(head, span.end))
+}
+
+/// Whether `buf` starts (or can still start) a status line: `HTTP/1.0` or `HTTP/1.1`
+/// ([`Error::UnsupportedVersion`] otherwise), then, once its first line is whole, a space
+/// and three digits ([`Error::InvalidStatusLine`]).
+fn status_line_start(buf: &[u8]) -> Result<(), Error> {
+    let mut line = buf;
+    while let Some(rest) = line.strip_prefix(b"\r\n") {
+        line = rest;
+    }
+    let end = line.iter().position(|&b| b == b'\r' || b == b'\n');
+    let first = &line[..end.unwrap_or(line.len())];
+    let version = &first[..first.len().min(8)];
+    let known = [&b"HTTP/1.1"[..], b"HTTP/1.0"]
+        .iter()
+        .any(|v| v.starts_with(version));
+    if !known || (end.is_some() && version.len() < 8) {
+        return Err(Error::UnsupportedVersion);
+    }
+    if end.is_some() {
+        let status = first.len() >= 12
+            && first[8] == b' '
+            && first[9..12].iter().all(u8::is_ascii_digit)
+            && first.get(12).is_none_or(|&b| b == b' ');
+        if !status {
+            return Err(Error::InvalidStatusLine);
+        }
+    }
+    Ok(())
 }
 
 impl RequestHead {

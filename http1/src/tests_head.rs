@@ -586,3 +586,40 @@ fn keep_alive_timeouts() {
     assert_eq!(t(b"timeout=-1"), None);
     assert_eq!(t(b""), None);
 }
+
+#[test]
+fn a_response_that_is_not_http_is_refused_before_its_head_ends() {
+    let limits = Limits::default();
+    for partial in [
+        "HTTP/1.1 200 OK\r\nX: y\r\n",
+        "HTTP/1.",
+        "HT",
+        "",
+        "\r\nHTTP/1.0 204",
+    ] {
+        assert_eq!(
+            parse_response(partial.as_bytes(), &limits),
+            Ok(Status::Partial),
+            "{partial:?}"
+        );
+    }
+    for garbage in [
+        "SSH-2.0-OpenSSH_9.6\r\n",
+        "SSH",
+        "HTTP/2 200\r\n",
+        "HTTP/1.2",
+    ] {
+        assert_eq!(
+            parse_response(garbage.as_bytes(), &limits),
+            Err(Error::UnsupportedVersion),
+            "{garbage:?}"
+        );
+    }
+    for garbage in ["HTTP/1.1 20x\r\nX", "HTTP/1.1 2000\r\n", "HTTP/1.1\r\n"] {
+        let e = parse_response(garbage.as_bytes(), &limits).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidStatusLine | Error::UnsupportedVersion),
+            "{garbage:?}: {e:?}"
+        );
+    }
+}

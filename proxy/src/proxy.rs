@@ -43,6 +43,9 @@ pub struct Proxy<R: Runtime> {
     /// Wakes the driver when an input may have added an earlier deadline (a queued
     /// request's expiry).
     pub(crate) rearm: Event,
+    /// Notified when a client connection closes while the count was at
+    /// `--max-client-conns`.
+    freed: Event,
 }
 
 /// What the lock guards: the balancer, and the backends by slot.
@@ -94,6 +97,7 @@ impl<R: Runtime> Proxy<R> {
             changed: Event::new(),
             waiters: Mutex::new(HashMap::new()),
             rearm: Event::new(),
+            freed: Event::new(),
         }))
     }
 
@@ -303,12 +307,59 @@ impl<R: Runtime> Proxy<R> {
         }
     }
 
-    /// Counts a client connection as open until the returned guard drops.
-    pub fn open_connection(self: &Arc<Self>) -> ConnectionGuard<R> {
-        self.connections.fetch_add(1, Ordering::AcqRel);
-        ConnectionGuard {
-            proxy: self.clone(),
+    /// Resolves once fewer than `--max-client-conns` client connections are open (at once
+    /// if they are). Each accept loop waits for it before it accepts, so at the limit `lb`
+    /// stops accepting and new clients wait in the kernel's backlog.
+    pub async fn accept_room(&self) {
+        let max = self.settings.max_client_conns;
+        loop {
+            if self.connections.load(Ordering::Acquire) < max {
+                return;
+            }
+            let freed = self.freed.listen();
+            if self.connections.load(Ordering::Acquire) < max {
+                return;
+            }
+            freed.await;
         }
+    }
+
+    /// Counts a just-accepted client connection as open until the returned guard drops,
+    /// once there is room under `--max-client-conns`. Shards that passed
+    /// [`accept_room`](Self::accept_room) at the same moment may each have accepted one
+    /// connection more than the limit allows; that one waits here, unread, for a
+    /// connection to close. So at most `--max-client-conns` connections are served, and
+    /// at most one more per shard is held open.
+    pub async fn admit(self: &Arc<Self>) -> ConnectionGuard<R> {
+        let max = self.settings.max_client_conns;
+        loop {
+            let mut open = self.connections.load(Ordering::Acquire);
+            while open < max {
+                match self.connections.compare_exchange_weak(
+                    open,
+                    open + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        return ConnectionGuard {
+                            proxy: self.clone(),
+                        }
+                    }
+                    Err(now) => open = now,
+                }
+            }
+            let freed = self.freed.listen();
+            if self.connections.load(Ordering::Acquire) < max {
+                continue;
+            }
+            freed.await;
+        }
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Wakes whoever waits on the lifecycle (shutdown, drained) to look again.
@@ -332,7 +383,7 @@ impl<R: Runtime> Core<R> {
     }
 }
 
-/// One open client connection; see [`Proxy::open_connection`].
+/// One open client connection; see [`Proxy::admit`].
 pub struct ConnectionGuard<R: Runtime> {
     proxy: Arc<Proxy<R>>,
 }
@@ -346,7 +397,12 @@ impl<R: Runtime> ConnectionGuard<R> {
 
 impl<R: Runtime> Drop for ConnectionGuard<R> {
     fn drop(&mut self) {
-        self.proxy.connections.fetch_sub(1, Ordering::AcqRel);
+        let was = self.proxy.connections.fetch_sub(1, Ordering::AcqRel);
+        if was >= self.proxy.settings.max_client_conns {
+            // The accept loops may be waiting for room: each shard's listener has its
+            // own backlog, so every one looks again.
+            self.proxy.freed.notify(usize::MAX);
+        }
         if self.proxy.is_shutting_down() {
             self.proxy.changed.notify(usize::MAX);
         }

@@ -62,6 +62,8 @@ pub enum ProxyError {
     HeadTooLarge,
     /// The request head did not arrive in time (408).
     HeadTimeout,
+    /// The request body stalled: nothing of it for `--client-body-timeout` (408).
+    BodyTimeout,
     /// The proxy is shutting down (503).
     ShuttingDown,
 }
@@ -112,6 +114,12 @@ pub fn error(e: ProxyError) -> Reply {
             "invalid_request_error",
             "request_header_fields_too_large",
             "request head too large",
+        ),
+        ProxyError::BodyTimeout => (
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            "request body stalled: nothing received for --client-body-timeout",
         ),
         ProxyError::HeadTimeout => (
             408,

@@ -21,6 +21,20 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default cap on a request or response head.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Default of `--client-body-timeout` and `--client-write-timeout`.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `--max-client-conns` when the open-files limit cannot be read.
+pub const DEFAULT_MAX_CLIENT_CONNS: usize = 10_000;
+
+/// The default `--max-client-conns` for a process allowed `nofile` open files: what is
+/// left after a reserve for listeners, logs and probes, halved, since each client
+/// connection may hold a backend connection too.
+pub fn max_client_conns_for(nofile: u64) -> usize {
+    let usable = nofile.saturating_sub(64) / 2;
+    usize::try_from(usable).unwrap_or(usize::MAX).max(16)
+}
+
 /// Default of `--connect-retries`: a request whose backend cannot be reached tries up to
 /// this many others.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
@@ -102,6 +116,15 @@ pub struct Settings {
     pub max_head_bytes: usize,
     /// A client must send a complete request head within this long (else 408).
     pub head_timeout: Duration,
+    /// A request body that sends nothing for this long is given up (408 if no response
+    /// has begun): a client trickling its body cannot hold a slot for `--timeout`.
+    pub client_body_timeout: Duration,
+    /// A client that reads nothing of its response for this long is cut off (a streaming
+    /// client reads continuously).
+    pub client_write_timeout: Duration,
+    /// Most client connections open at once; at the limit `lb` stops accepting and new
+    /// clients wait in the kernel's backlog (HAProxy's `maxconn`).
+    pub max_client_conns: usize,
     /// Most request body bytes kept to send a request again on a fresh connection when
     /// its reused one failed before any response byte (`--replay-buffer`).
     pub replay_buffer: usize,
@@ -132,6 +155,9 @@ impl Settings {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             max_head_bytes: MAX_HEAD_BYTES,
             head_timeout: Duration::from_secs(30),
+            client_body_timeout: DEFAULT_CLIENT_TIMEOUT,
+            client_write_timeout: DEFAULT_CLIENT_TIMEOUT,
+            max_client_conns: DEFAULT_MAX_CLIENT_CONNS,
             replay_buffer: DEFAULT_REPLAY_BUFFER,
             connect_retries: DEFAULT_CONNECT_RETRIES,
             hash_key: HashKey::User,

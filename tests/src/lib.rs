@@ -425,6 +425,9 @@ pub struct LbOptions {
     /// Start `lb` with this soft limit on open files (through `sh -c 'ulimit
     /// -S -n N; exec lb ..'`), to check that `lb` raises its own limit.
     pub nofile_soft: Option<u64>,
+    /// Start `lb` with this hard (and soft) limit on open files, so that it cannot raise
+    /// it: to drive it out of file descriptors.
+    pub nofile_hard: Option<u64>,
     /// Do not wait for `lb` to answer `GET /health` before returning.
     pub no_wait: bool,
     /// Run this binary instead of [`lb_bin`] (a test that compares builds
@@ -506,11 +509,16 @@ impl Lb {
 
     fn start(args: &[String], port: u16, opts: &LbOptions) -> Lb {
         let bin = opts.bin.clone().unwrap_or_else(lb_bin);
-        let mut cmd = match opts.nofile_soft {
-            Some(n) => {
+        let ulimit = match (opts.nofile_hard, opts.nofile_soft) {
+            (Some(n), _) => Some(format!("ulimit -n {n}")),
+            (None, Some(n)) => Some(format!("ulimit -S -n {n}")),
+            (None, None) => None,
+        };
+        let mut cmd = match ulimit {
+            Some(ulimit) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
-                    .arg(format!("ulimit -S -n {n} && exec \"$0\" \"$@\""))
+                    .arg(format!("{ulimit} && exec \"$0\" \"$@\""))
                     .arg(&bin)
                     .args(args);
                 c
@@ -1117,6 +1125,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A client connection over an already connected socket.
+    pub fn from_stream(s: TcpStream) -> Conn {
+        let port = s.peer_addr().map_or(0, |a| a.port());
+        Conn {
+            r: BufReader::with_capacity(64 * 1024, s),
+            port,
+        }
+    }
+
     /// Connect to `127.0.0.1:port`.
     pub fn open(port: u16) -> io::Result<Conn> {
         Conn::open_timeout(port, Duration::from_secs(10))

@@ -17,6 +17,7 @@ use lb_proxy::ConnectionGuard;
 use crate::exchange;
 use crate::io::{
     date_now, head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
+    Stall,
 };
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
@@ -114,21 +115,28 @@ async fn handle(
     // from where they are forwarded); the rest streams through as usual.
     let mut prefix = None;
     if settings.routes_by_body() {
-        let read = future::or(read_prefix(client, cbuf, &mut req), async {
+        let stall = Stall {
+            timers: &local.timers,
+            limit: settings.client_body_timeout,
+        };
+        let read = future::or(read_prefix(client, cbuf, &mut req, stall), async {
             local.timers.at(deadline).await;
-            None
+            Err(ProxyError::BadRequest)
         });
-        let Some(read) = read.await else {
-            // The client stopped sending (or went away, or framed its body badly) before
-            // the body arrived.
-            let local = reply::error(ProxyError::BadRequest);
-            if let Some(c) = &capture {
-                c.reply(&local);
+        let read = match read.await {
+            Ok(read) => read,
+            Err(answer) => {
+                // The client stalled (408), or stopped sending, went away or framed its
+                // body badly (400), before the body arrived.
+                let local = reply::error(answer);
+                if let Some(c) = &capture {
+                    c.reply(&local);
+                }
+                return match write_reply(client, &local, &req, false).await {
+                    Ok(()) => After::Linger,
+                    Err(_) => After::Gone,
+                };
             }
-            return match write_reply(client, &local, &req, false).await {
-                Ok(()) => After::Linger,
-                Err(_) => After::Gone,
-            };
         };
         prefix = Some(read);
     }
@@ -160,14 +168,17 @@ async fn handle(
 
 /// Reads the request body into `cbuf` (after what it holds) until the body ends or
 /// [`MAX_BODY_PREFIX`] bytes of it (as read, framing included) are here; returns the data
-/// and whether the body ended within it. `None`: the client left, or its body is badly framed. A client that
-/// waits for `100 Continue` gets it first (and the backend is not asked again).
+/// and whether the body ended within it. `Err` is the answer: the client left or framed
+/// its body badly (400), or it stalled (408). A client that waits for `100 Continue` gets
+/// it first (and the backend is not asked again).
 async fn read_prefix<'b>(
     client: &Stream,
     cbuf: &'b mut Vec<u8>,
     req: &mut RequestHead,
-) -> Option<(Cow<'b, [u8]>, bool)> {
-    let kind = req.body_kind().ok()?;
+    stall: Stall<'_>,
+) -> Result<(Cow<'b, [u8]>, bool), ProxyError> {
+    let bad = |_| ProxyError::BadRequest;
+    let kind = req.body_kind().map_err(bad)?;
     let mut framer = BodyFramer::new(kind);
     let mut chunks = matches!(kind, BodyKind::Chunked).then(|| (Dechunk::default(), Vec::new()));
     let mut consumed = 0;
@@ -175,7 +186,7 @@ async fn read_prefix<'b>(
     let mut budget = Budget::new();
     let mut first = true;
     loop {
-        let p = framer.push(&cbuf[consumed..]).ok()?;
+        let p = framer.push(&cbuf[consumed..]).map_err(bad)?;
         let wire = &cbuf[consumed..consumed + p.consumed];
         consumed += p.consumed;
         let held = match &mut chunks {
@@ -191,12 +202,20 @@ async fn read_prefix<'b>(
             break;
         }
         if first && req.expects_continue() {
-            send(client, b"HTTP/1.1 100 Continue\r\n\r\n").await.ok()?;
+            send(client, b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| ProxyError::BadRequest)?;
             req.headers.retain(|h| !h.is("expect"));
         }
         first = false;
-        match read_more(client, &mut *cbuf, size.get()).await {
-            Ok(0) | Err(_) => return None,
+        match stall
+            .within(read_more(client, &mut *cbuf, size.get()))
+            .await
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(ProxyError::BodyTimeout)
+            }
+            Ok(0) | Err(_) => return Err(ProxyError::BadRequest),
             Ok(n) => {
                 size.record(n);
                 budget.spend(n).await;
@@ -204,7 +223,7 @@ async fn read_prefix<'b>(
         }
     }
     let ended = framer.is_done();
-    Some(match chunks {
+    Ok(match chunks {
         Some((_, data)) => (Cow::Owned(data), ended),
         None => (Cow::Borrowed(&cbuf[..consumed]), ended),
     })
@@ -266,7 +285,12 @@ async fn read_head(
                 })
                 .await
             } else {
-                read_more(client, cbuf, want).await
+                // Part of a head is here: at shutdown it is not waited for.
+                future::or(read_more(client, cbuf, want), async {
+                    proxy.shutdown_begun().await;
+                    Ok(0)
+                })
+                .await
             };
             match got {
                 Ok(0) | Err(_) => return Head::Closed,

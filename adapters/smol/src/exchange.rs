@@ -41,7 +41,7 @@ use lb_proxy::Failure;
 
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
-use crate::io::{send, splice, watch};
+use crate::io::{send, splice, watch, Stall};
 use crate::pump::{
     chunk, download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
     HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
@@ -183,6 +183,8 @@ enum End {
     Failed(Failure),
     /// The client's request is malformed (bad body framing): 400, not the backend's fault.
     BadRequest,
+    /// The client's body stalled (`--client-body-timeout`): 408, not the backend's fault.
+    Stalled,
     /// The client went away: nothing to answer.
     ClientGone,
 }
@@ -238,6 +240,10 @@ impl<'a> Exchange<'a> {
         head.extend_from_slice(&cbuf[..early]);
         cbuf.drain(..early);
         let upward = Upward {
+            stall: Stall {
+                timers: &self.local.timers,
+                limit: self.proxy.settings().client_body_timeout,
+            },
             continue_due: self.req.expects_continue() && !framer.is_done(),
             framer,
             tap,
@@ -409,6 +415,7 @@ impl<'a> Exchange<'a> {
         Err(Step::End(match got {
             Got::Head(resp, plan, out) => return Ok((resp, plan, out)),
             Got::Up(UpEnd::BadBody) => End::BadRequest,
+            Got::Up(UpEnd::Stalled) => End::Stalled,
             Got::Up(_) | Got::Fail(HeadFail::ClientGone) => End::ClientGone,
             Got::Fail(HeadFail::Io { message, silent }) => {
                 let message = match up_failed.take() {
@@ -475,6 +482,10 @@ impl<'a> Exchange<'a> {
             Timeout,
         }
         let got = {
+            let writes = Stall {
+                timers: &self.local.timers,
+                limit: self.proxy.settings().client_write_timeout,
+            };
             let mut down = pin!(download(
                 self.client,
                 conn,
@@ -482,7 +493,8 @@ impl<'a> Exchange<'a> {
                 framer,
                 out,
                 tap,
-                plan.rechunk
+                plan.rechunk,
+                writes
             ));
             let timer = &mut self.timer;
             poll_fn(|cx| {
@@ -542,6 +554,7 @@ impl<'a> Exchange<'a> {
         let reply = match end {
             End::ClientGone => return After::Gone,
             End::BadRequest => return self.reject(guard, ProxyError::BadRequest).await,
+            End::Stalled => return self.reject(guard, ProxyError::BodyTimeout).await,
             End::Failed(failure) => guard.fail(failure, &self.line()),
         };
         self.answer(reply, req_done).await

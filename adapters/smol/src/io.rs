@@ -12,6 +12,7 @@ use futures_lite::future;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::stream::Stream;
+use crate::timers::Timers;
 
 /// Now as an HTTP-date, for the `Date` of the responses `lb` makes or passes on without
 /// one.
@@ -124,6 +125,34 @@ where
         }
     }
     w.flush().await
+}
+
+/// The longest one read or write with a client may wait (`--client-body-timeout`,
+/// `--client-write-timeout`), on the shard's timers.
+#[derive(Clone, Copy)]
+pub(crate) struct Stall<'a> {
+    pub(crate) timers: &'a Timers,
+    pub(crate) limit: Duration,
+}
+
+impl Stall<'_> {
+    /// Runs `io`, giving up with `TimedOut` when it waits longer than the limit. The timer
+    /// is made only when `io` has to wait at all: reads and writes that go through at once
+    /// cost none.
+    pub(crate) async fn within<T>(
+        self,
+        io: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let mut io = std::pin::pin!(io);
+        if let Some(done) = future::poll_once(io.as_mut()).await {
+            return done;
+        }
+        future::or(io, async {
+            self.timers.after(self.limit).await;
+            Err(io::ErrorKind::TimedOut.into())
+        })
+        .await
+    }
 }
 
 /// Writes all of `data` to `s`.

@@ -197,6 +197,10 @@ fn reactor_error(e: std::io::Error) -> StartError {
     StartError::runtime("create an event loop (epoll)", e)
 }
 
+/// How long an accept loop waits after a failed accept (out of file descriptors, say)
+/// before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 /// Stack size of the shards' own threads: connection tasks live on the heap, so the stack
 /// holds little more than the executor's loop.
 const SHARD_STACK: usize = 256 * 1024;
@@ -222,21 +226,25 @@ async fn shard(proxy: &Arc<Proxy>, ex: &Executor<'static>, listener: TcpListener
     ex.spawn(async move { timers.runtime().local(index).timers.run().await })
         .detach();
     loop {
+        // At --max-client-conns, wait for a connection to close before accepting.
+        proxy.accept_room().await;
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Past --max-client-conns (shards that accepted at once), the
+                // connection waits here unread until another closes.
+                let open = proxy.admit().await;
                 let _ = stream.set_nodelay(true);
                 // Refused by epoll (out of memory): the connection closes.
                 let Ok(stream) = reactor.register(stream) else {
                     continue;
                 };
-                let open = proxy.open_connection();
                 ex.spawn(conn::serve(open, index, stream::Stream::Tcp(stream), peer))
                     .detach();
             }
             // Out of file descriptors and the like: the listener stays readable, so back
-            // off briefly instead of spinning.
+            // off instead of spinning; the connections already open keep working.
             Err(_) => {
-                Timer::after(Duration::from_millis(10)).await;
+                Timer::after(ACCEPT_BACKOFF).await;
             }
         }
     }

@@ -13,7 +13,8 @@ use lb_proxy::Failure;
 
 use crate::connect::describe;
 use crate::io::{
-    date_now, head_read_size, may_end_head, read_more, send, watch, write_counted, Budget, ReadSize,
+    date_now, head_read_size, may_end_head, read_more, send, watch, write_counted, Budget,
+    ReadSize, Stall,
 };
 use crate::reqlog::Tap;
 use crate::rt::{Local, Proxy, Upstream};
@@ -27,6 +28,8 @@ pub(crate) const WATCH_CAP: usize = 64 * 1024;
 pub(crate) enum UpEnd {
     /// The client closed or reset its connection.
     ClientGone,
+    /// The client's body sent nothing for `--client-body-timeout`.
+    Stalled,
     /// The client's request body is malformed (bad chunked framing).
     BadBody,
     /// Writing to the backend failed: not fatal by itself, the backend may have answered.
@@ -127,6 +130,8 @@ pub(crate) struct Upward<'a> {
     /// The client waits for `100 Continue` before it sends the body (`Expect`): sent
     /// when the body is first read (the backend is not asked).
     pub(crate) continue_due: bool,
+    /// The longest the body may send nothing (`--client-body-timeout`).
+    pub(crate) stall: Stall<'a>,
 }
 
 /// The request as it went to a reused connection (head and body), kept while it stays
@@ -226,8 +231,14 @@ async fn next_body_part(
                 .await
                 .map_err(|_| UpEnd::ClientGone)?;
         }
-        match read_more(client, cbuf, size.get()).await {
-            Ok(0) | Err(_) => return Err(UpEnd::ClientGone),
+        match up
+            .stall
+            .within(read_more(client, &mut *cbuf, size.get()))
+            .await
+        {
+            Ok(0) => return Err(UpEnd::ClientGone),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(UpEnd::Stalled),
+            Err(_) => return Err(UpEnd::ClientGone),
             Ok(n) => size.record(n),
         }
     }
@@ -312,6 +323,9 @@ pub(crate) async fn response_head(
 /// With `rechunk` (a close-delimited body to an HTTP/1.1 client, see
 /// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
 /// stream as the last chunk.
+///
+/// A client that takes nothing of it for `stall` (`--client-write-timeout`) is gone.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn download(
     client: &Stream,
     conn: &Stream,
@@ -320,8 +334,9 @@ pub(crate) async fn download(
     out: Vec<u8>,
     mut tap: Option<Tap<'_>>,
     rechunk: bool,
+    stall: Stall<'_>,
 ) -> DownEnd {
-    if send(client, &out).await.is_err() {
+    if stall.within(send(client, &out)).await.is_err() {
         return DownEnd::ClientGone;
     }
     drop(out);
@@ -341,7 +356,7 @@ pub(crate) async fn download(
             Ok(0) => {
                 return match framer.finish() {
                     // Close-delimited: complete at EOF.
-                    Ok(()) if rechunk => match send(client, b"0\r\n\r\n").await {
+                    Ok(()) if rechunk => match stall.within(send(client, b"0\r\n\r\n")).await {
                         Ok(()) => DownEnd::Done,
                         Err(_) => DownEnd::ClientGone,
                     },
@@ -371,7 +386,7 @@ pub(crate) async fn download(
         } else {
             &bbuf[..p.consumed]
         };
-        if send(client, part).await.is_err() {
+        if stall.within(send(client, part)).await.is_err() {
             return DownEnd::ClientGone;
         }
         bbuf.drain(..p.consumed);

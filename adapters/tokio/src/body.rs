@@ -35,6 +35,10 @@ pin_project_lite::pin_project! {
         status: u16,
         request: ReqLine,
         capture: Option<Arc<Capture>>,
+        // The failure that cut the stream, handed to hyper one poll later: hyper drops
+        // what it has not written yet when a body fails, so it gets the chance to flush
+        // the head and the last bytes first.
+        failed: Option<Box<dyn std::error::Error + Send + Sync>>,
     }
 }
 
@@ -57,6 +61,7 @@ impl Streamed {
             status,
             request,
             capture,
+            failed: None,
         }
     }
 }
@@ -70,6 +75,9 @@ impl Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let mut polled = this.inner.as_mut().poll_frame(cx);
         if polled.is_pending() {
             // Nothing buffered: let the connection read (it delivers into `inner`).
@@ -101,7 +109,9 @@ impl Body for Streamed {
                 if let Some(g) = this.guard.take() {
                     g.cut(*this.status, Failure::Io(describe(&e)), this.request);
                 }
-                Poll::Ready(Some(Err(e.into())))
+                *this.failed = Some(e.into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Pending => {
                 let deadline = *this.deadline;
@@ -113,13 +123,17 @@ impl Body for Streamed {
                     g.cut(*this.status, Failure::Timeout, this.request);
                 }
                 let message = "request timeout (--timeout) reached while streaming the response";
-                Poll::Ready(Some(Err(message.into())))
+                *this.failed = Some(message.into());
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.guard.is_none() || self.inner.is_end_stream()
+        // A stream cut by a failure not yet handed over is not at its end: hyper must not
+        // end it cleanly (a last chunk would make a truncated stream look complete).
+        self.failed.is_none() && (self.guard.is_none() || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -14,8 +14,10 @@ mod headers;
 mod pool;
 mod proxy;
 mod rt;
+mod stall;
 mod upbody;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -186,28 +188,53 @@ async fn shard(
     // last one is gone. `closing` asks them to finish gracefully.
     let (conns_tx, conns_rx) = tokio::sync::watch::channel(false);
     let closing = Arc::new(Stop::default());
+    let write_timeout = settings.client_write_timeout;
     loop {
+        // At --max-client-conns, wait for a connection to close before accepting.
+        tokio::select! {
+            () = proxy.accept_room() => {}
+            _ = stop.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly, keep serving.
-                        accept_error(&e).await;
+                    Err(_) => {
+                        // Out of file descriptors and the like: the listener stays
+                        // readable, so back off instead of spinning; the connections
+                        // already open keep working.
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
+                };
+                // Past --max-client-conns (shards that accepted at once), the
+                // connection waits here unread until another closes.
+                let open = tokio::select! {
+                    open = proxy.admit() => open,
+                    _ = stop.changed() => break,
                 };
                 let _ = stream.set_nodelay(true);
                 let (proxy, traffic) = (proxy.clone(), traffic.clone());
                 let peer = proxy::Peer::new(peer);
-                let service = service_fn(move |req| proxy::handle(proxy.clone(), traffic.clone(), peer.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+                let activity = Arc::new(stall::Activity::default());
+                let exchanges = activity.clone();
+                let service = service_fn(move |req| {
+                    let exchange = exchanges.begin();
+                    let handled = proxy::handle(proxy.clone(), traffic.clone(), peer.clone(), req);
+                    async move {
+                        let response = handled.await?;
+                        Ok::<_, Infallible>(response.map(|b| stall::Tracked::new(b, exchange)))
+                    }
+                });
+                let io = TokioIo::new(stall::WriteStall::new(stream, write_timeout, activity.clone()));
+                let conn = builder.serve_connection(io, service).with_upgrades();
                 let (alive, closing) = (conns_rx.clone(), closing.clone());
                 tokio::spawn(async move {
-                    // Finishes the request in progress once the shard stops, then closes
-                    // (idle keep-alive connections close at once).
-                    let _ = Graceful::new(conn, &closing, |c| c.graceful_shutdown()).await;
-                    drop(alive);
+                    // Finishes the request in progress once the shard stops, then closes;
+                    // a connection with no response in progress (idle, or holding part
+                    // of a head) closes at once.
+                    let _ = Graceful::new(conn, &closing, || activity.quiet(), |c| c.graceful_shutdown()).await;
+                    drop((alive, open));
                 });
             }
             _ = stop.changed() => break,
@@ -242,42 +269,48 @@ pin_project_lite::pin_project! {
     /// A `select!` against a stop channel would poll that channel each time the task wakes,
     /// several times per request. Here the task's waker is registered with the stop signal
     /// once, on the first poll (a connection task's waker never changes), and each later
-    /// wake costs one atomic load.
-    struct Graceful<'a, C, F> {
+    /// wake costs one atomic load. When the stop comes, a connection that `quiet` says has
+    /// nothing in progress is dropped (closed) rather than asked to finish.
+    struct Graceful<'a, C, Q, F> {
         #[pin]
         conn: C,
         #[pin]
         notified: tokio::sync::futures::Notified<'a>,
         stopping: &'a AtomicBool,
         registered: bool,
+        quiet: Q,
         shutdown: Option<F>,
     }
 }
 
-impl<'a, C, F> Graceful<'a, C, F>
+impl<'a, C, Q, F> Graceful<'a, C, Q, F>
 where
     C: Future,
+    Q: Fn() -> bool,
     F: FnOnce(Pin<&mut C>),
 {
-    fn new(conn: C, stop: &'a Stop, shutdown: F) -> Self {
+    fn new(conn: C, stop: &'a Stop, quiet: Q, shutdown: F) -> Self {
         Graceful {
             conn,
             notified: stop.notify.notified(),
             stopping: &stop.stopping,
             registered: false,
+            quiet,
             shutdown: Some(shutdown),
         }
     }
 }
 
-impl<C, F> Future for Graceful<'_, C, F>
+impl<C, Q, F> Future for Graceful<'_, C, Q, F>
 where
     C: Future,
+    Q: Fn() -> bool,
     F: FnOnce(Pin<&mut C>),
 {
-    type Output = C::Output;
+    /// `None`: dropped at the stop with nothing in progress.
+    type Output = Option<C::Output>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if !*this.registered {
             *this.registered = true;
@@ -285,19 +318,20 @@ where
             let _ = this.notified.as_mut().poll(cx);
         }
         if this.stopping.load(Ordering::Acquire) {
+            if (this.quiet)() {
+                return Poll::Ready(None);
+            }
             if let Some(shutdown) = this.shutdown.take() {
                 shutdown(this.conn.as_mut());
             }
         }
-        this.conn.poll(cx)
+        this.conn.poll(cx).map(Some)
     }
 }
 
-async fn accept_error(e: &io::Error) {
-    // EMFILE/ENFILE/ENOBUFS: the listener stays readable, so sleeping avoids a hot loop.
-    let _ = e;
-    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-}
+/// How long an accept loop waits after a failed accept (out of file descriptors, say)
+/// before trying again.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// SIGTERM and SIGINT, registered eagerly.
 struct Signals {

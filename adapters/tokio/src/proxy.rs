@@ -25,7 +25,7 @@ use crate::headers::{
 };
 use crate::pool::{Lent, Pool, SendError};
 use crate::rt::{request_uri, LeaseGuard, Proxy, Upstream};
-use crate::upbody::{Replay, UpBody};
+use crate::upbody::{BodyStalled, Replay, UpBody};
 
 pub(crate) type ProxyBody = Either<Full<Bytes>, Streamed>;
 
@@ -95,7 +95,12 @@ pub(crate) async fn handle(
     // race (see `pool`).
     let replay =
         (!hyper::body::Body::is_end_stream(&body)).then(|| Replay::new(settings.replay_buffer));
-    let mut body = UpBody::new(body, capture.clone(), replay.clone());
+    let mut body = UpBody::new(
+        body,
+        capture.clone(),
+        replay.clone(),
+        settings.client_body_timeout,
+    );
 
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
@@ -106,7 +111,11 @@ pub(crate) async fn handle(
                 .await
             {
                 Ok(Ok(read)) => read,
-                // The client stopped sending (or went away) before the body arrived.
+                // The client stalled (408), or went away or framed its body badly (400),
+                // before the body arrived.
+                Ok(Err(e)) if stalled(e.as_ref()) => {
+                    return Ok(logged(&capture, reply::error(ProxyError::BodyTimeout)))
+                }
                 _ => return Ok(logged(&capture, reply::error(ProxyError::BadRequest))),
             };
         prefix = Some(read);
@@ -227,10 +236,15 @@ async fn forward(
     let (mut resp, conn) = match sent {
         Ok(Ok(sent)) => sent,
         Ok(Err(SendError::Http(e))) if client_side(&e) => {
-            // The client's request body failed (it went away mid-upload): not the
-            // backend's fault.
+            // The client's request body failed (it stalled: 408; it went away mid-upload
+            // or framed it badly: 400): not the backend's fault.
             drop(guard);
-            return logged(&capture, reply::error(ProxyError::BadRequest));
+            let answer = if stalled(&e) {
+                ProxyError::BodyTimeout
+            } else {
+                ProxyError::BadRequest
+            };
+            return logged(&capture, reply::error(answer));
         }
         Ok(Err(e)) => {
             let failure = match &e {
@@ -387,6 +401,18 @@ pub(crate) fn client_side(e: &hyper::Error) -> bool {
             if h.is_user() || h.is_body_write_aborted() {
                 return true;
             }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether the error comes from a request body that stalled (`--client-body-timeout`).
+fn stalled(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyStalled>() {
+            return true;
         }
         cur = err.source();
     }

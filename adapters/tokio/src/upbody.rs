@@ -3,9 +3,11 @@
 //! and into the [`Replay`] copy while it fits.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -13,6 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use lb_proxy::reqlog::Capture;
+use tokio::time::Sleep;
 
 pub(crate) struct UpBody {
     buffered: VecDeque<Frame<Bytes>>,
@@ -20,7 +23,26 @@ pub(crate) struct UpBody {
     rest: Option<Incoming>,
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
+    /// `--client-body-timeout`: the longest the client's body may send nothing.
+    stall_limit: Duration,
+    /// Armed while the client's body has nothing to give; cleared by each frame.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
+
+/// Errors a request body gives hyper: the client's (hyper's), or [`BodyStalled`].
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's request body sent nothing for `--client-body-timeout`.
+#[derive(Debug)]
+pub(crate) struct BodyStalled;
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body sent nothing for --client-body-timeout")
+    }
+}
+
+impl std::error::Error for BodyStalled {}
 
 /// A copy of a request body as it goes up, kept while it stays within `--replay-buffer`,
 /// so the request can be sent again after the keep-alive race (see `pool`). The bytes are
@@ -175,6 +197,7 @@ impl UpBody {
         body: Incoming,
         capture: Option<Arc<Capture>>,
         replay: Option<Arc<Replay>>,
+        stall_limit: Duration,
     ) -> Self {
         UpBody {
             buffered: VecDeque::new(),
@@ -182,6 +205,8 @@ impl UpBody {
             rest: Some(body),
             capture,
             replay,
+            stall_limit,
+            stalled: None,
         }
     }
 
@@ -193,6 +218,8 @@ impl UpBody {
             rest: None,
             capture: None,
             replay: None,
+            stall_limit: Duration::MAX,
+            stalled: None,
         }
     }
 
@@ -211,21 +238,22 @@ impl UpBody {
 
     /// Reads frames until `limit` data bytes or the end; they are replayed first. Returns the
     /// data read (contiguous, for parsing) and whether the body ended within the limit.
-    pub(crate) async fn read_prefix(
-        &mut self,
-        limit: usize,
-    ) -> Result<(Vec<u8>, bool), hyper::Error> {
+    pub(crate) async fn read_prefix(&mut self, limit: usize) -> Result<(Vec<u8>, bool), BodyError> {
         let mut data = Vec::new();
+        let stall_limit = self.stall_limit;
         let Some(rest) = self.rest.as_mut() else {
             return Ok((data, true));
         };
         while data.len() < limit {
-            match rest.frame().await {
+            let frame = tokio::time::timeout(stall_limit, rest.frame())
+                .await
+                .map_err(|_| BodyStalled)?;
+            match frame {
                 None => {
                     self.rest = None;
                     return Ok((data, true));
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
                 Some(Ok(frame)) => {
                     if let Some(d) = frame.data_ref() {
                         data.extend_from_slice(d);
@@ -242,12 +270,12 @@ impl UpBody {
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = this.poll_inner(cx);
         if let Some(r) = &this.replay {
@@ -288,7 +316,7 @@ impl UpBody {
     fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self;
         let polled = match this.buffered.pop_front() {
             Some(frame) => {
@@ -299,7 +327,23 @@ impl UpBody {
             }
             None => match this.rest.as_mut() {
                 None => Poll::Ready(None),
-                Some(rest) => Pin::new(rest).poll_frame(cx),
+                Some(rest) => match Pin::new(rest).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        this.stalled = None;
+                        Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+                    }
+                    // Nothing from the client now: it may wait at most the stall limit.
+                    Poll::Pending => {
+                        let limit = this.stall_limit;
+                        let timer = this
+                            .stalled
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        match timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled.into()))),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                },
             },
         };
         if let (Some(c), Poll::Ready(Some(Ok(frame)))) = (this.capture.as_ref(), &polled) {

@@ -1,0 +1,181 @@
+//! A client connection whose writes may not stall: a client that reads nothing of its
+//! response for `--client-write-timeout` is cut off (its write fails with `TimedOut`), so
+//! one stalled client cannot pin a connection slot, a lease and hyper's buffers. A timer
+//! is made only when a write has to wait: a client that keeps reading never costs one.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+pin_project_lite::pin_project! {
+    pub(crate) struct WriteStall {
+        #[pin]
+        inner: TcpStream,
+        limit: Duration,
+        // Armed while a write waits; cleared by any progress.
+        waiting: Option<Pin<Box<Sleep>>>,
+        activity: Arc<Activity>,
+    }
+}
+
+impl WriteStall {
+    pub(crate) fn new(inner: TcpStream, limit: Duration, activity: Arc<Activity>) -> Self {
+        WriteStall {
+            inner,
+            limit,
+            waiting: None,
+            activity,
+        }
+    }
+}
+
+/// Passes `polled` on, arming the stall timer while it is pending and failing it once the
+/// timer fires.
+fn watch<T>(
+    polled: Poll<io::Result<T>>,
+    waiting: &mut Option<Pin<Box<Sleep>>>,
+    limit: Duration,
+    activity: &Activity,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<T>> {
+    if polled.is_ready() {
+        if waiting.take().is_some() {
+            activity.writing.store(false, Ordering::Release);
+        }
+        return polled;
+    }
+    let timer = waiting.get_or_insert_with(|| {
+        activity.writing.store(true, Ordering::Release);
+        Box::pin(tokio::time::sleep(limit))
+    });
+    ready!(timer.as_mut().poll(cx));
+    *waiting = None;
+    activity.writing.store(false, Ordering::Release);
+    Poll::Ready(Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client read nothing for --client-write-timeout",
+    )))
+}
+
+impl AsyncRead for WriteStall {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteStall {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        watch(polled, this.waiting, *this.limit, this.activity, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        watch(polled, this.waiting, *this.limit, this.activity, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_flush(cx);
+        watch(polled, this.waiting, *this.limit, this.activity, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// What a client connection is doing, as far as its shard's stop needs to know: how many
+/// exchanges are between their head (hyper calls the service) and the end of their
+/// response body, and whether a write is waiting on the client. A connection with neither
+/// holds at most a partial head, which a stop need not wait for: hyper's graceful
+/// shutdown would wait for that head until `--head-timeout`.
+#[derive(Default)]
+pub(crate) struct Activity {
+    exchanges: std::sync::atomic::AtomicU32,
+    writing: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    /// Marks an exchange in progress until the returned guard drops.
+    pub(crate) fn begin(self: &Arc<Self>) -> Exchange {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        Exchange(self.clone())
+    }
+
+    /// No response is in progress and nothing waits to be written.
+    pub(crate) fn quiet(&self) -> bool {
+        self.exchanges.load(Ordering::Acquire) == 0 && !self.writing.load(Ordering::Acquire)
+    }
+}
+
+/// An exchange in progress (see [`Activity`]).
+pub(crate) struct Exchange(Arc<Activity>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.exchanges.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its exchange marked in progress until hyper drops it
+    /// (at its end, or when the connection goes).
+    pub(crate) struct Tracked<B> {
+        #[pin]
+        inner: B,
+        exchange: Exchange,
+    }
+}
+
+impl<B> Tracked<B> {
+    pub(crate) fn new(inner: B, exchange: Exchange) -> Self {
+        Tracked { inner, exchange }
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
