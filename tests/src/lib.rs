@@ -15,7 +15,7 @@
 //! panics; on a panic the guard prints the child's captured stderr, so a
 //! failing test shows what `lb` logged.
 
-#![allow(unsafe_code)] // `setrlimit` in `raise_fd_limit`; `setsockopt` in `scripted`
+#![allow(unsafe_code)] // `setrlimit` in `raise_fd_limit`; `setns` and `setsockopt` in modules
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -29,6 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use serde_json::{json, Value};
 
+pub mod netns;
+pub mod relay;
 pub mod scripted;
 pub use scripted::{After, Continue, Received, Script, ScriptedBackend, KEEPALIVE_PATH};
 
