@@ -2,9 +2,19 @@
 # The whole test suite: core unit/property/statistical/golden tests and fuzz-corpus replay,
 # adapter and CLI unit tests, then the black-box suite against both builds of lb, then the
 # conformance suite that runs the same raw exchanges through both builds and compares them.
+# The black-box suite includes the fault-injection cases (tests/tests/faults), which need
+# root and network namespaces, and nftables for faults on a link; they skip, saying why,
+# where those are missing.
 #   tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing nftables (the fault-injection suite puts faults on links with it)"
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables) \
+      >/dev/null 2>&1; then
+    echo "   could not install nftables: the cases that need it will skip"
+  fi
+fi
 mkdir -p target/bin
 # Both builds produce target/release/lb: smol first, tokio last, so the default build is
 # what target/release/lb holds afterwards. Each is copied to target/bin/lb-<runtime>.

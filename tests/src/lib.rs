@@ -15,10 +15,10 @@
 //! panics; on a panic the guard prints the child's captured stderr, so a
 //! failing test shows what `lb` logged.
 
-#![allow(unsafe_code)] // only `setrlimit` in `raise_fd_limit`
+#![allow(unsafe_code)] // `setrlimit` in `raise_fd_limit`; `setns` and `setsockopt` in modules
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,6 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use serde_json::{json, Value};
 
+pub mod netns;
+pub mod relay;
 pub mod scripted;
 pub use scripted::{After, Continue, Received, Script, ScriptedBackend, KEEPALIVE_PATH};
 
@@ -403,6 +405,13 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// How many file descriptors a process has open (the entries of `/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .count()
+}
+
 /// Peak resident set size (`VmHWM`) of a process, in KiB.
 pub fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -736,8 +745,10 @@ pub fn run_lb<S: AsRef<str>>(args: &[S], timeout: Duration) -> LbOutput {
 /// A running `mock-backend`, killed on drop.
 pub struct Mock {
     child: Option<Child>,
-    /// The port it listens on (127.0.0.1).
+    /// The port it listens on.
     pub port: u16,
+    /// The address it listens on (`--bind`, 127.0.0.1 by default).
+    pub ip: IpAddr,
     /// Its stderr, line by line.
     pub log: LogBuffer,
     args: Vec<String>,
@@ -755,17 +766,18 @@ impl Mock {
             full.push("--port".into());
             full.push("0".into());
         }
-        let (child, port, log) = Mock::start(&full).unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr, log) = Mock::start(&full).unwrap_or_else(|e| panic!("{e}"));
         let args: Vec<String> = strip_port(&args);
         Mock {
             child: Some(child),
-            port,
+            port: addr.port(),
+            ip: addr.ip(),
             log,
             args,
         }
     }
 
-    fn start(args: &[String]) -> Result<(Child, u16, LogBuffer), String> {
+    fn start(args: &[String]) -> Result<(Child, SocketAddr, LogBuffer), String> {
         let bin = mock_bin();
         let mut child = Command::new(&bin)
             .args(args)
@@ -799,13 +811,12 @@ impl Mock {
                 ));
             }
         };
-        let port = line
+        let addr = line
             .trim()
             .strip_prefix("listening on ")
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok());
-        match port {
-            Some(p) => Ok((child, p, log)),
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        match addr {
+            Some(a) => Ok((child, a, log)),
             None => {
                 kill_child(&mut child);
                 log.wait_closed(Duration::from_secs(2));
@@ -817,14 +828,19 @@ impl Mock {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<ip>:<port>` (`http://127.0.0.1:<port>` unless started with `--bind`).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.socket_addr())
     }
 
-    /// `127.0.0.1:<port>` (no scheme).
+    /// `<ip>:<port>` (no scheme).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.socket_addr().to_string()
+    }
+
+    /// The address it listens on.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
     }
 
     /// Kill the mock (SIGKILL) and wait for it; its port is closed after this.
@@ -844,8 +860,8 @@ impl Mock {
         let deadline = Instant::now() + DEADLINE;
         loop {
             match Mock::start(&full) {
-                Ok((child, port, log)) => {
-                    assert_eq!(port, self.port, "restarted mock on another port");
+                Ok((child, addr, log)) => {
+                    assert_eq!(addr.port(), self.port, "restarted mock on another port");
                     self.child = Some(child);
                     self.log = log;
                     return;
@@ -860,7 +876,11 @@ impl Mock {
 
     /// `GET /stats` straight from the mock.
     pub fn stats(&self) -> Value {
-        let r = get(self.port, "/stats");
+        let mut c = Conn::open_addr(self.socket_addr(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect to the mock at {}: {e}", self.addr()));
+        let r = c
+            .request("GET", "/stats", &[("Connection", "close")], None)
+            .unwrap_or_else(|e| panic!("GET {}/stats: {e}", self.url()));
         assert_eq!(r.status, 200, "mock /stats: {}", r.text());
         r.json()
     }
@@ -1121,7 +1141,8 @@ enum BodyKind {
 /// One client connection (keep-alive capable).
 pub struct Conn {
     r: BufReader<TcpStream>,
-    port: u16,
+    /// The `Host` sent unless a request gives its own: the address connected to.
+    host: String,
 }
 
 impl Conn {
@@ -1141,14 +1162,18 @@ impl Conn {
 
     /// Connect to `127.0.0.1:port` with a connect timeout.
     pub fn open_timeout(port: u16, timeout: Duration) -> io::Result<Conn> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Conn::open_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout)
+    }
+
+    /// Connect to `addr` with a connect timeout.
+    pub fn open_addr(addr: SocketAddr, timeout: Duration) -> io::Result<Conn> {
         let s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(Conn {
             r: BufReader::with_capacity(64 * 1024, s),
-            port,
+            host: addr.to_string(),
         })
     }
 
@@ -1184,7 +1209,7 @@ impl Conn {
     ) -> io::Result<()> {
         let mut h = format!("{method} {path} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            h.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+            h.push_str(&format!("Host: {}\r\n", self.host));
         }
         for (k, v) in headers {
             h.push_str(&format!("{k}: {v}\r\n"));

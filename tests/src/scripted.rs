@@ -18,7 +18,8 @@
 //! second request that tells whether `lb` kept its connection open).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -40,7 +41,13 @@ pub enum After {
     KeepOpen,
     /// Send FIN, let the peer read everything, close.
     Close,
+    /// Wait [`RESET_AFTER`] (so that the peer has read what was written), then
+    /// reset the connection (RST, through `SO_LINGER` 0).
+    Reset,
 }
+
+/// How long [`After::Reset`] waits before it resets the connection.
+pub const RESET_AFTER: Duration = Duration::from_millis(200);
 
 /// What the backend does with `Expect: 100-continue`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +86,12 @@ impl Script {
     /// The same, closing the connection after the response.
     pub fn closing(mut self) -> Script {
         self.after = After::Close;
+        self
+    }
+
+    /// The same, resetting the connection after the response ([`After::Reset`]).
+    pub fn resetting(mut self) -> Script {
+        self.after = After::Reset;
         self
     }
 
@@ -171,8 +184,10 @@ struct Shared {
 /// The scripted backend; stops (and closes every connection within 50 ms)
 /// when dropped.
 pub struct ScriptedBackend {
-    /// The port it listens on (127.0.0.1).
+    /// The port it listens on.
     pub port: u16,
+    /// The address it listens on (127.0.0.1 unless started with [`ScriptedBackend::spawn_at`]).
+    pub ip: IpAddr,
     shared: Arc<Shared>,
     accept: Option<thread::JoinHandle<()>>,
 }
@@ -180,7 +195,14 @@ pub struct ScriptedBackend {
 impl ScriptedBackend {
     /// Start it on a free loopback port with [`Script::default`].
     pub fn spawn() -> ScriptedBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        ScriptedBackend::spawn_at(Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Start it on a free port of `ip` with [`Script::default`] (in the network
+    /// namespace of the calling thread).
+    pub fn spawn_at(ip: IpAddr) -> ScriptedBackend {
+        let listener =
+            TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip} port 0: {e}"));
         let port = listener.local_addr().expect("local_addr").port();
         listener.set_nonblocking(true).expect("set_nonblocking");
         let shared = Arc::new(Shared::default());
@@ -199,14 +221,15 @@ impl ScriptedBackend {
         });
         ScriptedBackend {
             port,
+            ip,
             shared,
             accept: Some(accept),
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<ip>:<port>`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", SocketAddr::new(self.ip, self.port))
     }
 
     /// Answer the next requests with `script`.
@@ -351,24 +374,32 @@ fn serve(s: TcpStream, shared: &Shared) {
             Ok(()) => {}
         }
         let scripted = rec.problem.is_some() || !(rec.is_probe() || rec.is_keepalive_check());
-        let (reply, close) = if !scripted {
+        let (reply, after) = if !scripted {
             if rec.is_probe() {
                 shared.probes.fetch_add(1, Ordering::SeqCst);
-                (PROBE_REPLY, false)
+                (PROBE_REPLY, After::KeepOpen)
             } else {
-                (KEEPALIVE_REPLY, false)
+                (KEEPALIVE_REPLY, After::KeepOpen)
             }
         } else {
-            let close = rec.problem.is_some() || script.after == After::Close;
+            let after = match script.after {
+                After::KeepOpen if rec.problem.is_some() => After::Close,
+                after => after,
+            };
             // Recorded before the response goes out, so a client that has
             // the response can read the record.
             shared.received.lock().unwrap().push(rec);
-            (&script.response[..], close)
+            (&script.response[..], after)
         };
         if (&s).write_all(reply).is_err() {
             return;
         }
-        if close {
+        if after == After::Reset {
+            thread::sleep(RESET_AFTER);
+            reset_on_close(&s);
+            return;
+        }
+        if after == After::Close {
             let _ = s.shutdown(Shutdown::Write);
             // Let the peer read it all before the socket goes away.
             let deadline = Instant::now() + Duration::from_millis(500);
@@ -384,6 +415,31 @@ fn serve(s: TcpStream, shared: &Shared) {
             return;
         }
     }
+}
+
+/// Make closing `s` send RST instead of FIN: `SO_LINGER` on with a zero timeout.
+fn reset_on_close(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from the pointer to a
+    // live local, on a descriptor `s` owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt(SO_LINGER): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 const PROBE_REPLY: &[u8] =
