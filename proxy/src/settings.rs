@@ -18,6 +18,19 @@ use lb_core::{BackendSpec, Config, Event, Policy, RequestKey, RequestMeta};
 /// fails the request, so ours must be shorter.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// TCP keep-alive on every backend socket: the first probe after this long without a
+/// segment either way, then one every [`BACKEND_KEEPALIVE_INTERVAL`], and the connection
+/// is declared dead after [`BACKEND_KEEPALIVE_PROBES`] unanswered probes. So a backend
+/// that vanishes from the network (a partition, a host that loses power) in the middle of
+/// a silent stream is detected within 15 s + 3 × 5 s = 30 s: the stream is cut and its
+/// lease released then, not at `--timeout` (4 h by default). Data in flight is bounded by
+/// the kernel's retransmission timeout instead.
+pub const BACKEND_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// See [`BACKEND_KEEPALIVE_IDLE`].
+pub const BACKEND_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// See [`BACKEND_KEEPALIVE_IDLE`].
+pub const BACKEND_KEEPALIVE_PROBES: u32 = 3;
+
 /// Default cap on a request or response head.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 

@@ -1148,10 +1148,12 @@ pub struct Conn {
 impl Conn {
     /// A client connection over an already connected socket.
     pub fn from_stream(s: TcpStream) -> Conn {
-        let port = s.peer_addr().map_or(0, |a| a.port());
+        let host = s
+            .peer_addr()
+            .map_or_else(|_| "127.0.0.1".to_string(), |a| a.to_string());
         Conn {
             r: BufReader::with_capacity(64 * 1024, s),
-            port,
+            host,
         }
     }
 

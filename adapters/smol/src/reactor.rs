@@ -331,6 +331,18 @@ impl Io<TcpStream> {
     pub(crate) async fn connect(reactor: &Arc<Reactor>, addr: SocketAddr) -> io::Result<Self> {
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
         let fd = rustix::net::socket_with(family(addr), SocketType::STREAM, flags, None)?;
+        // A backend that vanishes mid-stream is found by keep-alive probes (see
+        // BACKEND_KEEPALIVE_IDLE).
+        {
+            use lb_proxy::settings::{
+                BACKEND_KEEPALIVE_IDLE, BACKEND_KEEPALIVE_INTERVAL, BACKEND_KEEPALIVE_PROBES,
+            };
+            use rustix::net::sockopt;
+            sockopt::set_socket_keepalive(&fd, true)?;
+            sockopt::set_tcp_keepidle(&fd, BACKEND_KEEPALIVE_IDLE)?;
+            sockopt::set_tcp_keepintvl(&fd, BACKEND_KEEPALIVE_INTERVAL)?;
+            sockopt::set_tcp_keepcnt(&fd, BACKEND_KEEPALIVE_PROBES)?;
+        }
         match rustix::net::connect(&fd, &addr) {
             Ok(()) | Err(Errno::INPROGRESS) => {}
             Err(e) => return Err(e.into()),

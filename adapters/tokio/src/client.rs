@@ -12,13 +12,17 @@ use lb_proxy::StartError;
 
 pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
-/// TCP with `TCP_NODELAY` and the connect timeout, wrapped in TLS for `https://` backends
+/// TCP with `TCP_NODELAY`, keep-alive probes (see
+/// [`BACKEND_KEEPALIVE_IDLE`](lb_proxy::settings::BACKEND_KEEPALIVE_IDLE)) and the connect timeout, wrapped in TLS for `https://` backends
 /// (system roots plus `--backend-ca`).
 pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_keepalive(Some(lb_proxy::settings::BACKEND_KEEPALIVE_IDLE));
+    http.set_keepalive_interval(Some(lb_proxy::settings::BACKEND_KEEPALIVE_INTERVAL));
+    http.set_keepalive_retries(Some(lb_proxy::settings::BACKEND_KEEPALIVE_PROBES));
     let mut roots = rustls::RootCertStore::empty();
     // Unreadable system certificates only matter for https:// backends; those then fail
     // their probes with a TLS error that names the problem.

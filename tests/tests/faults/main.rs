@@ -32,8 +32,8 @@
 //!
 //! * `network.rs`: a SYN black hole (connect timeout, failover with `--connect-retries`),
 //!   200 ms ± 50 ms latency and 5 % loss under 60 SSE streams (times printed), a
-//!   partition mid-stream (cut by `--timeout`; whether `lb`'s backend socket has TCP
-//!   keep-alive is printed), a 64 MiB upload to a backend that never reads.
+//!   partition mid-stream (cut by `--timeout`, or with no deadline found by TCP
+//!   keep-alive on `lb`'s backend socket within about 30 s), a 64 MiB upload to a backend that never reads.
 //! * `scripted.rs`: raw bytes from a backend: resets inside the head and the body, a
 //!   close mid-chunk, `Content-Length` longer and shorter than the body, chunked without
 //!   its last chunk, a head over 64 KiB, a head that stalls, 10,000 interim responses
@@ -42,12 +42,7 @@
 //!
 //! Lines starting `faults:` are printed whatever the outcome (measurements, skips, and
 //! which `lb` behaviour a case asserted). Without root, `ip netns`, or `nft` for the
-//! cases that put faults on a link, each case says why and passes. Cases that depend on
-//! an `lb` flag this build does not list in `lb --help` (`--connect-retries`,
-//! `--max-passive-ejection-percent`) say so and assert today's behaviour instead. A
-//! deviation from the README that a case found and that is reported, on the build that
-//! has it, is let through with a `KNOWN lb BUG` line ([`known_bug`]); `FAULTS_STRICT=1`
-//! makes it fail.
+//! cases that put faults on a link, each case says why and passes.
 //!
 //! ```sh
 //! LB_BIN=$PWD/target/bin/lb-smol cargo test -p lb-tests --test faults
@@ -57,7 +52,6 @@ mod network;
 mod scripted;
 
 use std::io::Read as _;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use lb_tests::netns::{self, Topology};
@@ -96,14 +90,6 @@ fn nft_or_skip(case: &str) -> bool {
             false
         }
     }
-}
-
-/// Whether `lb --help` lists `flag` (flags that are being added to `lb`).
-fn lb_has_flag(flag: &str) -> bool {
-    static HELP: OnceLock<String> = OnceLock::new();
-    let help = HELP.get_or_init(|| run_lb(&["--help"], Duration::from_secs(10)).stdout);
-    help.split(|c: char| c.is_whitespace() || c == ',' || c == '=')
-        .any(|w| w == flag)
 }
 
 /// The health state a case leaves behind.
@@ -228,20 +214,6 @@ impl Rig {
             );
         }
     }
-}
-
-/// Whether to let a case pass over a deviation from the README that this suite found and
-/// reported (`what`), on the build that has it: the case says so in a line of its own
-/// and goes on, so that the suite stays usable until `lb` is fixed. With
-/// `FAULTS_STRICT=1` known deviations fail like any other.
-fn known_bug(case: &str, build: &str, what: &str) -> bool {
-    if !build_is(build) || std::env::var_os("FAULTS_STRICT").is_some_and(|v| v != "0") {
-        return false;
-    }
-    report!(
-        "faults: {case}: KNOWN lb BUG ({build} build), tolerated (FAULTS_STRICT=1 fails): {what}"
-    );
-    true
 }
 
 /// `pid`'s descriptor count once two reads 200 ms apart agree.

@@ -9,10 +9,7 @@ use std::time::Duration;
 
 use lb_tests::*;
 
-use crate::{
-    completion_got, known_bug, lb_has_flag, namespaces_or_skip, report, topology, weighted, Got,
-    Health, Rig,
-};
+use crate::{completion_got, namespaces_or_skip, report, topology, weighted, Got, Health, Rig};
 
 /// `--timeout` of these cases.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -49,26 +46,7 @@ struct Fault {
     after: After,
     want: Want,
     ejects: Ejects,
-    /// A reported deviation of one build, tolerated unless `FAULTS_STRICT=1`.
-    known: Option<Known>,
 }
-
-/// A known deviation: on `build`, a client outcome `matches` accepts instead of the want.
-struct Known {
-    build: &'static str,
-    matches: fn(&Got) -> bool,
-    what: &'static str,
-}
-
-/// The tokio build sometimes loses a response's head and the body bytes it already had
-/// when the backend's body fails right after them: hyper's server drops its unflushed
-/// write buffer when the body returns an error, so the client sees a bare close.
-const TOKIO_LOSES_HEAD: Known = Known {
-    build: "tokio",
-    matches: |got| matches!(got, Got::Nothing { .. }),
-    what: "the client got no response at all (not even the 200 head and the bytes lb had \
-           read) because the backend's body failed right after them",
-};
 
 /// Run one scripted fault through `lb` and check everything (see the module docs).
 fn run(fault: Fault) {
@@ -120,14 +98,6 @@ fn run(fault: Fault) {
         (Want::Cut(s), Got::Cut { status, .. }) if status == s => false,
         (Want::OkOr502(b), Got::Whole { status: 200, body }) if body == b => false,
         (Want::OkOr502(_), Got::Whole { status: 502, .. }) => true,
-        (_, got)
-            if fault
-                .known
-                .as_ref()
-                .is_some_and(|k| (k.matches)(got) && known_bug(case, k.build, k.what)) =>
-        {
-            false
-        }
         (want, got) => panic!("{case}: want {want:?}, got {got:?}"),
     };
     if let Got::Whole { status, body } = &got {
@@ -195,7 +165,6 @@ fn reset_inside_the_response_head() {
         after: After::Reset,
         want: Want::Status(502),
         ejects: Ejects::Yes,
-        known: None,
     });
 }
 
@@ -210,7 +179,6 @@ fn reset_inside_the_response_body() {
         after: After::Reset,
         want: Want::Cut(200),
         ejects: Ejects::Yes,
-        known: Some(TOKIO_LOSES_HEAD),
     });
 }
 
@@ -225,7 +193,6 @@ fn close_in_the_middle_of_a_chunk() {
         after: After::Close,
         want: Want::Cut(200),
         ejects: Ejects::Yes,
-        known: Some(TOKIO_LOSES_HEAD),
     });
 }
 
@@ -240,7 +207,6 @@ fn content_length_longer_than_the_body() {
         after: After::Close,
         want: Want::Cut(200),
         ejects: Ejects::Yes,
-        known: Some(TOKIO_LOSES_HEAD),
     });
 }
 
@@ -257,7 +223,6 @@ fn content_length_shorter_than_the_body() {
         after: After::KeepOpen,
         want: Want::Exactly(200, b"hello"),
         ejects: Ejects::No,
-        known: None,
     });
 }
 
@@ -272,7 +237,6 @@ fn chunked_without_its_last_chunk() {
         after: After::Close,
         want: Want::Cut(200),
         ejects: Ejects::Yes,
-        known: Some(TOKIO_LOSES_HEAD),
     });
 }
 
@@ -290,7 +254,6 @@ fn endless_response_head_over_64_kib() {
         after: After::KeepOpen,
         want: Want::Status(502),
         ejects: Ejects::No,
-        known: None,
     });
 }
 
@@ -304,7 +267,6 @@ fn response_head_that_stalls() {
         after: After::KeepOpen,
         want: Want::Status(504),
         ejects: Ejects::Yes,
-        known: None,
     });
 }
 
@@ -320,7 +282,6 @@ fn flood_of_100_continue() {
         after: After::KeepOpen,
         want: Want::OkOr502(b"ok"),
         ejects: Ejects::UnlessRefused,
-        known: None,
     });
 }
 
@@ -336,7 +297,6 @@ fn flood_of_103_early_hints() {
         after: After::KeepOpen,
         want: Want::OkOr502(b"ok"),
         ejects: Ejects::UnlessRefused,
-        known: None,
     });
 }
 
@@ -348,7 +308,6 @@ fn garbage_status_code() {
         after: After::KeepOpen,
         want: Want::Status(502),
         ejects: Ejects::Yes,
-        known: None,
     });
 }
 
@@ -360,21 +319,12 @@ fn not_http_at_all() {
         after: After::KeepOpen,
         want: Want::Status(502),
         ejects: Ejects::Yes,
-        known: Some(Known {
-            build: "smol",
-            matches: |got| matches!(got, Got::Whole { status: 504, .. }),
-            what: "a status line that is not HTTP gets 504 at --timeout instead of 502 at \
-                   once: lb-http1's parse_response judges the status line only once the head \
-                   has ended",
-        }),
     });
 }
 
 /// A lone backend resets a response before its head: the client gets `502`. With
 /// `--max-passive-ejection-percent` (default 50) a lone backend is never ejected by passive
-/// errors alone, so it stays in and the next request is served. Without the flag (today's
-/// `lb`) it is ejected at once: `/health` says `degraded` and the next request gets `503`
-/// until probes bring it back.
+/// errors alone, so it stays in and the next request is served.
 #[test]
 fn lone_backend_and_passive_ejection() {
     let case = "lone backend";
@@ -390,22 +340,5 @@ fn lone_backend_and_passive_ejection() {
     let (got, _) = completion_got(rig.lb.port, Duration::from_secs(10));
     assert_eq!(got.status(), Some(502), "{case}: {got:?}");
     sb.set_script(Script::default());
-    if lb_has_flag("--max-passive-ejection-percent") {
-        rig.after_case(case, Health::Kept, Duration::from_secs(3));
-        return;
-    }
-    report!(
-        "faults: {case}: lb --help has no --max-passive-ejection-percent: asserting today's \
-         ejection of the lone backend"
-    );
-    rig.settled(case, Health::Ejected(sb.port), Duration::from_secs(3));
-    let (status, v) = rig.lb.health();
-    assert_eq!(
-        (status, &v["status"]),
-        (503, &json!("degraded")),
-        "{case}: {v}"
-    );
-    let r = try_completion(rig.lb.port).expect("a request after the ejection");
-    let e = assert_error_json(&r, 503);
-    assert_eq!(e["code"], "no_healthy_backend", "{case}: {}", r.text());
+    rig.after_case(case, Health::Kept, Duration::from_secs(3));
 }
