@@ -20,15 +20,22 @@
 //! | `--seed N` | random | seed (u64) of the `flaky` RNG: same seed, same sequence |
 //! | `--response-size N` | `0` | bytes of padding added to non-streaming completion JSON |
 //! | `--health-endpoint PATH` | `/v1/models` | the health-check path |
-//! | `--tokens N` | `10` | tokens per completion (chunks per stream) |
+//! | `--tokens N` | `10` | tokens per completion (chunks per stream); engine: the default `max_tokens` |
 //! | `--token-interval D` | `50ms` | time between streamed chunks |
 //! | `--idle-timeout D` | never | close keep-alive connections idle this long |
 //! | `--keep-alive-header N` | none | send `Keep-Alive: timeout=N` on every response |
 //! | `--close-after D` | never | close each connection this long after a response ends, without announcing it (no `Connection: close`) |
+//! | `--model NAME` | `mock-model` | a served model name; repeat for more (the first is the default) |
+//! | `--engine` | off | model an inference engine: see *Engine mode* |
+//! | `--slots N` | `32` | engine: sequences decoded together (1..=4096) |
+//! | `--kv-blocks N` | `25000` | engine: KV cache blocks of 16 tokens (400 k tokens) |
+//! | `--max-waiting N` | `1000` | engine: requests that may wait; more get 503 |
+//! | `--speed X` | `1` | engine: every modelled time is divided by X (> 0) |
 //!
 //! Durations (`D`) are a number with an optional unit: `500ms`, `2s`, `1.5m`,
 //! `250us`, `100ns`, `1h`, or a plain number of seconds such as `0.5`.
-//! For `--idle-timeout`, `0`, `never` and `none` mean "never".
+//! For `--idle-timeout`, `0`, `never` and `none` mean "never". The engine
+//! flags require `--engine`.
 //!
 //! # Modes
 //!
@@ -40,9 +47,10 @@
 //! * `timeout`: connections are accepted and requests (head and body) are read,
 //!   but nothing is ever answered, not even the health endpoint.
 //!
-//! The control endpoints `/stats`, `/prefixstats` and `/prefixstats/reset` are
-//! exempt from the modes and from `--delay`: they always answer at once, so a
-//! test can inspect a failing or hanging backend. `--delay` applies to every
+//! The control endpoints `/stats`, `/prefixstats`, `/prefixstats/reset` and,
+//! with `--engine`, `GET /metrics` are exempt from the modes and from
+//! `--delay`: they always answer at once, so a test can inspect a failing or
+//! hanging backend. `--delay` applies to every
 //! other request (including the health endpoint) before anything is answered.
 //! Error bodies are OpenAI-style:
 //! `{"error":{"message":..,"type":..,"code":N},"backend_port":P}`.
@@ -53,12 +61,13 @@
 //! a field `"backend_port": P` (P = the bound port).
 //!
 //! * `<health endpoint>` (any method, default `GET /v1/models`): 200 with an
-//!   OpenAI model list `{"object":"list","data":[{"id":"mock-model",..}],..}`.
+//!   OpenAI model list `{"object":"list","data":[{"id":"mock-model",..}],..}`,
+//!   one entry per `--model`.
 //!   Counted in `/stats` as `health_checks`, not as `requests`.
 //! * `GET /v1/models` (when it is not the health endpoint): the same list.
 //! * `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI-shaped JSON
 //!   (`text_completion` / `chat.completion`, with `choices`, `usage`, the
-//!   request's `model` or `mock-model`) of `--tokens` tokens (`token0 token1
+//!   request's `model` or the first `--model`) of `--tokens` tokens (`token0 token1
 //!   ...`), plus `"padding": "xxx.."` of `--response-size` bytes when that is
 //!   not 0. With `"stream": true` the answer is `text/event-stream` (chunked):
 //!   one `data: {json}\n\n` chunk per token (`text_completion` /
@@ -67,7 +76,10 @@
 //!   `"stream_options": {"include_usage": true}` a usage chunk follows; the
 //!   stream ends with `data: [DONE]\n\n`. Invalid JSON (or JSON that is not an
 //!   object) gets 400 `{"error":{"message":..,"type":"invalid_request_error"}}`.
-//!   Each served request feeds the simulated prefix cache (below).
+//!   Each served request feeds the simulated prefix cache (below). With
+//!   `--engine`, see *Engine mode* for what changes.
+//! * `GET /metrics` (with `--engine`; without it, an ordinary path): the
+//!   engine's vLLM-named Prometheus metrics (below). Not counted in `/stats`.
 //! * `GET /prefixstats`: `{"requests","matched_chars","total_chars","ratio"}`
 //!   of the simulated prefix cache. It remembers the canonical text of the
 //!   last 1024 served completion/chat requests (chat: each message as
@@ -100,6 +112,59 @@
 //!   headers joined with `", "`). Methods other than GET and HEAD also get
 //!   `"body_bytes": n` (the body is counted as a stream, not buffered).
 //!
+//! # Engine mode
+//!
+//! With `--engine`, completions are served by a model of one inference engine
+//! (vLLM-like: one 7-8 B model on one GPU), deterministic given the arrival
+//! times. The model, its constants and where they come from are documented in
+//! `mock-backend/engine.rs`; in short:
+//!
+//! * **Batching.** The engine runs iterations back to back while it has
+//!   work. Each admits waiting requests in FIFO order while fewer than
+//!   `--slots` run and the KV cache holds the next one, then lasts the
+//!   admitted prompts' prefill plus one decode step, and gives every running
+//!   sequence one token. A request arriving mid-iteration waits for its end.
+//!   At most `--max-waiting` requests wait: more get 503 (`server_error`).
+//! * **Timing.** Prefill: 0.1 ms per *uncached* prompt token. Decode step:
+//!   20 ms with one running sequence, growing linearly to 40 ms with 32 (and
+//!   on). Every time is divided by `--speed`. `--token-interval` is unused.
+//! * **Tokens.** 4 bytes of the canonical prompt text (as for `/prefixstats`:
+//!   chat messages as `role\u0000content\u0001`, or the `prompt`) make one token
+//!   (`ceil(bytes / 4)` tokens); 16 tokens make one KV block.
+//! * **Prefix cache.** `--kv-blocks` blocks. A prompt's full blocks are keyed
+//!   by their chain hash (block i's key hashes block i-1's key and block i's
+//!   bytes). A running sequence holds its prompt's blocks plus blocks for its
+//!   whole answer, reserved at admission (so nothing is ever preempted); when
+//!   it ends its keyed blocks stay cached, evicted least recently used first.
+//!   A request's cached prefix is its longest run of leading blocks present
+//!   at admission (at most its prompt minus one token); only the rest is
+//!   prefilled.
+//! * **Requests.** `model` must be a `--model` (absent: the first); another
+//!   gets 404 `{"error":{"message":..,"type":"invalid_request_error",
+//!   "param":"model","code":"model_not_found"},"backend_port":P}`. The answer
+//!   has exactly `max_completion_tokens` (else `max_tokens`, else `--tokens`)
+//!   tokens: the mock never stops early, as with vLLM's `ignore_eos`; a value
+//!   below 1 gets 400. A prompt + answer longer than the whole cache
+//!   (`--kv-blocks` x 16 tokens) gets 400 with vLLM's context-length message.
+//!   `usage` counts the engine's prompt tokens and adds
+//!   `"prompt_tokens_details":{"cached_tokens":N}`.
+//! * **Answers.** Streamed: one chunk per token as the engine makes it (the
+//!   first after the queue, the prefill and one step), then the usage chunk if
+//!   asked for, then `[DONE]`. Not streamed: the whole answer when its last
+//!   token is made. A client that leaves cancels its request, freeing its slot
+//!   and blocks. `--mode` and `--delay` still apply first.
+//! * **`GET /metrics`.** Prometheus text (format 0.0.4) with vLLM's names,
+//!   help texts and labels `{engine="0",model_name="<first --model>"}`:
+//!   gauges `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+//!   `vllm:kv_cache_usage_perc` (0..1: blocks held by running sequences);
+//!   counters `vllm:prefix_cache_queries_total` and
+//!   `vllm:prefix_cache_hits_total` (prompt tokens looked up / found cached,
+//!   counted at admission), `vllm:prompt_tokens_total`,
+//!   `vllm:generation_tokens_total`; histogram
+//!   `vllm:time_to_first_token_seconds` (vLLM's buckets, 0.001 to 2560 s;
+//!   from arrival to first token, divided by `--speed` like every time: what
+//!   a client sees).
+//!
 //! # Connections
 //!
 //! HTTP/1.1 with keep-alive (hyper 1). With `--idle-timeout D`, a connection
@@ -109,6 +174,13 @@
 //! a reset). Upgraded WebSocket connections are not subject to it.
 
 #![forbid(unsafe_code)]
+
+#[path = "mock-backend/driver.rs"]
+mod driver;
+#[path = "mock-backend/engine.rs"]
+mod engine;
+#[path = "mock-backend/prom.rs"]
+mod prom;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -139,6 +211,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use driver::{EngineHost, Progress, Ticket};
 
 // ---------------------------------------------------------------------------
 // Command line
@@ -201,6 +275,41 @@ struct Args {
     /// `Connection: close`: the backend that lets a client's reuse race its close.
     #[arg(long, value_parser = parse_duration)]
     close_after: Option<Duration>,
+    /// A served model name (repeatable): `/v1/models` lists them, the first is
+    /// the default answer model (and `/metrics`'s `model_name`).
+    #[arg(long = "model", value_name = "NAME", default_value = "mock-model", value_parser = parse_model)]
+    models: Vec<String>,
+    /// Model an inference engine: continuous batching, prefill and decode
+    /// times, a prefix cache, vLLM's `/metrics`.
+    #[arg(long)]
+    engine: bool,
+    /// Engine: sequences decoded together (more wait in a FIFO queue).
+    #[arg(long, default_value_t = 32, requires = "engine",
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    slots: u64,
+    /// Engine: KV cache size, in blocks of 16 tokens.
+    #[arg(long, default_value_t = 25_000, requires = "engine",
+          value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    kv_blocks: u64,
+    /// Engine: requests allowed to wait; more get 503.
+    #[arg(long, default_value_t = 1000, requires = "engine",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_waiting: u64,
+    /// Engine: divide every modelled time by this (e.g. 100 for fast tests).
+    #[arg(long, default_value_t = 1.0, requires = "engine", value_parser = parse_speed)]
+    speed: f64,
+}
+
+impl Args {
+    /// The engine's settings, with `--engine`.
+    fn engine_config(&self) -> Option<engine::EngineConfig> {
+        self.engine.then(|| engine::EngineConfig {
+            slots: usize::try_from(self.slots).unwrap_or(usize::MAX),
+            kv_blocks: self.kv_blocks,
+            max_waiting: usize::try_from(self.max_waiting).unwrap_or(usize::MAX),
+            speed: self.speed,
+        })
+    }
 }
 
 /// Parses `500ms`, `2s`, `1.5m`, `1h`, `250us`, `100ns` or plain seconds `0.5`.
@@ -251,6 +360,23 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "invalid speed {s:?}: a number above 0 (1 = real time, 100 = 100x faster)"
+        )),
+    }
+}
+
+fn parse_model(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("a model name cannot be empty".to_owned())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
 fn parse_path(s: &str) -> Result<String, String> {
     if s.starts_with('/') {
         Ok(s.to_owned())
@@ -279,6 +405,8 @@ struct App {
     next_id: AtomicU64,
     rng: Mutex<SmallRng>,
     prefix: Mutex<PrefixCache>,
+    /// The engine model, with `--engine`.
+    engine: Option<Arc<EngineHost>>,
 }
 
 impl App {
@@ -600,6 +728,7 @@ enum Route {
     Stats,
     PrefixStats,
     PrefixReset,
+    Metrics,
     Completion { chat: bool },
     Models,
     Ws,
@@ -610,12 +739,14 @@ enum Route {
 }
 
 impl Route {
-    fn of(method: &Method, path: &str, health: &str) -> Self {
+    /// `engine`: whether `/metrics` exists (`--engine`).
+    fn of(method: &Method, path: &str, health: &str, engine: bool) -> Self {
         if path == health {
             return Self::Health;
         }
         match (method, path) {
             (&Method::GET, "/stats") => Self::Stats,
+            (&Method::GET, "/metrics") if engine => Self::Metrics,
             (&Method::GET, "/prefixstats") => Self::PrefixStats,
             (&Method::POST, "/prefixstats/reset") => Self::PrefixReset,
             (&Method::POST, "/v1/completions") => Self::Completion { chat: false },
@@ -631,7 +762,10 @@ impl Route {
 
     /// Control endpoints: not counted, and exempt from modes and delay.
     fn is_control(self) -> bool {
-        matches!(self, Self::Stats | Self::PrefixStats | Self::PrefixReset)
+        matches!(
+            self,
+            Self::Stats | Self::PrefixStats | Self::PrefixReset | Self::Metrics
+        )
     }
 }
 
@@ -706,7 +840,12 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<TrackedBody>, Infallible> {
     let app = conn.app.clone();
-    let r = Route::of(req.method(), req.uri().path(), &app.args.health_endpoint);
+    let r = Route::of(
+        req.method(),
+        req.uri().path(),
+        &app.args.health_endpoint,
+        app.engine.is_some(),
+    );
     let counted = !r.is_control() && r != Route::Health;
     let guard = RequestGuard::new(conn, counted);
     if counted {
@@ -783,6 +922,7 @@ async fn route(app: &App, r: Route, req: Request<Incoming>) -> Response<BoxBody>
             drop(cache);
             json_resp(app, StatusCode::OK, &v)
         }
+        Route::Metrics => metrics(app),
         Route::Completion { chat } => completion(app, req, chat).await,
         Route::Ws => websocket(app, req),
         Route::Upload => upload(app, req).await,
@@ -793,12 +933,32 @@ async fn route(app: &App, r: Route, req: Request<Incoming>) -> Response<BoxBody>
 }
 
 fn models(app: &App) -> Response<BoxBody> {
+    let data: Vec<Value> = app
+        .args
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock-backend"}))
+        .collect();
     let v = json!({
         "object": "list",
-        "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock-backend"}],
+        "data": data,
         "backend_port": app.port,
     });
     json_resp(app, StatusCode::OK, &v)
+}
+
+/// `GET /metrics` (`--engine` only): vLLM-named Prometheus text.
+fn metrics(app: &App) -> Response<BoxBody> {
+    let Some(host) = &app.engine else {
+        return error_resp(
+            app,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no engine (--engine)",
+        );
+    };
+    let text = prom::render(&app.args.models[0], &host.snapshot());
+    respond(app, StatusCode::OK, prom::CONTENT_TYPE, full(text))
 }
 
 fn stats(app: &App) -> Response<BoxBody> {
@@ -839,115 +999,319 @@ async fn completion(app: &App, req: Request<Incoming>, chat: bool) -> Response<B
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .observe(&text);
+    if let Some(host) = &app.engine {
+        return engine_completion(app, host, &v, chat, &text).await;
+    }
 
     let n = app.args.tokens;
-    let port = app.port;
     let model = v
         .get("model")
         .and_then(Value::as_str)
-        .unwrap_or("mock-model")
+        .unwrap_or(&app.args.models[0])
         .to_owned();
-    let seq = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = format!(
-        "{}-mock-{port}-{seq}",
-        if chat { "chatcmpl" } else { "cmpl" }
-    );
-    let created = unix_secs();
+    let answer = Answer::new(app, chat, model, n);
     let prompt_tokens = text.split_whitespace().count();
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": n,
         "total_tokens": prompt_tokens + n,
     });
-    let finish = if chat { "stop" } else { "length" };
-    let token = |i: usize| format!("{}token{i}", if i == 0 { "" } else { " " });
 
     if v.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let include_usage = v
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let events = n + usize::from(include_usage);
-        let object = if chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
+        let events = n + usize::from(include_usage(&v));
         let make = move |i: usize| {
-            let choices = if i >= n {
-                json!([])
-            } else {
-                let fin = if i + 1 == n {
-                    json!(finish)
-                } else {
-                    Value::Null
-                };
-                if chat {
-                    let delta = if i == 0 {
-                        json!({"role": "assistant", "content": token(i)})
-                    } else {
-                        json!({"content": token(i)})
-                    };
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": fin}])
-                } else {
-                    json!([{"index": 0, "text": token(i), "logprobs": null, "finish_reason": fin}])
-                }
-            };
-            let mut chunk = json!({
-                "id": id,
-                "object": object,
-                "created": created,
-                "model": model,
-                "choices": choices,
-                "backend_port": port,
-            });
             if i >= n {
-                chunk["usage"] = usage.clone();
+                answer.usage_chunk(usage.clone())
+            } else {
+                answer.token_chunk(i)
             }
-            chunk
         };
-        let mut resp = respond(
-            app,
-            StatusCode::OK,
-            "text/event-stream",
-            sse_body(events, n, app.args.token_interval, make),
-        );
-        resp.headers_mut()
-            .insert("cache-control", HeaderValue::from_static("no-cache"));
-        return resp;
+        return event_stream(app, sse_body(events, n, app.args.token_interval, make));
     }
-
-    let text_out: String = (0..n).map(token).collect();
-    let mut out = if chat {
-        json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text_out},
-                "logprobs": null,
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-            "backend_port": port,
-        })
-    } else {
-        json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text_out, "logprobs": null, "finish_reason": finish}],
-            "usage": usage,
-            "backend_port": port,
-        })
-    };
+    let mut out = answer.whole(usage);
     if app.args.response_size > 0 {
         out["padding"] = Value::String("x".repeat(app.args.response_size));
     }
     json_resp(app, StatusCode::OK, &out)
+}
+
+/// Whether a streamed completion asks for a final usage chunk.
+fn include_usage(req: &Value) -> bool {
+    req.pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// A `text/event-stream` response with `body`.
+fn event_stream(app: &App, body: BoxBody) -> Response<BoxBody> {
+    let mut resp = respond(app, StatusCode::OK, "text/event-stream", body);
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The answer to one completion request: `n` tokens `token0 token1 ...`.
+struct Answer {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    n: usize,
+    port: u16,
+}
+
+impl Answer {
+    fn new(app: &App, chat: bool, model: String, n: usize) -> Self {
+        let port = app.port;
+        let seq = app.next_id.fetch_add(1, Ordering::Relaxed);
+        let kind = if chat { "chatcmpl" } else { "cmpl" };
+        Answer {
+            id: format!("{kind}-mock-{port}-{seq}"),
+            created: unix_secs(),
+            model,
+            chat,
+            n,
+            port,
+        }
+    }
+
+    fn finish(&self) -> &'static str {
+        if self.chat {
+            "stop"
+        } else {
+            "length"
+        }
+    }
+
+    fn token(i: usize) -> String {
+        format!("{}token{i}", if i == 0 { "" } else { " " })
+    }
+
+    /// The streamed chunk of token `i`.
+    fn token_chunk(&self, i: usize) -> Value {
+        let fin = if i + 1 == self.n {
+            json!(self.finish())
+        } else {
+            Value::Null
+        };
+        let choices = if self.chat {
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": Self::token(i)})
+            } else {
+                json!({"content": Self::token(i)})
+            };
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": fin}])
+        } else {
+            json!([{"index": 0, "text": Self::token(i), "logprobs": null, "finish_reason": fin}])
+        };
+        self.chunk(choices)
+    }
+
+    /// The streamed chunk with the usage, after the tokens.
+    fn usage_chunk(&self, usage: Value) -> Value {
+        let mut chunk = self.chunk(json!([]));
+        chunk["usage"] = usage;
+        chunk
+    }
+
+    fn chunk(&self, choices: Value) -> Value {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "backend_port": self.port,
+        })
+    }
+
+    /// The whole (not streamed) answer.
+    fn whole(&self, usage: Value) -> Value {
+        let text: String = (0..self.n).map(Self::token).collect();
+        let (object, choice) = if self.chat {
+            (
+                "chat.completion",
+                json!({
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": null,
+                    "finish_reason": self.finish(),
+                }),
+            )
+        } else {
+            (
+                "text_completion",
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish()}),
+            )
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+            "backend_port": self.port,
+        })
+    }
+}
+
+/// A completion in `--engine` mode: the model must be served, the request
+/// waits for the engine, and tokens come at the engine's pace.
+async fn engine_completion(
+    app: &App,
+    host: &Arc<EngineHost>,
+    v: &Value,
+    chat: bool,
+    text: &str,
+) -> Response<BoxBody> {
+    let model = match v.get("model") {
+        None | Some(Value::Null) => app.args.models[0].clone(),
+        Some(Value::String(m)) if app.args.models.contains(m) => m.clone(),
+        Some(other) => {
+            let name = other
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_owned);
+            let e = json!({
+                "error": {
+                    "message": format!("The model `{name}` does not exist."),
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                },
+                "backend_port": app.port,
+            });
+            return json_resp(app, StatusCode::NOT_FOUND, &e);
+        }
+    };
+    let max_tokens = match requested_max_tokens(v) {
+        Ok(n) => n.unwrap_or(app.args.tokens as u64),
+        Err(msg) => return bad_request(app, &msg),
+    };
+    let prompt = engine::Prompt::from_text(text);
+    let prompt_tokens = prompt.tokens;
+    let mut ticket = match host.submit(prompt, max_tokens) {
+        Ok(t) => t,
+        Err(e @ engine::Rejection::QueueFull { .. }) => {
+            let msg = e.to_string();
+            return error_resp(app, StatusCode::SERVICE_UNAVAILABLE, "server_error", &msg);
+        }
+        Err(e @ engine::Rejection::TooLong { .. }) => return bad_request(app, &e.to_string()),
+    };
+    let n = usize::try_from(max_tokens.max(1)).unwrap_or(usize::MAX);
+    let answer = Answer::new(app, chat, model, n);
+
+    if v.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let start = EngineStream {
+            ticket,
+            answer,
+            prompt_tokens,
+            progress: Progress::default(),
+            sent: 0,
+            usage_left: include_usage(v),
+            done_left: true,
+        };
+        let stream = futures_util::stream::unfold(start, EngineStream::next_frame);
+        return event_stream(app, StreamBody::new(stream).boxed_unsync());
+    }
+
+    let mut p = Progress::default();
+    while !p.done {
+        match ticket.next().await {
+            Some(next) => p = next,
+            None => {
+                let msg = "mock-backend: the engine dropped the request";
+                return error_resp(app, StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg);
+            }
+        }
+    }
+    let mut out = answer.whole(engine_usage(prompt_tokens, &p));
+    if app.args.response_size > 0 {
+        out["padding"] = Value::String("x".repeat(app.args.response_size));
+    }
+    json_resp(app, StatusCode::OK, &out)
+}
+
+/// The usage of an engine answer, with vLLM's (and OpenAI's) cached tokens.
+fn engine_usage(prompt_tokens: u64, p: &Progress) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": p.generated,
+        "total_tokens": prompt_tokens + p.generated,
+        "prompt_tokens_details": {"cached_tokens": p.cached_tokens.unwrap_or(0)},
+    })
+}
+
+/// A streamed engine answer: a chunk per token as the engine makes them,
+/// then the usage chunk if asked for, then `[DONE]`. Dropping it (the client
+/// left) drops the ticket, which cancels the request.
+struct EngineStream {
+    ticket: Ticket,
+    answer: Answer,
+    prompt_tokens: u64,
+    /// The latest progress seen.
+    progress: Progress,
+    /// Token chunks sent.
+    sent: u64,
+    usage_left: bool,
+    done_left: bool,
+}
+
+impl EngineStream {
+    async fn next_frame(mut self) -> Option<(Result<Frame<Bytes>, Infallible>, Self)> {
+        // Each pass sends a frame, ends, or waits for the engine's next token.
+        loop {
+            let p = self.progress;
+            if self.sent < p.generated {
+                let i = usize::try_from(self.sent).unwrap_or(usize::MAX);
+                let frame = sse_frame(&self.answer.token_chunk(i));
+                self.sent += 1;
+                return Some((frame, self));
+            }
+            if p.done && self.usage_left {
+                let usage = engine_usage(self.prompt_tokens, &p);
+                let frame = sse_frame(&self.answer.usage_chunk(usage));
+                self.usage_left = false;
+                return Some((frame, self));
+            }
+            if p.done && self.done_left {
+                self.done_left = false;
+                let frame = Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")));
+                return Some((frame, self));
+            }
+            if p.done {
+                return None;
+            }
+            // `None`: the request left the engine unfinished; end the stream.
+            self.progress = self.ticket.next().await?;
+        }
+    }
+}
+
+fn sse_frame(v: &Value) -> Result<Frame<Bytes>, Infallible> {
+    Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))
+}
+
+/// `max_completion_tokens`, else `max_tokens`, else `None`; `Err` is the
+/// message for a 400 answer.
+fn requested_max_tokens(v: &Value) -> Result<Option<u64>, String> {
+    for key in ["max_completion_tokens", "max_tokens"] {
+        match v.get(key) {
+            None | Some(Value::Null) => {}
+            Some(n) => {
+                return match n.as_u64() {
+                    Some(n) if n >= 1 => Ok(Some(n)),
+                    _ => Err(format!("{key} must be an integer of at least 1, got {n}")),
+                };
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// `GET /ws`: accepts the WebSocket upgrade and echoes messages.
@@ -1277,6 +1641,7 @@ async fn main() -> std::io::Result<()> {
         next_id: AtomicU64::new(0),
         rng: Mutex::new(SmallRng::seed_from_u64(seed)),
         prefix: Mutex::new(PrefixCache::default()),
+        engine: args.engine_config().map(EngineHost::start),
         args,
     });
     {
@@ -1348,6 +1713,87 @@ mod tests {
         assert_eq!(a.token_interval, Duration::from_millis(50));
         assert!(Args::try_parse_from(["mock-backend", "--failure-rate", "1.5"]).is_err());
         assert!(Args::try_parse_from(["mock-backend", "--health-endpoint", "x"]).is_err());
+    }
+
+    #[test]
+    fn engine_args() {
+        let a = Args::try_parse_from(["mock-backend"]).unwrap();
+        assert_eq!(a.models, ["mock-model"]);
+        assert!(a.engine_config().is_none());
+        let a = Args::try_parse_from(["mock-backend", "--engine"]).unwrap();
+        assert_eq!(
+            a.engine_config(),
+            Some(engine::EngineConfig {
+                slots: 32,
+                kv_blocks: 25_000,
+                max_waiting: 1000,
+                speed: 1.0
+            })
+        );
+        let a = Args::try_parse_from([
+            "mock-backend",
+            "--engine",
+            "--slots",
+            "2",
+            "--kv-blocks",
+            "100",
+            "--max-waiting",
+            "5",
+            "--speed",
+            "50",
+            "--model",
+            "a",
+            "--model",
+            "b/c",
+        ])
+        .unwrap();
+        assert_eq!(a.models, ["a", "b/c"]);
+        assert_eq!(
+            a.engine_config(),
+            Some(engine::EngineConfig {
+                slots: 2,
+                kv_blocks: 100,
+                max_waiting: 5,
+                speed: 50.0
+            })
+        );
+        // Engine flags need --engine; bounds are checked.
+        for bad in [
+            &["mock-backend", "--slots", "2"][..],
+            &["mock-backend", "--speed", "2"],
+            &["mock-backend", "--engine", "--slots", "0"],
+            &["mock-backend", "--engine", "--kv-blocks", "0"],
+            &["mock-backend", "--engine", "--speed", "0"],
+            &["mock-backend", "--engine", "--speed", "inf"],
+            &["mock-backend", "--engine", "--max-waiting", "0"],
+            &["mock-backend", "--model", ""],
+        ] {
+            assert!(Args::try_parse_from(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn metrics_route_only_with_the_engine() {
+        let r = |engine| Route::of(&Method::GET, "/metrics", "/v1/models", engine);
+        assert_eq!(r(true), Route::Metrics);
+        assert!(r(true).is_control());
+        assert_eq!(r(false), Route::Echo);
+    }
+
+    #[test]
+    fn max_tokens_from_the_request() {
+        let mt = |v: Value| requested_max_tokens(&v);
+        assert_eq!(mt(json!({})), Ok(None));
+        assert_eq!(mt(json!({"max_tokens": null})), Ok(None));
+        assert_eq!(mt(json!({"max_tokens": 7})), Ok(Some(7)));
+        assert_eq!(
+            mt(json!({"max_tokens": 7, "max_completion_tokens": 3})),
+            Ok(Some(3))
+        );
+        assert!(mt(json!({"max_tokens": 0})).is_err());
+        assert!(mt(json!({"max_tokens": -1})).is_err());
+        assert!(mt(json!({"max_tokens": 1.5})).is_err());
+        assert!(mt(json!({"max_tokens": "9"})).is_err());
     }
 
     #[test]
