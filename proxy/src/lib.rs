@@ -35,6 +35,7 @@ mod runtime;
 pub mod settings;
 mod start;
 mod upstream;
+pub mod words;
 
 pub use driver::drive;
 pub use lease::{Failure, LeaseGuard};

@@ -58,7 +58,7 @@ impl Connector {
     ) -> Result<Stream, String> {
         future::or(self.attempt(target, reactor), async {
             Timer::after(self.timeout).await;
-            Err(describe(&io::ErrorKind::TimedOut.into()))
+            Err(lb_proxy::words::CONNECT_TIMEOUT.into())
         })
         .await
     }
@@ -80,7 +80,7 @@ impl Connector {
                 Err(e) => last = e,
             }
         }
-        Err(describe(&last))
+        Err(lb_proxy::words::connect_error(&last))
     }
 
     #[cfg(feature = "tls")]
@@ -97,15 +97,4 @@ impl Connector {
     }
 }
 
-/// A short, human description of a connection error, worded like the tokio build's.
-pub(crate) fn describe(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        io::ErrorKind::ConnectionReset => "connection reset by backend".into(),
-        io::ErrorKind::ConnectionAborted => "connection aborted".into(),
-        io::ErrorKind::BrokenPipe => "backend closed the connection (broken pipe)".into(),
-        io::ErrorKind::TimedOut => "connect timeout (--connect-timeout)".into(),
-        io::ErrorKind::UnexpectedEof => "backend closed the connection".into(),
-        _ => e.to_string(),
-    }
-}
+pub(crate) use lb_proxy::words::io_error as describe;

@@ -289,6 +289,9 @@ pub(crate) async fn response_head(
             }
         }
         let before = bbuf.len();
+        // Until the status line is whole, every read is checked: a reply that is not
+        // HTTP is refused at once, not when (if ever) a head ends.
+        let first_line_open = !bbuf.contains(&b'\n');
         let want = head_read_size(before, limits.max_head_bytes);
         if before == 0 {
             // The request has just gone out: the answer is most likely not here yet, and a
@@ -304,7 +307,9 @@ pub(crate) async fn response_head(
             }
             Ok(_) => {
                 silent = false;
-                check = may_end_head(bbuf, before) || bbuf.len() >= limits.max_head_bytes;
+                check = first_line_open
+                    || may_end_head(bbuf, before)
+                    || bbuf.len() >= limits.max_head_bytes;
             }
             Err(e) => {
                 return Err(HeadFail::Io {

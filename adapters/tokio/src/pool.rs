@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::client::Connector;
-use crate::proxy::{client_side, describe};
+use crate::proxy::{client_side, describe, describe_connect};
 use crate::rt::Upstream;
 use crate::upbody::{Replay, UpBody};
 
@@ -342,7 +342,10 @@ impl Pool {
         let mut c = match self.connect(base).await {
             Ok(c) => c,
             Err(SendError::Connect(e)) => {
-                return Err(SendError::Unreached(describe(e.as_ref()), Box::new(req)))
+                return Err(SendError::Unreached(
+                    describe_connect(e.as_ref()),
+                    Box::new(req),
+                ))
             }
             Err(e) => return Err(e),
         };

@@ -248,7 +248,7 @@ async fn forward(
         }
         Ok(Err(e)) => {
             let failure = match &e {
-                SendError::Connect(e) => Failure::Connect(describe(e.as_ref())),
+                SendError::Connect(e) => Failure::Connect(describe_connect(e.as_ref())),
                 SendError::Http(e) if e.is_parse_too_large() => Failure::Unsupported(format!(
                     "invalid response: {}",
                     lb_http1::Error::HeadTooLarge
@@ -419,21 +419,23 @@ fn stalled(e: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-/// A short, human description of an error: the innermost I/O error in plain words, else
-/// the innermost message.
+/// A short, human description of an error on an established backend connection: the
+/// innermost I/O error in plain words, else the innermost message.
 pub(crate) fn describe(e: &(dyn StdError + 'static)) -> String {
+    innermost(e, lb_proxy::words::io_error)
+}
+
+/// [`describe`] for an error while connecting.
+pub(crate) fn describe_connect(e: &(dyn StdError + 'static)) -> String {
+    innermost(e, lb_proxy::words::connect_error)
+}
+
+fn innermost(e: &(dyn StdError + 'static), words: fn(&io::Error) -> String) -> String {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     let mut last = e.to_string();
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            return match io.kind() {
-                io::ErrorKind::ConnectionRefused => "connection refused".into(),
-                io::ErrorKind::ConnectionReset => "connection reset by backend".into(),
-                io::ErrorKind::ConnectionAborted => "connection aborted".into(),
-                io::ErrorKind::TimedOut => "connect timeout (--connect-timeout)".into(),
-                io::ErrorKind::UnexpectedEof => "backend closed the connection".into(),
-                _ => io.to_string(),
-            };
+            return words(io);
         }
         last = err.to_string();
         cur = err.source();

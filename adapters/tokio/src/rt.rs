@@ -14,7 +14,7 @@ use lb_proxy::{Fetched, Runtime, Settings, StartError, Target};
 use tower_service::Service;
 
 use crate::client::{self, Connector};
-use crate::proxy::describe;
+use crate::proxy::{describe, describe_connect};
 
 /// The proxy layer on this build.
 pub(crate) type Proxy = lb_proxy::Proxy<Tokio>;
@@ -121,7 +121,7 @@ impl Runtime for Tokio {
             let io = connector
                 .call(upstream.ext.base.clone())
                 .await
-                .map_err(|e| describe(e.as_ref()))?;
+                .map_err(|e| describe_connect(e.as_ref()))?;
             let (mut send, conn) = hyper::client::conn::http1::Builder::new()
                 .max_buf_size(max_head.max(8192))
                 .handshake::<_, Empty<Bytes>>(io)

@@ -257,7 +257,8 @@ fn partition_mid_stream_cuts_it_by_the_timeout() {
 /// Case 3 with no deadline to help (`--timeout 1h`) and a stream that would run for an
 /// hour: TCP keep-alive on `lb`'s backend socket finds the dead peer (first probe 15 s
 /// after the last segment, then 3 probes 5 s apart: about 30 s), cuts the stream and
-/// releases the request.
+/// releases the request. A connection that timed out is the backend's failure: it is
+/// ejected (passively; probes bring it back once the link heals).
 #[test]
 fn partition_mid_stream_is_found_by_tcp_keepalive() {
     partition_mid_stream(
@@ -357,7 +358,14 @@ fn partition_mid_stream(case: &str, timeout: &str, sse: &str, bound: Duration) {
     );
     drop(c);
     h0.heal();
-    rig.after_case(case, Health::Kept, Duration::from_secs(3));
+    // The request deadline says nothing about the backend; a connection that timed
+    // out does.
+    let health = if timeout == "1h" {
+        Health::Ejected(p.port)
+    } else {
+        Health::Kept
+    };
+    rig.after_case(case, health, Duration::from_secs(3));
 }
 
 /// A backend that reads request heads (to answer `lb`'s probes) and, for any other
