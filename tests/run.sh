@@ -15,6 +15,17 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get 
     echo "   could not install nftables: the cases that need it will skip"
   fi
 fi
+if [ "$(id -u)" = 0 ] && ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing prometheus (its promtool checks a real /metrics scrape)"
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1; then
+    echo "   could not install prometheus: the promtool check will skip"
+  fi
+fi
+# Where promtool is here, the observability suite must use it (no silent skip).
+if command -v promtool >/dev/null 2>&1; then
+  export LB_REQUIRE_PROMTOOL=1
+fi
 mkdir -p target/bin
 # Both builds produce target/release/lb: smol first, tokio last, so the default build is
 # what target/release/lb holds afterwards. Each is copied to target/bin/lb-<runtime>.

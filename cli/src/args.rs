@@ -160,6 +160,74 @@ pub struct Cli {
     /// Log one line per backend (URL, state, in-flight) with each status line.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+
+    /// A file holding the bearer token that /admin/* needs on an admin listener not on
+    /// loopback (without it, /admin/* there answers 403).
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Validate every flag, backend and file, print "lb: configuration ok" and exit 0 (or
+    /// the usual one-line error and 2), without listening: like nginx -t.
+    #[arg(long)]
+    pub check: bool,
+
+    /// The admin listener (/metrics, /health, /live): ADDR:PORT, or off. Port 0 picks a
+    /// free port (printed at start). Default 127.0.0.1:9901; when that default is taken,
+    /// lb warns and runs without it.
+    #[arg(long, value_name = "ADDR:PORT|off", value_parser = admin_bind)]
+    pub admin_bind: Option<AdminBind>,
+
+    /// How every line lb writes to stderr looks: text, or json (one object per line).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = log_format)]
+    pub log_format: LogFormat,
+
+    /// One line per request to this file (appended, mode 0640; reopened on SIGHUP), or -
+    /// for stdout: JSON with --log-format json, else a combined-log-style line.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<PathBuf>,
+
+    /// Keep query strings in the access log's paths (left out by default: they may carry
+    /// secrets).
+    #[arg(long)]
+    pub access_log_query: bool,
+}
+
+/// `--admin-bind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminBind {
+    /// `off`.
+    Off,
+    /// An address.
+    At(SocketAddr),
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text lines, as always.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The admin listener's default address: loopback only, and not 9090 (Prometheus's own).
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+
+fn admin_bind(s: &str) -> Result<AdminBind, String> {
+    if s == "off" {
+        return Ok(AdminBind::Off);
+    }
+    s.parse::<SocketAddr>()
+        .map(AdminBind::At)
+        .map_err(|_| format!("'{s}' is not ADDR:PORT (e.g. 127.0.0.1:9901, [::1]:9901) or off"))
+}
+
+fn log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("'{s}' is not a log format (text or json)")),
+    }
 }
 
 fn version() -> &'static str {
@@ -291,6 +359,20 @@ fn policy_parser() -> impl TypedValueParser<Value = Policy> {
     PossibleValuesParser::new(values).try_map(|s| s.parse::<Policy>())
 }
 
+/// Reads `--admin-token-file`: its first line, trimmed; at least 16 characters.
+fn admin_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--admin-token-file: {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "--admin-token-file: {}: the token must be at least 16 visible ASCII characters on the first line",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
 /// Parses one backend argument: `URL` or `URL#weight=N`.
 pub fn backend(arg: &str, max_conns: u32) -> Result<BackendSpec, String> {
     let (url, weight) = match arg.split_once('#') {
@@ -376,8 +458,27 @@ impl Cli {
         if self.queue_timeout.is_some() && self.max_conns == 0 {
             return Err("--queue-timeout needs --max-conns > 0 (requests queue when every backend is at its limit)".into());
         }
+        let listen = SocketAddr::new(self.bind, self.port);
+        let admin_token = match &self.admin_token_file {
+            None => None,
+            Some(path) => Some(admin_token(path)?),
+        };
+        let (admin, admin_required) = match self.admin_bind {
+            None => (Some(DEFAULT_ADMIN), false),
+            Some(AdminBind::Off) => (None, false),
+            Some(AdminBind::At(a)) => (Some(a), true),
+        };
+        if let Some(a) = admin.filter(|_| admin_required) {
+            let overlap =
+                a.ip() == listen.ip() || a.ip().is_unspecified() || listen.ip().is_unspecified();
+            if a.port() != 0 && a.port() == listen.port() && overlap {
+                return Err(format!(
+                    "--admin-bind: {a} is the proxy's own address ({listen}, --port/--bind); the admin listener needs an address of its own"
+                ));
+            }
+        }
         let settings = Settings {
-            listen: SocketAddr::new(self.bind, self.port),
+            listen,
             backends,
             core: Config {
                 policy: self.routing,
@@ -418,6 +519,11 @@ impl Cli {
             hash_key: self.hash_key,
             // Opened by `main` once the flags are known to be good (see `crate::reqlog`).
             request_log: None,
+            access_log: None,
+            admin,
+            admin_required,
+            max_conns: self.max_conns,
+            admin_token,
         };
         settings
             .core

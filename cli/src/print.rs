@@ -22,9 +22,31 @@ pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
         Notice::Core(Event::Status(report)) => status(report, verbose),
         Notice::Core(Event::Removed { url, .. }) => vec![format!("[POOL] {url} removed")],
         Notice::Listening(addr) => vec![format!("[INFO] listening on http://{addr}")],
+        Notice::AdminListening(addr) => vec![format!(
+            "[INFO] admin listening on http://{addr} (/metrics, /health, /live, /admin/backends)"
+        )],
+        Notice::AdminUnavailable { addr, error } => vec![format!(
+            "[WARN] admin listener not started: cannot listen on {addr} ({error}); running without /metrics (set --admin-bind to choose another address, or off)"
+        )],
+        Notice::Hangup => vec!["[INFO] SIGHUP: log files reopened".to_string()],
+        Notice::BackendChange {
+            backend,
+            change,
+            source,
+            client,
+        } => vec![format!(
+            "[INFO] backend {backend} {} ({}{})",
+            match change {
+                lb_proxy::fleet::Change::Weight => "reweighted",
+                c => c.name(),
+            },
+            source.name(),
+            client.map_or(String::new(), |c| format!(" from {c}"))
+        )],
         Notice::ProxyError {
             backend,
             request,
+            id,
             status,
             error,
         } => {
@@ -34,16 +56,19 @@ pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
                 format!("answered {status}")
             };
             vec![format!(
-                "[ERROR] {request} -> {backend}: {error} ({answered})"
+                "[ERROR] {request} -> {backend}: {error} ({answered}){}",
+                id_suffix(id.as_ref())
             )]
         }
         Notice::Failover {
             from,
             to,
             request,
+            id,
             error,
         } => vec![format!(
-            "[RETRY] {request} -> {from}: {error}; sent to {to} instead"
+            "[RETRY] {request} -> {from}: {error}; sent to {to} instead{}",
+            id_suffix(id.as_ref())
         )],
         Notice::ShuttingDown { in_flight } => vec![format!(
             "[INFO] shutting down: no new connections, waiting for {in_flight} in-flight request(s)"
@@ -53,6 +78,11 @@ pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
             "[INFO] stopped at --shutdown-timeout with {abandoned} request(s) still in flight"
         )],
     }
+}
+
+/// ` [request id X]` for a line about a request, if it has one.
+fn id_suffix(id: Option<&lb_proxy::request_id::RequestId>) -> String {
+    id.map_or_else(String::new, |id| format!(" [request id {id}]"))
 }
 
 /// `[STATUS] Active: 12 | Healthy: 3/3 | Conns/node: [5, 4, 3]`, plus one line per backend

@@ -1,4 +1,5 @@
-//! `--log-to`'s writer: the file and the thread that writes it, shared by both builds.
+//! `--log-to`'s and `--access-log`'s writer: the file and the thread that writes it,
+//! shared by both builds.
 //!
 //! The proxy hands each finished entry to [`open`]'s sink, which only queues it for the
 //! writer thread, so a slow disk never blocks a request. The queue is bounded in bytes
@@ -29,8 +30,12 @@ pub(crate) const BACKLOG_BYTES: usize = 16 << 20;
 enum Msg {
     /// An entry, and the bytes it counts for in the backlog.
     Entry(Entry, usize),
+    /// A finished line (the access log), and the bytes it counts for.
+    Line(String, usize),
     /// Write out everything before this, then answer.
     Flush(SyncSender<()>),
+    /// Reopen the file (SIGHUP: it was rotated).
+    Reopen,
 }
 
 /// The bytes of the entries queued for the writer, held under a bound.
@@ -59,20 +64,28 @@ impl Backlog {
 /// The writer thread's handle, kept by whoever stops the proxy.
 pub(crate) struct Writer {
     tx: Sender<Msg>,
-    #[cfg(test)]
     backlog: Arc<Backlog>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Waits, at most `limit`, until every entry queued so far is written and flushed (and
     /// the count of dropped ones, if any). Whether it got there in time.
+    #[cfg(test)]
     pub(crate) fn finish(self, limit: Duration) -> bool {
         self.flush(limit)
     }
 
-    fn flush(&self, limit: Duration) -> bool {
+    /// Waits, at most `limit`, until every entry queued so far is written and flushed.
+    pub(crate) fn flush(&self, limit: Duration) -> bool {
         let (ack, done) = sync_channel(1);
         self.tx.send(Msg::Flush(ack)).is_ok() && done.recv_timeout(limit).is_ok()
+    }
+
+    /// Reopens the file after what is queued now is written (log rotation: the old file
+    /// was renamed; a new one is created with the same mode).
+    pub(crate) fn reopen(&self) {
+        let _ = self.tx.send(Msg::Reopen);
     }
 
     /// Bytes of entries queued now.
@@ -85,32 +98,65 @@ impl Writer {
 /// Opens `path` (created with mode 0640, appended to), starts the writer thread and
 /// returns the sink that feeds it, and the writer's handle.
 pub(crate) fn open(path: &Path) -> io::Result<(EntrySink, Writer)> {
+    let file = open_file(path)?;
+    let path = path.to_path_buf();
+    let reopen = Box::new(move || open_file(&path).map(|f| Box::new(f) as Box<dyn Write + Send>));
+    let (tx, writer) = spawn(Box::new(file), Some(reopen), BACKLOG_BYTES)?;
+    Ok((entry_sink(tx, &writer), writer))
+}
+
+/// Opens `--access-log`'s `path` (`-`: stdout), starts its writer thread and returns the
+/// sink for its lines, and the writer's handle.
+pub(crate) fn open_lines(path: &Path) -> io::Result<(lb_proxy::LineSink, Writer)> {
+    let (out, reopen): (Box<dyn Write + Send>, Option<Reopen>) = if path == Path::new("-") {
+        (Box::new(io::stdout()), None)
+    } else {
+        let p = path.to_path_buf();
+        (
+            Box::new(open_file(path)?),
+            Some(Box::new(move || {
+                open_file(&p).map(|f| Box::new(f) as Box<dyn Write + Send>)
+            })),
+        )
+    };
+    let (tx, writer) = spawn(out, reopen, BACKLOG_BYTES)?;
+    let backlog = writer.backlog.clone();
+    let dropped = writer.dropped.clone();
+    let sink: lb_proxy::LineSink = Arc::new(move |line: String| {
+        let size = line.len() + lb_proxy::reqlog::ENTRY_OVERHEAD;
+        if !backlog.admit(size) {
+            dropped.fetch_add(1, Ordering::Relaxed);
+        } else if tx.send(Msg::Line(line, size)).is_err() {
+            backlog.release(size);
+        }
+    });
+    Ok((sink, writer))
+}
+
+fn open_file(path: &Path) -> io::Result<BufWriter<std::fs::File>> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
         .open(path)?;
-    start(BufWriter::new(file), BACKLOG_BYTES)
+    Ok(BufWriter::new(file))
 }
 
+/// Makes the output anew (SIGHUP).
+type Reopen = Box<dyn FnMut() -> io::Result<Box<dyn Write + Send>> + Send>;
+
 /// Starts the writer thread on `out`, its backlog bounded at `bound` bytes.
+#[cfg(test)]
 fn start(out: impl Write + Send + 'static, bound: usize) -> io::Result<(EntrySink, Writer)> {
-    let (tx, rx) = channel();
-    let backlog = Arc::new(Backlog {
-        queued: AtomicUsize::new(0),
-        bound,
-    });
-    let dropped = Arc::new(AtomicU64::new(0));
-    let (counter, drained) = (dropped.clone(), backlog.clone());
-    std::thread::Builder::new()
-        .name("lb-request-log".into())
-        .spawn(move || write_loop(rx, out, counter, &drained))?;
-    let writer = Writer {
-        tx: tx.clone(),
-        #[cfg(test)]
-        backlog: backlog.clone(),
-    };
-    let sink: EntrySink = Arc::new(move |mut entry: Entry, started: Instant| {
+    let (tx, writer) = spawn(Box::new(out), None, bound)?;
+    Ok((entry_sink(tx, &writer), writer))
+}
+
+/// The sink for `--log-to`'s entries.
+fn entry_sink(tx: Sender<Msg>, writer: &Writer) -> EntrySink {
+    let backlog = writer.backlog.clone();
+    let dropped = writer.dropped.clone();
+    Arc::new(move |mut entry: Entry, started: Instant| {
         let took = started.elapsed();
         entry.duration_ms = took.as_millis() as u64;
         entry.time_unix_ms = SystemTime::now().checked_sub(took).map_or(0, unix_ms);
@@ -121,8 +167,31 @@ fn start(out: impl Write + Send + 'static, bound: usize) -> io::Result<(EntrySin
             // The writer is gone (it never is before the process ends).
             backlog.release(size);
         }
+    })
+}
+
+/// Starts the writer thread; returns the channel to it and its handle.
+fn spawn(
+    out: Box<dyn Write + Send>,
+    reopen: Option<Reopen>,
+    bound: usize,
+) -> io::Result<(Sender<Msg>, Writer)> {
+    let (tx, rx) = channel();
+    let backlog = Arc::new(Backlog {
+        queued: AtomicUsize::new(0),
+        bound,
     });
-    Ok((sink, writer))
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (counter, drained) = (dropped.clone(), backlog.clone());
+    std::thread::Builder::new()
+        .name("lb-log-writer".into())
+        .spawn(move || write_loop(rx, out, reopen, counter, &drained))?;
+    let writer = Writer {
+        tx: tx.clone(),
+        backlog,
+        dropped,
+    };
+    Ok((tx, writer))
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -130,7 +199,13 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>, backlog: &Backlog) {
+fn write_loop(
+    rx: Receiver<Msg>,
+    mut out: Box<dyn Write + Send>,
+    mut reopen: Option<Reopen>,
+    dropped: Arc<AtomicU64>,
+    backlog: &Backlog,
+) {
     let write_dropped = |out: &mut dyn Write, time_unix_ms: u64| {
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
@@ -147,10 +222,22 @@ fn write_loop(rx: Receiver<Msg>, mut out: impl Write, dropped: Arc<AtomicU64>, b
                     drop(e);
                     backlog.release(size);
                 }
+                Msg::Line(line, size) => {
+                    write_dropped(&mut out, unix_ms(SystemTime::now()));
+                    let _ = out.write_all(line.as_bytes());
+                    backlog.release(size);
+                }
                 Msg::Flush(ack) => {
                     write_dropped(&mut out, unix_ms(SystemTime::now()));
                     let _ = out.flush();
                     let _ = ack.send(());
+                }
+                Msg::Reopen => {
+                    let _ = out.flush();
+                    // A file that cannot be reopened keeps the old one (still open).
+                    if let Some(Ok(new)) = reopen.as_mut().map(|r| r()) {
+                        out = new;
+                    }
                 }
             }
             next = rx.try_recv().ok();
@@ -226,7 +313,7 @@ mod tests {
         let fits = BOUND / one;
         let sent = fits + 25;
         for _ in 0..sent {
-            let capture = log.capture(Instant::now(), "POST", "/upload");
+            let capture = log.capture(Instant::now(), "POST", "/upload", "r1");
             capture.request(&body);
         }
         assert_eq!(writer.queued(), fits * one);
@@ -243,7 +330,8 @@ mod tests {
 
         // Written out, the backlog takes entries again: more than it holds at once, in all.
         for _ in 0..sent {
-            log.capture(Instant::now(), "POST", "/again").request(&body);
+            log.capture(Instant::now(), "POST", "/again", "r2")
+                .request(&body);
             assert!(writer.flush(Duration::from_secs(10)));
         }
         assert!(writer.finish(Duration::from_secs(10)));
@@ -260,7 +348,7 @@ mod tests {
         let (sink, writer) = open(&path).unwrap();
         let log = RequestLog::new(sink, 1024);
         let started = Instant::now() - Duration::from_millis(1500);
-        let capture = log.capture(started, "POST", "/v1/completions");
+        let capture = log.capture(started, "POST", "/v1/completions", "r3");
         capture.request(br#"{"prompt":"hi"}"#);
         capture.status(200);
         drop(capture);
@@ -271,6 +359,7 @@ mod tests {
         assert_eq!(line["method"], "POST");
         assert_eq!(line["status"], 200);
         assert_eq!(line["request"]["prompt"], "hi");
+        assert_eq!(line["request_id"], "r3");
         assert!(line["duration_ms"].as_u64().unwrap() >= 1500, "{line}");
         let year = &line["time"].as_str().unwrap()[..4];
         assert!(year >= "2024", "{line}");

@@ -99,6 +99,9 @@ pub(crate) struct Backend {
     pub(crate) max_conns: u32,
     pub(crate) in_flight: u32,
     pub(crate) draining: bool,
+    /// With `draining`: stays in the pool, listed as drained, once idle (rather than
+    /// removed): [`Balancer::park_backend`](crate::Balancer::park_backend).
+    pub(crate) parked: bool,
     pub(crate) health: Health,
     /// Hash of the URL: the backend's name for rendezvous hashing.
     pub(crate) name_hash: u64,
@@ -143,8 +146,10 @@ pub struct BackendView {
     /// Whether a probe has passed since it joined (until then it takes traffic only while
     /// no proven backend is there).
     pub proven: bool,
-    /// Whether it is draining (no new requests; removed once idle).
+    /// Whether it is draining (no new requests; removed once idle, unless parked).
     pub draining: bool,
+    /// Whether it was drained to stay (parked): listed with no traffic, once idle.
+    pub parked: bool,
     /// How many times it has been ejected (bumped on each healthy → unhealthy transition).
     pub epoch: u64,
 }
@@ -160,6 +165,7 @@ impl From<&Backend> for BackendView {
             healthy: b.health.is_healthy(),
             proven: b.health.is_proven(),
             draining: b.draining,
+            parked: b.parked,
             epoch: b.health.epoch(),
         }
     }

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::event::{Action, Cause, Event, ProbeId};
 use crate::hash::hash_bytes;
 use crate::health::{Health, HealthState, ProbeOutcome, PASSIVE_REPROBE};
-use crate::lease::{Lease, Outcome, Reject};
+use crate::lease::{Lease, Outcome, Reject, Route};
 use crate::policy::{Policy, Selector};
 use crate::queue::{Admission, OwnedMeta, Queue, QueueStats, Ticket};
 use crate::request::RequestMeta;
@@ -167,6 +167,7 @@ impl<R: Rng> Balancer<R> {
             max_conns: spec.max_conns,
             in_flight: 0,
             draining: false,
+            parked: false,
             health: Health::new(),
             next_probe: now,
             probe: None,
@@ -203,11 +204,61 @@ impl<R: Rng> Balancer<R> {
             return false;
         };
         b.draining = true;
+        b.parked = false;
         b.probe = None;
         let idle = b.in_flight == 0;
         self.selector.invalidate();
         if idle {
             self.remove_backend(now, id);
+        }
+        true
+    }
+
+    /// Stops sending new requests to a backend and keeps it in the pool once its
+    /// in-flight requests finish (listed, `parked`, taking nothing, not probed) until
+    /// [`remove_backend`](Self::remove_backend). Returns false if it was not in the pool.
+    pub fn park_backend(&mut self, _now: Instant, id: BackendId) -> bool {
+        let Some(b) = self.get_mut(id) else {
+            return false;
+        };
+        b.draining = true;
+        b.parked = true;
+        b.probe = None;
+        self.selector.invalidate();
+        true
+    }
+
+    /// Changes a backend's weight (`1..=MAX_WEIGHT`). `Ok(false)` if it was not in the
+    /// pool.
+    pub fn set_weight(
+        &mut self,
+        _now: Instant,
+        id: BackendId,
+        weight: u32,
+    ) -> Result<bool, PoolError> {
+        let Some(b) = self.get_mut(id) else {
+            return Ok(false);
+        };
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(PoolError::InvalidWeight {
+                url: b.url.to_string(),
+                weight,
+            });
+        }
+        b.weight = weight;
+        self.selector.invalidate();
+        Ok(true)
+    }
+
+    /// Lets a backend take traffic at once, as if a probe had passed (it joined healthy
+    /// but unproven). Returns false if it was not in the pool.
+    pub fn trust_backend(&mut self, id: BackendId) -> bool {
+        let Some(b) = self.get_mut(id) else {
+            return false;
+        };
+        if !b.health.is_proven() {
+            b.health = Health::trusted();
+            self.selector.invalidate();
         }
         true
     }
@@ -269,14 +320,21 @@ impl<R: Rng> Balancer<R> {
                 self.selector.pick(policy, &self.slots, &mut self.rng, key)
             }
         };
+        // Every proven backend is full: one still waiting for its first probe (healthy
+        // until then) takes the request rather than a 429.
+        let picked = picked.or_else(|| {
+            self.selector
+                .unproven_with_room(&self.slots, &mut self.rng)
+                .map(|s| (s, Route::Plain))
+        });
         match picked {
-            Some(slot) => {
+            Some((slot, route)) => {
                 let b = self.slots[slot as usize]
                     .as_mut()
                     .expect("the selector only returns present slots");
                 b.in_flight += 1;
                 self.outstanding += 1;
-                Ok(Lease::new(b.id, b.health.epoch()))
+                Ok(Lease::new(b.id, b.health.epoch()).routed(route))
             }
             None if self.selector.ready(&self.slots).is_empty() => Err(Reject::NoHealthyBackend),
             None => Err(Reject::AllAtCapacity),
@@ -301,7 +359,7 @@ impl<R: Rng> Balancer<R> {
         debug_assert!(b.in_flight > 0, "in-flight underflow on {id}");
         b.in_flight = b.in_flight.saturating_sub(1);
         if b.draining {
-            if b.in_flight == 0 {
+            if b.in_flight == 0 && !b.parked {
                 self.remove_backend(now, id);
             }
             return;
@@ -783,6 +841,97 @@ mod tests {
             assert_eq!(l.backend(), ids[0]);
             b.release(now, l, Outcome::Response(200));
         }
+    }
+
+    #[test]
+    fn parked_backends_stay_listed_and_weights_change() {
+        let (mut b, now, ids) = pool(2);
+        let l = b.select(now, &RequestMeta::default()).unwrap();
+        let busy = l.backend();
+        assert!(b.park_backend(now, busy));
+        // Draining: no new request reaches it.
+        for _ in 0..4 {
+            let o = b.select(now, &RequestMeta::default()).unwrap();
+            assert_ne!(o.backend(), busy);
+            b.release(now, o, Outcome::Response(200));
+        }
+        b.release(now, l, Outcome::Response(200));
+        // Idle and parked: still listed, taking nothing.
+        let v = b.backend(busy).expect("a parked backend stays");
+        assert!(v.draining && v.parked && v.in_flight == 0);
+        // A drain to remove it takes it out at once (idle).
+        assert!(b.drain_backend(now, busy));
+        assert!(b.backend(busy).is_none());
+        let other = *ids.iter().find(|&&i| i != busy).unwrap();
+        assert_eq!(b.set_weight(now, other, 7), Ok(true));
+        assert_eq!(b.backend(other).unwrap().weight, 7);
+        assert!(b.set_weight(now, other, 0).is_err());
+        assert_eq!(b.set_weight(now, busy, 2), Ok(false));
+    }
+
+    #[test]
+    fn a_hash_pick_says_hit_overflow_or_miss() {
+        let (mut b, now) = lb(Policy::ConsistentHash);
+        for i in 0..3 {
+            let spec = BackendSpec {
+                max_conns: 1,
+                ..BackendSpec::new(format!("http://b{i}"))
+            };
+            b.add_backend(now, spec).unwrap();
+        }
+        let key = RequestMeta::default().with_key(b"alice");
+        let first = b.select(now, &key).unwrap();
+        assert_eq!(first.route(), Route::Hit { depth: 0 });
+        // Its backend is full: the next in the key's ranking takes it.
+        let second = b.select(now, &key).unwrap();
+        assert_eq!(second.route(), Route::Overflow { depth: 0 });
+        assert_ne!(second.backend(), first.backend());
+        let keyless = b.select(now, &RequestMeta::default()).unwrap();
+        assert_eq!(keyless.route(), Route::Miss);
+        for l in [first, second, keyless] {
+            b.release(now, l, Outcome::Response(200));
+        }
+        // Room again: the key's own backend, a hit.
+        let again = b.select(now, &key).unwrap();
+        assert_eq!(again.route(), Route::Hit { depth: 0 });
+        b.release(now, again, Outcome::Response(200));
+        // Policies without affinity say nothing.
+        let (mut rr, now) = lb(Policy::RoundRobin);
+        rr.add_backend(now, BackendSpec::new("http://x")).unwrap();
+        let l = rr.select(now, &key).unwrap();
+        assert_eq!(l.route(), Route::Plain);
+        rr.release(now, l, Outcome::Response(200));
+    }
+
+    #[test]
+    fn an_unproven_backend_takes_what_a_full_proven_one_cannot() {
+        let (mut b, now) = lb(Policy::LeastConn);
+        let ids: Vec<_> = (0..2)
+            .map(|i| {
+                let spec = BackendSpec {
+                    max_conns: 1,
+                    ..BackendSpec::new(format!("http://b{i}"))
+                };
+                b.add_backend(now, spec).unwrap()
+            })
+            .collect();
+        // b0's first probe passes; b1's has not answered yet.
+        b.handle_timeout(now);
+        while let Some(Action::StartProbe { probe, .. }) = b.poll_action() {
+            if probe.backend() == ids[0] {
+                b.probe_result(now, probe, ProbeOutcome::Status(200));
+            }
+        }
+        let first = b.select(now, &RequestMeta::default()).unwrap();
+        assert_eq!(first.backend(), ids[0], "the proven backend first");
+        let second = b.select(now, &RequestMeta::default()).unwrap();
+        assert_eq!(second.backend(), ids[1], "then the unproven one, not a 429");
+        assert_eq!(
+            b.select(now, &RequestMeta::default()).unwrap_err(),
+            Reject::AllAtCapacity
+        );
+        b.release(now, first, Outcome::Response(200));
+        b.release(now, second, Outcome::Response(200));
     }
 
     #[test]

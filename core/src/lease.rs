@@ -18,7 +18,29 @@ pub struct Lease {
     /// The backend's health epoch when the lease was taken: an outcome counts towards
     /// passive health only if the backend has not been ejected since.
     epoch: u64,
+    route: Route,
     released: bool,
+}
+
+/// How an affinity policy's pick went, for metrics and the access log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Route {
+    /// A policy without affinity.
+    #[default]
+    Plain,
+    /// The backend holding the request's longest known prefix (`depth` units of it).
+    Hit {
+        /// Units of the request's chain the backend holds.
+        depth: u32,
+    },
+    /// Nothing known for the request (or it had no key): load decided.
+    Miss,
+    /// A known prefix whose holder was too loaded: another backend, holding `depth`
+    /// units of the chain (0: none).
+    Overflow {
+        /// Units of the request's chain the chosen backend holds.
+        depth: u32,
+    },
 }
 
 impl Lease {
@@ -27,13 +49,25 @@ impl Lease {
         self.backend
     }
 
+    /// How the pick went.
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
     /// A lease on `backend`, taken at its health `epoch`.
     pub(crate) fn new(backend: BackendId, epoch: u64) -> Self {
         Lease {
             backend,
             epoch,
+            route: Route::Plain,
             released: false,
         }
+    }
+
+    /// The lease, with how the pick went.
+    pub(crate) fn routed(mut self, route: Route) -> Self {
+        self.route = route;
+        self
     }
 
     /// Ends the lease (it was given back, or dies with its balancer), so that dropping it

@@ -151,7 +151,7 @@ pub use config::{Config, ConfigError, MIN_TICK};
 pub use event::{Action, Cause, Event, ProbeId};
 pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};
-pub use lease::{BackendError, ErrorKind, Lease, Outcome, Reject};
+pub use lease::{BackendError, ErrorKind, Lease, Outcome, Reject, Route};
 pub use policy::{Policy, UnknownPolicy};
 pub use queue::{Admission, OwnedMeta, QueueConfig, QueueStats, Ticket};
 pub use request::RequestMeta;

@@ -11,6 +11,7 @@ use rand::Rng;
 
 use crate::backend::Backend;
 use crate::hash;
+use crate::lease::Route;
 
 /// A balancing policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,6 +129,10 @@ pub(crate) struct Selector {
     ready: Vec<u32>,
     /// Whether some ready backend is proven by a probe (then only proven ones are ready).
     proven_only: bool,
+    /// With `proven_only`: the serving backends not yet proven, which take a request
+    /// only when every proven one is at its cap (a probe still under way at start must
+    /// not turn room into `429`s).
+    unproven: Vec<u32>,
     /// Whether every ready backend has the same weight.
     uniform: bool,
     /// Each ready slot repeated weight/gcd times: uniform picks from it are weighted picks.
@@ -181,6 +186,17 @@ impl Selector {
             .filter(serving)
             .any(|b| b.health.is_proven());
         self.proven_only = proven;
+        self.unproven.clear();
+        if proven {
+            self.unproven.extend(
+                slots
+                    .iter()
+                    .flatten()
+                    .filter(serving)
+                    .filter(|b| !b.health.is_proven())
+                    .map(|b| b.id.slot),
+            );
+        }
         self.ready.extend(
             slots
                 .iter()
@@ -220,27 +236,47 @@ impl Selector {
         slots: &[Option<Backend>],
         rng: &mut R,
         key: Option<u64>,
-    ) -> Option<u32> {
+    ) -> Option<(u32, Route)> {
         self.refresh(slots);
         if self.ready.is_empty() {
             return None;
         }
+        let plain = |s| (s, Route::Plain);
         match policy {
-            Policy::RoundRobin => self.round_robin(slots),
-            Policy::WeightedRoundRobin => self.smooth_wrr(slots),
-            Policy::LeastConn => least_conn(&self.ready, slots, rng),
-            Policy::Random => self.random(slots, rng),
+            Policy::RoundRobin => self.round_robin(slots).map(plain),
+            Policy::WeightedRoundRobin => self.smooth_wrr(slots).map(plain),
+            Policy::LeastConn => least_conn(&self.ready, slots, rng).map(plain),
+            Policy::Random => self.random(slots, rng).map(plain),
+            // Hit: the key's own backend; overflow: it was full, the next in the key's
+            // ranking took it; miss: no key, least connections.
             Policy::IpHash | Policy::ConsistentHash => match key {
-                Some(k) => self
-                    .rendezvous(slots, k)
-                    .or_else(|| least_conn(&self.ready, slots, rng)),
-                None => least_conn(&self.ready, slots, rng),
+                Some(k) => self.rendezvous(slots, k).map(|(s, first)| {
+                    let route = if first {
+                        Route::Hit { depth: 0 }
+                    } else {
+                        Route::Overflow { depth: 0 }
+                    };
+                    (s, route)
+                }),
+                None => least_conn(&self.ready, slots, rng).map(|s| (s, Route::Miss)),
             },
-            Policy::P2c => self.p2c(slots, rng),
+            Policy::P2c => self.p2c(slots, rng).map(plain),
             // The balancer routes cache-aware requests itself (with its table); a pick
             // without the table is least connections.
-            Policy::CacheAware => least_conn(&self.ready, slots, rng),
+            Policy::CacheAware => least_conn(&self.ready, slots, rng).map(plain),
         }
+    }
+
+    /// A least-connections pick among the serving backends not yet proven by a probe,
+    /// for when every proven one is at its cap (`None` when there are none, or all are
+    /// full too).
+    pub(crate) fn unproven_with_room<R: Rng>(
+        &mut self,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+    ) -> Option<u32> {
+        self.refresh(slots);
+        least_conn(&self.unproven, slots, rng)
     }
 
     /// The fewest in flight among ready backends (0 when none is ready).
@@ -357,13 +393,18 @@ impl Selector {
     /// Weighted rendezvous (highest random weight) hashing: the backend with the highest
     /// score for `key` wins, so a departing backend moves only its own keys. Backends at
     /// their cap are skipped (their keys overflow to their runner-up).
-    fn rendezvous(&self, slots: &[Option<Backend>], key: u64) -> Option<u32> {
+    /// The highest-ranked backend for `key` below its cap, and whether it is the key's
+    /// first choice (the highest-ranked of all ready backends, full or not).
+    fn rendezvous(&self, slots: &[Option<Backend>], key: u64) -> Option<(u32, bool)> {
+        let ranks_above = |score: f64, h: u64, than: Option<(f64, u64, u32)>| match than {
+            None => true,
+            Some((bs, bh, _)) => score > bs || (score == bs && h > bh),
+        };
+        // The best below its cap, and the best of all (full ones included).
         let mut best: Option<(f64, u64, u32)> = None;
+        let mut best_any: Option<(f64, u64, u32)> = None;
         for &s in &self.ready {
             let b = backend(slots, s);
-            if b.at_cap() {
-                continue;
-            }
             let h = hash::mix64(key ^ b.name_hash);
             let score = if self.uniform {
                 0.0
@@ -373,15 +414,15 @@ impl Selector {
                 let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
                 -f64::from(b.weight) / libm::log(u)
             };
-            let better = match best {
-                None => true,
-                Some((bs, bh, _)) => score > bs || (score == bs && h > bh),
-            };
-            if better {
+            if ranks_above(score, h, best_any) {
+                best_any = Some((score, h, s));
+            }
+            if !b.at_cap() && ranks_above(score, h, best) {
                 best = Some((score, h, s));
             }
         }
-        best.map(|(_, _, s)| s)
+        let first = best_any.map(|(_, _, s)| s);
+        best.map(|(_, _, s)| (s, Some(s) == first))
     }
 }
 

@@ -87,6 +87,7 @@ mod tests {
             healthy,
             proven: true,
             draining: false,
+            parked: false,
             epoch: 0,
         }
     }

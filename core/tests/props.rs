@@ -537,8 +537,16 @@ impl Harness {
         // Healthy and not draining; and proven by a probe, if any such backend is.
         let up: Vec<&MBackend> = self.model.backends.values().filter(|b| b.ready()).collect();
         let any_proven = up.iter().any(|b| b.proven);
+        // When every proven one is full, one not yet proven (with room) takes the request,
+        // by least connections.
+        let unproven: Vec<&MBackend> = up
+            .iter()
+            .copied()
+            .filter(|b| any_proven && !b.proven && !b.capped())
+            .collect();
         let ready: Vec<&MBackend> = up.into_iter().filter(|b| !any_proven || b.proven).collect();
         let eligible: Vec<&MBackend> = ready.iter().copied().filter(|b| !b.capped()).collect();
+        let fallback = eligible.is_empty() && !unproven.is_empty();
         let policy = self.bal.config().policy;
         match self.bal.select(now, &meta) {
             Err(r) => {
@@ -546,6 +554,7 @@ impl Harness {
                     assert_eq!(r, Reject::NoHealthyBackend);
                 } else {
                     assert!(eligible.is_empty(), "rejected ({r}) with eligible backends");
+                    assert!(unproven.is_empty(), "rejected ({r}) with unproven room");
                     assert_eq!(r, Reject::AllAtCapacity);
                 }
             }
@@ -554,7 +563,14 @@ impl Harness {
                 let b = self.model.backends.get(&id.slot()).filter(|b| b.id == id);
                 let b = b.unwrap_or_else(|| panic!("picked {id}, not in the pool"));
                 assert!(b.eligible(), "picked an ineligible backend: {b:?}");
+                if fallback {
+                    assert!(!b.proven, "a proven pick when every proven one is full");
+                    assert_min_load(b, &unproven);
+                } else {
+                    assert!(!any_proven || b.proven, "an unproven pick with proven room");
+                }
                 match policy {
+                    _ if fallback => {}
                     Policy::LeastConn => assert_min_load(b, &eligible),
                     Policy::IpHash | Policy::ConsistentHash if key.is_none() => {
                         assert_min_load(b, &eligible)

@@ -58,6 +58,9 @@ pub struct Progress {
     /// How many bytes at the start of the input belong to this message's
     /// body; forward them as is. If `done` is false this is the whole input.
     pub consumed: usize,
+    /// How many of the `consumed` bytes are body data (chunk framing and trailers
+    /// left out).
+    pub data: usize,
     /// Whether the body is complete. Bytes after `consumed` belong to the
     /// next message (pipelining / keep-alive).
     pub done: bool,
@@ -122,14 +125,19 @@ impl BodyFramer {
     /// connection must be closed.
     pub fn push(&mut self, input: &[u8]) -> Result<Progress, Error> {
         let mut pos = 0;
+        let mut data = 0;
         while pos < input.len() {
             match self.state {
                 State::Done => break,
                 State::Failed(e) => return Err(e),
-                State::UntilEof => pos = input.len(),
+                State::UntilEof => {
+                    data += input.len() - pos;
+                    pos = input.len();
+                }
                 State::Length(left) => {
                     let n = clamp(left, input.len() - pos);
                     pos += n;
+                    data += n;
                     let left = left - n as u64;
                     self.state = if left == 0 {
                         State::Done
@@ -140,6 +148,7 @@ impl BodyFramer {
                 State::Chunked(Chunk::Data { left }) => {
                     let n = clamp(left, input.len() - pos);
                     pos += n;
+                    data += n;
                     let left = left - n as u64;
                     let next = if left == 0 {
                         Chunk::DataCr
@@ -172,6 +181,7 @@ impl BodyFramer {
             State::Failed(e) => Err(e),
             state => Ok(Progress {
                 consumed: pos,
+                data,
                 done: state == State::Done,
             }),
         }

@@ -40,6 +40,7 @@ fn no_body_is_done_at_once() {
             f.push(b"GET"),
             Ok(Progress {
                 consumed: 0,
+                data: 0,
                 done: true
             })
         );
@@ -54,6 +55,7 @@ fn content_length() {
         f.push(b"abc"),
         Ok(Progress {
             consumed: 3,
+            data: 3,
             done: false
         })
     );
@@ -62,6 +64,7 @@ fn content_length() {
         f.push(b"deGET /"),
         Ok(Progress {
             consumed: 2,
+            data: 2,
             done: true
         })
     );
@@ -69,6 +72,7 @@ fn content_length() {
         f.push(b"more"),
         Ok(Progress {
             consumed: 0,
+            data: 0,
             done: true
         })
     );
@@ -84,6 +88,7 @@ fn close_delimited_and_tunnel_end_at_eof() {
             f.push(b"0\r\n\r\nanything"),
             Ok(Progress {
                 consumed: 13,
+                data: 13,
                 done: false
             })
         );
@@ -205,6 +210,7 @@ fn chunked_eof_before_end_is_incomplete() {
         f.push(b"5\r\nhello\r\n0\r\n"),
         Ok(Progress {
             consumed: 13,
+            data: 5,
             done: false
         })
     );
@@ -213,6 +219,7 @@ fn chunked_eof_before_end_is_incomplete() {
         f.push(b"\r\n"),
         Ok(Progress {
             consumed: 2,
+            data: 0,
             done: true
         })
     );
@@ -241,4 +248,17 @@ fn chunk_extensions_are_bounded_per_body() {
         f.push(chunk.as_bytes()).unwrap();
     }
     assert!(f.push(b"0\r\n\r\n").unwrap().done);
+}
+
+#[test]
+fn data_leaves_the_chunk_framing_out() {
+    let mut f = BodyFramer::new(BodyKind::Chunked);
+    let p = f
+        .push(b"5;x=y\r\nhello\r\n3\r\nabc\r\n0\r\nT: v\r\n\r\nNEXT")
+        .unwrap();
+    assert_eq!((p.data, p.done), (8, true));
+    let mut f = BodyFramer::new(BodyKind::Chunked);
+    // A chunk split across pushes counts each part once.
+    assert_eq!(f.push(b"a\r\n01234").unwrap().data, 5);
+    assert_eq!(f.push(b"56789\r\n0\r\n\r\n").unwrap().data, 5);
 }

@@ -67,6 +67,7 @@ async fn run_probe<R: Runtime>(proxy: Arc<Proxy<R>>, probe: ProbeId, deadline: I
     let Some(upstream) = proxy.upstream(probe.backend()) else {
         return;
     };
+    let started = Instant::now();
     let get = proxy
         .runtime()
         .get(&upstream, &proxy.settings().health_path, 0);
@@ -76,6 +77,10 @@ async fn run_probe<R: Runtime>(proxy: Arc<Proxy<R>>, probe: ProbeId, deadline: I
         Some(Err(e)) => ProbeOutcome::Error(e),
         None => ProbeOutcome::TimedOut,
     };
+    upstream.stats.probe(started.elapsed());
+    let found = outcome.to_string();
+    let at = crate::fleet::unix_ms();
+    upstream.note(|n| n.probe = Some((at, found)));
     if proxy.is_shutting_down() {
         return;
     }

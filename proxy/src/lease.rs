@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_listener::Event;
-use lb_core::{Admission, BackendError, BackendId, ErrorKind, Lease, Outcome, RequestMeta, Ticket};
+use lb_core::{
+    Admission, BackendError, BackendId, ErrorKind, Lease, Outcome, RequestMeta, Route, Ticket,
+};
 
 use crate::proxy::Proxy;
 use crate::reply::{self, ProxyError, Reply};
+use crate::request_id::RequestId;
 use crate::runtime::Runtime;
 use crate::settings::Notice;
 use crate::upstream::Upstream;
@@ -25,6 +28,12 @@ pub struct LeaseGuard<R: Runtime> {
     proxy: Arc<Proxy<R>>,
     lease: Option<Lease>,
     upstream: Arc<Upstream<R>>,
+    /// When the core selected the backend.
+    selected: Instant,
+    /// The request's id, for the log and error replies (set by [`Account::serve`]).
+    ///
+    /// [`Account::serve`]: crate::Account::serve
+    pub(crate) id: Option<RequestId>,
 }
 
 /// How an exchange with a backend failed.
@@ -84,12 +93,29 @@ impl Failure {
 }
 
 impl<R: Runtime> LeaseGuard<R> {
-    pub(crate) fn new(proxy: Arc<Proxy<R>>, lease: Lease, upstream: Arc<Upstream<R>>) -> Self {
+    pub(crate) fn new(
+        proxy: Arc<Proxy<R>>,
+        lease: Lease,
+        upstream: Arc<Upstream<R>>,
+        selected: Instant,
+    ) -> Self {
         LeaseGuard {
             proxy,
             lease: Some(lease),
             upstream,
+            selected,
+            id: None,
         }
+    }
+
+    /// When the core selected the backend.
+    pub fn selected(&self) -> Instant {
+        self.selected
+    }
+
+    /// How the core's pick went.
+    pub fn route(&self) -> Route {
+        self.lease.as_ref().map_or(Route::Plain, Lease::route)
     }
 
     /// The backend.
@@ -121,7 +147,7 @@ impl<R: Runtime> LeaseGuard<R> {
     /// `Failed`; returns the reply for the client. `request` names the request in the log
     /// (method and target).
     pub fn fail(mut self, failure: Failure, request: &dyn fmt::Display) -> Reply {
-        let reply = reply::error(failure.answer());
+        let reply = reply::error_for(failure.answer(), self.id.as_ref());
         let kind = failure.kind();
         let message = failure.message(false);
         self.log(request, reply.status, message.clone());
@@ -138,6 +164,8 @@ impl<R: Runtime> LeaseGuard<R> {
     /// another backend selected for `meta`, avoiding those in `tried` (this one is added).
     /// `Err` with the reply for the original failure when no other backend can take it,
     /// or `--connect-retries` are used up.
+    // The `Err` is the (rare) final reply, built once per failed request: not worth a box.
+    #[allow(clippy::result_large_err)]
     pub fn fail_over(
         mut self,
         failure: Failure,
@@ -152,15 +180,18 @@ impl<R: Runtime> LeaseGuard<R> {
         } else {
             self.proxy.select_excluding(meta, tried)
         };
-        let Some(next) = next else {
+        let Some(mut next) = next else {
             return Err(self.fail(failure, request));
         };
+        next.id = self.id.take();
+        self.upstream.stats.retry(crate::metrics::Retry::Connect);
         let kind = failure.kind();
         let message = failure.message(false);
         self.proxy.notify(Notice::Failover {
             from: self.upstream.url().clone(),
             to: next.upstream.url().clone(),
             request: request.to_string(),
+            id: next.id.clone(),
             error: message.clone(),
         });
         self.release(Outcome::Failed {
@@ -186,6 +217,7 @@ impl<R: Runtime> LeaseGuard<R> {
         self.proxy.notify(Notice::ProxyError {
             backend: self.upstream.url().clone(),
             request: request.to_string(),
+            id: self.id.clone(),
             status,
             error,
         });

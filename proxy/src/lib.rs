@@ -25,18 +25,24 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod account;
+pub mod admin;
 pub mod deadline;
 mod driver;
+pub mod fleet;
 mod lease;
+pub mod metrics;
 mod proxy;
 pub mod reply;
 pub mod reqlog;
+pub mod request_id;
 mod runtime;
 pub mod settings;
 mod start;
 mod upstream;
 pub mod words;
 
+pub use account::{AccessLog, Account, Arrival, LineSink};
 pub use driver::drive;
 pub use lease::{Failure, LeaseGuard};
 pub use proxy::{client_ip, ConnectionGuard, Proxy};

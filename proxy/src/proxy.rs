@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use lb_core::{
-    Admission, BackendId, Balancer, Lease, Outcome, OwnedMeta, Reject, RequestMeta, Summary,
+    Admission, BackendId, Balancer, Lease, Outcome, OwnedMeta, Policy, Reject, RequestMeta, Summary,
 };
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+use crate::account::{Account, Arrival};
 use crate::lease::{LeaseGuard, QueueWait, Slot};
+use crate::metrics::{AffinityPolicy, BackendRow, Format, Metrics, Rejection, Scrape};
 use crate::reply::{self, Reply};
 use crate::runtime::Runtime;
 use crate::settings::{IdleLimit, Notice, NoticeSink, Settings, Target};
@@ -46,6 +48,11 @@ pub struct Proxy<R: Runtime> {
     /// Notified when a client connection closes while the count was at
     /// `--max-client-conns`.
     freed: Event,
+    metrics: Arc<Metrics>,
+    /// The policy's affinity counters, if it has any.
+    affinity: Option<AffinityPolicy>,
+    /// The next backend's admin API id.
+    pub(crate) serial: std::sync::atomic::AtomicU64,
 }
 
 /// What the lock guards: the balancer, and the backends by slot.
@@ -69,6 +76,7 @@ impl<R: Runtime> Proxy<R> {
         rt: R,
         now: Instant,
     ) -> Result<Arc<Self>, StartError> {
+        let settings_policy = settings.core.policy;
         let mut core = Core {
             balancer: Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now),
             upstreams: Vec::new(),
@@ -81,12 +89,11 @@ impl<R: Runtime> Proxy<R> {
                 .add_backend(now, spec.clone())
                 .map_err(StartError::Backend)?;
             let idle = IdleLimit::new(settings.pool_idle_timeout);
-            let slot = id.slot();
-            if core.upstreams.len() <= slot {
-                core.upstreams.resize_with(slot + 1, || None);
-            }
-            core.upstreams[slot] = Some(Arc::new(Upstream::new(id, target, idle, ext)));
+            let serial = core.upstreams().count() as u64 + 1;
+            let up = Upstream::new(id, target, idle, ext, serial, crate::fleet::Source::Flag);
+            core.put_upstream(Arc::new(up));
         }
+        let next_serial = core.upstreams().count() as u64 + 1;
         Ok(Arc::new(Proxy {
             core: Mutex::new(core),
             rt,
@@ -98,7 +105,62 @@ impl<R: Runtime> Proxy<R> {
             waiters: Mutex::new(HashMap::new()),
             rearm: Event::new(),
             freed: Event::new(),
+            metrics: Arc::new(Metrics::new(R::NAME)),
+            affinity: match settings_policy {
+                Policy::CacheAware => Some(AffinityPolicy::CacheAware),
+                Policy::ConsistentHash => Some(AffinityPolicy::ConsistentHash),
+                _ => None,
+            },
+            serial: std::sync::atomic::AtomicU64::new(next_serial),
         }))
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// An account for a request that arrived as `head` says (see [`Account`]).
+    pub fn account(&self, head: &Arrival<'_>) -> Account {
+        let access = self
+            .settings
+            .access_log
+            .as_ref()
+            .map(|log| (log, self.settings.core.policy.name()));
+        Account::new(self.metrics.clone(), head, self.affinity, access)
+    }
+
+    /// The `/metrics` exposition now, in `format`.
+    pub fn scrape(&self, format: Format) -> String {
+        let scrape = {
+            let core = self.lock();
+            let backends = core
+                .balancer
+                .backends()
+                .filter_map(|b| {
+                    let up = core.upstream(b.id)?;
+                    Some(BackendRow {
+                        url: b.url.clone(),
+                        up: b.healthy && !b.draining,
+                        in_flight: b.in_flight,
+                        max_conns: b.max_conns,
+                        weight: b.weight,
+                        stats: up.stats.clone(),
+                    })
+                })
+                .collect();
+            let policy = self.settings.core.policy;
+            Scrape {
+                backends,
+                queue_depth: core.balancer.queued(),
+                affinity: self.affinity.map(|_| {
+                    let entries = core.balancer.routing_stats().map_or(0, |r| r.keys);
+                    (policy.name(), entries)
+                }),
+                client_connections: self.connections.load(Ordering::Acquire),
+            }
+        };
+        self.metrics.encode(scrape, format)
     }
 
     /// The settings it runs with.
@@ -154,10 +216,26 @@ impl<R: Runtime> Proxy<R> {
     /// back in a guard that releases it.
     pub fn select(self: &Arc<Self>, meta: &RequestMeta<'_>) -> Result<LeaseGuard<R>, Reject> {
         let mut core = self.lock();
-        let lease = core.balancer.select(Instant::now(), meta)?;
+        let now = Instant::now();
+        let lease = match core.balancer.select(now, meta) {
+            Ok(l) => l,
+            Err(reject) => {
+                drop(core);
+                // With the queue on, a full pool is the queue's to refuse (or not).
+                let queued = self.settings.core.queue.enabled();
+                match reject {
+                    Reject::NoHealthyBackend => self.metrics.rejected(Rejection::NoHealthy),
+                    Reject::AllAtCapacity if !queued => {
+                        self.metrics.rejected(Rejection::AtCapacity)
+                    }
+                    Reject::AllAtCapacity => {}
+                }
+                return Err(reject);
+            }
+        };
         let upstream = core.upstream_of(&lease);
         drop(core);
-        Ok(LeaseGuard::new(self.clone(), lease, upstream))
+        Ok(LeaseGuard::new(self.clone(), lease, upstream, now))
     }
 
     /// A backend for a request leaving the backends in `tried` (a failover), if one can
@@ -168,13 +246,11 @@ impl<R: Runtime> Proxy<R> {
         tried: &[BackendId],
     ) -> Option<LeaseGuard<R>> {
         let mut core = self.lock();
-        let lease = core
-            .balancer
-            .select_excluding(Instant::now(), meta, tried)
-            .ok()?;
+        let now = Instant::now();
+        let lease = core.balancer.select_excluding(now, meta, tried).ok()?;
         let upstream = core.upstream_of(&lease);
         drop(core);
-        Some(LeaseGuard::new(self.clone(), lease, upstream))
+        Some(LeaseGuard::new(self.clone(), lease, upstream, now))
     }
 
     /// [`select`](Self::select), and when every backend is at its cap and the queue is on
@@ -197,9 +273,19 @@ impl<R: Runtime> Proxy<R> {
     /// [`select_or_wait`](Self::select_or_wait)).
     pub async fn wait_for_slot(self: &Arc<Self>, meta: OwnedMeta) -> Result<LeaseGuard<R>, Reject> {
         let slot = Arc::new(Slot::default());
+        let entered = Instant::now();
         let (ticket, d) = {
             let mut core = self.lock();
-            let ticket = core.balancer.enqueue(Instant::now(), meta)?;
+            let ticket = match core.balancer.enqueue(entered, meta) {
+                Ok(t) => t,
+                Err(reject) => {
+                    self.metrics.rejected(match reject {
+                        Reject::NoHealthyBackend => Rejection::NoHealthy,
+                        Reject::AllAtCapacity => Rejection::QueueFull,
+                    });
+                    return Err(reject);
+                }
+            };
             // Registered under the core's lock: no admission for it can be drained before.
             self.waiters().insert(ticket.id(), slot.clone());
             (ticket, self.drain(&mut core))
@@ -208,16 +294,24 @@ impl<R: Runtime> Proxy<R> {
         self.rearm.notify(usize::MAX);
         let mut wait = QueueWait::new(self.clone(), ticket, slot);
         self.dispatch(d);
-        match wait.receive().await {
+        let admission = wait.receive().await;
+        let now = Instant::now();
+        self.metrics
+            .queue_wait(now.saturating_duration_since(entered));
+        match admission {
             Admission::Admitted(_, lease) => match self.upstream(lease.backend()) {
-                Some(upstream) => Ok(LeaseGuard::new(self.clone(), lease, upstream)),
+                Some(upstream) => Ok(LeaseGuard::new(self.clone(), lease, upstream, now)),
                 None => {
                     // Removed (forced) between the admission and now.
                     self.release(lease, Outcome::Cancelled);
+                    self.metrics.rejected(Rejection::NoHealthy);
                     Err(Reject::NoHealthyBackend)
                 }
             },
-            Admission::Expired(_) => Err(Reject::AllAtCapacity),
+            Admission::Expired(_) => {
+                self.metrics.rejected(Rejection::QueueTimeout);
+                Err(Reject::AllAtCapacity)
+            }
         }
     }
 
@@ -237,6 +331,25 @@ impl<R: Runtime> Proxy<R> {
             }
         });
         while let Some(e) = core.balancer.poll_event() {
+            if let lb_core::Event::Health {
+                backend,
+                state,
+                cause,
+                ..
+            } = &e
+            {
+                if let Some(up) = core.upstream(*backend) {
+                    let passive = matches!(cause, lb_core::Cause::Passive(_));
+                    let healthy = *state == lb_core::HealthState::Healthy;
+                    up.stats.transition(healthy, passive);
+                    let to = if healthy { "healthy" } else { "unhealthy" };
+                    let at = crate::fleet::unix_ms();
+                    up.note(|n| n.transition = Some((at, to, cause.to_string())));
+                }
+            }
+            if let lb_core::Event::Removed { backend, .. } = &e {
+                core.take_upstream(*backend);
+            }
             d.events.push(e);
         }
         d
@@ -331,6 +444,7 @@ impl<R: Runtime> Proxy<R> {
     /// connection to close. So at most `--max-client-conns` connections are served, and
     /// at most one more per shard is held open.
     pub async fn admit(self: &Arc<Self>) -> ConnectionGuard<R> {
+        self.metrics.client_connection();
         let max = self.settings.max_client_conns;
         loop {
             let mut open = self.connections.load(Ordering::Acquire);
@@ -369,12 +483,35 @@ impl<R: Runtime> Proxy<R> {
 }
 
 impl<R: Runtime> Core<R> {
-    fn upstream(&self, id: BackendId) -> Option<Arc<Upstream<R>>> {
+    pub(crate) fn upstream(&self, id: BackendId) -> Option<Arc<Upstream<R>>> {
         self.upstreams
             .get(id.slot())?
             .as_ref()
             .filter(|u| u.id() == id)
             .cloned()
+    }
+
+    /// Puts an upstream in its slot.
+    pub(crate) fn put_upstream(&mut self, up: Arc<Upstream<R>>) {
+        let slot = up.id().slot();
+        if self.upstreams.len() <= slot {
+            self.upstreams.resize_with(slot + 1, || None);
+        }
+        self.upstreams[slot] = Some(up);
+    }
+
+    /// Takes a removed backend's upstream out (its leases keep their own handle).
+    pub(crate) fn take_upstream(&mut self, id: BackendId) {
+        if let Some(s) = self.upstreams.get_mut(id.slot()) {
+            if s.as_ref().is_some_and(|u| u.id() == id) {
+                *s = None;
+            }
+        }
+    }
+
+    /// Every upstream in the pool.
+    pub(crate) fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream<R>>> {
+        self.upstreams.iter().flatten()
     }
 
     fn upstream_of(&self, lease: &Lease) -> Arc<Upstream<R>> {

@@ -4,6 +4,9 @@
 
 use lb_core::{Reject, Summary};
 
+use crate::metrics::{rejection_for, Rejection};
+use crate::request_id::RequestId;
+
 /// A complete small response: status, extra headers, JSON body (or none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
@@ -14,6 +17,11 @@ pub struct Reply {
     pub headers: &'static [(&'static str, &'static str)],
     /// The JSON body; empty for [`refused`].
     pub body: String,
+    /// The request's id, sent as `X-Request-Id` (and in the body of an error).
+    pub request_id: Option<RequestId>,
+    /// Why `lb` refused the request, where this reply is the refusal that counts
+    /// (rejections the core decides are counted where it decides them).
+    pub rejection: Option<Rejection>,
 }
 
 /// The answer to a request head refused before anything else happens (malformed, a
@@ -25,6 +33,8 @@ pub fn refused(status: u16) -> Reply {
         status,
         headers: &[("connection", "close")],
         body: String::new(),
+        request_id: None,
+        rejection: Some(rejection_for(status)),
     }
 }
 
@@ -42,6 +52,8 @@ pub fn health(summary: Summary) -> Reply {
             r#"{{"status":"{word}","healthy_backends":{},"total_backends":{},"active_conns":{}}}"#,
             summary.healthy, summary.total, summary.in_flight
         ),
+        request_id: None,
+        rejection: None,
     }
 }
 
@@ -72,6 +84,13 @@ pub enum ProxyError {
 /// `{"error":{"message":..,"type":..,"param":null,"code":..}}`. A 429 carries
 /// `Retry-After: 1`.
 pub fn error(e: ProxyError) -> Reply {
+    error_for(e, None)
+}
+
+/// [`error`] for the request with `id`: the body also says
+/// `"request_id":".."` (beside `error`, which keeps OpenAI's shape), and the reply carries
+/// the id for its `X-Request-Id`.
+pub fn error_for(e: ProxyError, id: Option<&RequestId>) -> Reply {
     let (status, kind, code, message): (u16, &str, &str, &str) = match e {
         ProxyError::Rejected(Reject::NoHealthyBackend) => (
             503,
@@ -139,12 +158,31 @@ pub fn error(e: ProxyError) -> Reply {
     } else {
         &[]
     };
+    let rejection = match e {
+        // The core's refusals are counted where they are decided.
+        ProxyError::Rejected(_)
+        | ProxyError::BadGateway
+        | ProxyError::GatewayTimeout
+        | ProxyError::BadResponse => None,
+        ProxyError::BadRequest | ProxyError::HeadTooLarge => Some(Rejection::BadRequest),
+        ProxyError::HeadTimeout | ProxyError::BodyTimeout => Some(Rejection::Timeout),
+        ProxyError::ShuttingDown => Some(Rejection::ShuttingDown),
+    };
+    let mut body = format!(
+        r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}"#
+    );
+    if let Some(id) = id {
+        // Ids are visible ASCII; a quote or backslash in a client's id is escaped.
+        body.push_str(r#","request_id":"#);
+        body.push_str(&crate::reqlog::json_string(id.as_str()));
+    }
+    body.push('}');
     Reply {
         status,
         headers,
-        body: format!(
-            r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}}}"#
-        ),
+        body,
+        request_id: id.cloned(),
+        rejection,
     }
 }
 

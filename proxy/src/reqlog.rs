@@ -33,6 +33,8 @@ pub struct Record<'a> {
     pub status: u16,
     /// The backend's URL; `None` for requests refused by `lb` itself (429, 503).
     pub backend: Option<&'a str>,
+    /// The request's id (`X-Request-Id`).
+    pub request_id: Option<&'a str>,
     /// The captured request body (at most the cap).
     pub request: &'a [u8],
     /// Whether the request body was cut at the cap.
@@ -51,13 +53,14 @@ impl Record<'_> {
         let mut out = String::with_capacity(256 + self.request.len() + self.response.len());
         let _ = write!(
             out,
-            r#"{{"time":"{}","duration_ms":{},"method":{},"path":{},"status":{},"backend":{},"#,
+            r#"{{"time":"{}","duration_ms":{},"method":{},"path":{},"status":{},"backend":{},"request_id":{},"#,
             rfc3339_ms(self.time_unix_ms),
             self.duration_ms,
             json_string(self.method),
             json_string(self.path),
             self.status,
             self.backend.map_or("null".to_string(), json_string),
+            self.request_id.map_or("null".to_string(), json_string),
         );
         out.push_str(r#""request":"#);
         body(self.request, &mut out);
@@ -93,12 +96,16 @@ impl RequestLog {
     }
 
     /// A capture for one request that arrived at `started`.
-    pub fn capture(&self, started: Instant, method: &str, path: &str) -> Capture {
+    /// A capture for one request: when it arrived, its method, path and query, and its
+    /// request id (`X-Request-Id`, the client's or generated).
+    pub fn capture(&self, started: Instant, method: &str, path: &str, id: &str) -> Capture {
+        let mut entry = Entry::new(0, method, path);
+        entry.request_id = Some(id.to_string());
         Capture {
             sink: self.sink.clone(),
             limit: self.limit,
             started,
-            entry: Mutex::new(Entry::new(0, method, path)),
+            entry: Mutex::new(entry),
         }
     }
 }
@@ -177,6 +184,8 @@ pub struct Entry {
     pub status: u16,
     /// The backend's URL, once one is chosen.
     pub backend: Option<Arc<str>>,
+    /// The request's id.
+    pub request_id: Option<String>,
     /// Request body captured so far.
     pub request: Vec<u8>,
     /// Whether the request body hit the cap.
@@ -240,6 +249,7 @@ impl Entry {
             path: &self.path,
             status: self.status,
             backend: self.backend.as_deref(),
+            request_id: self.request_id.as_deref(),
             request: &self.request,
             request_truncated: self.request_truncated,
             response: &self.response,
@@ -272,7 +282,7 @@ pub fn dropped_line(time_unix_ms: u64, dropped: u64) -> String {
     )
 }
 
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("serialising a str cannot fail")
 }
 
@@ -293,7 +303,7 @@ fn body(b: &[u8], out: &mut String) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` from milliseconds since the epoch (proleptic Gregorian).
-fn rfc3339_ms(ms: u64) -> String {
+pub fn rfc3339_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
@@ -328,6 +338,7 @@ mod tests {
             path: "/v1/completions",
             status: 200,
             backend: Some("http://127.0.0.1:8001"),
+            request_id: Some("id-1"),
             request: req,
             request_truncated: false,
             response: resp,
@@ -399,7 +410,7 @@ mod tests {
         let into = got.clone();
         let log = RequestLog::new(Arc::new(move |e, t| into.lock().unwrap().push((e, t))), 4);
         let started = Instant::now();
-        let c = log.capture(started, "POST", "/v1/chat/completions");
+        let c = log.capture(started, "POST", "/v1/chat/completions", "rid-7");
         c.backend("http://b:1".into());
         c.request(b"abc");
         c.request(b"def");
@@ -420,6 +431,7 @@ mod tests {
                 ("POST", "/v1/chat/completions")
             );
             assert_eq!(e.backend.as_deref(), Some("http://b:1"));
+            assert_eq!(e.request_id.as_deref(), Some("rid-7"));
             assert_eq!(
                 (e.request.as_slice(), e.request_truncated),
                 (&b"abcd"[..], true)
@@ -428,12 +440,14 @@ mod tests {
         }
 
         // A reply the proxy made itself replaces whatever response was captured.
-        let c = log.capture(started, "GET", "/");
+        let c = log.capture(started, "GET", "/", "rid-8");
         c.response(b"partial");
         c.reply(&crate::reply::Reply {
             status: 503,
             headers: &[],
             body: "{}".into(),
+            request_id: None,
+            rejection: None,
         });
         drop(c);
         let got = got.lock().unwrap();

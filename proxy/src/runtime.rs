@@ -12,6 +12,9 @@ use crate::upstream::Upstream;
 
 /// The runtime an adapter brings.
 pub trait Runtime: Send + Sync + Sized + 'static {
+    /// Its name, for `lb_build_info{runtime}`: `tokio` or `smol`.
+    const NAME: &'static str;
+
     /// What the adapter keeps per backend beside the layer's [`Upstream`] (the tokio build:
     /// hyper's URI and `Host` value, made once rather than per request).
     type Backend: Send + Sync + 'static;

@@ -150,6 +150,18 @@ pub struct Settings {
     /// The request log (`--log-to`): where each request's entry goes, and the cap on each
     /// captured body. The CLI owns the file and its writer thread.
     pub request_log: Option<crate::reqlog::RequestLog>,
+    /// `--admin-bind`: the admin listener's address (`None`: off).
+    pub admin: Option<SocketAddr>,
+    /// Whether `--admin-bind` was given: then an address that cannot be bound stops the
+    /// start; the default's failure only costs the admin listener (with a warning).
+    pub admin_required: bool,
+    /// `--access-log`: one line per request (off: `None`).
+    pub access_log: Option<crate::account::AccessLog>,
+    /// `--max-conns`, for backends added while running.
+    pub max_conns: u32,
+    /// `--admin-token-file`'s token: needed (as `Authorization: Bearer`) for `/admin/*`
+    /// on an admin listener that is not on loopback.
+    pub admin_token: Option<String>,
 }
 
 impl Settings {
@@ -175,6 +187,11 @@ impl Settings {
             connect_retries: DEFAULT_CONNECT_RETRIES,
             hash_key: HashKey::User,
             request_log: None,
+            access_log: None,
+            admin: None,
+            admin_required: false,
+            max_conns: 0,
+            admin_token: None,
         }
     }
 
@@ -427,12 +444,24 @@ pub enum Notice {
     Core(Event),
     /// The proxy is listening.
     Listening(SocketAddr),
+    /// The admin listener is listening (`--admin-bind`).
+    AdminListening(SocketAddr),
+    /// The default admin address could not be bound: `lb` runs without the admin
+    /// listener (an explicit `--admin-bind` that fails stops the start instead).
+    AdminUnavailable {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        error: String,
+    },
     /// A proxied request failed at or because of its backend.
     ProxyError {
         /// The backend's URL.
         backend: Arc<str>,
         /// Method and path of the request.
         request: String,
+        /// The request's id.
+        id: Option<crate::request_id::RequestId>,
         /// The status the client got (502, 504, ...), or 0 if the response had started.
         status: u16,
         /// What went wrong.
@@ -447,9 +476,24 @@ pub enum Notice {
         to: Arc<str>,
         /// Method and path of the request.
         request: String,
+        /// The request's id.
+        id: Option<crate::request_id::RequestId>,
         /// Why the first backend failed.
         error: String,
     },
+    /// The pool changed at runtime (the admin API, discovery).
+    BackendChange {
+        /// The backend.
+        backend: Arc<str>,
+        /// What changed.
+        change: crate::fleet::Change,
+        /// Who changed it.
+        source: crate::fleet::Source,
+        /// The admin API client, for a change through the API.
+        client: Option<SocketAddr>,
+    },
+    /// SIGHUP arrived: log files are reopened (for rotation).
+    Hangup,
     /// A signal arrived: no new connections; waiting for this many requests.
     ShuttingDown {
         /// Requests in flight at that moment.

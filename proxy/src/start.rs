@@ -11,6 +11,8 @@ use lb_core::PoolError;
 pub enum StartError {
     /// The listen address could not be bound.
     Bind(SocketAddr, io::Error),
+    /// The admin listener's address (`--admin-bind`) could not be bound.
+    AdminBind(SocketAddr, io::Error),
     /// TLS setup failed (e.g. an unreadable `--backend-ca`).
     Tls(String),
     /// An `https://` backend, in a build without TLS.
@@ -40,6 +42,7 @@ impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartError::Bind(a, e) => write!(f, "cannot listen on {a} (--port/--bind): {e}"),
+            StartError::AdminBind(a, e) => write!(f, "cannot listen on {a} (--admin-bind): {e}"),
             StartError::Tls(e) => write!(f, "TLS setup failed (--backend-ca): {e}"),
             StartError::NoTls(url) => write!(
                 f,

@@ -18,16 +18,54 @@ pub struct Upstream<R: Runtime> {
     pub idle: IdleLimit,
     /// The adapter's own per-backend data.
     pub ext: R::Backend,
+    /// Its metrics.
+    pub stats: Arc<crate::metrics::BackendStats>,
+    /// Its id in the admin API (see [`crate::fleet`]).
+    serial: u64,
+    /// Where it came from.
+    source: crate::fleet::Source,
+    /// Its last probe and health transition, for the admin API.
+    notes: std::sync::Mutex<crate::fleet::Notes>,
 }
 
 impl<R: Runtime> Upstream<R> {
-    pub(crate) fn new(id: BackendId, target: Target, idle: IdleLimit, ext: R::Backend) -> Self {
+    pub(crate) fn new(
+        id: BackendId,
+        target: Target,
+        idle: IdleLimit,
+        ext: R::Backend,
+        serial: u64,
+        source: crate::fleet::Source,
+    ) -> Self {
         Upstream {
             id,
             target,
             idle,
             ext,
+            stats: Arc::default(),
+            serial,
+            source,
+            notes: Default::default(),
         }
+    }
+
+    /// Its id in the admin API: stable for its life, never reused.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> crate::fleet::Source {
+        self.source
+    }
+
+    /// Its last probe and health transition.
+    pub fn notes(&self) -> crate::fleet::Notes {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn note(&self, f: impl FnOnce(&mut crate::fleet::Notes)) {
+        f(&mut self.notes.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Its id in the core.

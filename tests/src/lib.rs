@@ -442,6 +442,8 @@ pub struct LbOptions {
     /// Run this binary instead of [`lb_bin`] (a test that compares builds
     /// starts several in one process).
     pub bin: Option<PathBuf>,
+    /// Leave `--admin-bind` at lb's default (127.0.0.1:9901) instead of a free port.
+    pub default_admin: bool,
 }
 
 /// A running `lb`, killed on drop.
@@ -492,6 +494,11 @@ impl Lb {
             if !has_flag(&args, "--bind") {
                 full.push("--bind".into());
                 full.push("127.0.0.1".into());
+            }
+            if !has_flag(&args, "--admin-bind") && !opts.default_admin {
+                // A port of its own: tests running in parallel never collide.
+                full.push("--admin-bind".into());
+                full.push("127.0.0.1:0".into());
             }
             let lb = Lb::start(&full, port, &opts);
             let mut lb = lb;
@@ -586,6 +593,39 @@ impl Lb {
     /// `lb`'s process id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The admin listener's port, from its `admin listening on` line (waited for up to
+    /// 10 s); `None` if it has none.
+    pub fn admin_port(&self) -> Option<u16> {
+        let line = self.log.wait_for(Duration::from_secs(10), |l| {
+            l.contains("admin listening on http://") || l.contains(r#""event":"admin_listening""#)
+        })?;
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .map(|a| a.split_whitespace().next().unwrap_or(""))
+            .or_else(|| {
+                line.split(r#""addr":""#)
+                    .nth(1)
+                    .and_then(|a| a.split('"').next())
+            })?;
+        addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+    }
+
+    /// `GET path` on the admin listener (`/metrics`, `/health`, `/live`).
+    pub fn admin_get(&self, path: &str) -> Resp {
+        let port = self
+            .admin_port()
+            .unwrap_or_else(|| panic!("lb has no admin listener; stderr:\n{}", self.log.text()));
+        get(port, path)
+    }
+
+    /// A `/metrics` scrape, parsed: every sample as (name, labels, value).
+    pub fn metrics(&self) -> Metrics {
+        let r = self.admin_get("/metrics");
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        Metrics::parse(&r.text())
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -710,8 +750,15 @@ pub struct LbOutput {
 /// Panics if it is still running after `timeout` (it is killed first).
 pub fn run_lb<S: AsRef<str>>(args: &[S], timeout: Duration) -> LbOutput {
     let bin = lb_bin();
+    let mut argv: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    if !has_flag(&argv, "--admin-bind") {
+        // The default admin address may be taken by another test's lb: that would add
+        // a warning line to the output under test.
+        argv.push("--admin-bind".into());
+        argv.push("off".into());
+    }
     let mut child = Command::new(&bin)
-        .args(args.iter().map(|a| a.as_ref()))
+        .args(&argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1566,4 +1613,109 @@ pub fn lb_build() -> &'static str {
 /// Whether the `lb` under test is the `build` build (`"tokio"` or `"smol"`).
 pub fn build_is(build: &str) -> bool {
     lb_build() == build
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text, parsed (for assertions; the real parser check is promtool's)
+
+/// One sample of a scrape: name, labels (sorted), value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a `/metrics` scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Every sample.
+    pub samples: Vec<Sample>,
+}
+
+impl Metrics {
+    /// Parses Prometheus text (0.0.4): comment lines skipped, one sample per line.
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (head, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            let (name, labels) = match head.split_once('{') {
+                None => (head.to_string(), Vec::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').expect("labels end with }");
+                    let mut labels = Vec::new();
+                    let mut rest = body;
+                    while !rest.is_empty() {
+                        let (k, v) = rest.split_once("=\"").expect("label=\"value\"");
+                        let mut value = String::new();
+                        let mut chars = v.char_indices();
+                        let mut end = v.len();
+                        while let Some((i, c)) = chars.next() {
+                            match c {
+                                '\\' => {
+                                    if let Some((_, e)) = chars.next() {
+                                        value.push(if e == 'n' { '\n' } else { e });
+                                    }
+                                }
+                                '"' => {
+                                    end = i + 1;
+                                    break;
+                                }
+                                c => value.push(c),
+                            }
+                        }
+                        labels.push((k.trim_start_matches(',').to_string(), value));
+                        rest = v[end..].trim_start_matches(',');
+                    }
+                    labels.sort();
+                    (name.to_string(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Metrics { samples }
+    }
+
+    /// The value of the sample `name` whose labels include every one of `labels`
+    /// (summed over the samples that match).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Whether any sample is named `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
+    }
+}
+
+#[cfg(test)]
+mod metrics_parse_tests {
+    use super::Metrics;
+
+    #[test]
+    fn labels_and_values() {
+        let m = Metrics::parse(
+            "# HELP x y\nh_bucket{backend=\"http://a:1\",le=\"0.5\"} 1\nh_bucket{backend=\"http://a:1\",le=\"+Inf\"} 3\nc_total{k=\"a\\\"b\"} 2.5\n",
+        );
+        assert_eq!(
+            m.value("h_bucket", &[("backend", "http://a:1"), ("le", "+Inf")]),
+            3.0
+        );
+        assert_eq!(m.value("h_bucket", &[("le", "0.5")]), 1.0);
+        assert_eq!(m.value("c_total", &[("k", "a\"b")]), 2.5);
+    }
 }

@@ -201,8 +201,14 @@ impl ScriptedBackend {
     /// Start it on a free port of `ip` with [`Script::default`] (in the network
     /// namespace of the calling thread).
     pub fn spawn_at(ip: IpAddr) -> ScriptedBackend {
-        let listener =
-            TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip} port 0: {e}"));
+        ScriptedBackend::spawn_on(SocketAddr::new(ip, 0))
+    }
+
+    /// Start it on `addr` (a port another backend just left, say), with
+    /// [`Script::default`].
+    pub fn spawn_on(addr: SocketAddr) -> ScriptedBackend {
+        let ip = addr.ip();
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let port = listener.local_addr().expect("local_addr").port();
         listener.set_nonblocking(true).expect("set_nonblocking");
         let shared = Arc::new(Shared::default());

@@ -12,7 +12,7 @@ use futures_lite::future;
 use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_http1::{BodyFramer, BodyKind, Header, RequestHead, ResponseHead, Status, Version};
 use lb_proxy::reply::{self, ProxyError, Reply};
-use lb_proxy::ConnectionGuard;
+use lb_proxy::{Arrival, ConnectionGuard};
 
 use crate::exchange;
 use crate::io::{
@@ -39,7 +39,7 @@ pub(crate) enum After {
 }
 
 /// How waiting for a request head ended.
-enum Head {
+pub(crate) enum Head {
     Request(RequestHead, usize),
     /// End of stream, an error, or shutdown while idle: close without a word.
     Closed,
@@ -68,11 +68,13 @@ pub(crate) async fn serve(
             Head::Closed => return,
             Head::TimedOut if cbuf.is_empty() && !first => return, // idle keep-alive
             Head::TimedOut => {
+                proxy.metrics().refused(408);
                 let _ =
                     write_local(&client, &reply::error(ProxyError::HeadTimeout), false, true).await;
                 return linger_close(&client).await;
             }
             Head::Bad(e) => {
+                proxy.metrics().refused(e.status());
                 let _ = write_local(&client, &reply::refused(e.status()), false, true).await;
                 return linger_close(&client).await;
             }
@@ -105,11 +107,28 @@ async fn handle(
     }
     let settings = proxy.settings();
     let arrived = Instant::now();
+    let mut acct = proxy.account(&Arrival {
+        at: arrived,
+        client: peer,
+        method: &req.method,
+        target: &req.target,
+        version: if req.version == Version::Http10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        },
+        request_id: req.header(lb_proxy::request_id::HEADER),
+        user_agent: req.header("user-agent"),
+    });
+    if !acct.kept_client_id() {
+        // Replaced by ours (added when the head is written for the backend).
+        req.headers.retain(|h| !h.is(lb_proxy::request_id::HEADER));
+    }
     let deadline = lb_proxy::deadline::deadline(arrived, settings.request_timeout);
-    let capture = settings
-        .request_log
-        .as_ref()
-        .map(|log| log.capture(arrived, &req.method, path_and_query(&req.target)));
+    let capture = settings.request_log.as_ref().map(|log| {
+        let pq = path_and_query(&req.target);
+        log.capture(arrived, &req.method, pq, acct.id().as_str())
+    });
 
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.
@@ -128,7 +147,7 @@ async fn handle(
             Err(answer) => {
                 // The client stalled (408), or stopped sending, went away or framed its
                 // body badly (400), before the body arrived.
-                let local = reply::error(answer);
+                let local = acct.reply(answer);
                 if let Some(c) = &capture {
                     c.reply(&local);
                 }
@@ -152,13 +171,14 @@ async fn handle(
     });
     let local = match selected.await {
         None => return After::Gone,
-        Some(Ok(guard)) => {
+        Some(Ok(mut guard)) => {
+            acct.serve(&mut guard);
             return exchange::forward(
-                local, client, cbuf, peer, req, &meta, guard, deadline, capture,
+                local, client, cbuf, peer, req, &meta, guard, deadline, capture, &mut acct,
             )
-            .await
+            .await;
         }
-        Some(Err(reject)) => reply::error(ProxyError::Rejected(reject)),
+        Some(Err(reject)) => acct.reply(ProxyError::Rejected(reject)),
     };
     if let Some(c) = &capture {
         c.reply(&local);
@@ -248,7 +268,7 @@ async fn answer(proxy: &Proxy, client: &Stream, req: &RequestHead, local: &Reply
 /// `idle`: the connection has just answered a request, so the next one is most likely not
 /// here yet; wait until the socket is readable before reading (sparing a read that would
 /// find nothing).
-async fn read_head(
+pub(crate) async fn read_head(
     proxy: &Proxy,
     timers: &Timers,
     client: &Stream,
@@ -375,6 +395,9 @@ async fn write_local_head(
         headers.push(Header::new(*name, *value));
     }
     headers.push(Header::new("Date", date_now().to_vec()));
+    if let Some(id) = &reply.request_id {
+        headers.push(Header::new("X-Request-Id", id.as_bytes().to_vec()));
+    }
     if say_close && !closing {
         headers.push(Header::new("Connection", "close"));
     } else if keep && http10 {

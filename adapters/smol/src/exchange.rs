@@ -35,9 +35,9 @@ use lb_core::RequestMeta;
 use lb_http1::{
     rewrite_request, BodyFramer, BodyKind, Forwarding, RequestHead, ResponseHead, ResponsePlan,
 };
-use lb_proxy::reply::{self, ProxyError};
+use lb_proxy::reply::ProxyError;
 use lb_proxy::reqlog::Capture;
-use lb_proxy::Failure;
+use lb_proxy::{Account, Failure};
 
 use crate::conn::{write_reply, After};
 use crate::connect::describe;
@@ -71,6 +71,7 @@ pub(crate) async fn forward(
     mut guard: LeaseGuard,
     deadline: Instant,
     capture: Option<Capture>,
+    acct: &mut Account,
 ) -> After {
     let proxy = guard.proxy().clone();
     if let Some(c) = &capture {
@@ -86,6 +87,7 @@ pub(crate) async fn forward(
         capture: capture.as_ref(),
         timer: local.timers.at(deadline),
         reused: false,
+        acct,
     };
 
     // The head for the backend, with the body bytes already here.
@@ -102,6 +104,7 @@ pub(crate) async fn forward(
                     Ok(next) => guard = next,
                     Err(reply) => return x.answer(reply, body_read).await,
                 }
+                x.acct.serve(&mut guard);
                 x.up = guard.upstream().clone();
                 if let Some(c) = &capture {
                     c.backend(x.up.url().clone());
@@ -155,6 +158,7 @@ pub(crate) async fn forward(
                         .await;
                 };
                 req_done.store(true, Ordering::Release);
+                x.up.stats.retry(lb_proxy::metrics::Retry::KeepAliveRace);
                 conn = match x.resend(cbuf, replay.bytes()).await {
                     Ok(c) => c,
                     Err(end) => return x.end(guard, end, true).await,
@@ -223,17 +227,25 @@ struct Exchange<'a> {
     /// Whether the connection in use came from the pool (only then can a failure be the
     /// keep-alive race; a new connection's failure is the backend's).
     reused: bool,
+    /// The request's account.
+    acct: &'a mut Account,
 }
 
 impl<'a> Exchange<'a> {
     /// The head for the backend with the body bytes already read (taken from `cbuf`),
     /// and the body's way up. `None` when the request's framing is invalid.
-    fn outgoing(&self, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
+    fn outgoing(&mut self, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
         let mut head = Vec::with_capacity(1024);
         let kind = self.head(&mut head).ok()?;
         let mut framer = BodyFramer::new(kind);
         let mut tap = Tap::new(self.capture, Side::Request, kind);
-        let early = framer.push(cbuf).ok()?.consumed;
+        let pushed = framer.push(cbuf).ok()?;
+        let early = pushed.consumed;
+        let counted = (kind != BodyKind::None && kind != BodyKind::Length(0)).then(|| {
+            let c = self.acct.body_counter();
+            c.fetch_add(pushed.data as u64, Ordering::Relaxed);
+            c
+        });
         if let Some(tap) = &mut tap {
             tap.feed(&cbuf[..early]);
         }
@@ -248,6 +260,7 @@ impl<'a> Exchange<'a> {
             framer,
             tap,
             replay: None,
+            counted,
         };
         Some((
             Sent {
@@ -266,7 +279,15 @@ impl<'a> Exchange<'a> {
             backend_authority: &self.up.target.authority,
             backend_path_prefix: &self.up.target.path_prefix,
         };
-        rewrite_request(self.req, &fwd, out)
+        let kind = rewrite_request(self.req, &fwd, out)?;
+        if !self.acct.kept_client_id() {
+            // Before the head's final empty line.
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(b"X-Request-Id: ");
+            out.extend_from_slice(self.acct.id().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+        }
+        Ok(kind)
     }
 
     /// `sent` again for the backend now chosen (after a failover): its head, then the
@@ -353,6 +374,7 @@ impl<'a> Exchange<'a> {
         if let Some(c) = self.capture {
             c.status(resp.status);
         }
+        self.acct.status(resp.status);
         if plan.is_upgrade() {
             return Step::Upgrade(resp, out);
         }
@@ -392,7 +414,8 @@ impl<'a> Exchange<'a> {
                 conn,
                 bbuf,
                 self.req,
-                req_done
+                req_done,
+                self.acct.id(),
             ));
             let timer = &mut self.timer;
             poll_fn(|cx| {
@@ -459,8 +482,10 @@ impl<'a> Exchange<'a> {
         let status = resp.status;
         let mut framer = BodyFramer::new(plan.body);
         let mut tap = Tap::new(self.capture, Side::Response, plan.body);
+        let early_data;
         match framer.push(bbuf) {
             Ok(p) => {
+                early_data = p.data;
                 if let Some(tap) = &mut tap {
                     tap.feed(&bbuf[..p.consumed]);
                 }
@@ -491,10 +516,11 @@ impl<'a> Exchange<'a> {
                 conn,
                 bbuf,
                 framer,
-                out,
+                (out, early_data),
                 tap,
                 plan.rechunk,
-                writes
+                writes,
+                &mut *self.acct,
             ));
             let timer = &mut self.timer;
             poll_fn(|cx| {
@@ -550,7 +576,7 @@ impl<'a> Exchange<'a> {
 
     /// Answers the client for an exchange that ended before a response was under way,
     /// and releases the lease with the matching outcome.
-    async fn end(&self, guard: LeaseGuard, end: End, req_done: bool) -> After {
+    async fn end(&mut self, guard: LeaseGuard, end: End, req_done: bool) -> After {
         let reply = match end {
             End::ClientGone => return After::Gone,
             End::BadRequest => return self.reject(guard, ProxyError::BadRequest).await,
@@ -562,10 +588,11 @@ impl<'a> Exchange<'a> {
 
     /// Sends `reply` (an error) to the client; the connection carries on only if the
     /// request was read whole.
-    async fn answer(&self, reply: lb_proxy::reply::Reply, req_done: bool) -> After {
+    async fn answer(&mut self, reply: lb_proxy::reply::Reply, req_done: bool) -> After {
         if let Some(c) = self.capture {
             c.reply(&reply);
         }
+        self.acct.replied(&reply);
         let keep = req_done && self.req.keep_alive() && !self.proxy.is_shutting_down();
         match write_reply(self.client, &reply, self.req, keep).await {
             Err(_) => After::Gone,
@@ -577,9 +604,9 @@ impl<'a> Exchange<'a> {
 
     /// The client's request cannot be forwarded (bad body framing): 400, not the
     /// backend's fault.
-    async fn reject(&self, guard: LeaseGuard, answer: ProxyError) -> After {
+    async fn reject(&mut self, guard: LeaseGuard, answer: ProxyError) -> After {
         drop(guard); // not the backend's fault: released as cancelled
-        let reply = reply::error(answer);
+        let reply = self.acct.reply(answer);
         if let Some(c) = self.capture {
             c.reply(&reply);
         }

@@ -37,6 +37,7 @@
 //! given.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod conn;
 mod connect;
 mod exchange;
@@ -74,11 +75,15 @@ pub use lb_proxy::StartError;
 ///
 /// The calling thread runs the first shard, blocked in that shard's own reactor.
 pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
-    let mut signals = Signals::new([Signal::Term, Signal::Int])
-        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT handlers", e))?;
+    let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup])
+        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT/SIGHUP handlers", e))?;
     let reactor = Reactor::new().map_err(reactor_error)?;
+    let hangups = log.clone();
     let shutdown = async move {
-        let _ = signals.next().await;
+        // SIGHUP reopens the log files and is otherwise ignored.
+        while let Some(Ok(Signal::Hup)) = signals.next().await {
+            hangups(Notice::Hangup);
+        }
     };
     reactor.block_on(start(
         settings,
@@ -86,6 +91,14 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         shutdown,
         Shard0::Blocked(reactor.clone()),
     ))
+}
+
+/// `lb --check`: everything [`run`] would refuse of `settings` short of binding a socket
+/// (backend URLs, TLS to `https://` backends, the pool's rules), without listening.
+pub fn check(settings: Settings) -> Result<(), StartError> {
+    let reactor = Reactor::new().map_err(reactor_error)?;
+    let rt = Smol::new(&settings, vec![reactor])?;
+    Proxy::new(settings, Arc::new(|_| {}), rt, Instant::now()).map(drop)
 }
 
 /// How the first shard's reactor is polled.
@@ -137,6 +150,7 @@ async fn start(
     for _ in 1..shards {
         reactors.push(Reactor::new().map_err(reactor_error)?);
     }
+    let admin = lb_proxy::admin::bind(&settings, &*log)?;
     let rt = Smol::new(&settings, reactors)?;
     let proxy = Proxy::new(settings, log.clone(), rt, Instant::now())?;
     let own = listeners.remove(0);
@@ -172,6 +186,20 @@ async fn start(
             ex.spawn(poller).detach();
         }
         log(Notice::Listening(local));
+        if let Some(admin) = admin {
+            if let Ok(addr) = admin.local_addr() {
+                log(Notice::AdminListening(addr));
+            }
+            let (on, spawner) = (proxy.clone(), ex.clone());
+            ex.spawn(async move {
+                future::or(
+                    admin::serve(on.clone(), &spawner, admin),
+                    on.shutdown_begun(),
+                )
+                .await
+            })
+            .detach();
+        }
         future::or(shard(&proxy, &ex, own, 0), shutdown).await;
         proxy.begin_shutdown();
         log(Notice::ShuttingDown {

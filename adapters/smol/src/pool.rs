@@ -20,8 +20,9 @@ struct Idle {
 }
 
 struct Lists {
-    /// By backend slot; oldest first.
-    by_slot: Vec<Vec<Idle>>,
+    /// By backend slot, oldest first; each list tagged with the backend it holds
+    /// connections to (a slot freed by a removal may go to another backend).
+    by_slot: Vec<(Option<BackendId>, Vec<Idle>)>,
     /// Connections over all slots.
     total: usize,
 }
@@ -36,7 +37,7 @@ impl Pool {
     pub(crate) fn new(slots: usize) -> Self {
         Pool {
             lists: Mutex::new(Lists {
-                by_slot: (0..slots).map(|_| Vec::new()).collect(),
+                by_slot: (0..slots).map(|_| (None, Vec::new())).collect(),
                 total: 0,
             }),
             filled: Event::new(),
@@ -56,8 +57,13 @@ impl Pool {
         let found = {
             let mut lists = self.lock();
             let mut found = None;
-            while let Some(idle) = lists.by_slot[backend.slot()].pop() {
-                lists.total -= 1;
+            let list = match lists.by_slot.get_mut(backend.slot()) {
+                Some((owner, list)) if *owner == Some(backend) => list,
+                _ => return None,
+            };
+            let mut taken = 0;
+            while let Some(idle) = list.pop() {
+                taken += 1;
                 let young = now.duration_since(idle.since) < limit;
                 // Quiet: nothing arrived since it went idle, so no syscall is needed (under
                 // load, the usual case). Else look whether the backend closed it.
@@ -67,6 +73,7 @@ impl Pool {
                 }
                 stale.push(idle);
             }
+            lists.total -= taken;
             found
         };
         drop(stale); // closed outside the lock
@@ -80,11 +87,23 @@ impl Pool {
         }
         let was_empty = {
             let mut lists = self.lock();
-            lists.by_slot[backend.slot()].push(Idle {
+            let slot = backend.slot();
+            if lists.by_slot.len() <= slot {
+                lists.by_slot.resize_with(slot + 1, || (None, Vec::new()));
+            }
+            let (owner, list) = &mut lists.by_slot[slot];
+            let mut gone = 0;
+            if *owner != Some(backend) {
+                // The slot's previous backend left the pool: its connections go.
+                *owner = Some(backend);
+                gone = list.len();
+                list.clear();
+            }
+            list.push(Idle {
                 conn,
                 since: Instant::now(),
             });
-            lists.total += 1;
+            lists.total = lists.total + 1 - gone;
             lists.total == 1
         };
         if was_empty {
@@ -103,7 +122,7 @@ impl Pool {
                 let mut lists = self.lock();
                 let mut next: Option<Instant> = None;
                 let mut removed = 0;
-                for (slot, list) in lists.by_slot.iter_mut().enumerate() {
+                for (slot, (_, list)) in lists.by_slot.iter_mut().enumerate() {
                     let timeout = limit(slot);
                     let n = list
                         .iter()

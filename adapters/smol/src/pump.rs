@@ -3,6 +3,9 @@
 //! head in, the response body down. `exchange` runs them against each other and the
 //! deadline.
 
+use lb_proxy::metrics::{Retry, UpstreamConn};
+use lb_proxy::request_id::RequestId;
+use lb_proxy::Account;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,8 +94,11 @@ pub(crate) async fn send_head(
     if let Some(conn) = local.pool.take(up.id(), up.idle.get()) {
         let mut written = 0;
         if write_counted(&conn, head, &mut written).await.is_ok() {
+            up.stats.connection(UpstreamConn::Reused);
             return Ok((conn, true));
         }
+        // Found closed: the head goes out again on a new connection.
+        up.stats.retry(Retry::KeepAliveRace);
     }
     let conn = send_fresh(proxy, local, up, head).await?;
     Ok((conn, false))
@@ -105,12 +111,17 @@ pub(crate) async fn send_fresh(
     up: &Upstream,
     bytes: &[u8],
 ) -> Result<Stream, Failure> {
-    let conn = proxy
+    let connected = proxy
         .runtime()
         .connector
         .connect(&up.target, &local.reactor)
-        .await
-        .map_err(Failure::Connect)?;
+        .await;
+    up.stats.connection(if connected.is_ok() {
+        UpstreamConn::New
+    } else {
+        UpstreamConn::Failed
+    });
+    let conn = connected.map_err(Failure::Connect)?;
     let mut written = 0;
     match write_counted(&conn, bytes, &mut written).await {
         Ok(()) => Ok(conn),
@@ -132,6 +143,8 @@ pub(crate) struct Upward<'a> {
     pub(crate) continue_due: bool,
     /// The longest the body may send nothing (`--client-body-timeout`).
     pub(crate) stall: Stall<'a>,
+    /// Body data bytes from the client, for the request's account.
+    pub(crate) counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The request as it went to a reused connection (head and body), kept while it stays
@@ -243,6 +256,9 @@ async fn next_body_part(
         }
     }
     let p = up.framer.push(cbuf).map_err(|_| UpEnd::BadBody)?;
+    if let Some(c) = &up.counted {
+        c.fetch_add(p.data as u64, Ordering::Relaxed);
+    }
     let part = &cbuf[..p.consumed];
     if let Some(tap) = &mut up.tap {
         tap.feed(part);
@@ -260,6 +276,7 @@ pub(crate) async fn response_head(
     bbuf: &mut Vec<u8>,
     req: &RequestHead,
     req_done: &AtomicBool,
+    id: &RequestId,
 ) -> Result<(ResponseHead, ResponsePlan, Vec<u8>), HeadFail> {
     let limits = &proxy.runtime().limits;
     let mut check = false;
@@ -276,6 +293,11 @@ pub(crate) async fn response_head(
                     let plan = rewrite_response(&resp, req, close, Some(&date), &mut out)
                         .map_err(HeadFail::Invalid)?;
                     if !resp.is_interim() {
+                        // The request's id, before the head's final empty line.
+                        out.truncate(out.len() - 2);
+                        out.extend_from_slice(b"X-Request-Id: ");
+                        out.extend_from_slice(id.as_bytes());
+                        out.extend_from_slice(b"\r\n\r\n");
                         return Ok((resp, plan, out));
                     }
                     if !out.is_empty() && send(client, &out).await.is_err() {
@@ -336,11 +358,16 @@ pub(crate) async fn download(
     conn: &Stream,
     bbuf: &mut Vec<u8>,
     mut framer: BodyFramer,
-    out: Vec<u8>,
+    (out, early_data): (Vec<u8>, usize),
     mut tap: Option<Tap<'_>>,
     rechunk: bool,
     stall: Stall<'_>,
+    acct: &mut Account,
 ) -> DownEnd {
+    if early_data > 0 {
+        acct.first_byte();
+        acct.bytes_out(early_data as u64);
+    }
     if stall.within(send(client, &out)).await.is_err() {
         return DownEnd::ClientGone;
     }
@@ -383,6 +410,10 @@ pub(crate) async fn download(
         };
         if let Some(tap) = &mut tap {
             tap.feed(&bbuf[..p.consumed]);
+        }
+        if p.data > 0 {
+            acct.first_byte();
+            acct.bytes_out(p.data as u64);
         }
         let part = if rechunk {
             chunked.clear();

@@ -110,6 +110,7 @@ impl Smol {
 }
 
 impl Runtime for Smol {
+    const NAME: &'static str = "smol";
     type Backend = ();
 
     fn backend(&self, target: &Target) -> Result<(), StartError> {

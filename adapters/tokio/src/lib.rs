@@ -8,6 +8,7 @@
 //! Entry point: [`run`], which blocks until SIGTERM/SIGINT and a graceful drain.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod body;
 mod client;
 mod headers;
@@ -35,6 +36,15 @@ use tokio::net::{TcpListener, TcpSocket};
 
 pub use lb_proxy::StartError;
 
+/// `lb --check`: everything [`run`] would refuse of `settings` short of binding a socket
+/// (backend URLs, TLS setup and `--backend-ca`, the pool's rules), without listening.
+pub fn check(settings: Settings) -> Result<(), StartError> {
+    let rt = runtime().map_err(|e| StartError::runtime("start the tokio runtime", e))?;
+    let _entered = rt.enter();
+    let tokio = Tokio::new(&settings)?;
+    Proxy::new(settings, Arc::new(|_| {}), tokio, Instant::now()).map(drop)
+}
+
 /// Runs the proxy until SIGTERM or SIGINT, then lets in-flight requests finish for up to
 /// `settings.shutdown_timeout`. Returns an error only when it cannot start (bind, TLS setup).
 ///
@@ -52,12 +62,13 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
     // Signal handlers go in before any socket opens: a SIGTERM that arrives once lb accepts
     // connections must always mean a graceful stop, never the default kill.
     let signals = Signals::install()
-        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT handlers", e))?;
+        .map_err(|e| StartError::runtime("install the SIGTERM/SIGINT/SIGHUP handlers", e))?;
     let listeners =
         bind_all(settings.listen, shards).map_err(|e| StartError::Bind(settings.listen, e))?;
     let local = listeners[0]
         .local_addr()
         .map_err(|e| StartError::Bind(settings.listen, e))?;
+    let admin = lb_proxy::admin::bind(&settings, &*log)?;
     let tokio = Tokio::new(&settings)?;
     let proxy = Proxy::new(settings, log.clone(), tokio, Instant::now())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -85,7 +96,13 @@ pub fn run(settings: Settings, log: NoticeSink) -> Result<(), StartError> {
         tokio::spawn(lb_proxy::drive(proxy.clone()));
         let own = tokio::spawn(shard(proxy.clone(), first, stop_rx));
         log(Notice::Listening(local));
-        signals.recv().await;
+        if let Some(admin) = admin {
+            if let Ok(addr) = admin.local_addr() {
+                log(Notice::AdminListening(addr));
+            }
+            tokio::spawn(admin::serve(proxy.clone(), admin));
+        }
+        signals.recv(&log).await;
         proxy.begin_shutdown();
         log(Notice::ShuttingDown {
             in_flight: proxy.in_flight(),
@@ -214,6 +231,7 @@ async fn shard(
                     _ = stop.changed() => break,
                 };
                 let _ = stream.set_nodelay(true);
+                let metrics = proxy.metrics().clone();
                 let (proxy, traffic) = (proxy.clone(), traffic.clone());
                 let peer = proxy::Peer::new(peer);
                 let activity = Arc::new(stall::Activity::default());
@@ -222,8 +240,12 @@ async fn shard(
                     let exchange = exchanges.begin();
                     let handled = proxy::handle(proxy.clone(), traffic.clone(), peer.clone(), req);
                     async move {
-                        let response = handled.await?;
-                        Ok::<_, Infallible>(response.map(|b| stall::Tracked::new(b, exchange)))
+                        let (response, mut account) = handled.await;
+                        if let Some(a) = &mut account {
+                            a.status(response.status().as_u16());
+                        }
+                        let proxied = matches!(response.body(), http_body_util::Either::Right(_));
+                        Ok::<_, Infallible>(response.map(|b| stall::Tracked::new(b, exchange, account, proxied)))
                     }
                 });
                 let io = TokioIo::new(stall::WriteStall::new(stream, write_timeout, activity.clone()));
@@ -233,7 +255,15 @@ async fn shard(
                     // Finishes the request in progress once the shard stops, then closes;
                     // a connection with no response in progress (idle, or holding part
                     // of a head) closes at once.
-                    let _ = Graceful::new(conn, &closing, || activity.quiet(), |c| c.graceful_shutdown()).await;
+                    let ended = Graceful::new(conn, &closing, || activity.quiet(), |c| c.graceful_shutdown()).await;
+                    if let Some(Err(e)) = ended {
+                        // A head hyper refused itself (it answered it): counted as lb's.
+                        if e.is_parse_too_large() {
+                            metrics.refused(431);
+                        } else if e.is_parse() {
+                            metrics.refused(400);
+                        }
+                    }
                     drop((alive, open));
                 });
             }
@@ -337,6 +367,7 @@ const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50)
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -345,13 +376,19 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn recv(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+    /// Resolves at SIGTERM or SIGINT; each SIGHUP before is told to `log` (log files are
+    /// reopened) and otherwise ignored.
+    async fn recv(mut self, log: &NoticeSink) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => log(Notice::Hangup),
+            }
         }
     }
 }

@@ -24,6 +24,8 @@
 //! - Dropping a lent connection mid-exchange (the client left) closes it: the backend sees
 //!   the request cancelled at once.
 
+use lb_core::BackendId;
+use lb_proxy::metrics::{BackendStats, Retry, UpstreamConn};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -157,9 +159,10 @@ impl Conn {
     }
 }
 
-/// The idle connections of one shard, by backend slot.
+/// The idle connections of one shard, by backend slot; each list tagged with the backend
+/// it holds connections to (a slot freed by a removal may go to another backend).
 pub(crate) struct Pool {
-    idle: Mutex<Vec<Vec<Conn>>>,
+    idle: Mutex<Vec<(Option<BackendId>, Vec<Conn>)>>,
     connector: Connector,
     builder: http1::Builder,
 }
@@ -177,16 +180,23 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Conn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Option<BackendId>, Vec<Conn>)>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most recently used idle connection to `slot` that is still open and young
     /// enough. Older ones found on the way are closed.
-    fn checkout(&self, slot: usize, limit: Duration, cx: &mut Context<'_>) -> Option<Conn> {
+    fn checkout(&self, id: BackendId, limit: Duration, cx: &mut Context<'_>) -> Option<Conn> {
         let now = Instant::now();
         loop {
-            let mut c = self.lock().get_mut(slot)?.pop()?;
+            let mut c = {
+                let mut idle = self.lock();
+                let (owner, list) = idle.get_mut(id.slot())?;
+                if *owner != Some(id) {
+                    return None;
+                }
+                list.pop()?
+            };
             if now.duration_since(c.idle_since) < limit && c.reusable(cx) {
                 return Some(c);
             }
@@ -195,16 +205,23 @@ impl Pool {
 
     /// Returns a connection whose exchange has ended, if it can serve another request
     /// (and may sit idle at all: `limit` above 0).
-    fn checkin(&self, slot: usize, limit: Duration, mut c: Conn, cx: &mut Context<'_>) {
+    fn checkin(&self, id: BackendId, limit: Duration, mut c: Conn, cx: &mut Context<'_>) {
         if limit.is_zero() || !c.reusable(cx) {
             return;
         }
         c.idle_since = Instant::now();
         let mut idle = self.lock();
+        let slot = id.slot();
         if idle.len() <= slot {
-            idle.resize_with(slot + 1, Vec::new);
+            idle.resize_with(slot + 1, || (None, Vec::new()));
         }
-        idle[slot].push(c);
+        let (owner, list) = &mut idle[slot];
+        if *owner != Some(id) {
+            // The slot's previous backend left the pool: its connections go.
+            *owner = Some(id);
+            list.clear();
+        }
+        list.push(c);
     }
 
     /// A new connection to the backend at `base` (scheme and authority). Boxed: its
@@ -266,7 +283,7 @@ impl Pool {
             let expired: Vec<Conn> = {
                 let mut idle = pool.lock();
                 let mut out = Vec::new();
-                for (slot, conns) in idle.iter_mut().enumerate() {
+                for (slot, (_, conns)) in idle.iter_mut().enumerate() {
                     let limit = limit(slot);
                     // Oldest first: the list is pushed and popped at its end.
                     let keep = conns
@@ -290,15 +307,13 @@ impl Pool {
         req: Request<UpBody>,
         replay: Option<&Arc<Replay>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let (slot, limit, base) = (
-            upstream.id().slot(),
-            upstream.idle.get(),
-            &upstream.ext.base,
-        );
-        let pooled = poll_fn(|cx| Poll::Ready(self.checkout(slot, limit, cx))).await;
+        let (id, limit, base) = (upstream.id(), upstream.idle.get(), &upstream.ext.base);
+        let stats = &upstream.stats;
+        let pooled = poll_fn(|cx| Poll::Ready(self.checkout(id, limit, cx))).await;
         let Some(mut c) = pooled else {
-            return self.fresh(base, req).await;
+            return self.fresh(base, stats, req).await;
         };
+        stats.connection(UpstreamConn::Reused);
         // Kept until the response head: the request may have to go out again.
         let head = HeadCopy::of(&req);
         let read = c.read.load(Ordering::Relaxed);
@@ -325,9 +340,10 @@ impl Pool {
                     }
                     None => return Err(SendError::Http(e.into_error())),
                 };
+                stats.retry(Retry::KeepAliveRace);
                 // Boxed: a rare path whose state would otherwise enlarge every request's
                 // future.
-                Box::pin(self.fresh(base, again)).await
+                Box::pin(self.fresh(base, stats, again)).await
             }
         }
     }
@@ -337,9 +353,16 @@ impl Pool {
     async fn fresh(
         &self,
         base: &Uri,
+        stats: &BackendStats,
         req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let mut c = match self.connect(base).await {
+        let connected = self.connect(base).await;
+        stats.connection(if connected.is_ok() {
+            UpstreamConn::New
+        } else {
+            UpstreamConn::Failed
+        });
+        let mut c = match connected {
             Ok(c) => c,
             Err(SendError::Connect(e)) => {
                 return Err(SendError::Unreached(
@@ -451,8 +474,8 @@ impl Lent {
     /// take another request.
     pub(crate) fn finish(&mut self, cx: &mut Context<'_>) {
         if let Some(c) = self.conn.take() {
-            let (slot, limit) = (self.upstream.id().slot(), self.upstream.idle.get());
-            self.pool.checkin(slot, limit, c, cx);
+            let (id, limit) = (self.upstream.id(), self.upstream.idle.get());
+            self.pool.checkin(id, limit, c, cx);
         }
     }
 

@@ -1,6 +1,5 @@
 //! The request path: answer `/health`, ask the core for a backend, forward, stream back.
 
-use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
@@ -16,7 +15,11 @@ use hyper_util::rt::TokioIo;
 use lb_core::affinity::MAX_BODY_PREFIX;
 use lb_proxy::reply::{self, ProxyError, Reply};
 use lb_proxy::reqlog::Capture;
-use lb_proxy::Failure;
+use lb_proxy::{Account, Arrival, Failure};
+
+/// `X-Request-Id`.
+pub(crate) static REQUEST_ID: header::HeaderName =
+    header::HeaderName::from_static(lb_proxy::request_id::HEADER);
 
 use crate::body::Streamed;
 use crate::headers::{
@@ -50,6 +53,7 @@ pub(crate) type Traffic = Arc<Pool>;
 /// `X-Forwarded-For` value (formatted once per connection, not per request).
 #[derive(Clone)]
 pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
     pub(crate) ip: IpAddr,
     pub(crate) forwarded_for: HeaderValue,
 }
@@ -59,46 +63,89 @@ impl Peer {
         let ip = lb_proxy::client_ip(addr.ip());
         let forwarded_for = HeaderValue::try_from(ip.to_string())
             .expect("an IP address in text is a valid header value");
-        Peer { ip, forwarded_for }
+        Peer {
+            addr,
+            ip,
+            forwarded_for,
+        }
     }
 }
 
+/// One request: `/health` answered here, else proxied. The request's [`Account`] comes
+/// back with the response: it records the request when the response body has ended.
 pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     traffic: Traffic,
     peer: Peer,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> (Response<ProxyBody>, Option<Account>) {
     if req.uri().path() == "/health" {
-        return Ok(local(proxy.health()));
+        return (local(proxy.health()), None);
     }
+    let arrived = std::time::Instant::now();
+    let version = if req.version() == http::Version::HTTP_10 {
+        "HTTP/1.0"
+    } else {
+        "HTTP/1.1"
+    };
+    let mut acct = proxy.account(&Arrival {
+        at: arrived,
+        client: peer.addr,
+        method: req.method().as_str(),
+        target: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path(), |p| p.as_str()),
+        version,
+        request_id: req.headers().get(&REQUEST_ID).map(HeaderValue::as_bytes),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .map(HeaderValue::as_bytes),
+    });
+    let resp = proxied(proxy, traffic, peer, req, &mut acct).await;
+    (resp, Some(acct))
+}
+
+async fn proxied(
+    proxy: Arc<Proxy>,
+    traffic: Traffic,
+    peer: Peer,
+    req: Request<Incoming>,
+    acct: &mut Account,
+) -> Response<ProxyBody> {
     let settings = proxy.settings();
     if let Err(e) = check_request(&req) {
         // What the codec refuses (see `headers`): the status alone, and the connection
         // closes.
-        return Ok(local(reply::refused(e.status())));
+        return answer(acct, reply::refused(e.status()));
     }
     if head_size(&req) > settings.max_head_bytes {
         // hyper's own buffer limit is approximate (a single read may overshoot it), so the
         // documented limit is enforced here on what was parsed.
         let status = lb_http1::Error::HeadTooLarge.status();
-        return Ok(local(reply::refused(status)));
+        return answer(acct, reply::refused(status));
     }
-    let arrived = tokio::time::Instant::now();
-    let deadline = crate::after(settings.request_timeout);
+    let arrived = acct.arrived();
+    let deadline = tokio::time::Instant::from_std(lb_proxy::deadline::deadline(
+        arrived,
+        settings.request_timeout,
+    ));
     let capture = settings.request_log.as_ref().map(|log| {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        Arc::new(log.capture(arrived.into_std(), req.method().as_str(), pq))
+        Arc::new(log.capture(arrived, req.method().as_str(), pq, acct.id().as_str()))
     });
     let (parts, body) = req.into_parts();
     // A body is copied as it goes up, while it fits, to send it again after a keep-alive
     // race (see `pool`).
     let replay =
         (!hyper::body::Body::is_end_stream(&body)).then(|| Replay::new(settings.replay_buffer));
+    let counter = (!hyper::body::Body::is_end_stream(&body)).then(|| acct.body_counter());
     let mut body = UpBody::new(
         body,
         capture.clone(),
         replay.clone(),
+        counter,
         settings.client_body_timeout,
     );
 
@@ -114,9 +161,13 @@ pub(crate) async fn handle(
                 // The client stalled (408), or went away or framed its body badly (400),
                 // before the body arrived.
                 Ok(Err(e)) if stalled(e.as_ref()) => {
-                    return Ok(logged(&capture, reply::error(ProxyError::BodyTimeout)))
+                    let r = acct.reply(ProxyError::BodyTimeout);
+                    return logged(&capture, acct, r);
                 }
-                _ => return Ok(logged(&capture, reply::error(ProxyError::BadRequest))),
+                _ => {
+                    let r = acct.reply(ProxyError::BadRequest);
+                    return logged(&capture, acct, r);
+                }
             };
         prefix = Some(read);
     }
@@ -127,18 +178,23 @@ pub(crate) async fn handle(
     let meta = keys.meta(peer.ip);
     // Boxed: a queue wait is rare, and its state would otherwise enlarge every request's
     // future.
-    let guard = match proxy.select(&meta) {
+    let mut guard = match proxy.select(&meta) {
         Ok(g) => g,
         Err(lb_core::Reject::AllAtCapacity) if settings.core.queue.enabled() => {
             match Box::pin(proxy.select_or_wait(&meta)).await {
                 Ok(g) => g,
                 Err(reject) => {
-                    return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject))))
+                    let r = acct.reply(ProxyError::Rejected(reject));
+                    return logged(&capture, acct, r);
                 }
             }
         }
-        Err(reject) => return Ok(logged(&capture, reply::error(ProxyError::Rejected(reject)))),
+        Err(reject) => {
+            let r = acct.reply(ProxyError::Rejected(reject));
+            return logged(&capture, acct, r);
+        }
     };
+    acct.serve(&mut guard);
     let req = Request::from_parts(parts, body);
     let to = Route {
         traffic,
@@ -146,7 +202,7 @@ pub(crate) async fn handle(
         meta: &meta,
         deadline,
     };
-    Ok(forward(to, guard, req, capture, replay).await)
+    forward(to, guard, req, capture, replay, acct).await
 }
 
 /// Where a request goes and how: the shard's backend connections, the client, the
@@ -164,6 +220,7 @@ async fn forward(
     mut req: Request<UpBody>,
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
+    acct: &mut Account,
 ) -> Response<ProxyBody> {
     let Route {
         traffic,
@@ -183,7 +240,8 @@ async fn forward(
         Ok(u) => u,
         Err(_) => {
             drop(guard); // not the backend's fault: released as cancelled
-            return logged(&capture, reply::error(ProxyError::BadRequest));
+            let r = acct.reply(ProxyError::BadRequest);
+            return logged(&capture, acct, r);
         }
     };
     *req.uri_mut() = uri;
@@ -201,6 +259,7 @@ async fn forward(
         &upstream.ext.host,
         authority,
         upgrade,
+        (!acct.kept_client_id()).then(|| acct.id()),
     );
 
     let sent = if upgrade {
@@ -216,8 +275,9 @@ async fn forward(
                 Ok(Err(SendError::Unreached(why, back))) => {
                     match guard.fail_over(Failure::Connect(why), &line, meta, &mut tried) {
                         Ok(next) => guard = next,
-                        Err(reply) => return logged(&capture, reply),
+                        Err(reply) => return logged(&capture, acct, reply),
                     }
+                    acct.serve(&mut guard);
                     req = *back;
                     retarget(&mut req, &upstream, guard.upstream());
                     upstream = guard.upstream().clone();
@@ -244,7 +304,8 @@ async fn forward(
             } else {
                 ProxyError::BadRequest
             };
-            return logged(&capture, reply::error(answer));
+            let r = acct.reply(answer);
+            return logged(&capture, acct, r);
         }
         Ok(Err(e)) => {
             let failure = match &e {
@@ -260,18 +321,18 @@ async fn forward(
                 SendError::Race(e) => Failure::Race(describe(e)),
                 SendError::Unreached(why, _) => Failure::Connect(why.clone()),
             };
-            return logged(&capture, guard.fail(failure, &line));
+            return logged(&capture, acct, guard.fail(failure, &line));
         }
-        Err(_) => return logged(&capture, guard.fail(Failure::Timeout, &line)),
+        Err(_) => return logged(&capture, acct, guard.fail(Failure::Timeout, &line)),
     };
     if let Err(failure) = check_response(resp.version(), resp.headers()) {
-        return logged(&capture, guard.fail(failure, &line));
+        return logged(&capture, acct, guard.fail(failure, &line));
     }
     if fields_size(resp.headers()) > guard.proxy().settings().max_head_bytes {
         // As for requests: hyper's buffer limit is approximate; the head limit is ours.
         let why = lb_http1::Error::HeadTooLarge;
         let failure = Failure::Unsupported(format!("invalid response: {why}"));
-        return logged(&capture, guard.fail(failure, &line));
+        return logged(&capture, acct, guard.fail(failure, &line));
     }
     let status = resp.status().as_u16();
     if let Some(c) = &capture {
@@ -286,18 +347,20 @@ async fn forward(
             // A 101 nobody asked for: the codec refuses it too.
             let why = lb_http1::Error::UnexpectedUpgrade;
             let failure = Failure::Invalid(format!("invalid response: {why}"));
-            return logged(&capture, guard.fail(failure, &line));
+            return logged(&capture, acct, guard.fail(failure, &line));
         };
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
         let (mut parts, _) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
+        set_request_id(&mut parts.headers, acct);
         parts.version = http::Version::HTTP_11;
         return Response::from_parts(parts, Either::Left(Full::default()));
     }
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    set_request_id(&mut parts.headers, acct);
     // A proxy sends its own version: hyper then frames the body for the client (chunks
     // for a close-delimited HTTP/1.0 answer to an HTTP/1.1 client).
     parts.version = http::Version::HTTP_11;
@@ -334,12 +397,26 @@ fn retarget(req: &mut Request<UpBody>, from: &Upstream, to: &Upstream) {
     req.headers_mut().insert(header::HOST, to.ext.host.clone());
 }
 
-/// A local reply, recorded in the request log.
-fn logged(capture: &Option<Arc<Capture>>, reply: Reply) -> Response<ProxyBody> {
+/// A local reply, recorded in the request log and the account.
+fn logged(capture: &Option<Arc<Capture>>, acct: &mut Account, reply: Reply) -> Response<ProxyBody> {
     if let Some(c) = capture {
         c.reply(&reply);
     }
+    answer(acct, reply)
+}
+
+/// A local reply to the request `acct` accounts for, counted there. (Error replies carry
+/// the request's id; a bare refusal of a head does not, as in the smol build.)
+fn answer(acct: &mut Account, reply: Reply) -> Response<ProxyBody> {
+    acct.replied(&reply);
     local(reply)
+}
+
+/// The response carries the request's id.
+fn set_request_id(h: &mut HeaderMap, acct: &Account) {
+    if let Ok(v) = HeaderValue::from_bytes(acct.id().as_bytes()) {
+        h.insert(&REQUEST_ID, v);
+    }
 }
 
 /// Joins an upgraded client connection with the upgraded backend connection (WebSocket
@@ -374,6 +451,11 @@ pub(crate) fn local(reply: Reply) -> Response<ProxyBody> {
     }
     for (name, value) in reply.headers {
         h.insert(*name, HeaderValue::from_static(value));
+    }
+    if let Some(id) = &reply.request_id {
+        if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
+            h.insert(&REQUEST_ID, v);
+        }
     }
     resp
 }

@@ -69,6 +69,7 @@ pub(crate) fn request_uri(
 }
 
 impl Runtime for Tokio {
+    const NAME: &'static str = "tokio";
     type Backend = Backend;
 
     fn backend(&self, t: &Target) -> Result<Backend, StartError> {

@@ -146,21 +146,38 @@ impl Drop for Exchange {
 
 pin_project_lite::pin_project! {
     /// A response body that keeps its exchange marked in progress until hyper drops it
-    /// (at its end, or when the connection goes).
+    /// (at its end, or when the connection goes), and feeds the request's account: body
+    /// bytes out, the first byte of a proxied body; the account records the request when
+    /// this drops.
     pub(crate) struct Tracked<B> {
         #[pin]
         inner: B,
         exchange: Exchange,
+        account: Option<lb_proxy::Account>,
+        proxied: bool,
     }
 }
 
 impl<B> Tracked<B> {
-    pub(crate) fn new(inner: B, exchange: Exchange) -> Self {
-        Tracked { inner, exchange }
+    pub(crate) fn new(
+        inner: B,
+        exchange: Exchange,
+        account: Option<lb_proxy::Account>,
+        proxied: bool,
+    ) -> Self {
+        Tracked {
+            inner,
+            exchange,
+            account,
+            proxied,
+        }
     }
 }
 
-impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B>
+where
+    B::Data: bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -168,7 +185,20 @@ impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let (Some(a), Poll::Ready(Some(Ok(frame)))) = (this.account.as_mut(), &polled) {
+            if let Some(d) = frame.data_ref() {
+                let n = bytes::Buf::remaining(d) as u64;
+                if n > 0 {
+                    if *this.proxied {
+                        a.first_byte();
+                    }
+                    a.bytes_out(n);
+                }
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub(crate) struct UpBody {
     rest: Option<Incoming>,
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
+    /// Data bytes read from the client, for the request's account.
+    counter: Option<Arc<AtomicU64>>,
     /// `--client-body-timeout`: the longest the client's body may send nothing.
     stall_limit: Duration,
     /// Armed while the client's body has nothing to give; cleared by each frame.
@@ -197,6 +200,7 @@ impl UpBody {
         body: Incoming,
         capture: Option<Arc<Capture>>,
         replay: Option<Arc<Replay>>,
+        counter: Option<Arc<AtomicU64>>,
         stall_limit: Duration,
     ) -> Self {
         UpBody {
@@ -205,6 +209,7 @@ impl UpBody {
             rest: Some(body),
             capture,
             replay,
+            counter,
             stall_limit,
             stalled: None,
         }
@@ -218,6 +223,7 @@ impl UpBody {
             rest: None,
             capture: None,
             replay: None,
+            counter: None,
             stall_limit: Duration::MAX,
             stalled: None,
         }
@@ -258,6 +264,9 @@ impl UpBody {
                     if let Some(d) = frame.data_ref() {
                         data.extend_from_slice(d);
                         self.buffered_len += d.len() as u64;
+                        if let Some(c) = &self.counter {
+                            c.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        }
                     }
                     self.buffered.push_back(frame);
                 }
@@ -330,6 +339,11 @@ impl UpBody {
                 Some(rest) => match Pin::new(rest).poll_frame(cx) {
                     Poll::Ready(frame) => {
                         this.stalled = None;
+                        if let (Some(c), Some(Ok(f))) = (&this.counter, &frame) {
+                            if let Some(d) = f.data_ref() {
+                                c.fetch_add(d.len() as u64, Ordering::Relaxed);
+                            }
+                        }
                         Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
                     }
                     // Nothing from the client now: it may wait at most the stall limit.

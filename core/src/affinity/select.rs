@@ -28,6 +28,11 @@ enum Route {
     Overflow,
 }
 
+/// A depth from the table (1-based units), as the lease reports it.
+fn depth(d: Option<usize>) -> u32 {
+    d.map_or(0, |d| u32::try_from(d).unwrap_or(u32::MAX))
+}
+
 impl CacheAware {
     /// An empty table whose hasher is keyed with `secret`.
     pub(crate) fn new(secret: u64) -> Self {
@@ -62,6 +67,7 @@ impl CacheAware {
     /// Picks a slot for a request with chain `units`: a backend holding the longest known
     /// prefix unless load says otherwise (see [`crate::affinity`] for the rule); then
     /// records the chain on the pick. `None` when no ready backend is below its cap.
+    /// With the slot comes how the pick went.
     pub(crate) fn pick<R: Rng>(
         &mut self,
         now: Instant,
@@ -70,11 +76,12 @@ impl CacheAware {
         slots: &[Option<Backend>],
         selector: &mut Selector,
         rng: &mut R,
-    ) -> Option<u32> {
+    ) -> Option<(u32, crate::lease::Route)> {
         let all_holders = config.all_holders;
         if selector.ready(slots).is_empty() {
             return None;
         }
+        let mut held = 0;
         let (slot, route) = if units.is_empty() {
             (selector.least_conn(slots, rng), Route::Cold)
         } else {
@@ -115,8 +122,14 @@ impl CacheAware {
             };
             match (deepest, accepted, best) {
                 (None, _, _) => (selector.least_conn(slots, rng), Route::Cold),
-                (Some(d), Some(a), Some(s)) if a == d => (Some(s), Route::Warm),
-                (Some(_), Some(_), Some(s)) => (Some(s), Route::Overflow),
+                (Some(d), Some(a), Some(s)) if a == d => {
+                    held = depth(Some(a));
+                    (Some(s), Route::Warm)
+                }
+                (Some(_), Some(a), Some(s)) => {
+                    held = depth(Some(a));
+                    (Some(s), Route::Overflow)
+                }
                 (Some(_), _, _) => (selector.least_conn(slots, rng), Route::Overflow),
             }
         };
@@ -128,6 +141,11 @@ impl CacheAware {
             Route::Cold => r.cold += 1,
             Route::Overflow => r.overflow += 1,
         }
+        let reported = match route {
+            Route::Warm => crate::lease::Route::Hit { depth: held },
+            Route::Cold => crate::lease::Route::Miss,
+            Route::Overflow => crate::lease::Route::Overflow { depth: held },
+        };
         if units.is_empty() {
             r.unkeyed += 1;
         } else {
@@ -144,7 +162,7 @@ impl CacheAware {
                 !all_holders,
             );
         }
-        Some(slot)
+        Some((slot, reported))
     }
 }
 

@@ -16,7 +16,7 @@
 //!
 //! Header names are compared case-insensitively; the values of one name keep
 //! their order, different names are sorted. Only what is generated is
-//! normalised: `Date` and `x-request-id` values, and the ports in `Host` and
+//! normalised: `Date` and `x-request-id` values (and an error body's `request_id`), the ports in `Host` and
 //! `X-Forwarded-Host`. A case whose two transcripts differ fails with both
 //! printed side by side, unless the case documents why the builds may differ
 //! ([`Case::differ`]). Besides agreeing, each build must meet the case's

@@ -159,9 +159,27 @@ pub(crate) fn show_value(v: &str) -> String {
     }
 }
 
+/// A body with the generated request id of an error reply (`"request_id":"..."`)
+/// replaced by `<id>`, as the `x-request-id` field is.
+pub(crate) fn normalise_body(body: &[u8]) -> Vec<u8> {
+    const KEY: &[u8] = b"\"request_id\":\"";
+    let Some(i) = body.windows(KEY.len()).position(|w| w == KEY) else {
+        return body.to_vec();
+    };
+    let start = i + KEY.len();
+    let Some(len) = body[start..].iter().position(|&b| b == b'"') else {
+        return body.to_vec();
+    };
+    let mut out = body[..start].to_vec();
+    out.extend_from_slice(b"<id>");
+    out.extend_from_slice(&body[start + len..]);
+    out
+}
+
 /// A body as lines of at most 56 escaped characters, at most four of them;
 /// a longer body ends with its length and hash.
 pub(crate) fn body_lines(body: &[u8]) -> Vec<String> {
+    let body = &normalise_body(body);
     let text = body.escape_ascii().to_string();
     let mut out = vec![format!("  body {} bytes", body.len())];
     let chars: Vec<char> = text.chars().collect();
