@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
-use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig, MAX_WEIGHT};
+use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig};
 use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
-use lb_proxy::{HashKey, Settings, Target};
+use lb_proxy::{HashKey, Settings};
 
 /// The smallest health-check interval accepted.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -27,6 +27,12 @@ pub struct Cli {
     /// repeatable. `host:port` means http://host:port. Give a weight with `URL#weight=3`.
     #[arg(long = "backends", visible_alias = "backend", value_name = "URL", num_args = 1.., action = clap::ArgAction::Append)]
     pub backends: Vec<String>,
+
+    /// A file of backends, one per line in --backends syntax (# comments), read at start
+    /// and polled every second: added lines join (probed first), removed ones drain and
+    /// leave, weights change; an invalid file keeps the current set (logged with the line)
+    #[arg(long, value_name = "PATH")]
+    pub backends_file: Option<PathBuf>,
 
     /// More backend URLs (same syntax as --backends).
     #[arg(value_name = "URL")]
@@ -375,38 +381,15 @@ fn admin_token(path: &std::path::Path) -> Result<String, String> {
 
 /// Parses one backend argument: `URL` or `URL#weight=N`.
 pub fn backend(arg: &str, max_conns: u32) -> Result<BackendSpec, String> {
-    let (url, weight) = match arg.split_once('#') {
-        None => (arg, 1),
-        Some((url, opt)) => {
-            let w = opt
-                .strip_prefix("weight=")
-                .ok_or_else(|| format!("--backends: '{arg}': expected URL#weight=N after '#'"))?;
-            let w: u32 = w
-                .parse()
-                .ok()
-                .filter(|w| (1..=MAX_WEIGHT).contains(w))
-                .ok_or_else(|| {
-                    format!(
-                        "--backends: '{arg}': weight must be a whole number from 1 to {MAX_WEIGHT}"
-                    )
-                })?;
-            (url, w)
-        }
-    };
-    let target = Target::parse(url).map_err(|e| format!("--backends: {e}"))?;
-    Ok(BackendSpec {
-        url: target.url.to_string(),
-        weight,
-        max_conns,
-    })
+    lb_proxy::settings::parse_backend(arg, max_conns).map_err(|e| format!("--backends: {e}"))
 }
 
 impl Cli {
     /// Checks what clap cannot and builds the settings.
     pub fn into_settings(self) -> Result<Settings, String> {
         let args: Vec<&String> = self.backends.iter().chain(&self.extra_backends).collect();
-        if args.is_empty() {
-            return Err("no backends given: pass --backends URL [URL...] (e.g. --backends http://localhost:8000)".into());
+        if args.is_empty() && self.backends_file.is_none() {
+            return Err("no backends given: pass --backends URL [URL...] (e.g. --backends http://localhost:8000) or --backends-file PATH".into());
         }
         let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.len());
         for arg in args {
@@ -524,6 +507,7 @@ impl Cli {
             admin_required,
             max_conns: self.max_conns,
             admin_token,
+            backends_file: self.backends_file,
         };
         settings
             .core

@@ -40,6 +40,11 @@ pub fn records(notice: &Notice, verbose: bool) -> Vec<Value> {
             json!({"addr": addr.to_string(), "error": error}),
         ),
         Notice::Hangup => ("info", "reopened", json!({})),
+        Notice::DiscoveryError { source, error } => (
+            "warn",
+            "discovery_error",
+            json!({"source": source.name(), "error": error}),
+        ),
         Notice::BackendChange {
             backend,
             change,
@@ -169,6 +174,7 @@ pub fn summary(s: &Settings, runtime: &str) -> Value {
             "rise": h.rise,
             "passive_threshold": h.passive_threshold,
             "max_client_conns": s.max_client_conns,
+            "backends_file": s.backends_file.as_ref().map(|p| p.display().to_string()),
             "backends": s.backends.iter().map(|b| json!({
                 "url": &*b.url,
                 "weight": b.weight,

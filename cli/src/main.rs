@@ -62,7 +62,10 @@ fn main() -> ExitCode {
                 return fail(&msg);
             }
         }
-        let backends = settings.backends.len();
+        let from_file = settings.backends_file.as_deref().map_or(0, |p| {
+            lb_proxy::discovery::read_backends_file(p, settings.max_conns).map_or(0, |v| v.len())
+        });
+        let backends = settings.backends.len() + from_file;
         return match check(settings) {
             Ok(()) => {
                 println!("lb: configuration ok ({backends} backends)");

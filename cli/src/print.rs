@@ -29,6 +29,14 @@ pub fn lines(notice: &Notice, verbose: bool) -> Vec<String> {
             "[WARN] admin listener not started: cannot listen on {addr} ({error}); running without /metrics (set --admin-bind to choose another address, or off)"
         )],
         Notice::Hangup => vec!["[INFO] SIGHUP: log files reopened".to_string()],
+        Notice::DiscoveryError { source, error } => vec![format!(
+            "[WARN] {}: {error} (keeping the current backends)",
+            match source {
+                lb_proxy::fleet::Source::File => "--backends-file",
+                lb_proxy::fleet::Source::Dns => "--discover",
+                _ => "discovery",
+            }
+        )],
         Notice::BackendChange {
             backend,
             change,
@@ -156,7 +164,7 @@ pub fn summary(s: &Settings, runtime: &str) -> Vec<String> {
         ),
         format!(
             "[INFO] max-conns {} | pool idle timeout {} | head timeout {}",
-            match s.backends.first().map_or(0, |b| b.max_conns) {
+            match s.max_conns {
                 0 => "unlimited".to_string(),
                 n => format!("{n} per backend"),
             },
@@ -166,6 +174,13 @@ pub fn summary(s: &Settings, runtime: &str) -> Vec<String> {
     ];
     for b in &s.backends {
         out.push(format!("[INFO] backend {} (weight {})", b.url, b.weight));
+    }
+    if let Some(path) = &s.backends_file {
+        out.push(format!(
+            "[INFO] backends file {} (read every {})",
+            path.display(),
+            d(lb_proxy::discovery::POLL)
+        ));
     }
     out
 }

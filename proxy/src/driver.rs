@@ -16,6 +16,11 @@ use crate::runtime::Runtime;
 /// the probes the core asks for, reports events, delivers admissions, and sleeps until the
 /// next deadline, or until an input may have added an earlier one. Spawn it once.
 pub async fn drive<R: Runtime>(proxy: Arc<Proxy<R>>) {
+    if proxy.settings().backends_file.is_some() {
+        proxy
+            .runtime()
+            .spawn(crate::discovery::watch_file(proxy.clone()));
+    }
     loop {
         // Listening before reading the deadline: a later input wakes this turn's sleep.
         let rearmed = proxy.rearm.listen();

@@ -28,6 +28,7 @@
 mod account;
 pub mod admin;
 pub mod deadline;
+pub mod discovery;
 mod driver;
 pub mod fleet;
 mod lease;

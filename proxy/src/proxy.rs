@@ -21,6 +21,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::account::{Account, Arrival};
+use crate::fleet::Source;
 use crate::lease::{LeaseGuard, QueueWait, Slot};
 use crate::metrics::{AffinityPolicy, BackendRow, Format, Metrics, Rejection, Scrape};
 use crate::reply::{self, Reply};
@@ -81,7 +82,13 @@ impl<R: Runtime> Proxy<R> {
             balancer: Balancer::new(settings.core.clone(), SmallRng::from_os_rng(), now),
             upstreams: Vec::new(),
         };
-        for spec in &settings.backends {
+        let from_file = match &settings.backends_file {
+            Some(path) => crate::discovery::read_backends_file(path, settings.max_conns)
+                .map_err(|e| StartError::Url(format!("--backends-file: {e}")))?,
+            None => Vec::new(),
+        };
+        let flagged = settings.backends.iter().map(|s| (s, Source::Flag));
+        for (spec, source) in flagged.chain(from_file.iter().map(|s| (s, Source::File))) {
             let target = Target::parse(&spec.url).map_err(|e| StartError::Url(e.to_string()))?;
             let ext = rt.backend(&target)?;
             let id = core
@@ -90,7 +97,7 @@ impl<R: Runtime> Proxy<R> {
                 .map_err(StartError::Backend)?;
             let idle = IdleLimit::new(settings.pool_idle_timeout);
             let serial = core.upstreams().count() as u64 + 1;
-            let up = Upstream::new(id, target, idle, ext, serial, crate::fleet::Source::Flag);
+            let up = Upstream::new(id, target, idle, ext, serial, source);
             core.put_upstream(Arc::new(up));
         }
         let next_serial = core.upstreams().count() as u64 + 1;

@@ -159,9 +159,78 @@ pub struct Settings {
     pub access_log: Option<crate::account::AccessLog>,
     /// `--max-conns`, for backends added while running.
     pub max_conns: u32,
+    /// `--backends-file`: backends read from this file at start and whenever it changes.
+    pub backends_file: Option<std::path::PathBuf>,
     /// `--admin-token-file`'s token: needed (as `Authorization: Bearer`) for `/admin/*`
     /// on an admin listener that is not on loopback.
     pub admin_token: Option<String>,
+}
+
+/// Parses one backend in `--backends` syntax: `URL` or `URL#weight=N` (`host:port` means
+/// `http://host:port`), with the cap `max_conns`. The error says what is wrong, without
+/// naming a flag.
+pub fn parse_backend(arg: &str, max_conns: u32) -> Result<BackendSpec, String> {
+    let (url, weight) = match arg.split_once('#') {
+        None => (arg, 1),
+        Some((url, opt)) => {
+            let w = opt
+                .strip_prefix("weight=")
+                .ok_or_else(|| format!("'{arg}': expected URL#weight=N after '#'"))?;
+            let w: u32 = w
+                .parse()
+                .ok()
+                .filter(|w| (1..=lb_core::MAX_WEIGHT).contains(w))
+                .ok_or_else(|| {
+                    format!(
+                        "'{arg}': weight must be a whole number from 1 to {}",
+                        lb_core::MAX_WEIGHT
+                    )
+                })?;
+            (url, w)
+        }
+    };
+    let target = Target::parse(url).map_err(|e| e.to_string())?;
+    Ok(BackendSpec {
+        url: target.url.to_string(),
+        weight,
+        max_conns,
+    })
+}
+
+/// Parses a `--backends-file`: one backend per line in `--backends` syntax, blank lines
+/// and `#` comments (whole-line or trailing) ignored. The error names the line. A file
+/// with no backend is an error too: a file caught half-written must not empty the pool.
+pub fn parse_backends_file(text: &str, max_conns: u32) -> Result<Vec<BackendSpec>, String> {
+    let mut specs: Vec<BackendSpec> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        // A `#` starts a comment unless it is the `#weight=` of a backend.
+        let line = strip_comment(line).trim();
+        if line.is_empty() {
+            continue;
+        }
+        let spec = parse_backend(line, max_conns).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if specs.iter().any(|s| s.url == spec.url) {
+            return Err(format!("line {}: {} is listed twice", i + 1, spec.url));
+        }
+        specs.push(spec);
+    }
+    if specs.is_empty() {
+        return Err("no backend in the file".into());
+    }
+    Ok(specs)
+}
+
+/// `line` without its comment: from a `#` that does not begin `#weight=`.
+fn strip_comment(line: &str) -> &str {
+    let mut from = 0;
+    while let Some(i) = line[from..].find('#') {
+        let at = from + i;
+        if !line[at..].starts_with("#weight=") {
+            return &line[..at];
+        }
+        from = at + 1;
+    }
+    line
 }
 
 impl Settings {
@@ -192,6 +261,7 @@ impl Settings {
             admin_required: false,
             max_conns: 0,
             admin_token: None,
+            backends_file: None,
         }
     }
 
@@ -491,6 +561,14 @@ pub enum Notice {
         source: crate::fleet::Source,
         /// The admin API client, for a change through the API.
         client: Option<SocketAddr>,
+    },
+    /// A discovery source could not be read or holds an error: the pool keeps its
+    /// current backends from it (said once per distinct error).
+    DiscoveryError {
+        /// The source.
+        source: crate::fleet::Source,
+        /// What is wrong (for a file: its path and the line).
+        error: String,
     },
     /// SIGHUP arrived: log files are reopened (for rotation).
     Hangup,

@@ -665,6 +665,27 @@ impl Lb {
         v.unwrap().1
     }
 
+    /// Polls the admin API until `n` backends are healthy and have passed a probe (a
+    /// backend not yet probed takes no traffic while a probed one has room).
+    pub fn wait_probed(&self, n: usize) {
+        let port = self
+            .admin_port()
+            .unwrap_or_else(|| panic!("lb has no admin listener; stderr:\n{}", self.log.text()));
+        wait_until(
+            DEADLINE,
+            &format!("{n} backends probed and healthy (/admin/backends)"),
+            || get(port, "/admin/backends").json(),
+            |v| {
+                v["backends"].as_array().is_some_and(|list| {
+                    list.iter()
+                        .filter(|b| b["probed"] == true && b["state"] == "healthy")
+                        .count()
+                        >= n
+                })
+            },
+        );
+    }
+
     /// Poll `/health` until `active_conns == n`; returns the body.
     pub fn wait_active(&self, n: u64, timeout: Duration) -> Value {
         let what = format!("/health active_conns == {n}");

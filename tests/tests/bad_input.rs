@@ -710,6 +710,11 @@ fn serve_paced(mut s: TcpStream, parts: &[Vec<u8>]) -> std::io::Result<()> {
         }
         req.extend_from_slice(&buf[..n]);
     }
+    // Health probes pass: the fake is a backend lb routes to, until its replies.
+    if req.starts_with(b"GET /v1/models ") {
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")?;
+        return Ok(());
+    }
     if req.starts_with(b"GET /v1/models ") {
         let body = r#"{"object":"list","data":[]}"#;
         let probe = format!(
@@ -758,6 +763,8 @@ fn fake_and_mock(parts: Vec<Vec<u8>>) -> (PacedBackend, Mock, Lb) {
         &m.url(),
     ]);
     lb.wait_healthy(2);
+    // Both probed: a backend not yet probed takes nothing while a probed one has room.
+    lb.wait_probed(2);
     (fake, m, lb)
 }
 

@@ -343,3 +343,133 @@ fn check_validates_without_listening() {
     }
     drop(held);
 }
+
+/// Writes `text` to `path` at once (a rename), as a config tool would.
+fn write_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn listed(port: u16) -> Vec<(String, String, u64)> {
+    let (s, v) = admin(port, "GET", "/admin/backends", None, None);
+    assert_eq!(s, 200, "{v}");
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["url"].as_str().unwrap().to_string(),
+                b["source"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn wait_listed(port: u16, want: &[(String, String, u64)]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = listed(port);
+        if got == want || Instant::now() > deadline {
+            assert_eq!(got, want);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_backends_file_is_followed_and_a_bad_one_keeps_the_set() {
+    let a = Mock::spawn::<&str>(&[]);
+    let b = Mock::spawn::<&str>(&[]);
+    let dir = std::env::temp_dir().join(format!("lb-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("backends.txt");
+    write_file(&file, &format!("# the fleet\n{}\n", a.url()));
+    let path = file.to_str().unwrap();
+
+    // No --backends: the file is the only source.
+    let check = run_lb(
+        &["--check", "--backends-file", path],
+        Duration::from_secs(10),
+    );
+    assert_eq!(check.status.code(), Some(0), "{}", check.stderr);
+    assert!(check.stdout.contains("(1 backends)"), "{}", check.stdout);
+    let lb = Lb::spawn(&["--backends-file", path, "--routing", "round-robin"]);
+    lb.wait_healthy(1);
+    let ap = lb.admin_port().expect("an admin listener");
+    let file_ = "file".to_string();
+    wait_listed(ap, &[(a.url(), file_.clone(), 1)]);
+
+    // A line added (with a weight and a trailing comment) joins.
+    write_file(
+        &file,
+        &format!("{}\n{}#weight=3  # bigger\n", a.url(), b.url()),
+    );
+    wait_listed(
+        ap,
+        &[(a.url(), file_.clone(), 1), (b.url(), file_.clone(), 3)],
+    );
+    lb.wait_healthy(2);
+
+    // An invalid file keeps the set, and says which line.
+    write_file(&file, &format!("{}\nftp://nope:1\n", a.url()));
+    lb.log
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("--backends-file") && l.contains("line 2")
+        })
+        .unwrap_or_else(|| panic!("no error line for the bad file: {}", lb.log.text()));
+    assert_eq!(listed(ap).len(), 2, "the set is kept");
+    // So does an empty one.
+    write_file(&file, "# nothing here\n");
+    lb.log
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("no backend in the file")
+        })
+        .unwrap_or_else(|| panic!("no error line for the empty file: {}", lb.log.text()));
+    assert_eq!(listed(ap).len(), 2, "the set is kept");
+
+    // A line removed: that backend drains and leaves; traffic goes to the other.
+    write_file(&file, &format!("{}#weight=3\n", b.url()));
+    wait_listed(ap, &[(b.url(), file_.clone(), 3)]);
+    let before = a.requests();
+    for _ in 0..3 {
+        let r = try_completion(lb.port).unwrap();
+        assert_eq!(
+            (r.status, r.backend_port()),
+            (200, Some(b.port)),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(a.requests(), before);
+    let m = lb.metrics();
+    assert_eq!(
+        m.value(
+            "lb_backend_changes_total",
+            &[("source", "file"), ("change", "added")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "lb_backend_changes_total",
+            &[("source", "file"), ("change", "removed")]
+        ),
+        1.0
+    );
+    drop(lb);
+
+    // A bad file at start is refused, naming the flag and the line.
+    write_file(&file, &format!("{}\nnot a url\n", a.url()));
+    let out = run_lb(&["--backends-file", path], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--backends-file") && out.stderr.contains("line 2"),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

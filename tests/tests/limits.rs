@@ -72,6 +72,7 @@ fn max_conns_gives_exactly_the_expected_429s() {
         "/stats",
     ]);
     lb.wait_healthy(2);
+    lb.wait_probed(2);
     let port = lb.port;
     let res = run_concurrently(3, move |_| {
         let t = Instant::now();
