@@ -456,7 +456,9 @@ class Soak:
                                 max_retries=0, timeout=OP_TIMEOUT),
              "http": httpx.AsyncClient(timeout=OP_TIMEOUT, trust_env=False)}
         try:
-            while self.now() < until and self.lb_alive():
+            for _ in range(int((until - self.now()) * 100) + 1):  # a bound on the count too
+                if self.now() >= until or not self.lb_alive():
+                    break
                 await self.run_op(rng.choices(kinds, weights)[0], c, rng)
                 await asyncio.sleep(rng.uniform(0, 0.1))
         finally:
@@ -537,7 +539,9 @@ class Soak:
 
     async def monitor(self, stop):
         last_report = self.now()
-        while not stop.is_set():
+        for _ in range(int(self.a.minutes * 60 * 20) + 6000):  # ~1 s a round; a bound on the count
+            if stop.is_set():
+                return
             if not self.lb_alive():
                 return
             if self.measuring:
