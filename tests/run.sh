@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: core unit/property/statistical/golden tests and fuzz-corpus replay,
 # adapter and CLI unit tests, then the black-box suite against both builds of lb, then the
-# conformance suite that runs the same raw exchanges through both builds and compares them.
+# conformance suite that runs the same raw exchanges through both builds and compares them,
+# and last a 2-minute soak per build (tests/soak.sh; skipped, saying why, when its Python
+# packages cannot be installed).
 # The black-box suite includes the fault-injection cases (tests/tests/faults), which need
 # root and network namespaces, and nftables for faults on a link; they skip, saying why,
 # where those are missing.
@@ -45,3 +47,6 @@ done
 echo "== conformance: the same exchanges through both builds"
 LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
   cargo test -p lb-tests --test conformance
+echo "== soak, 2 minutes per build"
+cargo build --release -p lb-tests --bin mock-backend
+SOAK_OPTIONAL=1 bash tests/soak.sh 2
