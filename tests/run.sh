@@ -45,3 +45,9 @@ done
 echo "== conformance: the same exchanges through both builds"
 LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
   cargo test -p lb-tests --test conformance
+echo "== container: Dockerfile, docker-compose.yml, deploy/k8s (tests/container.sh)"
+# The image's prebuilt stages copy target/release/mock-backend (cargo test builds only a
+# debug one). container.sh skips its container part, saying why, where podman cannot run.
+cargo build --release -p lb-tests --bin mock-backend
+LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
+  MOCK_BACKEND_BIN="$PWD/target/release/mock-backend" tests/container.sh
