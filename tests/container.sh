@@ -157,9 +157,14 @@ rc=0; err=$(pm import --change 'CMD ["bash"]' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     "$BASE_TAR" "$BASE_REF" 2>&1 >/dev/null) || rc=$?
 [ "$rc" = 0 ] || skip "podman cannot import an image here: $(last_line "$rc" "$err")"
-rc=0; out=$(pm run --rm --pull=never --network host "$BASE_REF" /usr/bin/bash -c 'echo container-ok' 2>&1) || rc=$?
+# As the tests below run them: as the image's user (rootless podman needs subordinate ids
+# for that), read-only, without capabilities, on the host's network.
+IMAGE_USER=$(sed -n 's/^USER[[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' Dockerfile | tail -1)
+SEC=(--network host --read-only --cap-drop ALL --security-opt no-new-privileges --pull=never)
+rc=0; out=$(pm run --rm "${SEC[@]}" --user "${IMAGE_USER:-65532}" "$BASE_REF" \
+  /usr/bin/bash -c 'echo container-ok' 2>&1) || rc=$?
 if [ "$rc" != 0 ] || ! grep -q container-ok <<<"$out"; then
-  skip "podman cannot run a container here: $(last_line "$rc" "$out")"
+  skip "podman cannot run a container (as uid ${IMAGE_USER%%:*}) here: $(last_line "$rc" "$out")"
 fi
 say "podman $(podman --version | awk '{print $3}') runs containers here (store in $WORK, vfs)"
 
@@ -210,7 +215,6 @@ for b in "${BUILDS[@]}"; do
 done
 say "built: prebuilt (${BUILDS[*]}) and mock-prebuilt from $BASE_NAME (user 65532, ENTRYPOINT lb, EXPOSE 8080 9901, HEALTHCHECK /live)"
 
-SEC=(--network host --read-only --cap-drop ALL --security-opt no-new-privileges --pull=never)
 free_port() { # a port nothing answers on (loopback), away from the usual ones
   local p
   for _ in $(seq 100); do
