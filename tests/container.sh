@@ -176,6 +176,7 @@ fail() {
     echo "--- podman logs $c" >&2; pm logs "$c" 2>&1 | tail -20 >&2
   done
   [ -s "$LOG" ] && { echo "--- podman (last lines)" >&2; tail -20 "$LOG" >&2; }
+  echo "container: FAIL: $*" >&2
   exit 1
 }
 
@@ -215,17 +216,19 @@ for b in "${BUILDS[@]}"; do
 done
 say "built: prebuilt (${BUILDS[*]}) and mock-prebuilt from $BASE_NAME (user 65532, ENTRYPOINT lb, EXPOSE 8080 9901, HEALTHCHECK /live)"
 
-free_port() { # a port nothing answers on (loopback), away from the usual ones
+free_port() { # a port nothing answers on (loopback), below the ephemeral range (32768-)
   local p
   for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((20000 + RANDOM % 12000))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
   done
 }
-wait_for() { # wait_for SECONDS WHAT CMD...: until CMD succeeds
-  local end=$((SECONDS + $1)) what=$2; shift 2
+running() { [ "$(pm inspect --format '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
+wait_for() { # wait_for SECONDS CONTAINER WHAT CMD...: until CMD succeeds, while CONTAINER runs
+  local secs=$1 end=$((SECONDS + $1)) ctr=$2 what=$3; shift 3
   until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$end" ] || fail "timed out after ${end}s waiting for $what"
+    running "$ctr" || fail "$ctr stopped while waiting for $what"
+    [ "$SECONDS" -lt "$end" ] || fail "timed out after ${secs}s waiting for $what"
     sleep 0.2
   done
 }
@@ -240,24 +243,37 @@ for i in 1 2 3; do
   CONTAINERS+=("$c")
 done
 for i in 1 2 3; do
-  wait_for 20 "mock $i to listen" listening "$TAG-mock$i"
+  wait_for 20 "$TAG-mock$i" "mock $i to listen" listening "$TAG-mock$i"
   addr=$(pm logs "$TAG-mock$i" 2>/dev/null | sed -n 's/^listening on //p' | head -1)
   BACKENDS+=("http://$addr")
 done
 say "3 mock backends in containers: ${BACKENDS[*]}"
 
 for b in "${BUILDS[@]}"; do
-  P=$(free_port); A=$(free_port)
-  [ "$P" != "$A" ] || A=$(free_port)
-  [ -n "$P" ] && [ -n "$A" ] || fail "no free port found"
   c=$TAG-lb-$b
-  pm run -d --name "$c" "${SEC[@]}" -e "LB_ADMIN_PORT=$A" "localhost/$TAG-$b" \
-    --bind 127.0.0.1 --port "$P" --admin-bind "127.0.0.1:$A" --health-check-interval 5s \
-    --backends "${BACKENDS[@]}" >>"$LOG" 2>&1 || fail "podman run lb ($b)"
   CONTAINERS+=("$c")
-  U=http://127.0.0.1:$A
-  wait_for 20 "lb ($b) /live" curl -fsS --max-time 2 "$U/live"
-  wait_for 30 "lb ($b) /health to count 3 healthy backends" healthy "$U" 3
+  for attempt in 1 2 3; do # new ports if another process took one meanwhile
+    P=$(free_port); A=$(free_port)
+    [ "$P" != "$A" ] || A=$(free_port)
+    if [ -z "$P" ] || [ -z "$A" ]; then fail "no free port found"; fi
+    U=http://127.0.0.1:$A
+    pm run -d --name "$c" "${SEC[@]}" -e "LB_ADMIN_PORT=$A" "localhost/$TAG-$b" \
+      --bind 127.0.0.1 --port "$P" --admin-bind "127.0.0.1:$A" --health-check-interval 5s \
+      --backends "${BACKENDS[@]}" >>"$LOG" 2>&1 || fail "podman run lb ($b)"
+    end=$((SECONDS + 20))
+    until curl -fsS --max-time 2 "$U/live" >/dev/null 2>&1; do
+      if ! running "$c"; then
+        if [ "$attempt" -lt 3 ] && pm logs "$c" 2>&1 | grep -q 'in use'; then
+          pm rm -f "$c" >>"$LOG" 2>&1; continue 2
+        fi
+        fail "lb ($b) stopped before /live answered"
+      fi
+      [ "$SECONDS" -lt "$end" ] || fail "timed out after 20s waiting for lb ($b) /live"
+      sleep 0.2
+    done
+    break
+  done
+  wait_for 30 "$c" "lb ($b) /health to count 3 healthy backends" healthy "$U" 3
   metrics=$(curl -fsS --max-time 5 "$U/metrics") || fail "lb ($b): GET /metrics"
   grep -q "^lb_build_info{.*runtime=\"$b\".*} 1\$" <<<"$metrics" \
     || fail "lb ($b): /metrics has no lb_build_info{runtime=\"$b\"} 1"
