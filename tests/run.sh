@@ -47,6 +47,12 @@ done
 echo "== conformance: the same exchanges through both builds"
 LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
   cargo test -p lb-tests --test conformance
-echo "== soak, 2 minutes per build"
+# The soak and the container image use the release mock backend (cargo test builds only a
+# debug one).
 cargo build --release -p lb-tests --bin mock-backend
+echo "== container: Dockerfile, docker-compose.yml, deploy/k8s (tests/container.sh)"
+# container.sh skips its container part, saying why, where podman cannot run.
+LB_BIN_TOKIO="$PWD/target/bin/lb-tokio" LB_BIN_SMOL="$PWD/target/bin/lb-smol" \
+  MOCK_BACKEND_BIN="$PWD/target/release/mock-backend" tests/container.sh
+echo "== soak, 2 minutes per build"
 SOAK_OPTIONAL=1 bash tests/soak.sh 2
