@@ -214,6 +214,10 @@ fn status_line_start(buf: &[u8]) -> Result<(), Error> {
     while let Some(rest) = line.strip_prefix(b"\r\n") {
         line = rest;
     }
+    // A lone CR may be the start of one more empty line: wait for what follows.
+    if line == b"\r" {
+        return Ok(());
+    }
     let end = line.iter().position(|&b| b == b'\r' || b == b'\n');
     let first = &line[..end.unwrap_or(line.len())];
     let version = &first[..first.len().min(8)];

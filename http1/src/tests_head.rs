@@ -623,3 +623,14 @@ fn a_response_that_is_not_http_is_refused_before_its_head_ends() {
         );
     }
 }
+
+#[test]
+fn leading_empty_lines_cut_at_a_cr_are_incomplete() {
+    // Found by fuzzing: "\r\n\r\n\r" was refused while "\r\n\r\n\r\n" waits for more.
+    for s in ["\r", "\r\n\r", "\r\n\r\n\r"] {
+        assert!(matches!(res(s), Ok(Status::Partial)), "{s:?}: {:?}", res(s));
+    }
+    assert!(matches!(res("\r\n\r\n\r\n"), Ok(Status::Partial)));
+    let (head, _) = res_ok("\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(head.status, 200);
+}
