@@ -1,17 +1,14 @@
-//! Byte-moving helpers over futures-lite's `AsyncRead`/`AsyncWrite`: cancel-safe buffered
-//! reads, the upgrade splice, and a lingering close. No HTTP here.
+//! Byte-moving helpers over any [`Wire`]: cancel-safe buffered reads, writes, the upgrade
+//! splice, and a lingering close. No HTTP here.
 
 use std::future::{pending, poll_fn};
 use std::io;
-use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use async_io::Timer;
 use futures_lite::future;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::stream::Stream;
+use crate::stream::Wire;
 use crate::timers::Timers;
 
 /// Now as an HTTP-date, for the `Date` of the responses `lb` makes or passes on without
@@ -54,14 +51,15 @@ impl ReadSize {
 
 /// Reads once from `r`, appending at most `max` bytes to `buf`; returns how many (0 at
 /// end of stream). Cancel-safe: `buf` only ever holds bytes that were actually read.
-pub(crate) async fn read_more<R>(mut r: R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>
-where
-    R: AsyncRead + Unpin,
-{
+pub(crate) async fn read_more<R: Wire + ?Sized>(
+    r: &R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
     poll_fn(|cx| {
         let old = buf.len();
         buf.resize(old + max, 0);
-        let res = Pin::new(&mut r).poll_read(cx, &mut buf[old..]);
+        let res = r.poll_read(cx, &mut buf[old..]);
         let n = match res {
             Poll::Ready(Ok(n)) => n,
             _ => 0,
@@ -112,19 +110,32 @@ pub(crate) fn may_end_head(buf: &[u8], from: usize) -> bool {
     window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Writes all of `data`, counting in `written` the bytes that reached the socket (so a
-/// caller knows whether a failed write sent anything).
-pub(crate) async fn write_counted<W>(mut w: W, data: &[u8], written: &mut usize) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
+/// Waits until `s` may have something to read (see [`Wire::poll_readable`]).
+pub(crate) async fn readable<S: Wire + ?Sized>(s: &S) {
+    poll_fn(|cx| s.poll_readable(cx)).await
+}
+
+/// Writes all of `data` (without a flush), counting in `written` the bytes that reached
+/// the socket.
+async fn write_all<W: Wire + ?Sized>(w: &W, data: &[u8], written: &mut usize) -> io::Result<()> {
     while *written < data.len() {
-        match w.write(&data[*written..]).await? {
+        match poll_fn(|cx| w.poll_write(cx, &data[*written..])).await? {
             0 => return Err(io::ErrorKind::WriteZero.into()),
             n => *written += n,
         }
     }
-    w.flush().await
+    Ok(())
+}
+
+/// Writes all of `data`, counting in `written` the bytes that reached the socket (so a
+/// caller knows whether a failed write sent anything).
+pub(crate) async fn write_counted<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    written: &mut usize,
+) -> io::Result<()> {
+    write_all(w, data, written).await?;
+    poll_fn(|cx| w.poll_flush(cx)).await
 }
 
 /// The longest one read or write with a client may wait (`--client-body-timeout`,
@@ -156,21 +167,21 @@ impl Stall<'_> {
 }
 
 /// Writes all of `data` to `s`.
-pub(crate) async fn send(mut s: &Stream, data: &[u8]) -> io::Result<()> {
-    s.write_all(data).await
+pub(crate) async fn send<S: Wire + ?Sized>(s: &S, data: &[u8]) -> io::Result<()> {
+    write_all(s, data, &mut 0).await
 }
 
 /// Reads from the client while nothing else does (waiting for the backend), keeping what
 /// arrives (a pipelined request, early tunnel bytes) up to `cap` bytes. Resolves when the
 /// client closes or fails: it went away. It reads only once the reactor says there is
 /// something: a client that waits for its answer costs no read.
-pub(crate) async fn watch(s: &Stream, buf: &mut Vec<u8>, cap: usize) {
+pub(crate) async fn watch<S: Wire + ?Sized>(s: &S, buf: &mut Vec<u8>, cap: usize) {
     loop {
         if buf.len() >= cap {
             // Enough buffered; stop reading (the client waits for our answer anyway).
             pending::<()>().await;
         }
-        s.readable().await;
+        readable(s).await;
         match read_more(s, buf, 1024.min(cap - buf.len())).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
@@ -179,33 +190,32 @@ pub(crate) async fn watch(s: &Stream, buf: &mut Vec<u8>, cap: usize) {
 }
 
 /// Copies `from` to `to` until `from` ends, then shuts `to` down for writing.
-async fn copy_half<R, W>(mut from: R, mut to: W) -> io::Result<()>
+async fn copy_half<R, W>(from: &R, to: &W) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: Wire + ?Sized,
+    W: Wire + ?Sized,
 {
     let mut buf = Vec::new();
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
     loop {
         buf.clear();
-        let n = read_more(&mut from, &mut buf, size.get()).await?;
+        let n = read_more(from, &mut buf, size.get()).await?;
         size.record(n);
         budget.spend(n).await;
         if n == 0 {
-            return to.close().await;
+            return poll_fn(|cx| to.poll_close(cx)).await;
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
+        write_counted(to, &buf[..n], &mut 0).await?;
     }
 }
 
 /// Joins two connections after an upgrade: bytes flow both ways until both directions
 /// have ended (each end's EOF is passed on as a write shutdown), or either fails.
-pub(crate) async fn splice<A, B>(a: A, b: B) -> io::Result<()>
+pub(crate) async fn splice<A, B>(a: &A, b: &B) -> io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin + Copy,
-    B: AsyncRead + AsyncWrite + Unpin + Copy,
+    A: Wire + ?Sized,
+    B: Wire + ?Sized,
 {
     future::try_zip(copy_half(a, b), copy_half(b, a))
         .await
@@ -215,24 +225,25 @@ where
 /// Closes a client connection that may still have unread input (a rejected request, an
 /// answer sent before the request body ended): shut down our side, then read and drop
 /// what the client still sends for a moment, so that the kernel does not answer the
-/// unread bytes with a reset that would destroy our last response in flight.
-pub(crate) async fn linger_close(s: &Stream) {
+/// unread bytes with a reset that would destroy our last response in flight. The moment
+/// is on the shard's `timers`.
+pub(crate) async fn linger_close<S: Wire + ?Sized>(s: &S, timers: &Timers) {
     s.shutdown_write();
     let drain = async {
         let mut buf = vec![0u8; 4096];
         let mut total = 0usize;
         while total < 1 << 20 {
-            match (&*s).read(&mut buf).await {
+            match poll_fn(|cx| s.poll_read(cx, &mut buf)).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => total += n,
             }
         }
     };
-    future::or(drain, async {
-        Timer::after(Duration::from_secs(2)).await;
-    })
-    .await;
+    future::or(drain, timers.after(LINGER)).await;
 }
+
+/// How long [`linger_close`] reads what a client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
