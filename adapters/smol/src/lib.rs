@@ -43,6 +43,8 @@ mod connect;
 mod exchange;
 mod io;
 mod listen;
+#[cfg(feature = "memory")]
+pub mod memory;
 mod pool;
 mod pump;
 mod reactor;
