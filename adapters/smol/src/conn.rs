@@ -291,6 +291,7 @@ pub(crate) async fn read_head<C: Wire>(
     let limit = limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
+        let mut size = ReadSize::new();
         loop {
             if check {
                 match lb_http1::parse_request(cbuf, limits) {
@@ -300,7 +301,7 @@ pub(crate) async fn read_head<C: Wire>(
                 }
             }
             let before = cbuf.len();
-            let want = head_read_size(before, limit);
+            let want = head_read_size(before, limit, &size);
             let got = if before == 0 {
                 if proxy.is_shutting_down() {
                     return Head::Closed;
@@ -326,7 +327,10 @@ pub(crate) async fn read_head<C: Wire>(
             };
             match got {
                 Ok(0) | Err(_) => return Head::Closed,
-                Ok(_) => check = may_end_head(cbuf, before) || cbuf.len() >= limit,
+                Ok(n) => {
+                    size.record(n);
+                    check = may_end_head(cbuf, before) || cbuf.len() >= limit;
+                }
             }
         }
     };

@@ -94,12 +94,14 @@ impl Budget {
 }
 
 /// How much to read next while a head of `held` bytes is incomplete, given the limit:
-/// small at first (most heads are small), growing with the head, at least one byte past
-/// the limit so that an oversized head is detected.
-pub(crate) fn head_read_size(held: usize, limit: usize) -> usize {
-    held.max(FIRST_READ)
-        .min(limit.saturating_sub(held) + 1)
-        .max(1)
+/// `size` (small at first, as most heads are small; doubling while reads fill it), and up
+/// to one byte past the limit so that an oversized head is detected.
+///
+/// Not more because the head is long: each read costs as many bytes zeroed as it asks
+/// for, so a head that trickles in a byte per read would cost time quadratic in its
+/// length (to 2 GiB zeroed for a 64 KiB head).
+pub(crate) fn head_read_size(held: usize, limit: usize, size: &ReadSize) -> usize {
+    size.get().min(limit.saturating_sub(held) + 1).max(1)
 }
 
 /// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
@@ -264,11 +266,16 @@ mod tests {
     }
 
     #[test]
-    fn head_reads_grow_and_stop_past_the_limit() {
-        assert_eq!(head_read_size(0, 65536), FIRST_READ);
-        assert_eq!(head_read_size(8192, 65536), 8192);
-        assert_eq!(head_read_size(65000, 65536), 537);
-        assert_eq!(head_read_size(65536, 65536), 1);
+    fn head_reads_grow_while_filled_and_stop_past_the_limit() {
+        let mut size = ReadSize::new();
+        assert_eq!(head_read_size(0, 65536, &size), FIRST_READ);
+        // A head that trickles in does not make reads bigger.
+        size.record(1);
+        assert_eq!(head_read_size(8192, 65536, &size), FIRST_READ);
+        size.record(FIRST_READ);
+        assert_eq!(head_read_size(8192, 65536, &size), 2 * FIRST_READ);
+        assert_eq!(head_read_size(65000, 65536, &size), 537);
+        assert_eq!(head_read_size(65536, 65536, &size), 1);
     }
 
     #[test]

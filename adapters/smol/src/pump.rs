@@ -281,6 +281,7 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
     let limits = &proxy.runtime().limits;
     let mut check = false;
     let mut silent = true;
+    let mut size = ReadSize::new();
     loop {
         if check {
             match lb_http1::parse_response(bbuf, limits) {
@@ -314,7 +315,7 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
         // Until the status line is whole, every read is checked: a reply that is not
         // HTTP is refused at once, not when (if ever) a head ends.
         let first_line_open = !bbuf.contains(&b'\n');
-        let want = head_read_size(before, limits.max_head_bytes);
+        let want = head_read_size(before, limits.max_head_bytes, &size);
         if before == 0 {
             // The request has just gone out: the answer is most likely not here yet, and a
             // read now would only find nothing (a `recv` answering `EAGAIN` per request).
@@ -327,7 +328,8 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
                     silent,
                 })
             }
-            Ok(_) => {
+            Ok(n) => {
+                size.record(n);
                 silent = false;
                 check = first_line_open
                     || may_end_head(bbuf, before)

@@ -15,7 +15,7 @@ use lb_http1::{BodyFramer, Header, Limits, RequestHead, Status, Version};
 use lb_proxy::{Fetched, Runtime, Settings, StartError, Target};
 
 use crate::connect::{describe, Connector};
-use crate::io::{head_read_size, read_more, send};
+use crate::io::{head_read_size, read_more, send, ReadSize};
 use crate::pool::Pool;
 use crate::reactor::Reactor;
 use crate::stream::{Stream, Wire};
@@ -230,6 +230,7 @@ async fn get(
     head.write(&mut out);
     send(&conn, &out).await.map_err(|e| describe(&e))?;
     let mut buf = Vec::new();
+    let mut size = ReadSize::new();
     let resp = loop {
         match lb_http1::parse_response(&buf, limits) {
             Ok(Status::Complete(resp, n)) if resp.is_interim() => {
@@ -244,10 +245,10 @@ async fn get(
             Ok(Status::Partial) => {}
             Err(e) => return Err(format!("invalid response: {e}")),
         }
-        let want = head_read_size(buf.len(), limits.max_head_bytes);
+        let want = head_read_size(buf.len(), limits.max_head_bytes, &size);
         match read_more(&conn, &mut buf, want).await {
             Ok(0) => return Err("backend closed the connection".into()),
-            Ok(_) => {}
+            Ok(n) => size.record(n),
             Err(e) => return Err(describe(&e)),
         }
     };
