@@ -17,7 +17,7 @@ use lb_proxy::{Arrival, ConnectionGuard};
 use crate::exchange;
 use crate::io::{
     date_now, head_read_size, linger_close, may_end_head, read_more, readable, send, watch, Budget,
-    ReadSize, Stall,
+    Client, ReadSize, Stall,
 };
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
@@ -68,6 +68,7 @@ pub(crate) async fn serve_on<S: Shard, C: Wire>(
 ) {
     let proxy = open.proxy().clone();
     let timers = local.timers();
+    let client = Client::new(client);
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {

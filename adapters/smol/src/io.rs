@@ -3,7 +3,9 @@
 
 use std::future::{pending, poll_fn};
 use std::io;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_lite::future;
@@ -117,9 +119,22 @@ pub(crate) async fn readable<S: Wire + ?Sized>(s: &S) {
     poll_fn(|cx| s.poll_readable(cx)).await
 }
 
+/// Writes all of `data` after its first `written` bytes (without a flush).
+pub(crate) async fn write_all<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    mut written: usize,
+) -> io::Result<()> {
+    write_all_counted(w, data, &mut written).await
+}
+
 /// Writes all of `data` (without a flush), counting in `written` the bytes that reached
 /// the socket.
-async fn write_all<W: Wire + ?Sized>(w: &W, data: &[u8], written: &mut usize) -> io::Result<()> {
+async fn write_all_counted<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    written: &mut usize,
+) -> io::Result<()> {
     while *written < data.len() {
         match poll_fn(|cx| w.poll_write(cx, &data[*written..])).await? {
             0 => return Err(io::ErrorKind::WriteZero.into()),
@@ -136,7 +151,7 @@ pub(crate) async fn write_counted<W: Wire + ?Sized>(
     data: &[u8],
     written: &mut usize,
 ) -> io::Result<()> {
-    write_all(w, data, written).await?;
+    write_all_counted(w, data, written).await?;
     poll_fn(|cx| w.poll_flush(cx)).await
 }
 
@@ -168,9 +183,125 @@ impl Stall<'_> {
     }
 }
 
-/// Writes all of `data` to `s`.
+/// Writes all of `data` to `s`, as one message ([`Wire::send`]).
 pub(crate) async fn send<S: Wire + ?Sized>(s: &S, data: &[u8]) -> io::Result<()> {
-    write_all(s, data, &mut 0).await
+    s.send(data).await
+}
+
+/// A client connection: its stream, to which the proxy's messages (response heads and
+/// body parts, interim heads, its own replies) go out whole, one at a time.
+///
+/// More than one future writes to a client: the upload's `100 Continue` while a response
+/// head comes down, an interim head forwarded while the deadline runs, an error reply
+/// once the deadline has cut a write. So [`Wire::send`] waits for the message being
+/// written to end before it starts another (none interleave), and once a message was cut
+/// (its future dropped partway, or its write failed) it writes nothing more and fails:
+/// the stream is broken, the connection can only close. (Which a client would otherwise
+/// read as `HHTTP/1.1 400 ...`: the first byte of a cut `100 Continue`, then the reply.)
+///
+/// The rest goes straight to the stream: reads, and the tunnel's copy after the last
+/// message (its own future is the only one left).
+pub(crate) struct Client<C> {
+    wire: C,
+    /// A message is being written.
+    busy: AtomicBool,
+    /// A message was cut.
+    cut: AtomicBool,
+    /// The writer waiting for its turn.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl<C: Wire> Client<C> {
+    pub(crate) fn new(wire: C) -> Self {
+        Client {
+            wire,
+            busy: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            waiting: Mutex::new(None),
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ready with the turn to write a message, or the error once the stream is broken.
+    fn poll_turn(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.cut.load(Ordering::Acquire) {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            if !self.busy.swap(true, Ordering::AcqRel) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.waiting() = Some(cx.waker().clone());
+            if self.busy.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    async fn message(&self, data: &[u8]) -> io::Result<()> {
+        poll_fn(|cx| self.poll_turn(cx)).await?;
+        let mut turn = Turn {
+            client: self,
+            whole: false,
+        };
+        let wrote = write_all(&self.wire, data, 0).await;
+        turn.whole = wrote.is_ok();
+        wrote
+    }
+}
+
+/// A message's turn: ends with its future, cutting the stream unless the message went
+/// out whole.
+struct Turn<'a, C> {
+    client: &'a Client<C>,
+    whole: bool,
+}
+
+impl<C> Drop for Turn<'_, C> {
+    fn drop(&mut self) {
+        let c = self.client;
+        if !self.whole {
+            c.cut.store(true, Ordering::Release);
+        }
+        c.busy.store(false, Ordering::Release);
+        let waiting = c.waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = waiting {
+            w.wake();
+        }
+    }
+}
+
+impl<C: Wire> Wire for Client<C> {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.wire.poll_read(cx, buf)
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.wire.poll_write(cx, buf)
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wire.poll_flush(cx)
+    }
+
+    fn poll_close(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wire.poll_close(cx)
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.wire.poll_readable(cx)
+    }
+
+    fn shutdown_write(&self) {
+        self.wire.shutdown_write();
+    }
+
+    fn send(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> {
+        self.message(data)
+    }
 }
 
 /// Reads from the client while nothing else does (waiting for the backend), keeping what

@@ -494,14 +494,80 @@ mod tests {
 
     /// A sim whose peers send `segment` bytes per read of the proxy.
     fn sim_with(segment: usize) -> Sim {
+        custom(|_| {}, 1 << 16, segment)
+    }
+
+    fn custom(change: impl FnOnce(&mut Settings), window: usize, segment: usize) -> Sim {
         let listen = "127.0.0.1:0".parse().unwrap();
-        let backend = BackendSpec::new("http://10.0.0.1:8000");
-        let settings = Settings::new(listen, vec![backend]);
-        let wires = Wires {
-            window: 1 << 16,
-            segment,
+        let backend = BackendSpec {
+            max_conns: 8,
+            ..BackendSpec::new("http://10.0.0.1:8000")
         };
-        Sim::new(settings, wires).unwrap()
+        let mut settings = Settings::new(listen, vec![backend]);
+        change(&mut settings);
+        Sim::new(settings, Wires { window, segment }).unwrap()
+    }
+
+    /// Takes what the proxy writes to `peer` (a byte at a time when its window is 1)
+    /// until it has nothing more.
+    fn drain(sim: &mut Sim, peer: Peer) -> String {
+        let mut got = Vec::new();
+        loop {
+            sim.step();
+            let more = sim.take(peer, usize::MAX);
+            if more.is_empty() {
+                return String::from_utf8(got).unwrap();
+            }
+            got.extend(more);
+        }
+    }
+
+    const EXPECTS: &[u8] = b"POST /v1/completions HTTP/1.1\r\nHost: lb\r\n\
+        Expect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+
+    /// Routing by body, the proxy answers `Expect` itself before it reads the body; the
+    /// client does not read it (its window holds one byte). When the request's deadline
+    /// passes meanwhile, the cut `100 Continue` is not followed by an error reply (which
+    /// used to come out as `HHTTP/1.1 400 ...`): the connection just closes.
+    #[test]
+    fn a_cut_interim_response_is_followed_by_nothing() {
+        let by_body = |s: &mut Settings| s.core.policy = lb_core::Policy::CacheAware;
+        let mut sim = custom(by_body, 1, 1 << 16);
+        sim.send(Peer::Client, EXPECTS);
+        assert!(!sim.step());
+        sim.fire_timers();
+        sim.step();
+        let got = drain(&mut sim, Peer::Client);
+        assert!("HTTP/1.1 100 Continue\r\n\r\n".starts_with(&got), "{got:?}");
+        sim.shut(Peer::Client);
+        sim.fire_timers();
+        assert!(sim.step());
+        assert_eq!(sim.in_flight(), 0);
+    }
+
+    /// The upload's `100 Continue` and the response head are written by two futures: a
+    /// backend that answers while the `100 Continue` waits for the client's window gets
+    /// its head sent after it, not into it.
+    #[test]
+    fn an_interim_response_and_the_final_one_do_not_interleave() {
+        let mut sim = custom(|_| {}, 1, 1 << 16);
+        sim.send(Peer::Client, EXPECTS);
+        assert!(!sim.step());
+        let head = drain(&mut sim, Peer::Backend(0));
+        assert!(
+            head.starts_with("POST /v1/completions HTTP/1.1\r\n"),
+            "{head}"
+        );
+        sim.send(
+            Peer::Backend(0),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        );
+        assert!(!sim.step());
+        let got = drain(&mut sim, Peer::Client);
+        let (interim, last) = got.split_at(25);
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n", "{got:?}");
+        assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+        assert!(last.ends_with("\r\n\r\nok"), "{got:?}");
     }
 
     fn text(b: Vec<u8>) -> String {

@@ -43,6 +43,12 @@ pub(crate) trait Wire {
     /// Shuts the connection down for writing at once, without a goodbye (for a connection
     /// we give up on).
     fn shutdown_write(&self);
+
+    /// Writes all of `data`, one message (or one part of a body): `io::send`. A client
+    /// connection (`io::Client`) keeps its messages whole and in order.
+    fn send(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> {
+        crate::io::write_all(self, data, 0)
+    }
 }
 
 pub(crate) enum Stream {
