@@ -68,7 +68,11 @@ pub(crate) async fn serve_on<S: Shard, C: Wire>(
 ) {
     let proxy = open.proxy().clone();
     let timers = local.timers();
-    let client = Client::new(client);
+    let writes = Stall {
+        timers,
+        limit: proxy.settings().client_write_timeout,
+    };
+    let client = Client::new(client, writes);
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {

@@ -507,10 +507,6 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
             Timeout,
         }
         let got = {
-            let writes = Stall {
-                timers: self.local.timers(),
-                limit: self.proxy.settings().client_write_timeout,
-            };
             let mut down = pin!(download(
                 self.client,
                 conn,
@@ -519,7 +515,6 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
                 (out, early_data),
                 tap,
                 plan.rechunk,
-                writes,
                 &mut *self.acct,
             ));
             let timer = &mut self.timer;

@@ -189,7 +189,13 @@ pub(crate) async fn send<S: Wire + ?Sized>(s: &S, data: &[u8]) -> io::Result<()>
 }
 
 /// A client connection: its stream, to which the proxy's messages (response heads and
-/// body parts, interim heads, its own replies) go out whole, one at a time.
+/// body parts, interim heads, its own replies) go out whole, one at a time, each within
+/// `--client-write-timeout`.
+///
+/// A client that takes nothing of a message for that long is gone (its message is cut),
+/// whichever message it is: a response body's part, or a reply the proxy made itself (a
+/// client that pipelines requests and reads none of the answers cannot hold its
+/// connection open).
 ///
 /// More than one future writes to a client: the upload's `100 Continue` while a response
 /// head comes down, an interim head forwarded while the deadline runs, an error reply
@@ -201,8 +207,10 @@ pub(crate) async fn send<S: Wire + ?Sized>(s: &S, data: &[u8]) -> io::Result<()>
 ///
 /// The rest goes straight to the stream: reads, and the tunnel's copy after the last
 /// message (its own future is the only one left).
-pub(crate) struct Client<C> {
+pub(crate) struct Client<'a, C> {
     wire: C,
+    /// `--client-write-timeout`.
+    stall: Stall<'a>,
     /// A message is being written.
     busy: AtomicBool,
     /// A message was cut.
@@ -211,10 +219,11 @@ pub(crate) struct Client<C> {
     waiting: Mutex<Option<Waker>>,
 }
 
-impl<C: Wire> Client<C> {
-    pub(crate) fn new(wire: C) -> Self {
+impl<'a, C: Wire> Client<'a, C> {
+    pub(crate) fn new(wire: C, stall: Stall<'a>) -> Self {
         Client {
             wire,
+            stall,
             busy: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             waiting: Mutex::new(None),
@@ -242,25 +251,28 @@ impl<C: Wire> Client<C> {
     }
 
     async fn message(&self, data: &[u8]) -> io::Result<()> {
-        poll_fn(|cx| self.poll_turn(cx)).await?;
-        let mut turn = Turn {
-            client: self,
-            whole: false,
+        let message = async {
+            poll_fn(|cx| self.poll_turn(cx)).await?;
+            let mut turn = Turn {
+                client: self,
+                whole: false,
+            };
+            let wrote = write_all(&self.wire, data, 0).await;
+            turn.whole = wrote.is_ok();
+            wrote
         };
-        let wrote = write_all(&self.wire, data, 0).await;
-        turn.whole = wrote.is_ok();
-        wrote
+        self.stall.within(message).await
     }
 }
 
 /// A message's turn: ends with its future, cutting the stream unless the message went
 /// out whole.
-struct Turn<'a, C> {
-    client: &'a Client<C>,
+struct Turn<'a, 'b, C> {
+    client: &'a Client<'b, C>,
     whole: bool,
 }
 
-impl<C> Drop for Turn<'_, C> {
+impl<C> Drop for Turn<'_, '_, C> {
     fn drop(&mut self) {
         let c = self.client;
         if !self.whole {
@@ -274,7 +286,7 @@ impl<C> Drop for Turn<'_, C> {
     }
 }
 
-impl<C: Wire> Wire for Client<C> {
+impl<C: Wire> Wire for Client<'_, C> {
     fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         self.wire.poll_read(cx, buf)
     }

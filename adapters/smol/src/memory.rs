@@ -645,4 +645,27 @@ mod tests {
             resp.len()
         );
     }
+
+    /// A client that sends requests and reads none of the answers (its window holds a
+    /// byte) cannot hold its connection open: the proxy's own replies are written within
+    /// `--client-write-timeout` like response bodies. (They had no bound: the connection
+    /// stayed open, its `--max-client-conns` slot taken, for good.)
+    #[test]
+    fn a_client_that_reads_no_reply_is_let_go() {
+        for req in [
+            &b"GET /health HTTP/1.1\r\nHost: lb\r\n\r\n"[..],
+            b"\x01\r\n\r\n",
+        ] {
+            let mut sim = custom(|_| {}, 1, 1 << 16);
+            sim.send(Peer::Client, req);
+            assert!(!sim.step());
+            // The write's limit, then (after a refused head) the lingering close's.
+            for _ in 0..2 {
+                sim.fire_timers();
+                sim.step();
+            }
+            assert!(sim.ended(), "{:?}", String::from_utf8_lossy(req));
+            assert_eq!(sim.take(Peer::Client, usize::MAX), b"H");
+        }
+    }
 }

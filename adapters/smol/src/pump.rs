@@ -353,7 +353,8 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
 /// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
 /// stream as the last chunk.
 ///
-/// A client that takes nothing of it for `stall` (`--client-write-timeout`) is gone.
+/// A client that takes nothing of it for `--client-write-timeout` is gone (see
+/// `io::Client`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn download<C: Wire, B: Wire>(
     client: &C,
@@ -363,14 +364,13 @@ pub(crate) async fn download<C: Wire, B: Wire>(
     (out, early_data): (Vec<u8>, usize),
     mut tap: Option<Tap<'_>>,
     rechunk: bool,
-    stall: Stall<'_>,
     acct: &mut Account,
 ) -> DownEnd {
     if early_data > 0 {
         acct.first_byte();
         acct.bytes_out(early_data as u64);
     }
-    if stall.within(send(client, &out)).await.is_err() {
+    if send(client, &out).await.is_err() {
         return DownEnd::ClientGone;
     }
     drop(out);
@@ -390,7 +390,7 @@ pub(crate) async fn download<C: Wire, B: Wire>(
             Ok(0) => {
                 return match framer.finish() {
                     // Close-delimited: complete at EOF.
-                    Ok(()) if rechunk => match stall.within(send(client, b"0\r\n\r\n")).await {
+                    Ok(()) if rechunk => match send(client, b"0\r\n\r\n").await {
                         Ok(()) => DownEnd::Done,
                         Err(_) => DownEnd::ClientGone,
                     },
@@ -424,7 +424,7 @@ pub(crate) async fn download<C: Wire, B: Wire>(
         } else {
             &bbuf[..p.consumed]
         };
-        if stall.within(send(client, part)).await.is_err() {
+        if send(client, part).await.is_err() {
             return DownEnd::ClientGone;
         }
         bbuf.drain(..p.consumed);
