@@ -12,7 +12,7 @@
 //! settings given, its backends those of the settings), the shard's deadlines (`Timers`,
 //! which only fire when told), and one shard reactor (an epoll descriptor that `Smol`
 //! holds; nothing is registered with it). What is the sim's: the streams, and the
-//! [`Shard`] that hands out backend connections (new ones in memory, or refused when told;
+//! `Shard` that hands out backend connections (new ones in memory, or refused when told;
 //! idle ones from a pool of its own, which like the server's drops a connection the
 //! backend closed or wrote to while it was idle).
 //!
