@@ -214,6 +214,10 @@ fn status_line_start(buf: &[u8]) -> Result<(), Error> {
     while let Some(rest) = line.strip_prefix(b"\r\n") {
         line = rest;
     }
+    if line == b"\r" {
+        // Another empty line, its LF still to come.
+        return Ok(());
+    }
     let end = line.iter().position(|&b| b == b'\r' || b == b'\n');
     let first = &line[..end.unwrap_or(line.len())];
     let version = &first[..first.len().min(8)];
