@@ -9,7 +9,8 @@
 # FUZZ_UPDATE_CORPUS=1 the inputs that add coverage are merged back into it.
 # Debug assertions are on (the core's lease drop-bomb and underflow checks); no sanitizer
 # is needed, the core is safe Rust. Crashes are kept in fuzz/artifacts/<target>/ and make
-# the script fail. Stable CI replays the corpus with `cargo test -p lb-core --test fuzz_corpus`.
+# the script fail. Stable CI replays the corpora with `cargo test` (lb-core, lb-http1 and
+# lb-smol each have a tests/fuzz_corpus.rs).
 #
 # The fuzz crate builds from its committed lock, fuzz/Cargo.lock, and leaves it as it is:
 # cargo-fuzz has no --locked (rust-fuzz/cargo-fuzz#312) and cargo no setting for it

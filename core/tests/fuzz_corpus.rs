@@ -2,7 +2,8 @@
 //! through the same harness the cargo-fuzz target runs (`fuzz/harness/<target>.rs`),
 //! followed by a few thousand seeded random inputs, so the harnesses' invariants are
 //! checked by a plain `cargo test -p lb-core` without nightly. (The HTTP/1 codec's
-//! targets replay in `lb-http1`'s own `tests/fuzz_corpus.rs`.)
+//! targets replay in `lb-http1`'s own `tests/fuzz_corpus.rs`; `proxy_path`, the smol
+//! build's request path, in `lb-smol`'s.)
 
 use std::fs;
 use std::path::PathBuf;

@@ -214,8 +214,8 @@ fn status_line_start(buf: &[u8]) -> Result<(), Error> {
     while let Some(rest) = line.strip_prefix(b"\r\n") {
         line = rest;
     }
-    // A lone CR may be the start of one more empty line: wait for what follows.
     if line == b"\r" {
+        // Another empty line, its LF still to come.
         return Ok(());
     }
     let end = line.iter().position(|&b| b == b'\r' || b == b'\n');

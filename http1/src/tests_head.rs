@@ -71,6 +71,20 @@ fn every_prefix_is_partial() {
     }
 }
 
+/// Found by the `http1_response` fuzz target: a leading empty line whose LF had not yet
+/// arrived (`\r\n\r`) was refused as an unsupported version, while the complete
+/// `\r\n\r\n\r\n` waits for more: the verdict depended on where a read split a CRLF.
+#[test]
+fn every_prefix_of_a_response_after_empty_lines_is_partial() {
+    let r = "\r\n\r\nHTTP/1.1 204 No Content\r\nX: y\r\n\r\n";
+    for i in 0..r.len() {
+        assert_eq!(res(&r[..i]), Ok(Status::Partial), "prefix {i}");
+    }
+    let (h, n) = res_ok(r);
+    assert_eq!((h.status, n), (204, r.len()));
+    assert_eq!(res_err("\r\n\rX"), Error::UnsupportedVersion);
+}
+
 #[test]
 fn skips_empty_lines_before_request_line() {
     let s = "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";

@@ -16,13 +16,13 @@ use lb_proxy::{Arrival, ConnectionGuard};
 
 use crate::exchange;
 use crate::io::{
-    date_now, head_read_size, linger_close, may_end_head, read_more, send, watch, Budget, ReadSize,
-    Stall,
+    date_now, head_read_size, linger_close, may_end_head, read_more, readable, send, watch, Budget,
+    Client, ReadSize, Stall,
 };
 use crate::pump::WATCH_CAP;
 use crate::reqlog::Dechunk;
-use crate::rt::{Local, Proxy, Smol};
-use crate::stream::Stream;
+use crate::rt::{Proxy, Shard, Smol};
+use crate::stream::{Stream, Wire};
 use crate::timers::Timers;
 
 /// What the client connection does after an exchange.
@@ -55,11 +55,28 @@ pub(crate) async fn serve(
     peer: SocketAddr,
 ) {
     let proxy = open.proxy().clone();
-    let local = proxy.runtime().local(shard);
+    serve_on(open, proxy.runtime().local(shard), client, peer).await
+}
+
+/// Serves one client connection on `local` until it closes: [`serve`], over any
+/// [`Shard`] and client [`Wire`] (in memory for tests and fuzzing).
+pub(crate) async fn serve_on<S: Shard, C: Wire>(
+    open: ConnectionGuard<Smol>,
+    local: &S,
+    client: C,
+    peer: SocketAddr,
+) {
+    let proxy = open.proxy().clone();
+    let timers = local.timers();
+    let writes = Stall {
+        timers,
+        limit: proxy.settings().client_write_timeout,
+    };
+    let client = Client::new(client, writes);
     let mut cbuf = Vec::new();
     let mut first = true;
     loop {
-        let head = read_head(&proxy, &local.timers, &client, &mut cbuf, !first).await;
+        let head = read_head(&proxy, timers, &client, &mut cbuf, !first).await;
         let req = match head {
             Head::Request(req, n) => {
                 cbuf.drain(..n);
@@ -71,12 +88,12 @@ pub(crate) async fn serve(
                 proxy.metrics().refused(408);
                 let _ =
                     write_local(&client, &reply::error(ProxyError::HeadTimeout), false, true).await;
-                return linger_close(&client).await;
+                return linger_close(&client, timers).await;
             }
             Head::Bad(e) => {
                 proxy.metrics().refused(e.status());
                 let _ = write_local(&client, &reply::refused(e.status()), false, true).await;
-                return linger_close(&client).await;
+                return linger_close(&client, timers).await;
             }
         };
         first = false;
@@ -84,7 +101,7 @@ pub(crate) async fn serve(
         match after {
             After::KeepAlive => {}
             After::Close => return,
-            After::Linger => return linger_close(&client).await,
+            After::Linger => return linger_close(&client, timers).await,
             After::Gone => return,
         }
     }
@@ -94,10 +111,10 @@ pub(crate) async fn serve(
 /// when routing by content), a backend from the core (or a wait in its admission queue),
 /// and the exchange. Every request but `/health` gets a request-log capture when
 /// `--log-to` is set.
-async fn handle(
+async fn handle<S: Shard, C: Wire>(
     proxy: &Arc<Proxy>,
-    local: &Local,
-    client: &Stream,
+    local: &S,
+    client: &C,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
     mut req: RequestHead,
@@ -135,11 +152,11 @@ async fn handle(
     let mut prefix = None;
     if settings.routes_by_body() {
         let stall = Stall {
-            timers: &local.timers,
+            timers: local.timers(),
             limit: settings.client_body_timeout,
         };
         let read = future::or(read_prefix(client, cbuf, &mut req, stall), async {
-            local.timers.at(deadline).await;
+            local.timers().at(deadline).await;
             Err(ProxyError::BadRequest)
         });
         let read = match read.await {
@@ -191,8 +208,8 @@ async fn handle(
 /// and whether the body ended within it. `Err` is the answer: the client left or framed
 /// its body badly (400), or it stalled (408). A client that waits for `100 Continue` gets
 /// it first (and the backend is not asked again).
-async fn read_prefix<'b>(
-    client: &Stream,
+async fn read_prefix<'b, C: Wire>(
+    client: &C,
     cbuf: &'b mut Vec<u8>,
     req: &mut RequestHead,
     stall: Stall<'_>,
@@ -252,7 +269,7 @@ async fn read_prefix<'b>(
 /// Sends a reply the proxy made itself; the connection carries on only if the request
 /// had no body (a body we do not forward is not read: the connection closes after the
 /// answer).
-async fn answer(proxy: &Proxy, client: &Stream, req: &RequestHead, local: &Reply) -> After {
+async fn answer<C: Wire>(proxy: &Proxy, client: &C, req: &RequestHead, local: &Reply) -> After {
     let no_body = matches!(req.body_kind(), Ok(BodyKind::None | BodyKind::Length(0)));
     let keep = no_body && req.keep_alive() && !proxy.is_shutting_down();
     match write_reply(client, local, req, keep).await {
@@ -268,10 +285,10 @@ async fn answer(proxy: &Proxy, client: &Stream, req: &RequestHead, local: &Reply
 /// `idle`: the connection has just answered a request, so the next one is most likely not
 /// here yet; wait until the socket is readable before reading (sparing a read that would
 /// find nothing).
-pub(crate) async fn read_head(
+pub(crate) async fn read_head<C: Wire>(
     proxy: &Proxy,
     timers: &Timers,
-    client: &Stream,
+    client: &C,
     cbuf: &mut Vec<u8>,
     idle: bool,
 ) -> Head {
@@ -279,6 +296,7 @@ pub(crate) async fn read_head(
     let limit = limits.max_head_bytes;
     let read = async {
         let mut check = !cbuf.is_empty();
+        let mut size = ReadSize::new();
         loop {
             if check {
                 match lb_http1::parse_request(cbuf, limits) {
@@ -288,14 +306,14 @@ pub(crate) async fn read_head(
                 }
             }
             let before = cbuf.len();
-            let want = head_read_size(before, limit);
+            let want = head_read_size(before, limit, &size);
             let got = if before == 0 {
                 if proxy.is_shutting_down() {
                     return Head::Closed;
                 }
                 let read = async {
                     if idle {
-                        client.readable().await;
+                        readable(client).await;
                     }
                     read_more(client, cbuf, want).await
                 };
@@ -314,7 +332,10 @@ pub(crate) async fn read_head(
             };
             match got {
                 Ok(0) | Err(_) => return Head::Closed,
-                Ok(_) => check = may_end_head(cbuf, before) || cbuf.len() >= limit,
+                Ok(n) => {
+                    size.record(n);
+                    check = may_end_head(cbuf, before) || cbuf.len() >= limit;
+                }
             }
         }
     };
@@ -351,8 +372,8 @@ fn path_and_query(target: &str) -> &str {
 
 /// Sends a reply the proxy makes itself, to `req`; `keep` says whether the connection
 /// stays open. A `HEAD` request gets the head only.
-pub(crate) async fn write_reply(
-    client: &Stream,
+pub(crate) async fn write_reply<C: Wire>(
+    client: &C,
     reply: &Reply,
     req: &RequestHead,
     keep: bool,
@@ -364,8 +385,8 @@ pub(crate) async fn write_reply(
 }
 
 /// Sends a reply when there is no parsed request (a bad or late head).
-async fn write_local(
-    client: &Stream,
+async fn write_local<C: Wire>(
+    client: &C,
     reply: &Reply,
     keep: bool,
     body: bool,
@@ -373,8 +394,8 @@ async fn write_local(
     write_local_head(client, reply, keep, !keep, false, body).await
 }
 
-async fn write_local_head(
-    client: &Stream,
+async fn write_local_head<C: Wire>(
+    client: &C,
     reply: &Reply,
     keep: bool,
     say_close: bool,

@@ -47,8 +47,8 @@ use crate::pump::{
     HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
-use crate::rt::{LeaseGuard, Local, Proxy, Upstream};
-use crate::stream::Stream;
+use crate::rt::{LeaseGuard, Proxy, Shard, Upstream};
+use crate::stream::Wire;
 use crate::timers::Sleep;
 
 /// Forwards `req` to the lease's backend and its response to the client, by `deadline`
@@ -61,9 +61,9 @@ use crate::timers::Sleep;
 /// A backend that cannot be reached (nothing of the request was written to it) hands the
 /// request to another (`--connect-retries`, [`LeaseGuard::fail_over`]), chosen for `meta`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn forward(
-    local: &Local,
-    client: &Stream,
+pub(crate) async fn forward<S: Shard, C: Wire>(
+    local: &S,
+    client: &C,
     cbuf: &mut Vec<u8>,
     peer: SocketAddr,
     req: RequestHead,
@@ -85,7 +85,7 @@ pub(crate) async fn forward(
         peer,
         req: &req,
         capture: capture.as_ref(),
-        timer: local.timers.at(deadline),
+        timer: local.timers().at(deadline),
         reused: false,
         acct,
     };
@@ -134,7 +134,7 @@ pub(crate) async fn forward(
             } => {
                 guard.respond(status);
                 if reuse {
-                    local.pool.put(x.up.id(), conn, x.up.idle.get());
+                    local.keep(&x.up, conn);
                 }
                 return after;
             }
@@ -213,10 +213,10 @@ enum Step {
 }
 
 /// What the steps of one exchange share.
-struct Exchange<'a> {
+struct Exchange<'a, S, C> {
     proxy: &'a Proxy,
-    local: &'a Local,
-    client: &'a Stream,
+    local: &'a S,
+    client: &'a C,
     /// The backend (another one after a failover).
     up: Arc<Upstream>,
     peer: SocketAddr,
@@ -231,7 +231,7 @@ struct Exchange<'a> {
     acct: &'a mut Account,
 }
 
-impl<'a> Exchange<'a> {
+impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
     /// The head for the backend with the body bytes already read (taken from `cbuf`),
     /// and the body's way up. `None` when the request's framing is invalid.
     fn outgoing(&mut self, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
@@ -253,7 +253,7 @@ impl<'a> Exchange<'a> {
         cbuf.drain(..early);
         let upward = Upward {
             stall: Stall {
-                timers: &self.local.timers,
+                timers: self.local.timers(),
                 limit: self.proxy.settings().client_body_timeout,
             },
             continue_due: self.req.expects_continue() && !framer.is_done(),
@@ -301,14 +301,14 @@ impl<'a> Exchange<'a> {
     }
 
     /// Step 1: a connection with the head on it (and whether it was reused).
-    async fn connect(&mut self, cbuf: &mut Vec<u8>, sent: &Sent) -> Result<(Stream, bool), End> {
+    async fn connect(&mut self, cbuf: &mut Vec<u8>, sent: &Sent) -> Result<(S::Conn, bool), End> {
         let (proxy, local, up) = (self.proxy, self.local, self.up.clone());
         self.guarded(cbuf, send_head(proxy, local, &up, &sent.bytes))
             .await
     }
 
     /// A new connection with `bytes` (the whole request, after the keep-alive race) on it.
-    async fn resend(&mut self, cbuf: &mut Vec<u8>, bytes: &[u8]) -> Result<Stream, End> {
+    async fn resend(&mut self, cbuf: &mut Vec<u8>, bytes: &[u8]) -> Result<S::Conn, End> {
         let (proxy, local, up) = (self.proxy, self.local, self.up.clone());
         self.guarded(cbuf, send_fresh(proxy, local, &up, bytes))
             .await
@@ -353,7 +353,7 @@ impl<'a> Exchange<'a> {
     /// goes up.
     async fn exchange(
         &mut self,
-        conn: &Stream,
+        conn: &S::Conn,
         cbuf: &mut Vec<u8>,
         bbuf: &mut Vec<u8>,
         upward: &mut Upward<'_>,
@@ -395,7 +395,7 @@ impl<'a> Exchange<'a> {
     /// on.
     async fn await_head<F: Future<Output = UpEnd>>(
         &mut self,
-        conn: &Stream,
+        conn: &S::Conn,
         bbuf: &mut Vec<u8>,
         mut upload: Pin<&mut F>,
         up_failed: &mut Option<std::io::Error>,
@@ -470,7 +470,7 @@ impl<'a> Exchange<'a> {
     #[allow(clippy::too_many_arguments)]
     async fn stream_body<F: Future<Output = UpEnd>>(
         &mut self,
-        conn: &Stream,
+        conn: &S::Conn,
         bbuf: &mut Vec<u8>,
         mut upload: Pin<&mut F>,
         up_failed: &mut Option<std::io::Error>,
@@ -507,10 +507,6 @@ impl<'a> Exchange<'a> {
             Timeout,
         }
         let got = {
-            let writes = Stall {
-                timers: &self.local.timers,
-                limit: self.proxy.settings().client_write_timeout,
-            };
             let mut down = pin!(download(
                 self.client,
                 conn,
@@ -519,7 +515,6 @@ impl<'a> Exchange<'a> {
                 (out, early_data),
                 tap,
                 plan.rechunk,
-                writes,
                 &mut *self.acct,
             ));
             let timer = &mut self.timer;
@@ -617,10 +612,10 @@ impl<'a> Exchange<'a> {
 
 /// Step 4: `101 Switching Protocols`. The client may already have sent tunnel bytes (kept
 /// in `cbuf`), and the backend may have sent some after its head (`bbuf`).
-async fn tunnel(
-    client: &Stream,
+async fn tunnel<C: Wire, B: Wire>(
+    client: &C,
     guard: LeaseGuard,
-    conn: Stream,
+    conn: B,
     cbuf: &mut Vec<u8>,
     bbuf: &[u8],
     status: u16,

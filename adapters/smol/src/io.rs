@@ -1,17 +1,16 @@
-//! Byte-moving helpers over futures-lite's `AsyncRead`/`AsyncWrite`: cancel-safe buffered
-//! reads, the upgrade splice, and a lingering close. No HTTP here.
+//! Byte-moving helpers over any [`Wire`]: cancel-safe buffered reads, writes, the upgrade
+//! splice, and a lingering close. No HTTP here.
 
 use std::future::{pending, poll_fn};
 use std::io;
-use std::pin::Pin;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_io::Timer;
 use futures_lite::future;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::stream::Stream;
+use crate::stream::Wire;
 use crate::timers::Timers;
 
 /// Now as an HTTP-date, for the `Date` of the responses `lb` makes or passes on without
@@ -54,14 +53,15 @@ impl ReadSize {
 
 /// Reads once from `r`, appending at most `max` bytes to `buf`; returns how many (0 at
 /// end of stream). Cancel-safe: `buf` only ever holds bytes that were actually read.
-pub(crate) async fn read_more<R>(mut r: R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>
-where
-    R: AsyncRead + Unpin,
-{
+pub(crate) async fn read_more<R: Wire + ?Sized>(
+    r: &R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
     poll_fn(|cx| {
         let old = buf.len();
         buf.resize(old + max, 0);
-        let res = Pin::new(&mut r).poll_read(cx, &mut buf[old..]);
+        let res = r.poll_read(cx, &mut buf[old..]);
         let n = match res {
             Poll::Ready(Ok(n)) => n,
             _ => 0,
@@ -96,12 +96,14 @@ impl Budget {
 }
 
 /// How much to read next while a head of `held` bytes is incomplete, given the limit:
-/// small at first (most heads are small), growing with the head, at least one byte past
-/// the limit so that an oversized head is detected.
-pub(crate) fn head_read_size(held: usize, limit: usize) -> usize {
-    held.max(FIRST_READ)
-        .min(limit.saturating_sub(held) + 1)
-        .max(1)
+/// `size` (small at first, as most heads are small; doubling while reads fill it), and up
+/// to one byte past the limit so that an oversized head is detected.
+///
+/// Not more because the head is long: each read costs as many bytes zeroed as it asks
+/// for, so a head that trickles in a byte per read would cost time quadratic in its
+/// length (to 2 GiB zeroed for a 64 KiB head).
+pub(crate) fn head_read_size(held: usize, limit: usize, size: &ReadSize) -> usize {
+    size.get().min(limit.saturating_sub(held) + 1).max(1)
 }
 
 /// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
@@ -112,19 +114,45 @@ pub(crate) fn may_end_head(buf: &[u8], from: usize) -> bool {
     window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Writes all of `data`, counting in `written` the bytes that reached the socket (so a
-/// caller knows whether a failed write sent anything).
-pub(crate) async fn write_counted<W>(mut w: W, data: &[u8], written: &mut usize) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
+/// Waits until `s` may have something to read (see [`Wire::poll_readable`]).
+pub(crate) async fn readable<S: Wire + ?Sized>(s: &S) {
+    poll_fn(|cx| s.poll_readable(cx)).await
+}
+
+/// Writes all of `data` after its first `written` bytes (without a flush).
+pub(crate) async fn write_all<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    mut written: usize,
+) -> io::Result<()> {
+    write_all_counted(w, data, &mut written).await
+}
+
+/// Writes all of `data` (without a flush), counting in `written` the bytes that reached
+/// the socket.
+async fn write_all_counted<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    written: &mut usize,
+) -> io::Result<()> {
     while *written < data.len() {
-        match w.write(&data[*written..]).await? {
+        match poll_fn(|cx| w.poll_write(cx, &data[*written..])).await? {
             0 => return Err(io::ErrorKind::WriteZero.into()),
             n => *written += n,
         }
     }
-    w.flush().await
+    Ok(())
+}
+
+/// Writes all of `data`, counting in `written` the bytes that reached the socket (so a
+/// caller knows whether a failed write sent anything).
+pub(crate) async fn write_counted<W: Wire + ?Sized>(
+    w: &W,
+    data: &[u8],
+    written: &mut usize,
+) -> io::Result<()> {
+    write_all_counted(w, data, written).await?;
+    poll_fn(|cx| w.poll_flush(cx)).await
 }
 
 /// The longest one read or write with a client may wait (`--client-body-timeout`,
@@ -155,22 +183,150 @@ impl Stall<'_> {
     }
 }
 
-/// Writes all of `data` to `s`.
-pub(crate) async fn send(mut s: &Stream, data: &[u8]) -> io::Result<()> {
-    s.write_all(data).await
+/// Writes all of `data` to `s`, as one message ([`Wire::send`]).
+pub(crate) async fn send<S: Wire + ?Sized>(s: &S, data: &[u8]) -> io::Result<()> {
+    s.send(data).await
+}
+
+/// A client connection: its stream, to which the proxy's messages (response heads and
+/// body parts, interim heads, its own replies) go out whole, one at a time, each within
+/// `--client-write-timeout`.
+///
+/// A client that takes nothing of a message for that long is gone (its message is cut),
+/// whichever message it is: a response body's part, or a reply the proxy made itself (a
+/// client that pipelines requests and reads none of the answers cannot hold its
+/// connection open).
+///
+/// More than one future writes to a client: the upload's `100 Continue` while a response
+/// head comes down, an interim head forwarded while the deadline runs, an error reply
+/// once the deadline has cut a write. So [`Wire::send`] waits for the message being
+/// written to end before it starts another (none interleave), and once a message was cut
+/// (its future dropped partway, or its write failed) it writes nothing more and fails:
+/// the stream is broken, the connection can only close. (Which a client would otherwise
+/// read as `HHTTP/1.1 400 ...`: the first byte of a cut `100 Continue`, then the reply.)
+///
+/// The rest goes straight to the stream: reads, and the tunnel's copy after the last
+/// message (its own future is the only one left).
+pub(crate) struct Client<'a, C> {
+    wire: C,
+    /// `--client-write-timeout`.
+    stall: Stall<'a>,
+    /// A message is being written.
+    busy: AtomicBool,
+    /// A message was cut.
+    cut: AtomicBool,
+    /// The writer waiting for its turn.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl<'a, C: Wire> Client<'a, C> {
+    pub(crate) fn new(wire: C, stall: Stall<'a>) -> Self {
+        Client {
+            wire,
+            stall,
+            busy: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            waiting: Mutex::new(None),
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ready with the turn to write a message, or the error once the stream is broken.
+    fn poll_turn(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.cut.load(Ordering::Acquire) {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            if !self.busy.swap(true, Ordering::AcqRel) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.waiting() = Some(cx.waker().clone());
+            if self.busy.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    async fn message(&self, data: &[u8]) -> io::Result<()> {
+        let message = async {
+            poll_fn(|cx| self.poll_turn(cx)).await?;
+            let mut turn = Turn {
+                client: self,
+                whole: false,
+            };
+            let wrote = write_all(&self.wire, data, 0).await;
+            turn.whole = wrote.is_ok();
+            wrote
+        };
+        self.stall.within(message).await
+    }
+}
+
+/// A message's turn: ends with its future, cutting the stream unless the message went
+/// out whole.
+struct Turn<'a, 'b, C> {
+    client: &'a Client<'b, C>,
+    whole: bool,
+}
+
+impl<C> Drop for Turn<'_, '_, C> {
+    fn drop(&mut self) {
+        let c = self.client;
+        if !self.whole {
+            c.cut.store(true, Ordering::Release);
+        }
+        c.busy.store(false, Ordering::Release);
+        let waiting = c.waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = waiting {
+            w.wake();
+        }
+    }
+}
+
+impl<C: Wire> Wire for Client<'_, C> {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.wire.poll_read(cx, buf)
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.wire.poll_write(cx, buf)
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wire.poll_flush(cx)
+    }
+
+    fn poll_close(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wire.poll_close(cx)
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.wire.poll_readable(cx)
+    }
+
+    fn shutdown_write(&self) {
+        self.wire.shutdown_write();
+    }
+
+    fn send(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> {
+        self.message(data)
+    }
 }
 
 /// Reads from the client while nothing else does (waiting for the backend), keeping what
 /// arrives (a pipelined request, early tunnel bytes) up to `cap` bytes. Resolves when the
 /// client closes or fails: it went away. It reads only once the reactor says there is
 /// something: a client that waits for its answer costs no read.
-pub(crate) async fn watch(s: &Stream, buf: &mut Vec<u8>, cap: usize) {
+pub(crate) async fn watch<S: Wire + ?Sized>(s: &S, buf: &mut Vec<u8>, cap: usize) {
     loop {
         if buf.len() >= cap {
             // Enough buffered; stop reading (the client waits for our answer anyway).
             pending::<()>().await;
         }
-        s.readable().await;
+        readable(s).await;
         match read_more(s, buf, 1024.min(cap - buf.len())).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
@@ -179,33 +335,32 @@ pub(crate) async fn watch(s: &Stream, buf: &mut Vec<u8>, cap: usize) {
 }
 
 /// Copies `from` to `to` until `from` ends, then shuts `to` down for writing.
-async fn copy_half<R, W>(mut from: R, mut to: W) -> io::Result<()>
+async fn copy_half<R, W>(from: &R, to: &W) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: Wire + ?Sized,
+    W: Wire + ?Sized,
 {
     let mut buf = Vec::new();
     let mut size = ReadSize::new();
     let mut budget = Budget::new();
     loop {
         buf.clear();
-        let n = read_more(&mut from, &mut buf, size.get()).await?;
+        let n = read_more(from, &mut buf, size.get()).await?;
         size.record(n);
         budget.spend(n).await;
         if n == 0 {
-            return to.close().await;
+            return poll_fn(|cx| to.poll_close(cx)).await;
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
+        write_counted(to, &buf[..n], &mut 0).await?;
     }
 }
 
 /// Joins two connections after an upgrade: bytes flow both ways until both directions
 /// have ended (each end's EOF is passed on as a write shutdown), or either fails.
-pub(crate) async fn splice<A, B>(a: A, b: B) -> io::Result<()>
+pub(crate) async fn splice<A, B>(a: &A, b: &B) -> io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin + Copy,
-    B: AsyncRead + AsyncWrite + Unpin + Copy,
+    A: Wire + ?Sized,
+    B: Wire + ?Sized,
 {
     future::try_zip(copy_half(a, b), copy_half(b, a))
         .await
@@ -215,24 +370,25 @@ where
 /// Closes a client connection that may still have unread input (a rejected request, an
 /// answer sent before the request body ended): shut down our side, then read and drop
 /// what the client still sends for a moment, so that the kernel does not answer the
-/// unread bytes with a reset that would destroy our last response in flight.
-pub(crate) async fn linger_close(s: &Stream) {
+/// unread bytes with a reset that would destroy our last response in flight. The moment
+/// is on the shard's `timers`.
+pub(crate) async fn linger_close<S: Wire + ?Sized>(s: &S, timers: &Timers) {
     s.shutdown_write();
     let drain = async {
         let mut buf = vec![0u8; 4096];
         let mut total = 0usize;
         while total < 1 << 20 {
-            match (&*s).read(&mut buf).await {
+            match poll_fn(|cx| s.poll_read(cx, &mut buf)).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => total += n,
             }
         }
     };
-    future::or(drain, async {
-        Timer::after(Duration::from_secs(2)).await;
-    })
-    .await;
+    future::or(drain, timers.after(LINGER)).await;
 }
+
+/// How long [`linger_close`] reads what a client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
@@ -253,11 +409,16 @@ mod tests {
     }
 
     #[test]
-    fn head_reads_grow_and_stop_past_the_limit() {
-        assert_eq!(head_read_size(0, 65536), FIRST_READ);
-        assert_eq!(head_read_size(8192, 65536), 8192);
-        assert_eq!(head_read_size(65000, 65536), 537);
-        assert_eq!(head_read_size(65536, 65536), 1);
+    fn head_reads_grow_while_filled_and_stop_past_the_limit() {
+        let mut size = ReadSize::new();
+        assert_eq!(head_read_size(0, 65536, &size), FIRST_READ);
+        // A head that trickles in does not make reads bigger.
+        size.record(1);
+        assert_eq!(head_read_size(8192, 65536, &size), FIRST_READ);
+        size.record(FIRST_READ);
+        assert_eq!(head_read_size(8192, 65536, &size), 2 * FIRST_READ);
+        assert_eq!(head_read_size(65000, 65536, &size), 537);
+        assert_eq!(head_read_size(65536, 65536, &size), 1);
     }
 
     #[test]

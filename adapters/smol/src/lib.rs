@@ -35,6 +35,15 @@
 //! server as a future that any executor can drive (it needs `async-io`'s reactor, with
 //! which it registers its first shard's epoll), stopped by the `shutdown` future it is
 //! given.
+//!
+//! The per-request path (`conn`, `exchange`, `pump`, `io`) is generic over the byte
+//! streams it reads and writes (`stream::Wire`) and over the shard that gives it deadlines
+//! and backend connections (`rt::Shard`); the server compiles it once, for TCP (or TLS)
+//! streams and the shard's own pool and connector. The `memory` feature compiles it for
+//! in-memory streams too: `memory::Sim` serves one client connection without a socket,
+//! for tests and the `proxy_path` fuzz target. What stays concrete: the proxy layer it
+//! runs on (`lb_proxy::Proxy<Smol>`), the shard's `Timers`, and everything around a
+//! connection (accepting, the pool, connecting, TLS, probes, the admin API).
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -43,6 +52,8 @@ mod connect;
 mod exchange;
 mod io;
 mod listen;
+#[cfg(feature = "memory")]
+pub mod memory;
 mod pool;
 mod pump;
 mod reactor;

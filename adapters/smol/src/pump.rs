@@ -16,12 +16,12 @@ use lb_proxy::Failure;
 
 use crate::connect::describe;
 use crate::io::{
-    date_now, head_read_size, may_end_head, read_more, send, watch, write_counted, Budget,
-    ReadSize, Stall,
+    date_now, head_read_size, may_end_head, read_more, readable, send, watch, write_counted,
+    Budget, ReadSize, Stall,
 };
 use crate::reqlog::Tap;
-use crate::rt::{Local, Proxy, Upstream};
-use crate::stream::Stream;
+use crate::rt::{Proxy, Shard, Upstream};
+use crate::stream::Wire;
 
 /// Most bytes kept from a client while it waits for its response (a pipelined request,
 /// early tunnel bytes); past this the client is not read until the response is done.
@@ -85,13 +85,13 @@ where
 /// connection can lose the keep-alive race (see `exchange`). A pooled connection that
 /// fails while the head goes out never saw a whole request, so the head goes to a new
 /// connection instead.
-pub(crate) async fn send_head(
+pub(crate) async fn send_head<S: Shard>(
     proxy: &Proxy,
-    local: &Local,
+    local: &S,
     up: &Upstream,
     head: &[u8],
-) -> Result<(Stream, bool), Failure> {
-    if let Some(conn) = local.pool.take(up.id(), up.idle.get()) {
+) -> Result<(S::Conn, bool), Failure> {
+    if let Some(conn) = local.pooled(up) {
         let mut written = 0;
         if write_counted(&conn, head, &mut written).await.is_ok() {
             up.stats.connection(UpstreamConn::Reused);
@@ -105,17 +105,13 @@ pub(crate) async fn send_head(
 }
 
 /// A new connection to `up` with `bytes` written to it.
-pub(crate) async fn send_fresh(
+pub(crate) async fn send_fresh<S: Shard>(
     proxy: &Proxy,
-    local: &Local,
+    local: &S,
     up: &Upstream,
     bytes: &[u8],
-) -> Result<Stream, Failure> {
-    let connected = proxy
-        .runtime()
-        .connector
-        .connect(&up.target, &local.reactor)
-        .await;
+) -> Result<S::Conn, Failure> {
+    let connected = local.connect(proxy, up).await;
     up.stats.connection(if connected.is_ok() {
         UpstreamConn::New
     } else {
@@ -188,10 +184,10 @@ fn keep(replay: &mut Option<Replay>, body: &[u8]) {
 /// and starting another (on a new connection) loses nothing; before, every body byte it
 /// took from `cbuf` went to the tap and the replay copy (if it still has room), written
 /// to the backend or not.
-pub(crate) async fn upload(
-    client: &Stream,
+pub(crate) async fn upload<C: Wire, B: Wire>(
+    client: &C,
     cbuf: &mut Vec<u8>,
-    conn: &Stream,
+    conn: &B,
     up: &mut Upward<'_>,
     done: &AtomicBool,
 ) -> UpEnd {
@@ -217,7 +213,11 @@ pub(crate) async fn upload(
 
 /// Reads the rest of the request body into the replay copy (nothing goes to a backend):
 /// whether the whole request is now held. `false` once it outgrows `--replay-buffer`.
-pub(crate) async fn hold_rest(client: &Stream, cbuf: &mut Vec<u8>, up: &mut Upward<'_>) -> bool {
+pub(crate) async fn hold_rest<C: Wire>(
+    client: &C,
+    cbuf: &mut Vec<u8>,
+    up: &mut Upward<'_>,
+) -> bool {
     let mut size = ReadSize::new();
     while !up.framer.is_done() && up.replay.is_some() {
         match next_body_part(client, cbuf, up, &mut size).await {
@@ -231,8 +231,8 @@ pub(crate) async fn hold_rest(client: &Stream, cbuf: &mut Vec<u8>, up: &mut Upwa
 /// The next bytes of the request body, at the start of `cbuf` (read from the client if
 /// it holds none): how many belong to the body. They have been fed to the tap and the
 /// replay copy.
-async fn next_body_part(
-    client: &Stream,
+async fn next_body_part<C: Wire>(
+    client: &C,
     cbuf: &mut Vec<u8>,
     up: &mut Upward<'_>,
     size: &mut ReadSize,
@@ -269,10 +269,10 @@ async fn next_body_part(
 
 /// Reads the final response head, forwarding interim (`1xx`) heads to the client. Returns
 /// the head, its plan, and the rewritten head to send.
-pub(crate) async fn response_head(
+pub(crate) async fn response_head<C: Wire, B: Wire>(
     proxy: &Proxy,
-    client: &Stream,
-    conn: &Stream,
+    client: &C,
+    conn: &B,
     bbuf: &mut Vec<u8>,
     req: &RequestHead,
     req_done: &AtomicBool,
@@ -281,6 +281,7 @@ pub(crate) async fn response_head(
     let limits = &proxy.runtime().limits;
     let mut check = false;
     let mut silent = true;
+    let mut size = ReadSize::new();
     loop {
         if check {
             match lb_http1::parse_response(bbuf, limits) {
@@ -314,11 +315,11 @@ pub(crate) async fn response_head(
         // Until the status line is whole, every read is checked: a reply that is not
         // HTTP is refused at once, not when (if ever) a head ends.
         let first_line_open = !bbuf.contains(&b'\n');
-        let want = head_read_size(before, limits.max_head_bytes);
+        let want = head_read_size(before, limits.max_head_bytes, &size);
         if before == 0 {
             // The request has just gone out: the answer is most likely not here yet, and a
             // read now would only find nothing (a `recv` answering `EAGAIN` per request).
-            conn.readable().await;
+            readable(conn).await;
         }
         match read_more(conn, bbuf, want).await {
             Ok(0) => {
@@ -327,7 +328,8 @@ pub(crate) async fn response_head(
                     silent,
                 })
             }
-            Ok(_) => {
+            Ok(n) => {
+                size.record(n);
                 silent = false;
                 check = first_line_open
                     || may_end_head(bbuf, before)
@@ -351,24 +353,24 @@ pub(crate) async fn response_head(
 /// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
 /// stream as the last chunk.
 ///
-/// A client that takes nothing of it for `stall` (`--client-write-timeout`) is gone.
+/// A client that takes nothing of it for `--client-write-timeout` is gone (see
+/// `io::Client`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn download(
-    client: &Stream,
-    conn: &Stream,
+pub(crate) async fn download<C: Wire, B: Wire>(
+    client: &C,
+    conn: &B,
     bbuf: &mut Vec<u8>,
     mut framer: BodyFramer,
     (out, early_data): (Vec<u8>, usize),
     mut tap: Option<Tap<'_>>,
     rechunk: bool,
-    stall: Stall<'_>,
     acct: &mut Account,
 ) -> DownEnd {
     if early_data > 0 {
         acct.first_byte();
         acct.bytes_out(early_data as u64);
     }
-    if stall.within(send(client, &out)).await.is_err() {
+    if send(client, &out).await.is_err() {
         return DownEnd::ClientGone;
     }
     drop(out);
@@ -381,14 +383,14 @@ pub(crate) async fn download(
     let mut drained = false;
     while !framer.is_done() {
         if drained {
-            conn.readable().await;
+            readable(conn).await;
         }
         let want = size.get();
         match read_more(conn, bbuf, want).await {
             Ok(0) => {
                 return match framer.finish() {
                     // Close-delimited: complete at EOF.
-                    Ok(()) if rechunk => match stall.within(send(client, b"0\r\n\r\n")).await {
+                    Ok(()) if rechunk => match send(client, b"0\r\n\r\n").await {
                         Ok(()) => DownEnd::Done,
                         Err(_) => DownEnd::ClientGone,
                     },
@@ -422,7 +424,7 @@ pub(crate) async fn download(
         } else {
             &bbuf[..p.consumed]
         };
-        if stall.within(send(client, part)).await.is_err() {
+        if send(client, part).await.is_err() {
             return DownEnd::ClientGone;
         }
         bbuf.drain(..p.consumed);

@@ -1,6 +1,7 @@
 //! The smol build's side of the proxy layer: [`Smol`], the [`Runtime`] the layer runs on
 //! (async-io timers, tasks on the first shard's executor, probes over `lb_http1`), and
-//! each shard's own state ([`Local`]: its connection pool, deadlines and reactor).
+//! each shard's own state ([`Local`]: its connection pool, deadlines and reactor), which
+//! the request path reaches through [`Shard`].
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,9 +15,10 @@ use lb_http1::{BodyFramer, Header, Limits, RequestHead, Status, Version};
 use lb_proxy::{Fetched, Runtime, Settings, StartError, Target};
 
 use crate::connect::{describe, Connector};
-use crate::io::{head_read_size, read_more, send};
+use crate::io::{head_read_size, read_more, send, ReadSize};
 use crate::pool::Pool;
 use crate::reactor::Reactor;
+use crate::stream::{Stream, Wire};
 use crate::timers::Timers;
 
 /// The proxy layer on this build.
@@ -52,6 +54,57 @@ pub(crate) struct Local {
     /// Its sockets' readiness: the client connections it accepts, and the backend
     /// connections in its pool.
     pub(crate) reactor: Arc<Reactor>,
+}
+
+/// What the request path (`conn`, `exchange`, `pump`) needs of its shard besides the
+/// proxy: its deadlines, and its connections to backends (an idle one from its pool, a
+/// new one, and the pool to keep one in after an exchange). [`Local`] is the server's;
+/// `memory::Sim` (the `memory` feature) has one in memory. Generic, not `dyn`: the
+/// server's request path is compiled for `Local` alone.
+pub(crate) trait Shard {
+    /// A connection to a backend.
+    type Conn: Wire;
+
+    /// The shard's deadlines (`--timeout`, `--head-timeout`, the stall limits).
+    fn timers(&self) -> &Timers;
+
+    /// The most recently used idle connection to `up` that still looks usable.
+    fn pooled(&self, up: &Upstream) -> Option<Self::Conn>;
+
+    /// A new connection to `up`, within `--connect-timeout`; the error is a short
+    /// description for the log.
+    fn connect(
+        &self,
+        proxy: &Proxy,
+        up: &Upstream,
+    ) -> impl Future<Output = Result<Self::Conn, String>>;
+
+    /// Keeps `conn` (between two exchanges) for the next request to `up`.
+    fn keep(&self, up: &Upstream, conn: Self::Conn);
+}
+
+impl Shard for Local {
+    type Conn = Stream;
+
+    fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    fn pooled(&self, up: &Upstream) -> Option<Stream> {
+        self.pool.take(up.id(), up.idle.get())
+    }
+
+    fn connect(
+        &self,
+        proxy: &Proxy,
+        up: &Upstream,
+    ) -> impl Future<Output = Result<Stream, String>> {
+        proxy.runtime().connector.connect(&up.target, &self.reactor)
+    }
+
+    fn keep(&self, up: &Upstream, conn: Stream) {
+        self.pool.put(up.id(), conn, up.idle.get());
+    }
 }
 
 impl Smol {
@@ -177,6 +230,7 @@ async fn get(
     head.write(&mut out);
     send(&conn, &out).await.map_err(|e| describe(&e))?;
     let mut buf = Vec::new();
+    let mut size = ReadSize::new();
     let resp = loop {
         match lb_http1::parse_response(&buf, limits) {
             Ok(Status::Complete(resp, n)) if resp.is_interim() => {
@@ -191,10 +245,10 @@ async fn get(
             Ok(Status::Partial) => {}
             Err(e) => return Err(format!("invalid response: {e}")),
         }
-        let want = head_read_size(buf.len(), limits.max_head_bytes);
+        let want = head_read_size(buf.len(), limits.max_head_bytes, &size);
         match read_more(&conn, &mut buf, want).await {
             Ok(0) => return Err("backend closed the connection".into()),
-            Ok(_) => {}
+            Ok(n) => size.record(n),
             Err(e) => return Err(describe(&e)),
         }
     };

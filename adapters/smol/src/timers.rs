@@ -86,6 +86,24 @@ impl Timers {
         self.at(lb_proxy::deadline::deadline(Instant::now(), d))
     }
 
+    /// Fires every pending entry at once, whenever it is due (for `memory`, where time
+    /// passes only when told).
+    #[cfg(feature = "memory")]
+    pub(crate) fn fire_all(&self) {
+        let due = {
+            let mut inner = self.lock();
+            let due = std::mem::take(&mut inner.pending);
+            inner.armed = None;
+            if let Some(&(last, _)) = due.keys().next_back() {
+                self.fired_upto.fetch_max(last, Ordering::AcqRel);
+            }
+            due
+        };
+        for waker in due.into_values() {
+            waker.wake();
+        }
+    }
+
     /// Entries not yet fired or dropped.
     #[cfg(test)]
     fn len(&self) -> usize {
