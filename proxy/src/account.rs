@@ -46,7 +46,7 @@ impl std::fmt::Debug for AccessLog {
 }
 
 /// What an account needs to know of a request head.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Arrival<'a> {
     /// When the head was read.
     pub at: Instant,
@@ -58,10 +58,9 @@ pub struct Arrival<'a> {
     pub target: &'a str,
     /// `HTTP/1.0` or `HTTP/1.1`.
     pub version: &'static str,
-    /// The client's `X-Request-Id`, if it sent one.
-    pub request_id: Option<&'a [u8]>,
-    /// The client's `User-Agent`, if it sent one.
-    pub user_agent: Option<&'a [u8]>,
+    /// The value of the head's first field of a name (given in lower case), if any:
+    /// asked for `X-Request-Id`, and for `User-Agent` only when the access log is on.
+    pub header: &'a dyn Fn(&str) -> Option<&'a [u8]>,
 }
 
 /// One request's account; see the module docs.
@@ -69,7 +68,8 @@ pub struct Account {
     metrics: Arc<Metrics>,
     arrived: Instant,
     id: RequestId,
-    kept_id: bool,
+    /// The client sent an `X-Request-Id` (`Some`), taken (`true`) or replaced.
+    sent_id: Option<bool>,
     backend: Option<Arc<BackendStats>>,
     selected: Option<Instant>,
     first_byte: Option<Instant>,
@@ -101,7 +101,9 @@ impl Account {
         affinity: Option<AffinityPolicy>,
         access: Option<(&AccessLog, &'static str)>,
     ) -> Account {
-        let (id, kept_id) = RequestId::for_request(head.request_id);
+        let sent = (head.header)(crate::request_id::HEADER);
+        let (id, kept_id) = RequestId::for_request(sent);
+        let sent_id = sent.map(|_| kept_id);
         let access = access.map(|(log, policy)| {
             let path = if log.query {
                 head.target
@@ -114,8 +116,7 @@ impl Account {
                 method: head.method.to_string(),
                 path: path.to_string(),
                 version: head.version,
-                user_agent: head
-                    .user_agent
+                user_agent: (head.header)("user-agent")
                     .map(|u| String::from_utf8_lossy(u).into_owned())
                     .unwrap_or_default(),
                 backend: None,
@@ -126,7 +127,7 @@ impl Account {
             metrics,
             arrived: head.at,
             id,
-            kept_id,
+            sent_id,
             backend: None,
             selected: None,
             first_byte: None,
@@ -148,7 +149,13 @@ impl Account {
     /// Whether the id is the client's own (its `X-Request-Id` goes on unchanged); else
     /// the request's `X-Request-Id` must be set to [`id`](Self::id).
     pub fn kept_client_id(&self) -> bool {
-        self.kept_id
+        self.sent_id == Some(true)
+    }
+
+    /// Whether the client sent an `X-Request-Id` that was not taken (it must go: the
+    /// request carries [`id`](Self::id) instead).
+    pub fn replaced_client_id(&self) -> bool {
+        self.sent_id == Some(false)
     }
 
     /// When the request's head arrived.

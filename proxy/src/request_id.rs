@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// The longest client id taken as is.
@@ -12,13 +13,21 @@ pub const MAX_LEN: usize = 128;
 /// The header that carries it, lower-case.
 pub const HEADER: &str = "x-request-id";
 
-/// One request's id: 1 to [`MAX_LEN`] visible ASCII characters, held inline (no
-/// allocation per request).
+/// One request's id: 1 to [`MAX_LEN`] visible ASCII characters. Ids up to [`INLINE`]
+/// bytes (ours, UUIDs, most tracing ids) are held inline; a longer client id is boxed.
+/// Small on purpose: an id rides in every request's account and lease, which move with
+/// the request's future.
 #[derive(Clone)]
-pub struct RequestId {
-    len: u8,
-    bytes: [u8; MAX_LEN],
+pub struct RequestId(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Boxed(Box<str>),
 }
+
+/// The longest id held without an allocation.
+const INLINE: usize = 46;
 
 impl RequestId {
     /// The id for a request whose `X-Request-Id` is `sent`: taken when it is a sane
@@ -26,13 +35,20 @@ impl RequestId {
     /// else a new one. The second value says whether the client's was taken.
     pub fn for_request(sent: Option<&[u8]>) -> (RequestId, bool) {
         match sent {
-            Some(v) if is_sane(v) => {
-                let mut bytes = [0; MAX_LEN];
-                bytes[..v.len()].copy_from_slice(v);
-                let len = u8::try_from(v.len()).expect("MAX_LEN fits in a u8");
-                (RequestId { len, bytes }, true)
-            }
+            Some(v) if is_sane(v) => (RequestId::taken(v), true),
             _ => (RequestId::generate(), false),
+        }
+    }
+
+    fn taken(v: &[u8]) -> RequestId {
+        if v.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..v.len()].copy_from_slice(v);
+            let len = u8::try_from(v.len()).expect("INLINE fits in a u8");
+            RequestId(Repr::Inline { len, bytes })
+        } else {
+            let s = std::str::from_utf8(v).expect("sane ids are ASCII");
+            RequestId(Repr::Boxed(s.into()))
         }
     }
 
@@ -40,43 +56,55 @@ impl RequestId {
     /// then a per-thread sequence, so ids never repeat within a process and replicas do
     /// not share prefixes.
     pub fn generate() -> RequestId {
-        static PREFIX: OnceLock<u64> = OnceLock::new();
-        thread_local! {
-            static NEXT: Cell<u64> = const { Cell::new(0) };
-            static THREAD: Cell<u64> = const { Cell::new(u64::MAX) };
+        struct Local {
+            /// The process prefix in hex, then the thread's number.
+            head: [u8; 16],
+            thread: u64,
+            next: u64,
         }
-        let prefix = *PREFIX.get_or_init(|| {
-            use rand::{RngCore, SeedableRng};
-            rand::rngs::SmallRng::from_os_rng().next_u64()
+        static PREFIX: OnceLock<[u8; 16]> = OnceLock::new();
+        static THREADS: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static LOCAL: Cell<Option<Local>> = const { Cell::new(None) };
+        }
+        let (head, low) = LOCAL.with(|cell| {
+            let mut local = cell.take().unwrap_or_else(|| Local {
+                head: *PREFIX.get_or_init(|| {
+                    use rand::{RngCore, SeedableRng};
+                    let mut h = [0; 16];
+                    hex(rand::rngs::SmallRng::from_os_rng().next_u64(), &mut h);
+                    h
+                }),
+                thread: THREADS.fetch_add(1, Ordering::Relaxed),
+                next: 0,
+            });
+            // 16 bits of thread, 48 of sequence: unique for 2^48 requests per thread.
+            let low = (local.thread << 48) | (local.next & ((1 << 48) - 1));
+            local.next = local.next.wrapping_add(1);
+            let head = local.head;
+            cell.set(Some(local));
+            (head, low)
         });
-        let thread = THREAD.with(|t| {
-            if t.get() == u64::MAX {
-                static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                t.set(THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-            }
-            t.get()
-        });
-        let seq = NEXT.with(|n| {
-            let v = n.get();
-            n.set(v.wrapping_add(1));
-            v
-        });
-        // 16 bits of thread, 48 of sequence: unique for 2^48 requests per thread.
-        let low = (thread << 48) | (seq & ((1 << 48) - 1));
-        let mut bytes = [0; MAX_LEN];
-        hex(prefix, &mut bytes[..16]);
+        let mut bytes = [0; INLINE];
+        bytes[..16].copy_from_slice(&head);
         hex(low, &mut bytes[16..32]);
-        RequestId { len: 32, bytes }
+        RequestId(Repr::Inline { len: 32, bytes })
     }
 
     /// The id.
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).expect("ids are ASCII")
+        match &self.0 {
+            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).expect("ids are ASCII"),
+            Repr::Boxed(s) => s,
+        }
     }
 
     /// The id's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Boxed(s) => s.as_bytes(),
+        }
     }
 }
 
@@ -133,8 +161,10 @@ mod tests {
             assert!(!taken, "{bad:?}");
             assert_eq!(id.as_str().len(), 32);
         }
-        let (id, taken) = RequestId::for_request(Some(&[b'a'; 128]));
-        assert!(taken && id.as_str().len() == 128);
+        for n in [INLINE, INLINE + 1, 128] {
+            let (id, taken) = RequestId::for_request(Some(&[b'a'; 128][..n]));
+            assert!(taken && id.as_str() == "a".repeat(n), "{n}");
+        }
     }
 
     #[test]
@@ -150,5 +180,7 @@ mod tests {
         );
         let other = std::thread::spawn(RequestId::generate).join().unwrap();
         assert_ne!(other, a);
+        assert_eq!(&other.as_str()[..16], &a.as_str()[..16]);
+        assert!(std::mem::size_of::<RequestId>() <= 48);
     }
 }

@@ -134,10 +134,9 @@ async fn handle<S: Shard, C: Wire>(
         } else {
             "HTTP/1.1"
         },
-        request_id: req.header(lb_proxy::request_id::HEADER),
-        user_agent: req.header("user-agent"),
+        header: &|name| req.header(name),
     });
-    if !acct.kept_client_id() {
+    if acct.replaced_client_id() {
         // Replaced by ours (added when the head is written for the backend).
         req.headers.retain(|h| !h.is(lb_proxy::request_id::HEADER));
     }

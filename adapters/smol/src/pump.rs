@@ -289,7 +289,9 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
                     bbuf.drain(..n);
                     // Keep the client connection only if its request body is all read.
                     let close = proxy.is_shutting_down() || !req_done.load(Ordering::Acquire);
-                    let mut out = Vec::with_capacity(512);
+                    // Room for what is added (Date, X-Request-Id) and the body bytes
+                    // already here, which go out with the head: no regrowth.
+                    let mut out = Vec::with_capacity(n + 256 + bbuf.len().min(1 << 18));
                     let date = date_now();
                     let plan = rewrite_response(&resp, req, close, Some(&date), &mut out)
                         .map_err(HeadFail::Invalid)?;

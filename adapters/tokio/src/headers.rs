@@ -135,14 +135,12 @@ pub(crate) fn rewrite_request_headers(
     host: &HeaderValue,
     target_authority: Option<HeaderValue>,
     upgrade: bool,
-    request_id: Option<&lb_proxy::request_id::RequestId>,
+    request_id: Option<&HeaderValue>,
 ) {
     strip_hop_by_hop(h, upgrade);
     // The client's id when it is sane (left as it is), else ours.
-    if let Some(id) = request_id {
-        if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
-            h.insert(&crate::proxy::REQUEST_ID, v);
-        }
+    if let Some(v) = request_id {
+        h.insert(&crate::proxy::REQUEST_ID, v.clone());
     }
     // hyper answers `Expect: 100-continue` itself when the body is first read: the backend
     // is not asked again (as `lb_http1::rewrite_request` does).

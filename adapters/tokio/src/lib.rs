@@ -238,9 +238,9 @@ async fn shard(
                 let exchanges = activity.clone();
                 let service = service_fn(move |req| {
                     let exchange = exchanges.begin();
-                    let handled = proxy::handle(proxy.clone(), traffic.clone(), peer.clone(), req);
+                    let (proxy, traffic, peer) = (proxy.clone(), traffic.clone(), peer.clone());
                     async move {
-                        let (response, mut account) = handled.await;
+                        let (response, mut account) = proxy::handle(proxy, traffic, peer, req).await;
                         if let Some(a) = &mut account {
                             a.status(response.status().as_u16());
                         }

@@ -97,11 +97,7 @@ pub(crate) async fn handle(
             .path_and_query()
             .map_or_else(|| req.uri().path(), |p| p.as_str()),
         version,
-        request_id: req.headers().get(&REQUEST_ID).map(HeaderValue::as_bytes),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .map(HeaderValue::as_bytes),
+        header: &|name| req.headers().get(name).map(HeaderValue::as_bytes),
     });
     let resp = proxied(proxy, traffic, peer, req, &mut acct).await;
     (resp, Some(acct))
@@ -253,13 +249,20 @@ async fn forward(
     };
     // The authority of an absolute-form target wins over `Host` (RFC 9112 §3.2.2).
     let authority = client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    // One value for the id, on the request (unless the client's stays) and the response.
+    let kept = acct.kept_client_id();
+    let id = match kept {
+        true => req.headers().get(&REQUEST_ID).cloned(),
+        false => None,
+    }
+    .or_else(|| HeaderValue::from_bytes(acct.id().as_bytes()).ok());
     rewrite_request_headers(
         req.headers_mut(),
         &peer,
         &upstream.ext.host,
         authority,
         upgrade,
-        (!acct.kept_client_id()).then(|| acct.id()),
+        id.as_ref().filter(|_| !kept),
     );
 
     let sent = if upgrade {
@@ -353,14 +356,14 @@ async fn forward(
         tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
         let (mut parts, _) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
-        set_request_id(&mut parts.headers, acct);
+        set_request_id(&mut parts.headers, id);
         parts.version = http::Version::HTTP_11;
         return Response::from_parts(parts, Either::Left(Full::default()));
     }
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    set_request_id(&mut parts.headers, acct);
+    set_request_id(&mut parts.headers, id);
     // A proxy sends its own version: hyper then frames the body for the client (chunks
     // for a close-delimited HTTP/1.0 answer to an HTTP/1.1 client).
     parts.version = http::Version::HTTP_11;
@@ -413,8 +416,8 @@ fn answer(acct: &mut Account, reply: Reply) -> Response<ProxyBody> {
 }
 
 /// The response carries the request's id.
-fn set_request_id(h: &mut HeaderMap, acct: &Account) {
-    if let Ok(v) = HeaderValue::from_bytes(acct.id().as_bytes()) {
+fn set_request_id(h: &mut HeaderMap, id: Option<HeaderValue>) {
+    if let Some(v) = id {
         h.insert(&REQUEST_ID, v);
     }
 }
