@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
-use lb_core::{AffinityConfig, BackendSpec, Config, HealthConfig, Policy, QueueConfig};
+use lb_core::{
+    AffinityConfig, BackendSpec, Config, EngineLoadConfig, HealthConfig, Policy, QueueConfig,
+};
 use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
 use lb_proxy::{HashKey, Settings};
 
@@ -65,6 +67,31 @@ pub struct Cli {
     /// Path probed on every backend; 2xx or 429 means alive.
     #[arg(long, default_value = "/v1/models")]
     pub health_path: String,
+
+    /// Engine load signals: read each backend's vLLM or SGLang load from --load-path
+    /// (auto: whichever the metrics show; a backend showing neither is asked again a
+    /// minute later), or off.
+    #[arg(long, value_name = "auto|vllm|sglang|off", default_value = "auto", value_parser = load_signal)]
+    pub load_signal: LoadSignal,
+
+    /// Path of each backend's Prometheus metrics, polled for engine load.
+    #[arg(long, value_name = "PATH", default_value = "/metrics")]
+    pub load_path: String,
+
+    /// Time between engine load polls of each backend (at least 50ms); a report older
+    /// than 3 intervals is ignored.
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
+    pub load_interval: Duration,
+
+    /// A backend whose engine reports more waiting requests than this is saturated: it
+    /// gets no new request while an unsaturated backend can take it.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = whole_u32, allow_negative_numbers = true)]
+    pub saturation_waiting: u32,
+
+    /// A backend whose engine reports KV cache usage above this fraction (0 to 1) is
+    /// saturated.
+    #[arg(long, value_name = "FRACTION", default_value = "0.95", value_parser = fraction, allow_negative_numbers = true)]
+    pub saturation_kv: f64,
 
     /// Consecutive failed probes that mark a backend unhealthy.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive_u32, allow_negative_numbers = true)]
@@ -196,6 +223,28 @@ pub struct Cli {
     /// secrets).
     #[arg(long)]
     pub access_log_query: bool,
+}
+
+/// `--load-signal`: `off`, or the series to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSignal(pub Option<lb_proxy::load::Signal>);
+
+fn load_signal(s: &str) -> Result<LoadSignal, String> {
+    match s {
+        "off" => Ok(LoadSignal(None)),
+        _ => s
+            .parse()
+            .map(|g| LoadSignal(Some(g)))
+            .map_err(|e: lb_proxy::load::UnknownSignal| e.to_string()),
+    }
+}
+
+/// A fraction from 0 to 1 (`--saturation-kv`).
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("'{s}' is not a fraction from 0 to 1 (e.g. 0.95)")),
+    }
 }
 
 /// `--admin-bind`.
@@ -429,6 +478,18 @@ impl Cli {
                 self.health_path
             ));
         }
+        if !self.load_path.starts_with('/') || self.load_path.contains(char::is_whitespace) {
+            return Err(format!(
+                "--load-path must start with '/' and contain no spaces (got '{}')",
+                self.load_path
+            ));
+        }
+        if self.load_interval < lb_proxy::load::MIN_LOAD_INTERVAL {
+            return Err(format!(
+                "--load-interval must be at least 50ms (got {})",
+                humantime::format_duration(self.load_interval)
+            ));
+        }
         if self.routing == Policy::CacheAware && self.max_conns == 0 {
             return Err("--routing cache-aware needs --max-conns > 0 (its load guard and table size scale with it)".into());
         }
@@ -482,10 +543,20 @@ impl Cli {
                     timeout: self.queue_timeout,
                     size: self.queue_size,
                 },
+                engine: EngineLoadConfig {
+                    interval: self.load_interval,
+                    saturation_waiting: self.saturation_waiting,
+                    saturation_kv_ppm: (self.saturation_kv * f64::from(lb_core::engine::PPM))
+                        .round() as u32,
+                },
             },
             request_timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             health_path: self.health_path,
+            load: lb_proxy::LoadSettings {
+                signal: self.load_signal.0,
+                path: self.load_path,
+            },
             shutdown_timeout: self.shutdown_timeout,
             backend_ca: self.backend_ca,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
@@ -611,6 +682,38 @@ mod tests {
     }
 
     #[test]
+    fn engine_load_flags() {
+        let s = parse(&["--backends", "a:1"]).unwrap();
+        assert_eq!(s.load, lb_proxy::LoadSettings::default());
+        assert_eq!(s.core.engine, EngineLoadConfig::default());
+        let s = parse(&[
+            "--backends",
+            "a:1",
+            "--load-signal",
+            "off",
+            "--load-interval",
+            "50ms",
+            "--saturation-kv",
+            "0.8",
+            "--saturation-waiting",
+            "0",
+            "--load-path",
+            "/engine/metrics",
+        ])
+        .unwrap();
+        assert_eq!(s.load.signal, None);
+        assert_eq!(s.load.path, "/engine/metrics");
+        assert_eq!(s.core.engine.interval, Duration::from_millis(50));
+        assert_eq!(s.core.engine.saturation_kv_ppm, 800_000);
+        assert_eq!(s.core.engine.saturation_waiting, 0);
+        let s = parse(&["--backends", "a:1", "--load-signal", "sglang"]).unwrap();
+        assert_eq!(
+            s.load.signal,
+            Some(lb_proxy::load::Signal::Only(lb_proxy::load::Engine::Sglang))
+        );
+    }
+
+    #[test]
     fn every_policy_name_and_alias_is_accepted() {
         let names = Policy::names();
         let mut all: Vec<&str> = names.split(", ").collect();
@@ -667,6 +770,26 @@ mod tests {
             (
                 &["--backends", "a:1", "--affinity-ttl", "0s"][..],
                 "affinity-ttl",
+            ),
+            (
+                &["--backends", "a:1", "--load-interval", "49ms"][..],
+                "--load-interval",
+            ),
+            (
+                &["--backends", "a:1", "--load-signal", "triton"][..],
+                "--load-signal",
+            ),
+            (
+                &["--backends", "a:1", "--saturation-kv", "1.5"][..],
+                "--saturation-kv",
+            ),
+            (
+                &["--backends", "a:1", "--saturation-waiting", "-1"][..],
+                "--saturation-waiting",
+            ),
+            (
+                &["--backends", "a:1", "--load-path", "metrics"][..],
+                "--load-path",
             ),
         ] {
             let err = parse(args).unwrap_err();

@@ -144,6 +144,14 @@ fn status(r: &StatusReport, verbose: bool) -> Value {
                         (false, false) => "unhealthy",
                     },
                     "in_flight": b.in_flight,
+                    "engine": b.engine.map(|e| json!({
+                        "running": e.report.running,
+                        "waiting": e.report.waiting,
+                        "kv_usage": e.report.kv_usage(),
+                        "age_seconds": std::time::Instant::now()
+                            .saturating_duration_since(e.at)
+                            .as_secs_f64(),
+                    })),
                 })
             })
             .collect();
@@ -173,6 +181,11 @@ pub fn summary(s: &Settings, runtime: &str) -> Value {
             "fall": h.fall,
             "rise": h.rise,
             "passive_threshold": h.passive_threshold,
+            "load_signal": s.load.signal.map_or("off".to_string(), |g| g.to_string()),
+            "load_path": s.load.path,
+            "load_interval_s": secs(s.core.engine.interval),
+            "saturation_waiting": s.core.engine.saturation_waiting,
+            "saturation_kv": f64::from(s.core.engine.saturation_kv_ppm) / 1e6,
             "max_client_conns": s.max_client_conns,
             "backends_file": s.backends_file.as_ref().map(|p| p.display().to_string()),
             "backends": s.backends.iter().map(|b| json!({

@@ -129,13 +129,26 @@ fn status(r: &StatusReport, verbose: bool) -> Vec<String> {
                 (false, true) => "healthy",
                 (false, false) => "unhealthy",
             };
-            out.push(format!(
-                "[STATUS]   {} {state} in-flight {}",
-                b.url, b.in_flight
-            ));
+            let mut line = format!("[STATUS]   {} {state} in-flight {}", b.url, b.in_flight);
+            if let Some(e) = &b.engine {
+                let _ = write!(line, "{}", engine(e, std::time::Instant::now()));
+            }
+            out.push(line);
         }
     }
     out
+}
+
+/// ` | engine running 4 waiting 0 kv 25% (0.3s ago)`: an engine's last load report.
+fn engine(e: &lb_core::EngineReport, now: std::time::Instant) -> String {
+    let r = &e.report;
+    let mut s = format!(" | engine running {} waiting {}", r.running, r.waiting);
+    if let Some(kv) = r.kv_usage() {
+        let _ = write!(s, " kv {:.0}%", kv * 100.0);
+    }
+    let age = now.saturating_duration_since(e.at).as_secs_f64();
+    let _ = write!(s, " ({age:.1}s ago)");
+    s
 }
 
 /// The startup summary: version, every setting, every backend.
@@ -172,6 +185,17 @@ pub fn summary(s: &Settings, runtime: &str) -> Vec<String> {
             d(s.head_timeout)
         ),
     ];
+    let e = &s.core.engine;
+    out.push(match s.load.signal {
+        None => "[INFO] engine load signals off".to_string(),
+        Some(signal) => format!(
+            "[INFO] engine load: GET {} every {} ({signal}) | saturated at waiting > {} or kv > {}%",
+            s.load.path,
+            d(e.interval),
+            e.saturation_waiting,
+            f64::from(e.saturation_kv_ppm) / 1e4
+        ),
+    });
     for b in &s.backends {
         out.push(format!("[INFO] backend {} (weight {})", b.url, b.weight));
     }
@@ -244,5 +268,14 @@ mod tests {
         r.elided = 10;
         let line = lines(&Notice::Core(Event::Status(r)), false).remove(0);
         assert!(line.contains("15, ... 10 more ..., 14,"), "{line}");
+        let now = std::time::Instant::now();
+        let e = lb_core::EngineReport {
+            at: now,
+            report: lb_core::LoadReport::new(4, 0).with_kv_usage(0.25),
+        };
+        assert_eq!(
+            engine(&e, now + std::time::Duration::from_millis(300)),
+            " | engine running 4 waiting 0 kv 25% (0.3s ago)"
+        );
     }
 }

@@ -29,8 +29,10 @@
 //! holder is *live* if it used the unit within the TTL and is still healthy, not
 //! draining, and not ejected since (see *Invalidation*). The *guard* allows a backend
 //! that is below its `max_conns` and at most [`AffinityConfig::overflow_percent`] of its
-//! `max_conns` ahead of the least-loaded ready backend (raw in-flight counts:
-//! `(in_flight − min_in_flight) × 100 ≤ overflow_percent × max_conns`).
+//! `max_conns` ahead of the least-loaded ready backend, in effective loads (in flight, or
+//! the engine's reported queue when larger, see [`crate::engine`]):
+//! `(load − min_load) × 100 ≤ overflow_percent × max_conns`. A saturated engine's
+//! backend counts as full (the saturation skip).
 //!
 //! 1. **Longest prefix.** Find the deepest unit of the request's chain with a live
 //!    holder. If the guard allows it, that holder takes the request (*warm*). No live

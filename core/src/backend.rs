@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::EngineReport;
 use crate::health::Health;
 
 /// Identifies one backend for as long as it is in the pool.
@@ -117,6 +118,15 @@ pub(crate) struct Backend {
     /// Set for the span of one `select` that must avoid this backend (a failover away
     /// from it): it then counts as full.
     pub(crate) excluded: bool,
+    /// The engine's last load report, fresh or not (see [`crate::engine`]).
+    pub(crate) engine: Option<EngineReport>,
+    /// `running + waiting` of the last report while it is fresh, else 0.
+    pub(crate) engine_load: u32,
+    /// Whether the last report is fresh and says the engine is saturated.
+    pub(crate) saturated: bool,
+    /// Set for the span of one `select` that passes over saturated backends: it then
+    /// counts as full.
+    pub(crate) shunned: bool,
 }
 
 impl Backend {
@@ -124,7 +134,15 @@ impl Backend {
     /// from the selection under way.
     #[inline]
     pub(crate) fn at_cap(&self) -> bool {
-        self.excluded || (self.max_conns != 0 && self.in_flight >= self.max_conns)
+        self.excluded || self.shunned || (self.max_conns != 0 && self.in_flight >= self.max_conns)
+    }
+
+    /// The effective load every load-aware policy ranks by: `max(in_flight, running +
+    /// waiting)` with a fresh engine report, else `in_flight` (see [`crate::engine`] for
+    /// why). `max_conns` is checked against `in_flight` alone.
+    #[inline]
+    pub(crate) fn load(&self) -> u32 {
+        self.in_flight.max(self.engine_load)
     }
 }
 
@@ -152,6 +170,9 @@ pub struct BackendView {
     pub parked: bool,
     /// How many times it has been ejected (bumped on each healthy → unhealthy transition).
     pub epoch: u64,
+    /// The engine's last load report and when it came, fresh or not: it counts while
+    /// [`EngineLoadConfig::is_fresh`](crate::EngineLoadConfig::is_fresh).
+    pub engine: Option<EngineReport>,
 }
 
 impl From<&Backend> for BackendView {
@@ -167,6 +188,7 @@ impl From<&Backend> for BackendView {
             draining: b.draining,
             parked: b.parked,
             epoch: b.health.epoch(),
+            engine: b.engine,
         }
     }
 }

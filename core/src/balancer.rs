@@ -10,6 +10,7 @@ use crate::affinity::select::CacheAware;
 use crate::affinity::RoutingStats;
 use crate::backend::{Backend, BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 use crate::config::Config;
+use crate::engine::{EngineReport, LoadReport};
 use crate::event::{Action, Cause, Event, ProbeId};
 use crate::hash::hash_bytes;
 use crate::health::{Health, HealthState, ProbeOutcome, PASSIVE_REPROBE};
@@ -41,6 +42,10 @@ pub struct Balancer<R = SmallRng> {
     /// Requests waiting for a slot.
     queue: Queue,
     admissions: VecDeque<Admission>,
+    /// The earliest instant a fresh engine report turns stale, if any is fresh.
+    report_expiry: Option<Instant>,
+    /// Backends whose fresh report says saturated.
+    saturated: usize,
 }
 
 impl<R> Drop for Balancer<R> {
@@ -79,6 +84,8 @@ impl<R: Rng> Balancer<R> {
             outstanding: 0,
             actions: VecDeque::new(),
             events: VecDeque::new(),
+            report_expiry: None,
+            saturated: 0,
         }
     }
 
@@ -174,6 +181,10 @@ impl<R: Rng> Balancer<R> {
             probe_seq: 0,
             backoff: None,
             excluded: false,
+            engine: None,
+            engine_load: 0,
+            saturated: false,
+            shunned: false,
         });
         self.selector.invalidate();
         self.admit(now);
@@ -187,6 +198,7 @@ impl<R: Rng> Balancer<R> {
             return false;
         }
         let b = self.slots[id.slot as usize].take().expect("checked above");
+        self.saturated -= usize::from(b.saturated);
         self.gens[id.slot as usize] = id.gen.wrapping_add(1);
         self.free.push(id.slot);
         self.selector.invalidate();
@@ -299,7 +311,30 @@ impl<R: Rng> Balancer<R> {
         }
     }
 
+    /// The pick under the saturation skip: saturated backends count as full for a first
+    /// pick; only when that finds nothing may they take the request (see
+    /// [`crate::engine`]), so the skip never rejects a request another pick would place.
     fn pick(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
+        self.expire_reports(now);
+        if self.saturated > 0 {
+            self.set_shunned(true);
+            let picked = self.pick_once(now, meta);
+            self.set_shunned(false);
+            match picked {
+                Err(Reject::AllAtCapacity) => {}
+                done => return done,
+            }
+        }
+        self.pick_once(now, meta)
+    }
+
+    fn set_shunned(&mut self, on: bool) {
+        for b in self.slots.iter_mut().flatten() {
+            b.shunned = on && b.saturated;
+        }
+    }
+
+    fn pick_once(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
         let policy = self.config.policy;
         let picked = match policy {
             Policy::CacheAware => self.cache_aware.as_mut().and_then(|c| {
@@ -394,6 +429,55 @@ impl<R: Rng> Balancer<R> {
         healthy > min_healthy
     }
 
+    // ------------------------------------------------------------------ engine load
+
+    /// What backend `id`'s engine says about its load now (from its metrics). It counts
+    /// in the backend's effective load and for the saturation skip until it is older
+    /// than [`EngineLoadConfig::stale_after`](crate::EngineLoadConfig::stale_after), or
+    /// a newer report replaces it; see [`crate::engine`]. Returns false if the backend
+    /// is not in the pool.
+    pub fn load_report(&mut self, now: Instant, id: BackendId, report: LoadReport) -> bool {
+        let engine = self.config.engine;
+        let Some(b) = self.get_mut(id) else {
+            return false;
+        };
+        let was = b.saturated;
+        b.engine = Some(EngineReport { at: now, report });
+        b.engine_load = report.queued();
+        b.saturated = engine.is_saturated(&report);
+        let is = b.saturated;
+        self.saturated = self.saturated + usize::from(is) - usize::from(was);
+        let expiry = now + engine.stale_after();
+        if self.report_expiry.is_none_or(|e| expiry < e) {
+            self.report_expiry = Some(expiry);
+        }
+        // Nothing to admit: a report changes rankings, never the room under a cap.
+        true
+    }
+
+    /// Stops counting the reports that are stale at `now`. Cheap unless one is due.
+    fn expire_reports(&mut self, now: Instant) {
+        if self.report_expiry.is_none_or(|e| now <= e) {
+            return;
+        }
+        let engine = self.config.engine;
+        let mut next: Option<Instant> = None;
+        for b in self.slots.iter_mut().flatten() {
+            let Some(r) = b.engine else { continue };
+            if engine.is_fresh(r.at, now) {
+                let expiry = r.at + engine.stale_after();
+                if next.is_none_or(|n| expiry < n) {
+                    next = Some(expiry);
+                }
+            } else {
+                self.saturated -= usize::from(b.saturated);
+                b.engine_load = 0;
+                b.saturated = false;
+            }
+        }
+        self.report_expiry = next;
+    }
+
     // ------------------------------------------------------------------ time and probes
 
     /// Handles every deadline at or before `now`: probe deadlines (as timeouts), due
@@ -443,6 +527,7 @@ impl<R: Rng> Balancer<R> {
                 });
             }
         }
+        self.expire_reports(now);
         if let Some(c) = self.cache_aware.as_mut() {
             c.sweep(now, self.config.affinity.ttl, &self.slots);
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::affinity::AffinityConfig;
 use crate::backend::BackendSpec;
+use crate::engine::EngineLoadConfig;
 use crate::health::HealthConfig;
 use crate::policy::Policy;
 use crate::queue::QueueConfig;
@@ -26,6 +27,8 @@ pub struct Config {
     pub affinity: AffinityConfig,
     /// The admission queue (off by default).
     pub queue: QueueConfig,
+    /// How engine load reports count (see [`crate::engine`]).
+    pub engine: EngineLoadConfig,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
             health,
             affinity: AffinityConfig::default(),
             queue: QueueConfig::default(),
+            engine: EngineLoadConfig::default(),
         }
     }
 }
@@ -89,6 +93,7 @@ impl Config {
         self.affinity.ttl = self.affinity.ttl.max(MIN_TICK);
         self.affinity.entries_per_conn = self.affinity.entries_per_conn.max(1);
         self.queue.timeout = self.queue.timeout.map(|d| d.max(MIN_TICK));
+        self.engine.interval = self.engine.interval.max(MIN_TICK);
         self
     }
 }

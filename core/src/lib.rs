@@ -12,7 +12,8 @@
 //!
 //! - **getters** ([`Balancer::summary`], [`Balancer::backends`], ...) read state;
 //! - **inputs** tell the core what happened: [`Balancer::handle_timeout`],
-//!   [`Balancer::probe_result`], [`Balancer::release`], and the pool changes
+//!   [`Balancer::probe_result`], [`Balancer::release`], [`Balancer::load_report`] (an
+//!   engine's own load figures, see [`engine`]), and the pool changes
 //!   [`Balancer::add_backend`], [`Balancer::remove_backend`], [`Balancer::drain_backend`];
 //! - **the request path**: [`Balancer::select`] returns a [`Lease`] (the in-flight slot is
 //!   already reserved) or a [`Reject`]; the lease goes back exactly once through
@@ -135,6 +136,7 @@ pub mod affinity;
 mod backend;
 mod balancer;
 mod config;
+pub mod engine;
 mod event;
 mod hash;
 mod health;
@@ -148,6 +150,7 @@ pub use affinity::{AffinityConfig, RequestKey, RoutingStats};
 pub use backend::{BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 pub use balancer::Balancer;
 pub use config::{Config, ConfigError, MIN_TICK};
+pub use engine::{EngineLoadConfig, EngineReport, LoadReport};
 pub use event::{Action, Cause, Event, ProbeId};
 pub use hash::hash_bytes;
 pub use health::{Health, HealthConfig, HealthState, ProbeOutcome};

@@ -20,13 +20,16 @@ pub enum Policy {
     RoundRobin,
     /// nginx's smooth weighted round robin.
     WeightedRoundRobin,
-    /// Fewest in flight relative to weight; ties broken uniformly at random.
+    /// Least loaded relative to weight; ties broken uniformly at random. The load is the
+    /// effective one of [`crate::engine`]: in flight, or the engine's own queue when it
+    /// reports more.
     LeastConn,
     /// Uniform at random, weighted by weight.
     Random,
     /// Client IP (or the request's key) → backend by weighted rendezvous hashing.
     IpHash,
-    /// Power of two choices: two distinct backends at random, the less loaded wins.
+    /// Power of two choices: two distinct backends at random, the less loaded (effective
+    /// load relative to weight, as least-conn) wins.
     P2c,
     /// LLM prefix-cache affinity: the least-loaded backend that served the request's
     /// longest known prompt prefix, unless every such backend is full or too far ahead of
@@ -279,12 +282,13 @@ impl Selector {
         least_conn(&self.unproven, slots, rng)
     }
 
-    /// The fewest in flight among ready backends (0 when none is ready).
+    /// The least effective load ([`Backend::load`]) among ready backends (0 when none is
+    /// ready).
     pub(crate) fn min_load(&mut self, slots: &[Option<Backend>]) -> u32 {
         self.refresh(slots);
         self.ready
             .iter()
-            .map(|&s| backend(slots, s).in_flight)
+            .map(|&s| backend(slots, s).load())
             .min()
             .unwrap_or(0)
     }
@@ -481,11 +485,12 @@ fn scale(x: u32, n: usize) -> usize {
     ((u64::from(x) * n as u64) >> 32) as usize
 }
 
-/// Compares `in_flight / weight` of two backends without division.
+/// Compares `load / weight` of two backends without division, the load being the
+/// effective one ([`Backend::load`]: in flight, or the engine's queue when it reports
+/// more).
 #[inline]
 pub(crate) fn load_cmp(a: &Backend, b: &Backend) -> std::cmp::Ordering {
-    (u64::from(a.in_flight) * u64::from(b.weight))
-        .cmp(&(u64::from(b.in_flight) * u64::from(a.weight)))
+    (u64::from(a.load()) * u64::from(b.weight)).cmp(&(u64::from(b.load()) * u64::from(a.weight)))
 }
 
 /// One step of nginx's smooth weighted round robin over `ready` (indices into it are

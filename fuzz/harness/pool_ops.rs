@@ -79,6 +79,13 @@ enum Op {
         outcome: u8,
         ticket: u8,
     },
+    /// An engine load report (running, waiting, KV percent) for a known backend.
+    LoadReport {
+        backend: u8,
+        running: u8,
+        waiting: u8,
+        kv: Option<u8>,
+    },
 }
 
 fn outcome(k: u8) -> Outcome {
@@ -198,6 +205,21 @@ impl State {
                 }
             }
             Op::Select(key) => self.select(key),
+            Op::LoadReport {
+                backend,
+                running,
+                waiting,
+                kv,
+            } => {
+                if let Some(&id) = pick(&self.known, backend) {
+                    let present = self.view(id).is_some();
+                    let mut r = lb_core::LoadReport::new(running.into(), waiting.into());
+                    if let Some(kv) = kv {
+                        r = r.with_kv_usage(f64::from(kv) / 100.0);
+                    }
+                    assert_eq!(self.bal.load_report(now, id, r), present);
+                }
+            }
             Op::Release { lease, outcome: k } => {
                 if !self.held.is_empty() {
                     let l = self.held.swap_remove(usize::from(lease) % self.held.len());
@@ -468,6 +490,10 @@ pub fn run(data: &[u8]) {
         queue: QueueConfig {
             timeout: setup.queue_timeout_ms.map(ms),
             size: usize::from(setup.queue_size % 5),
+        },
+        engine: lb_core::EngineLoadConfig {
+            interval: ms(setup.timeout_ms),
+            ..lb_core::EngineLoadConfig::default()
         },
     };
     let t0 = Instant::now();

@@ -21,6 +21,11 @@ pub async fn drive<R: Runtime>(proxy: Arc<Proxy<R>>) {
             .runtime()
             .spawn(crate::discovery::watch_file(proxy.clone()));
     }
+    if proxy.settings().load.signal.is_some() {
+        proxy
+            .runtime()
+            .spawn(crate::load::poll_engines(proxy.clone()));
+    }
     loop {
         // Listening before reading the deadline: a later input wakes this turn's sleep.
         let rearmed = proxy.rearm.listen();

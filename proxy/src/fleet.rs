@@ -228,12 +228,27 @@ impl<R: Runtime> Proxy<R> {
     /// Every backend, as `GET /admin/backends` lists them.
     pub fn backends_json(&self) -> Value {
         let core = self.lock();
+        let now = Instant::now();
+        let engine_config = core.balancer.config().engine;
         let list: Vec<Value> = core
             .balancer
             .backends()
             .filter_map(|v| {
                 let up = core.upstream(v.id)?;
                 let notes = up.notes();
+                let polls = up.load_polls();
+                let engine = v.engine.map(|e| {
+                    let fresh = engine_config.is_fresh(e.at, now);
+                    json!({
+                        "signal": polls.engine.map(|e| e.name()),
+                        "running": e.report.running,
+                        "waiting": e.report.waiting,
+                        "kv_usage": e.report.kv_usage(),
+                        "age_seconds": now.saturating_duration_since(e.at).as_secs_f64(),
+                        "fresh": fresh,
+                        "saturated": fresh && engine_config.is_saturated(&e.report),
+                    })
+                });
                 let state = match (v.draining, v.parked && v.in_flight == 0, v.healthy) {
                     (true, true, _) => "drained",
                     (true, false, _) => "draining",
@@ -257,6 +272,11 @@ impl<R: Runtime> Proxy<R> {
                         "at": rfc3339_ms(*at),
                         "to": to,
                         "cause": cause,
+                    })),
+                    "engine": engine,
+                    "last_load_poll": polls.last.as_ref().map(|(at, result)| json!({
+                        "at": rfc3339_ms(*at),
+                        "result": result,
                     })),
                 }))
             })

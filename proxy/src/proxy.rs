@@ -141,12 +141,20 @@ impl<R: Runtime> Proxy<R> {
     pub fn scrape(&self, format: Format) -> String {
         let scrape = {
             let core = self.lock();
+            let now = Instant::now();
             let backends = core
                 .balancer
                 .backends()
                 .filter_map(|b| {
                     let up = core.upstream(b.id)?;
+                    let engine = b.engine.map(|e| crate::metrics::EngineRow {
+                        running: e.report.running,
+                        waiting: e.report.waiting,
+                        kv_usage: e.report.kv_usage(),
+                        age: now.saturating_duration_since(e.at).as_secs_f64(),
+                    });
                     Some(BackendRow {
+                        engine,
                         url: b.url.clone(),
                         up: b.healthy && !b.draining,
                         in_flight: b.in_flight,

@@ -119,6 +119,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Path probed on each backend (appended to its URL's path).
     pub health_path: String,
+    /// Engine load polls (`--load-signal`, `--load-path`); their interval and the
+    /// saturation thresholds are in `core.engine`.
+    pub load: crate::load::LoadSettings,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// Extra PEM CA bundle trusted for `https://` backends (besides the system roots).
@@ -244,6 +247,7 @@ impl Settings {
             request_timeout: Duration::from_secs(4 * 3600),
             connect_timeout: Duration::from_secs(5),
             health_path: "/v1/models".into(),
+            load: crate::load::LoadSettings::default(),
             shutdown_timeout: Duration::from_secs(30),
             backend_ca: None,
             pool_idle_timeout: POOL_IDLE_TIMEOUT,

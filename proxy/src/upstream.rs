@@ -26,6 +26,8 @@ pub struct Upstream<R: Runtime> {
     source: crate::fleet::Source,
     /// Its last probe and health transition, for the admin API.
     notes: std::sync::Mutex<crate::fleet::Notes>,
+    /// Its engine load polls (see [`crate::load`]).
+    load: std::sync::Mutex<crate::load::LoadPoll>,
 }
 
 impl<R: Runtime> Upstream<R> {
@@ -46,6 +48,7 @@ impl<R: Runtime> Upstream<R> {
             serial,
             source,
             notes: Default::default(),
+            load: Default::default(),
         }
     }
 
@@ -62,6 +65,15 @@ impl<R: Runtime> Upstream<R> {
     /// Its last probe and health transition.
     pub fn notes(&self) -> crate::fleet::Notes {
         self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Its engine load polls' state: the engine they found and the last result.
+    pub fn load_polls(&self) -> crate::load::LoadPoll {
+        self.load_poll(|p| p.clone())
+    }
+
+    pub(crate) fn load_poll<T>(&self, f: impl FnOnce(&mut crate::load::LoadPoll) -> T) -> T {
+        f(&mut self.load.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub(crate) fn note(&self, f: impl FnOnce(&mut crate::fleet::Notes)) {

@@ -646,7 +646,7 @@ fn models_max_tokens_and_context_limits() {
     );
 
     // Without --engine: --model is listed, any model is still served, and
-    // /metrics is an ordinary path.
+    // /metrics is a 404 (a control endpoint: a load balancer's polls count nowhere).
     let plain = Mock::spawn(&["--model", "x"]);
     assert_eq!(ids(plain.port), ["x"]);
     let r = post_json(
@@ -657,7 +657,8 @@ fn models_max_tokens_and_context_limits() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["model"], "zzz");
     let r = get(plain.port, "/metrics");
-    assert_eq!(r.json()["path"], "/metrics");
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(plain.requests(), 1, "only the completion counts");
 }
 
 /// The checker above rejects what it should, so its passing means something.

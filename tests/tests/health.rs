@@ -422,6 +422,10 @@ fn a_passively_ejected_backend_is_probed_again_within_seconds() {
         if req.starts_with(b"GET /v1/models ") {
             return FakeReply::json(200, &[], r#"{"object":"list","data":[]}"#);
         }
+        // lb's engine load poll is not real traffic.
+        if req.starts_with(b"GET /metrics ") {
+            return FakeReply::json(404, &[], r#"{"error":"no metrics"}"#);
+        }
         let status = if count.fetch_add(1, SeqCst) == 0 {
             500
         } else {

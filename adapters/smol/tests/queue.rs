@@ -226,6 +226,11 @@ fn settings(backend: SocketAddr, queue: Option<Duration>, log: Option<RequestLog
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(2),
         health_path: "/probe".into(),
+        // No engine load polls: the backend's record of paths is the requests'.
+        load: lb_proxy::LoadSettings {
+            signal: None,
+            ..lb_proxy::LoadSettings::default()
+        },
         shutdown_timeout: Duration::from_secs(2),
         backend_ca: None,
         request_log: log,

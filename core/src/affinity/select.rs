@@ -178,9 +178,10 @@ fn ready_owner(slots: &[Option<Backend>], slot: u32) -> Option<Owner> {
 
 /// The load guard: whether `b` may take a request that belongs to it, being below its cap
 /// and at most `overflow_percent` of its `max_conns` ahead of `min` (the least-loaded
-/// ready backend's in-flight count).
+/// ready backend's effective load, [`Backend::load`]: in flight, or the engine's own
+/// queue when it reports more).
 fn within_guard(b: &Backend, min: u32, overflow_percent: u32) -> bool {
-    let ahead = u64::from(b.in_flight.saturating_sub(min));
+    let ahead = u64::from(b.load().saturating_sub(min));
     !b.at_cap() && ahead * 100 <= u64::from(overflow_percent) * u64::from(conns(b))
 }
 

@@ -45,6 +45,21 @@ pub struct BackendRow {
     pub weight: u32,
     /// Its counters.
     pub stats: Arc<BackendStats>,
+    /// Its engine's last load report, if it ever sent one.
+    pub engine: Option<EngineRow>,
+}
+
+/// A backend engine's last load report at a scrape (see `lb_core::engine`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EngineRow {
+    /// Requests it said it was running.
+    pub running: u32,
+    /// Requests it said were waiting.
+    pub waiting: u32,
+    /// Its KV cache usage (0..1), if it said.
+    pub kv_usage: Option<f64>,
+    /// Seconds since the report came.
+    pub age: f64,
 }
 
 /// The exposition format a scrape asked for.
@@ -332,6 +347,37 @@ impl Collector for Collect {
             None,
             &gauge_rows(&|b| f64::from(b.weight)),
         )?;
+        // Engine load signals: only the backends whose engine has reported.
+        let engine_rows = |get: &dyn Fn(&EngineRow) -> Option<f64>| -> Vec<(Labels<'_>, f64)> {
+            s.backends
+                .iter()
+                .filter_map(|b| Some((vec![("backend", &*b.url)], get(b.engine.as_ref()?)?)))
+                .collect()
+        };
+        f.gauge(
+            "lb_backend_engine_running",
+            "Requests the backend's engine reported running (vllm:num_requests_running, sglang:num_running_reqs), from its last load report.",
+            None,
+            &engine_rows(&|e| Some(f64::from(e.running))),
+        )?;
+        f.gauge(
+            "lb_backend_engine_waiting",
+            "Requests the backend's engine reported waiting (vllm:num_requests_waiting, sglang:num_queue_reqs), from its last load report.",
+            None,
+            &engine_rows(&|e| Some(f64::from(e.waiting))),
+        )?;
+        f.gauge(
+            "lb_backend_engine_kv_usage",
+            "KV cache usage (0 to 1) the backend's engine reported (vllm:kv_cache_usage_perc, sglang:token_usage), from its last load report.",
+            None,
+            &engine_rows(&|e| e.kv_usage),
+        )?;
+        f.gauge(
+            "lb_backend_engine_report_age",
+            "Seconds since the backend's engine last reported its load (older than 3 --load-interval: ignored for routing).",
+            Some(&Unit::Seconds),
+            &engine_rows(&|e| Some(e.age)),
+        )?;
         let mut rows = Vec::new();
         for (b, _) in &backends {
             rows.push((
@@ -564,6 +610,12 @@ mod tests {
                 max_conns: 0,
                 weight: 1,
                 stats,
+                engine: Some(EngineRow {
+                    running: 3,
+                    waiting: 1,
+                    kv_usage: None,
+                    age: 0.25,
+                }),
             }],
             queue_depth: 0,
             affinity: None,
@@ -584,6 +636,9 @@ mod tests {
         );
         assert!(text.contains(r#"lb_requests_total{backend="http://b:1",code="200"} 2"#));
         assert!(text.contains(r#"lb_build_info{version="#));
+        assert!(text.contains(r#"lb_backend_engine_running{backend="http://b:1"} 3"#));
+        assert!(text.contains(r#"lb_backend_engine_report_age_seconds{backend="http://b:1"} 0.25"#));
+        assert!(!text.contains(r#"lb_backend_engine_kv_usage{"#), "{text}");
         let om = Metrics::new("smol").encode(
             Scrape {
                 backends: vec![],

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use cells::Cells;
 use codes::Codes;
-pub use encode::{BackendRow, Format, Scrape};
+pub use encode::{BackendRow, EngineRow, Format, Scrape};
 use hist::Histogram;
 
 /// Why `lb` answered a request itself (`lb_rejections_total{reason}`).

@@ -47,8 +47,8 @@
 //! * `timeout`: connections are accepted and requests (head and body) are read,
 //!   but nothing is ever answered, not even the health endpoint.
 //!
-//! The control endpoints `/stats`, `/prefixstats`, `/prefixstats/reset` and,
-//! with `--engine`, `GET /metrics` are exempt from the modes and from
+//! The control endpoints `/stats`, `/prefixstats`, `/prefixstats/reset` and
+//! `GET /metrics` are exempt from the modes and from
 //! `--delay`: they always answer at once, so a test can inspect a failing or
 //! hanging backend. `--delay` applies to every
 //! other request (including the health endpoint) before anything is answered.
@@ -78,8 +78,10 @@
 //!   object) gets 400 `{"error":{"message":..,"type":"invalid_request_error"}}`.
 //!   Each served request feeds the simulated prefix cache (below). With
 //!   `--engine`, see *Engine mode* for what changes.
-//! * `GET /metrics` (with `--engine`; without it, an ordinary path): the
-//!   engine's vLLM-named Prometheus metrics (below). Not counted in `/stats`.
+//! * `GET /metrics`: with `--engine`, the engine's vLLM-named Prometheus
+//!   metrics (below); without it, `404`. Not counted in `/stats`, and a
+//!   connection whose first request it is (a load balancer's load poll) is not
+//!   counted in `connections` or `open_connections` either.
 //! * `GET /prefixstats`: `{"requests","matched_chars","total_chars","ratio"}`
 //!   of the simulated prefix cache. It remembers the canonical text of the
 //!   last 1024 served completion/chat requests (chat: each message as
@@ -188,7 +190,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Bound;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -424,6 +426,9 @@ struct ConnState {
     last_activity: AtomicU64,
     /// Responses finished on this connection.
     served: AtomicU64,
+    /// Whether it was taken out of the connection counts (its first request was
+    /// `GET /metrics`).
+    uncounted: AtomicBool,
 }
 
 impl ConnState {
@@ -739,14 +744,15 @@ enum Route {
 }
 
 impl Route {
-    /// `engine`: whether `/metrics` exists (`--engine`).
-    fn of(method: &Method, path: &str, health: &str, engine: bool) -> Self {
+    /// `GET /metrics` is a control endpoint with or without `--engine` (without it, a
+    /// `404`), so that a load balancer's load polls count nowhere.
+    fn of(method: &Method, path: &str, health: &str) -> Self {
         if path == health {
             return Self::Health;
         }
         match (method, path) {
             (&Method::GET, "/stats") => Self::Stats,
-            (&Method::GET, "/metrics") if engine => Self::Metrics,
+            (&Method::GET, "/metrics") => Self::Metrics,
             (&Method::GET, "/prefixstats") => Self::PrefixStats,
             (&Method::POST, "/prefixstats/reset") => Self::PrefixReset,
             (&Method::POST, "/v1/completions") => Self::Completion { chat: false },
@@ -840,12 +846,17 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<TrackedBody>, Infallible> {
     let app = conn.app.clone();
-    let r = Route::of(
-        req.method(),
-        req.uri().path(),
-        &app.args.health_endpoint,
-        app.engine.is_some(),
-    );
+    let r = Route::of(req.method(), req.uri().path(), &app.args.health_endpoint);
+    // A connection opened for `GET /metrics` alone (a load balancer's load poll, sent
+    // with `Connection: close`) is not counted in `connections` either.
+    if r == Route::Metrics
+        && conn.served.load(Ordering::Acquire) == 0
+        && conn.active.load(Ordering::Acquire) == 0
+        && !conn.uncounted.swap(true, Ordering::AcqRel)
+    {
+        app.connections.fetch_sub(1, Ordering::Relaxed);
+        app.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
     let counted = !r.is_control() && r != Route::Health;
     let guard = RequestGuard::new(conn, counted);
     if counted {
@@ -1550,6 +1561,7 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream) {
         active: AtomicUsize::new(0),
         last_activity: AtomicU64::new(app.nanos()),
         served: AtomicU64::new(0),
+        uncounted: AtomicBool::new(false),
     });
     let io = TokioIo::new(ActivityIo {
         inner: stream,
@@ -1592,7 +1604,9 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream) {
             }
         }
     }
-    app.open_connections.fetch_sub(1, Ordering::Relaxed);
+    if !state.uncounted.load(Ordering::Acquire) {
+        app.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn shutdown_signal() {
@@ -1773,11 +1787,14 @@ mod tests {
     }
 
     #[test]
-    fn metrics_route_only_with_the_engine() {
-        let r = |engine| Route::of(&Method::GET, "/metrics", "/v1/models", engine);
-        assert_eq!(r(true), Route::Metrics);
-        assert!(r(true).is_control());
-        assert_eq!(r(false), Route::Echo);
+    fn metrics_is_a_control_route() {
+        let r = Route::of(&Method::GET, "/metrics", "/v1/models");
+        assert_eq!(r, Route::Metrics);
+        assert!(r.is_control());
+        assert_eq!(
+            Route::of(&Method::POST, "/metrics", "/v1/models"),
+            Route::Echo
+        );
     }
 
     #[test]
