@@ -117,6 +117,12 @@ pub(crate) struct Backend {
     /// Set for the span of one `select` that must avoid this backend (a failover away
     /// from it): it then counts as full.
     pub(crate) excluded: bool,
+    /// The models it serves, sorted and deduplicated, as its `/v1/models` last listed
+    /// them; `None` (never learnt, or an empty list): every model.
+    pub(crate) models: Option<Arc<[Box<str>]>>,
+    /// Set for the span of one `select` whose request names a model this backend does
+    /// not serve: it then counts as full, and rendezvous rankings leave it out.
+    pub(crate) off_model: bool,
 }
 
 impl Backend {
@@ -124,7 +130,25 @@ impl Backend {
     /// from the selection under way.
     #[inline]
     pub(crate) fn at_cap(&self) -> bool {
-        self.excluded || (self.max_conns != 0 && self.in_flight >= self.max_conns)
+        self.excluded || self.off_model || (self.max_conns != 0 && self.in_flight >= self.max_conns)
+    }
+
+    /// The load figure every load-aware choice ranks by, relative to the weight
+    /// ([`crate::policy::load_cmp`], and the bounded-load walk of
+    /// [`Policy::PrefixHash`](crate::Policy::PrefixHash)): today the requests this
+    /// balancer has in flight to the backend. One function, so that a better figure
+    /// (engine-reported load) reaches every policy at once.
+    #[inline]
+    pub(crate) fn load(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Whether it serves `model`: its list names it, or it has no list.
+    pub(crate) fn serves(&self, model: &str) -> bool {
+        match &self.models {
+            None => true,
+            Some(list) => list.binary_search_by(|m| (**m).cmp(model)).is_ok(),
+        }
     }
 }
 
@@ -152,6 +176,9 @@ pub struct BackendView {
     pub parked: bool,
     /// How many times it has been ejected (bumped on each healthy → unhealthy transition).
     pub epoch: u64,
+    /// The models it serves (sorted), as learnt from its `/v1/models`; `None`: every
+    /// model (no list, or an empty one).
+    pub models: Option<Arc<[Box<str>]>>,
 }
 
 impl From<&Backend> for BackendView {
@@ -167,6 +194,7 @@ impl From<&Backend> for BackendView {
             draining: b.draining,
             parked: b.parked,
             epoch: b.health.epoch(),
+            models: b.models.clone(),
         }
     }
 }

@@ -89,6 +89,7 @@ mod tests {
             draining: false,
             parked: false,
             epoch: 0,
+            models: None,
         }
     }
 
