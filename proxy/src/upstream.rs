@@ -26,6 +26,8 @@ pub struct Upstream<R: Runtime> {
     source: crate::fleet::Source,
     /// Its last probe and health transition, for the admin API.
     notes: std::sync::Mutex<crate::fleet::Notes>,
+    /// The models its `/v1/models` lists (`None`: no list, or an empty one).
+    models: std::sync::Mutex<Option<Arc<[crate::models::Model]>>>,
 }
 
 impl<R: Runtime> Upstream<R> {
@@ -46,6 +48,7 @@ impl<R: Runtime> Upstream<R> {
             serial,
             source,
             notes: Default::default(),
+            models: Default::default(),
         }
     }
 
@@ -66,6 +69,24 @@ impl<R: Runtime> Upstream<R> {
 
     pub(crate) fn note(&self, f: impl FnOnce(&mut crate::fleet::Notes)) {
         f(&mut self.notes.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The models its `/v1/models` last listed (`None`: no list, or an empty one).
+    pub fn models(&self) -> Option<Arc<[crate::models::Model]>> {
+        self.models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets its models; whether they changed.
+    pub(crate) fn set_models(&self, models: Option<Arc<[crate::models::Model]>>) -> bool {
+        let mut cur = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == models {
+            return false;
+        }
+        *cur = models;
+        true
     }
 
     /// Its id in the core.
