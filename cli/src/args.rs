@@ -147,8 +147,9 @@ pub struct Cli {
     #[arg(long, value_name = "X", default_value = "1.25", value_parser = balance_factor, allow_negative_numbers = true)]
     pub balance_factor: u32,
 
-    /// Answer 404 (model_not_found) to a request whose model no backend lists, rather
-    /// than routing it among all backends.
+    /// A request whose model no backend lists goes only to backends without a model list,
+    /// and gets 404 (model_not_found) when every backend has one, rather than going to
+    /// any backend.
     #[arg(long)]
     pub strict_models: bool,
 

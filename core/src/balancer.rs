@@ -255,10 +255,11 @@ impl<R: Rng> Balancer<R> {
     /// Sets the models a backend serves, as its `/v1/models` lists them (the proxy learns
     /// them with each probe): a request that names a model ([`RequestMeta::model`]) goes
     /// only to backends that serve it. `None` or an empty list: the backend serves every
-    /// model. When no backend in the pool (draining ones aside) serves a request's model,
-    /// the request is routed among all of them as if it named none, or refused with
-    /// [`Reject::UnknownModel`] under [`Config::strict_models`](crate::Config). Returns
-    /// false if the backend was not in the pool.
+    /// model. When no backend in the pool (draining ones aside) lists a request's model,
+    /// the request is routed among all of them as if it named none; under
+    /// [`Config::strict_models`](crate::Config) only among those without a list, and
+    /// with none of those it is refused with [`Reject::UnknownModel`]. Returns false if
+    /// the backend was not in the pool.
     pub fn set_models(&mut self, now: Instant, id: BackendId, models: Option<Vec<String>>) -> bool {
         let Some(b) = self.get_mut(id) else {
             return false;
@@ -343,27 +344,33 @@ impl<R: Rng> Balancer<R> {
     }
 
     /// For one pick of a request naming `model`: marks the backends that do not serve it
-    /// `off_model` and says whether it did. Nothing is marked when no backend lists
-    /// models, or when none in the pool (draining ones aside) serves `model`: then every
-    /// backend may take it, unless models are strict ([`Reject::UnknownModel`]).
+    /// `off_model` and says whether it did.
+    ///
+    /// - Some backend in the pool (draining ones aside) lists `model`: the pool is those
+    ///   that list it and those without a list.
+    /// - None lists it: every backend may take it (nothing is marked), as if the request
+    ///   named no model; under `strict_models`, only those without a list, and with none
+    ///   of those, [`Reject::UnknownModel`].
     fn mark_off_model(&mut self, model: &str) -> Result<bool, Reject> {
         if !self.models_known() {
             return Ok(false);
         }
-        let served = self
-            .slots
-            .iter()
-            .flatten()
-            .any(|b| !b.draining && b.serves(model));
-        if !served {
-            return if self.config.strict_models {
-                Err(Reject::UnknownModel)
-            } else {
-                Ok(false)
-            };
+        let pool = self.slots.iter().flatten().filter(|b| !b.draining);
+        let listed = pool.clone().any(|b| b.models.is_some() && b.serves(model));
+        if listed {
+            for b in self.slots.iter_mut().flatten() {
+                b.off_model = !b.serves(model);
+            }
+            return Ok(true);
+        }
+        if !self.config.strict_models {
+            return Ok(false);
+        }
+        if !pool.clone().any(|b| b.models.is_none()) {
+            return Err(Reject::UnknownModel);
         }
         for b in self.slots.iter_mut().flatten() {
-            b.off_model = !b.serves(model);
+            b.off_model = b.models.is_some();
         }
         Ok(true)
     }

@@ -28,9 +28,10 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Prefix-hash routing settings (used by [`Policy::PrefixHash`] only).
     pub prefix_hash: PrefixHashConfig,
-    /// A request naming a model that no backend in the pool serves is refused
-    /// ([`Reject::UnknownModel`](crate::Reject::UnknownModel), a `404`) rather than routed
-    /// among all backends (`--strict-models`). See [`Balancer::set_models`](crate::Balancer::set_models).
+    /// A request naming a model that no backend in the pool lists goes only to backends
+    /// without a list, and is refused ([`Reject::UnknownModel`](crate::Reject::UnknownModel),
+    /// a `404`) when every backend has one, rather than routed among all backends
+    /// (`--strict-models`). See [`Balancer::set_models`](crate::Balancer::set_models).
     pub strict_models: bool,
 }
 

@@ -96,9 +96,9 @@ pub enum Reject {
     NoHealthyBackend,
     /// Every healthy backend is at its in-flight cap (the proxy answers 429).
     AllAtCapacity,
-    /// The request names a model no backend in the pool serves, and
-    /// [`Config::strict_models`](crate::Config::strict_models) is on (the proxy answers
-    /// 404, `model_not_found`).
+    /// The request names a model no backend in the pool lists, every backend has a list,
+    /// and [`Config::strict_models`](crate::Config::strict_models) is on (the proxy
+    /// answers 404, `model_not_found`).
     UnknownModel,
 }
 

@@ -71,8 +71,8 @@ fn requests_go_to_the_backends_that_serve_their_model() {
             assert!([ids[0], ids[1], ids[3]].contains(&at), "{policy}: {at}");
             let at = pick(&mut b, now, "mistral").unwrap();
             assert!([ids[2], ids[3]].contains(&at), "{policy}: {at}");
-            // Served by the unlisted backend alone.
-            assert_eq!(pick(&mut b, now, "phi"), Ok(ids[3]), "{policy}");
+            // Listed by none: anywhere, as if it named no model.
+            assert!(pick(&mut b, now, "phi").is_ok(), "{policy}");
         }
         // A request with no model goes anywhere.
         let mut seen = std::collections::BTreeSet::new();
@@ -102,10 +102,17 @@ fn a_model_nobody_serves_goes_anywhere_or_is_refused_when_strict() {
             let picks: Vec<_> = (0..4).map(|_| pick(&mut b, now, "c").unwrap()).collect();
             assert!(picks.contains(&ids[0]) && picks.contains(&ids[1]));
         }
-        // An empty list serves every model: then nothing is unknown.
+        // An empty list serves every model: strict sends an unlisted model there only.
         b.set_models(now, ids[1], Some(Vec::new()));
-        assert_eq!(pick(&mut b, now, "c"), Ok(ids[1]));
         assert!(b.backend(ids[1]).unwrap().models.is_none());
+        if strict {
+            for _ in 0..4 {
+                assert_eq!(pick(&mut b, now, "c"), Ok(ids[1]));
+            }
+        }
+        // A listed model goes to its lister and to the backend without a list.
+        let picks: Vec<_> = (0..4).map(|_| pick(&mut b, now, "a").unwrap()).collect();
+        assert!(picks.contains(&ids[0]) && picks.contains(&ids[1]));
         // No list anywhere: no model is unknown, strict or not.
         b.set_models(now, ids[0], None);
         assert!(pick(&mut b, now, "c").is_ok());
@@ -184,9 +191,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// Against a reference: with random lists (some missing, some empty) over a few
-    /// model names, caps and loads, every pick serves the request's model when some
-    /// backend does; a model nobody serves goes anywhere (or is refused when strict);
-    /// a refusal happens only when no serving backend has room.
+    /// model names, caps and loads, a model some backend lists goes to a lister or a
+    /// backend without a list; a model nobody lists goes anywhere, or when strict to a
+    /// backend without a list, and with none of those is refused as unknown; a refusal
+    /// for capacity happens only when no eligible backend has room.
     #[test]
     fn picks_stay_in_the_model_pool(
         policy_i in 0usize..Policy::ALL.len(),
@@ -202,10 +210,10 @@ proptest! {
         for (id, (_, models)) in ids.iter().zip(&backends) {
             b.set_models(now, *id, models.as_ref().map(|l| l.iter().map(|&m| name(m)).collect()));
         }
-        // What the reference says a backend serves.
-        let serves = |i: usize, m: &str| match &backends[i].1 {
-            None => true,
-            Some(l) => l.is_empty() || l.iter().any(|&x| name(x) == m),
+        // What the reference says: a backend lists a model, or has no list.
+        let listless = |i: usize| backends[i].1.as_ref().is_none_or(Vec::is_empty);
+        let lists = |i: usize, m: &str| {
+            backends[i].1.as_ref().is_some_and(|l| l.iter().any(|&x| name(x) == m))
         };
         let mut held: Vec<Lease> = Vec::new();
         let mut failure = None;
@@ -213,13 +221,20 @@ proptest! {
             let model = name(m);
             let views: Vec<_> = ids.iter().map(|&id| b.backend(id).unwrap()).collect();
             let room = |i: usize| views[i].max_conns == 0 || views[i].in_flight < views[i].max_conns;
-            let pool: Vec<usize> = (0..ids.len()).filter(|&i| serves(i, &model)).collect();
-            let eligible: Vec<usize> = if pool.is_empty() { (0..ids.len()).collect() } else { pool.clone() };
+            let all: Vec<usize> = (0..ids.len()).collect();
+            let pool: Vec<usize> = if all.iter().any(|&i| lists(i, &model)) {
+                all.iter().copied().filter(|&i| lists(i, &model) || listless(i)).collect()
+            } else if strict {
+                all.iter().copied().filter(|&i| listless(i)).collect()
+            } else {
+                all.clone()
+            };
+            let eligible = pool.clone();
             match b.select(now, &RequestMeta::default().with_model(&model)) {
                 Ok(l) => {
                     let i = ids.iter().position(|&id| id == l.backend()).unwrap();
                     held.push(l);
-                    if !eligible.contains(&i) || !room(i) || (strict && pool.is_empty()) {
+                    if !eligible.contains(&i) || !room(i) {
                         failure = Some(format!("{policy}: {model} went to backend {i} (pool {pool:?})"));
                         break;
                     }
@@ -231,7 +246,7 @@ proptest! {
                     }
                 }
                 Err(r) => {
-                    if (strict && pool.is_empty()) || eligible.iter().any(|&i| room(i)) {
+                    if pool.is_empty() || eligible.iter().any(|&i| room(i)) {
                         failure = Some(format!("{policy}: {model} refused ({r:?}) with room in {eligible:?}"));
                         break;
                     }

@@ -78,6 +78,15 @@ fn requests_go_only_to_backends_that_list_their_model() {
         "{v}"
     );
 
+    let admin = lb.admin_get("/admin/backends").json();
+    let lists: Vec<Value> = admin["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["models"].clone())
+        .collect();
+    assert_eq!(lists[0], json!(["llama", "shared"]), "{admin}");
+    assert_eq!(lists[3], json!(["qwen", "shared"]), "{admin}");
     let ports = |ms: &[Mock]| -> HashSet<u16> { ms.iter().map(|m| m.port).collect() };
     assert_eq!(served(&lb, "llama", 8), ports(&llama));
     assert_eq!(served(&lb, "qwen", 8), ports(&qwen));
