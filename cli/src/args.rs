@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use lb_core::{
-    AffinityConfig, BackendSpec, Config, EngineLoadConfig, HealthConfig, Policy, QueueConfig,
+    AffinityConfig, BackendSpec, Config, EngineLoadConfig, HealthConfig, Policy, PrefixHashConfig,
+    QueueConfig,
 };
 use lb_proxy::settings::{DEFAULT_REPLAY_BUFFER, MAX_HEAD_BYTES, POOL_IDLE_TIMEOUT};
 use lb_proxy::{HashKey, Settings};
@@ -161,6 +162,22 @@ pub struct Cli {
     /// client-ip. Requests without the header or field hash the client IP.
     #[arg(long, default_value = "user", value_parser = hash_key)]
     pub hash_key: HashKey,
+
+    /// prefix-hash routing keys a request by this many units of its prompt (a message, or
+    /// a 1 KiB block of a long message or prompt); 1 to 256.
+    #[arg(long, value_name = "N", default_value_t = lb_core::DEFAULT_PREFIX_UNITS, value_parser = prefix_units, allow_negative_numbers = true)]
+    pub prefix_units: usize,
+
+    /// prefix-hash routing walks past a backend whose load is above this many times the
+    /// average (a number greater than 1).
+    #[arg(long, value_name = "X", default_value = "1.25", value_parser = balance_factor, allow_negative_numbers = true)]
+    pub balance_factor: u32,
+
+    /// A request whose model no backend lists goes only to backends without a model list,
+    /// and gets 404 (model_not_found) when every backend has one, rather than going to
+    /// any backend.
+    #[arg(long)]
+    pub strict_models: bool,
 
     /// Cache-aware routing forgets a prefix after this long unused (sliding).
     #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
@@ -373,6 +390,28 @@ fn ip(s: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("'{s}' is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"))
 }
 
+fn prefix_units(s: &str) -> Result<usize, String> {
+    let cap = lb_core::affinity::CHAIN_CAP;
+    match whole(s, 1, cap as u64) {
+        Ok(n) if (1..=cap).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a whole number from 1 to {cap}")),
+    }
+}
+
+/// `--balance-factor`: a number above 1 (at most 100), kept in thousandths.
+fn balance_factor(s: &str) -> Result<u32, String> {
+    let refuse = || format!("'{s}' is not a number greater than 1 and at most 100 (e.g. 1.25)");
+    let x: f64 = s.trim().parse().map_err(|_| refuse())?;
+    if !x.is_finite() || x > 100.0 {
+        return Err(refuse());
+    }
+    let milli = (x * 1000.0).round();
+    if milli <= 1000.0 {
+        return Err(refuse());
+    }
+    Ok(milli as u32)
+}
+
 fn hash_key(s: &str) -> Result<HashKey, String> {
     s.parse()
 }
@@ -406,6 +445,10 @@ fn policy_parser() -> impl TypedValueParser<Value = Policy> {
             ),
             Policy::ConsistentHash => (
                 "the --hash-key value picks the backend: session affinity",
+                &[],
+            ),
+            Policy::PrefixHash => (
+                "the prompt's first --prefix-units units pick the backend, within --balance-factor of the average load: the same answer on every lb replica",
                 &[],
             ),
         };
@@ -549,6 +592,11 @@ impl Cli {
                     saturation_kv_ppm: (self.saturation_kv * f64::from(lb_core::engine::PPM))
                         .round() as u32,
                 },
+                prefix_hash: PrefixHashConfig {
+                    units: self.prefix_units,
+                    balance_factor: self.balance_factor,
+                },
+                strict_models: self.strict_models,
             },
             request_timeout: self.timeout,
             connect_timeout: self.connect_timeout,
@@ -714,6 +762,29 @@ mod tests {
     }
 
     #[test]
+    fn prefix_hash_and_model_flags() {
+        let s = parse(&["--backends", "a:1", "--routing", "prefix-hash"]).unwrap();
+        assert_eq!(s.core.policy, Policy::PrefixHash);
+        assert_eq!(s.core.prefix_hash, PrefixHashConfig::default());
+        assert!(!s.core.strict_models);
+        let s = parse(&[
+            "--backends",
+            "a:1",
+            "--routing",
+            "prefix-hash",
+            "--prefix-units",
+            "16",
+            "--balance-factor",
+            "1.5",
+            "--strict-models",
+        ])
+        .unwrap();
+        assert_eq!(s.core.prefix_hash.units, 16);
+        assert_eq!(s.core.prefix_hash.balance_factor, 1500);
+        assert!(s.core.strict_models);
+    }
+
+    #[test]
     fn every_policy_name_and_alias_is_accepted() {
         let names = Policy::names();
         let mut all: Vec<&str> = names.split(", ").collect();
@@ -790,6 +861,30 @@ mod tests {
             (
                 &["--backends", "a:1", "--load-path", "metrics"][..],
                 "--load-path",
+            ),
+            (
+                &["--backends", "a:1", "--balance-factor", "1"][..],
+                "--balance-factor",
+            ),
+            (
+                &["--backends", "a:1", "--balance-factor", "0.9"][..],
+                "--balance-factor",
+            ),
+            (
+                &["--backends", "a:1", "--balance-factor", "nan"][..],
+                "--balance-factor",
+            ),
+            (
+                &["--backends", "a:1", "--balance-factor", "1.0001"][..],
+                "--balance-factor",
+            ),
+            (
+                &["--backends", "a:1", "--prefix-units", "0"][..],
+                "--prefix-units",
+            ),
+            (
+                &["--backends", "a:1", "--prefix-units", "257"][..],
+                "--prefix-units",
             ),
         ] {
             let err = parse(args).unwrap_err();

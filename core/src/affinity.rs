@@ -96,7 +96,7 @@ mod key;
 pub(crate) mod select;
 mod table;
 
-pub use key::{user_of, RequestKey, BLOCK_BYTES, CHAIN_CAP, MAX_BODY_PREFIX};
+pub use key::{user_of, BodyFields, RequestKey, BLOCK_BYTES, CHAIN_CAP, MAX_BODY_PREFIX};
 
 /// The `max_conns` assumed for a backend without a cap (`max_conns == 0`) by the
 /// cache-aware guard and the table bound. [`Config::validate`](crate::Config::validate)

@@ -127,6 +127,12 @@ pub(crate) struct Backend {
     /// Set for the span of one `select` that passes over saturated backends: it then
     /// counts as full.
     pub(crate) shunned: bool,
+    /// The models it serves, sorted and deduplicated, as its `/v1/models` last listed
+    /// them; `None` (never learnt, or an empty list): every model.
+    pub(crate) models: Option<Arc<[Box<str>]>>,
+    /// Set for the span of one `select` whose request names a model this backend does
+    /// not serve: it then counts as full, and rendezvous rankings leave it out.
+    pub(crate) off_model: bool,
 }
 
 impl Backend {
@@ -134,15 +140,28 @@ impl Backend {
     /// from the selection under way.
     #[inline]
     pub(crate) fn at_cap(&self) -> bool {
-        self.excluded || self.shunned || (self.max_conns != 0 && self.in_flight >= self.max_conns)
+        self.excluded
+            || self.shunned
+            || self.off_model
+            || (self.max_conns != 0 && self.in_flight >= self.max_conns)
     }
 
-    /// The effective load every load-aware policy ranks by: `max(in_flight, running +
-    /// waiting)` with a fresh engine report, else `in_flight` (see [`crate::engine`] for
-    /// why). `max_conns` is checked against `in_flight` alone.
+    /// The effective load every load-aware choice ranks by, relative to the weight
+    /// ([`crate::policy::load_cmp`], cache-aware's overflow guard, and the bounded-load
+    /// walk of [`Policy::PrefixHash`](crate::Policy::PrefixHash)): `max(in_flight,
+    /// running + waiting)` with a fresh engine report, else `in_flight` (see
+    /// [`crate::engine`] for why). `max_conns` is checked against `in_flight` alone.
     #[inline]
     pub(crate) fn load(&self) -> u32 {
         self.in_flight.max(self.engine_load)
+    }
+
+    /// Whether it serves `model`: its list names it, or it has no list.
+    pub(crate) fn serves(&self, model: &str) -> bool {
+        match &self.models {
+            None => true,
+            Some(list) => list.binary_search_by(|m| (**m).cmp(model)).is_ok(),
+        }
     }
 }
 
@@ -173,6 +192,9 @@ pub struct BackendView {
     /// The engine's last load report and when it came, fresh or not: it counts while
     /// [`EngineLoadConfig::is_fresh`](crate::EngineLoadConfig::is_fresh).
     pub engine: Option<EngineReport>,
+    /// The models it serves (sorted), as learnt from its `/v1/models`; `None`: every
+    /// model (no list, or an empty one).
+    pub models: Option<Arc<[Box<str>]>>,
 }
 
 impl From<&Backend> for BackendView {
@@ -189,6 +211,7 @@ impl From<&Backend> for BackendView {
             parked: b.parked,
             epoch: b.health.epoch(),
             engine: b.engine,
+            models: b.models.clone(),
         }
     }
 }

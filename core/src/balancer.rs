@@ -185,6 +185,8 @@ impl<R: Rng> Balancer<R> {
             engine_load: 0,
             saturated: false,
             shunned: false,
+            models: None,
+            off_model: false,
         });
         self.selector.invalidate();
         self.admit(now);
@@ -262,6 +264,31 @@ impl<R: Rng> Balancer<R> {
         Ok(true)
     }
 
+    /// Sets the models a backend serves, as its `/v1/models` lists them (the proxy learns
+    /// them with each probe): a request that names a model ([`RequestMeta::model`]) goes
+    /// only to backends that serve it. `None` or an empty list: the backend serves every
+    /// model. When no backend in the pool (draining ones aside) lists a request's model,
+    /// the request is routed among all of them as if it named none; under
+    /// [`Config::strict_models`](crate::Config) only among those without a list, and
+    /// with none of those it is refused with [`Reject::UnknownModel`]. Returns false if
+    /// the backend was not in the pool.
+    pub fn set_models(&mut self, now: Instant, id: BackendId, models: Option<Vec<String>>) -> bool {
+        let Some(b) = self.get_mut(id) else {
+            return false;
+        };
+        let models = models.filter(|l| !l.is_empty()).map(|mut l| {
+            l.sort_unstable();
+            l.dedup();
+            l.into_iter().map(String::into_boxed_str).collect()
+        });
+        if b.models != models {
+            b.models = models;
+            // Queued requests for a model may fit now.
+            self.admit(now);
+        }
+        true
+    }
+
     /// Lets a backend take traffic at once, as if a probe had passed (it joined healthy
     /// but unproven). Returns false if it was not in the pool.
     pub fn trust_backend(&mut self, id: BackendId) -> bool {
@@ -297,10 +324,67 @@ impl<R: Rng> Balancer<R> {
         meta: &RequestMeta<'_>,
         exclude: &[BackendId],
     ) -> Result<Lease, Reject> {
+        let pooled = match meta.model {
+            Some(model) => self.mark_off_model(model)?,
+            None => false,
+        };
         self.set_excluded(exclude, true);
         let picked = self.pick(now, meta);
         self.set_excluded(exclude, false);
+        if pooled {
+            // Nothing of the model's pool is healthy: that is a 503, not a full pool.
+            let none_ready = picked.is_err()
+                && self
+                    .selector
+                    .ready(&self.slots)
+                    .iter()
+                    .all(|&s| self.slots[s as usize].as_ref().is_none_or(|b| b.off_model));
+            for b in self.slots.iter_mut().flatten() {
+                b.off_model = false;
+            }
+            if none_ready {
+                return Err(Reject::NoHealthyBackend);
+            }
+        }
         picked
+    }
+
+    /// Whether some backend has a model list (then requests naming a model are routed
+    /// among the backends that serve it).
+    fn models_known(&self) -> bool {
+        self.slots.iter().flatten().any(|b| b.models.is_some())
+    }
+
+    /// For one pick of a request naming `model`: marks the backends that do not serve it
+    /// `off_model` and says whether it did.
+    ///
+    /// - Some backend in the pool (draining ones aside) lists `model`: the pool is those
+    ///   that list it and those without a list.
+    /// - None lists it: every backend may take it (nothing is marked), as if the request
+    ///   named no model; under `strict_models`, only those without a list, and with none
+    ///   of those, [`Reject::UnknownModel`].
+    fn mark_off_model(&mut self, model: &str) -> Result<bool, Reject> {
+        if !self.models_known() {
+            return Ok(false);
+        }
+        let pool = self.slots.iter().flatten().filter(|b| !b.draining);
+        let listed = pool.clone().any(|b| b.models.is_some() && b.serves(model));
+        if listed {
+            for b in self.slots.iter_mut().flatten() {
+                b.off_model = !b.serves(model);
+            }
+            return Ok(true);
+        }
+        if !self.config.strict_models {
+            return Ok(false);
+        }
+        if !pool.clone().any(|b| b.models.is_none()) {
+            return Err(Reject::UnknownModel);
+        }
+        for b in self.slots.iter_mut().flatten() {
+            b.off_model = b.models.is_some();
+        }
+        Ok(true)
     }
 
     fn set_excluded(&mut self, exclude: &[BackendId], on: bool) {
@@ -337,6 +421,26 @@ impl<R: Rng> Balancer<R> {
     fn pick_once(&mut self, now: Instant, meta: &RequestMeta<'_>) -> Result<Lease, Reject> {
         let policy = self.config.policy;
         let picked = match policy {
+            Policy::PrefixHash => {
+                let p = &self.config.prefix_hash;
+                match meta.prefix_key(p.units) {
+                    (Some(key), depth) => self
+                        .selector
+                        .bounded_rendezvous(&self.slots, key, p.balance_factor)
+                        .map(|(s, first)| {
+                            let route = if first {
+                                Route::Hit { depth }
+                            } else {
+                                Route::Overflow { depth: 0 }
+                            };
+                            (s, route)
+                        }),
+                    (None, _) => self
+                        .selector
+                        .least_conn(&self.slots, &mut self.rng)
+                        .map(|s| (s, Route::Miss)),
+                }
+            }
             Policy::CacheAware => self.cache_aware.as_mut().and_then(|c| {
                 c.pick(
                     now,
@@ -699,8 +803,11 @@ impl<R: Rng> Balancer<R> {
     // ------------------------------------------------------------------ internals
 
     /// Hands free slots to the queue, oldest first; drops waiters past their deadline.
-    /// Stops at the first waiter no backend can take: then no slot is free for anyone.
+    /// Stops at the first waiter no backend can take: then no slot is free for anyone;
+    /// except that a waiter for a model whose backends are full is passed over (a slot
+    /// may be free in another model's pool), keeping its place.
     fn admit(&mut self, now: Instant) {
+        let mut passed: Vec<crate::queue::Waiter> = Vec::new();
         while let Some(w) = self.queue.waiting.pop_front() {
             if w.deadline <= now {
                 self.admissions.push_back(Admission::Expired(w.ticket));
@@ -711,11 +818,15 @@ impl<R: Rng> Balancer<R> {
                     self.admissions
                         .push_back(Admission::Admitted(w.ticket, lease));
                 }
+                Err(_) if w.meta.model.is_some() && self.models_known() => passed.push(w),
                 Err(_) => {
                     self.queue.waiting.push_front(w);
                     break;
                 }
             }
+        }
+        for w in passed.into_iter().rev() {
+            self.queue.waiting.push_front(w);
         }
     }
 

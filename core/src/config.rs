@@ -29,6 +29,42 @@ pub struct Config {
     pub queue: QueueConfig,
     /// How engine load reports count (see [`crate::engine`]).
     pub engine: EngineLoadConfig,
+    /// Prefix-hash routing settings (used by [`Policy::PrefixHash`] only).
+    pub prefix_hash: PrefixHashConfig,
+    /// A request naming a model that no backend in the pool lists goes only to backends
+    /// without a list, and is refused ([`Reject::UnknownModel`](crate::Reject::UnknownModel),
+    /// a `404`) when every backend has one, rather than routed among all backends
+    /// (`--strict-models`). See [`Balancer::set_models`](crate::Balancer::set_models).
+    pub strict_models: bool,
+}
+
+/// The default [`PrefixHashConfig::units`]: 4 units are 4 KiB of a prompt or of a long
+/// message (1 KiB blocks, [`BLOCK_BYTES`](crate::affinity::BLOCK_BYTES)), a typical long
+/// system prompt, or the first 4 messages of a chat.
+pub const DEFAULT_PREFIX_UNITS: usize = 4;
+
+/// The default [`PrefixHashConfig::balance_factor`], in thousandths: 1.25, SGLang's
+/// `prefix_hash` and the bounded-loads paper's usual choice.
+pub const DEFAULT_BALANCE_FACTOR: u32 = 1250;
+
+/// Settings of [`Policy::PrefixHash`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefixHashConfig {
+    /// How many units of the request's prompt chain make its key (at least 1, at most
+    /// [`CHAIN_CAP`](crate::affinity::CHAIN_CAP)): `chain[min(units, len) - 1]`.
+    pub units: usize,
+    /// The bound, in thousandths (above 1000): a backend whose load relative to its
+    /// weight is above `balance_factor / 1000` times the average is walked past.
+    pub balance_factor: u32,
+}
+
+impl Default for PrefixHashConfig {
+    fn default() -> Self {
+        PrefixHashConfig {
+            units: DEFAULT_PREFIX_UNITS,
+            balance_factor: DEFAULT_BALANCE_FACTOR,
+        }
+    }
 }
 
 impl Default for Config {
@@ -41,6 +77,8 @@ impl Default for Config {
             affinity: AffinityConfig::default(),
             queue: QueueConfig::default(),
             engine: EngineLoadConfig::default(),
+            prefix_hash: PrefixHashConfig::default(),
+            strict_models: false,
         }
     }
 }
@@ -52,6 +90,8 @@ impl Config {
     /// - [`Policy::CacheAware`] needs every backend to have `max_conns > 0`: its load
     ///   guard and its table bound scale with it.
     /// - The affinity TTL must be positive and `entries_per_conn` at least 1.
+    /// - [`Policy::PrefixHash`] needs 1 to `CHAIN_CAP` key units and a balance factor
+    ///   above 1.
     /// - A queue timeout needs a queue size above 0.
     pub fn validate(&self, backends: &[BackendSpec]) -> Result<(), ConfigError> {
         if self.policy == Policy::CacheAware {
@@ -69,6 +109,21 @@ impl Config {
             if self.affinity.entries_per_conn == 0 {
                 return Err(ConfigError(
                     "the affinity table needs at least 1 entry per connection".into(),
+                ));
+            }
+        }
+        if self.policy == Policy::PrefixHash {
+            let p = &self.prefix_hash;
+            if !(1..=crate::affinity::CHAIN_CAP).contains(&p.units) {
+                return Err(ConfigError(format!(
+                    "the prefix-hash key needs 1 to {} units (got {})",
+                    crate::affinity::CHAIN_CAP,
+                    p.units
+                )));
+            }
+            if p.balance_factor <= 1000 {
+                return Err(ConfigError(
+                    "the prefix-hash balance factor must be greater than 1".into(),
                 ));
             }
         }
@@ -94,6 +149,9 @@ impl Config {
         self.affinity.entries_per_conn = self.affinity.entries_per_conn.max(1);
         self.queue.timeout = self.queue.timeout.map(|d| d.max(MIN_TICK));
         self.engine.interval = self.engine.interval.max(MIN_TICK);
+        let p = &mut self.prefix_hash;
+        p.units = p.units.clamp(1, crate::affinity::CHAIN_CAP);
+        p.balance_factor = p.balance_factor.max(1001);
         self
     }
 }

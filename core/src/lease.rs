@@ -96,6 +96,10 @@ pub enum Reject {
     NoHealthyBackend,
     /// Every healthy backend is at its in-flight cap (the proxy answers 429).
     AllAtCapacity,
+    /// The request names a model no backend in the pool lists, every backend has a list,
+    /// and [`Config::strict_models`](crate::Config::strict_models) is on (the proxy
+    /// answers 404, `model_not_found`).
+    UnknownModel,
 }
 
 impl fmt::Display for Reject {
@@ -103,6 +107,7 @@ impl fmt::Display for Reject {
         f.write_str(match self {
             Reject::NoHealthyBackend => "no healthy backend",
             Reject::AllAtCapacity => "every healthy backend is at its connection limit",
+            Reject::UnknownModel => "no backend serves the requested model",
         })
     }
 }

@@ -149,7 +149,9 @@ mod status;
 pub use affinity::{AffinityConfig, RequestKey, RoutingStats};
 pub use backend::{BackendId, BackendSpec, BackendView, PoolError, MAX_WEIGHT};
 pub use balancer::Balancer;
-pub use config::{Config, ConfigError, MIN_TICK};
+pub use config::{
+    Config, ConfigError, PrefixHashConfig, DEFAULT_BALANCE_FACTOR, DEFAULT_PREFIX_UNITS, MIN_TICK,
+};
 pub use engine::{EngineLoadConfig, EngineReport, LoadReport};
 pub use event::{Action, Cause, Event, ProbeId};
 pub use hash::hash_bytes;

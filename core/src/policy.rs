@@ -41,11 +41,19 @@ pub enum Policy {
     /// the keys of a backend that leaves move. A key whose backend is full goes to its
     /// runner-up.
     ConsistentHash,
+    /// Replica-consistent prefix affinity, with no table: the chain hash of the request's
+    /// first [`PrefixHashConfig::units`](crate::PrefixHashConfig::units) prompt units (else
+    /// its `user` field, else the client IP) ranks the backends by weighted rendezvous
+    /// hashing, and the first in that order whose load is at most
+    /// [`PrefixHashConfig::balance_factor`](crate::PrefixHashConfig::balance_factor) times
+    /// the average takes it (consistent hashing with bounded loads). Deterministic: two
+    /// balancers with the same settings, healthy set and loads pick the same backend.
+    PrefixHash,
 }
 
 impl Policy {
     /// Every policy with its CLI name, in the order the help text lists them.
-    pub const ALL: [Policy; 8] = [
+    pub const ALL: [Policy; 9] = [
         Policy::LeastConn,
         Policy::RoundRobin,
         Policy::WeightedRoundRobin,
@@ -54,6 +62,7 @@ impl Policy {
         Policy::P2c,
         Policy::CacheAware,
         Policy::ConsistentHash,
+        Policy::PrefixHash,
     ];
 
     /// The CLI name.
@@ -67,6 +76,7 @@ impl Policy {
             Policy::P2c => "p2c",
             Policy::CacheAware => "cache-aware",
             Policy::ConsistentHash => "consistent-hash",
+            Policy::PrefixHash => "prefix-hash",
         }
     }
 
@@ -114,6 +124,7 @@ impl FromStr for Policy {
             "p2c" | "random-two-least" => Policy::P2c,
             "cache-aware" => Policy::CacheAware,
             "consistent-hash" => Policy::ConsistentHash,
+            "prefix-hash" => Policy::PrefixHash,
             other => return Err(UnknownPolicy(other.to_string())),
         })
     }
@@ -264,9 +275,12 @@ impl Selector {
                 None => least_conn(&self.ready, slots, rng).map(|s| (s, Route::Miss)),
             },
             Policy::P2c => self.p2c(slots, rng).map(plain),
-            // The balancer routes cache-aware requests itself (with its table); a pick
-            // without the table is least connections.
-            Policy::CacheAware => least_conn(&self.ready, slots, rng).map(plain),
+            // The balancer routes cache-aware requests itself (with its table), and
+            // prefix-hash ones with their settings; a pick without them is least
+            // connections.
+            Policy::CacheAware | Policy::PrefixHash => {
+                least_conn(&self.ready, slots, rng).map(plain)
+            }
         }
     }
 
@@ -288,7 +302,9 @@ impl Selector {
         self.refresh(slots);
         self.ready
             .iter()
-            .map(|&s| backend(slots, s).load())
+            .map(|&s| backend(slots, s))
+            .filter(|b| !b.off_model)
+            .map(|b| b.load())
             .min()
             .unwrap_or(0)
     }
@@ -398,35 +414,115 @@ impl Selector {
     /// score for `key` wins, so a departing backend moves only its own keys. Backends at
     /// their cap are skipped (their keys overflow to their runner-up).
     /// The highest-ranked backend for `key` below its cap, and whether it is the key's
-    /// first choice (the highest-ranked of all ready backends, full or not).
+    /// first choice (the highest-ranked of all ready backends that serve the request's
+    /// model, full or not).
     fn rendezvous(&self, slots: &[Option<Backend>], key: u64) -> Option<(u32, bool)> {
-        let ranks_above = |score: f64, h: u64, than: Option<(f64, u64, u32)>| match than {
-            None => true,
-            Some((bs, bh, _)) => score > bs || (score == bs && h > bh),
-        };
         // The best below its cap, and the best of all (full ones included).
-        let mut best: Option<(f64, u64, u32)> = None;
-        let mut best_any: Option<(f64, u64, u32)> = None;
+        let mut best: Option<Rank> = None;
+        let mut best_any: Option<Rank> = None;
         for &s in &self.ready {
             let b = backend(slots, s);
-            let h = hash::mix64(key ^ b.name_hash);
-            let score = if self.uniform {
-                0.0
-            } else {
-                // -w / ln(u), u uniform in (0, 1): the weighted HRW score. `libm::log`
-                // rather than `f64::ln` (the platform's libm): identical results everywhere.
-                let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                -f64::from(b.weight) / libm::log(u)
-            };
-            if ranks_above(score, h, best_any) {
-                best_any = Some((score, h, s));
+            if b.off_model {
+                continue;
             }
-            if !b.at_cap() && ranks_above(score, h, best) {
-                best = Some((score, h, s));
+            let r = Rank::of(b, s, key, self.uniform);
+            if best_any.is_none_or(|a| r.above(&a)) {
+                best_any = Some(r);
+            }
+            if !b.at_cap() && best.is_none_or(|a| r.above(&a)) {
+                best = Some(r);
             }
         }
-        let first = best_any.map(|(_, _, s)| s);
-        best.map(|(_, _, s)| (s, Some(s) == first))
+        let first = best_any.map(|r| r.slot);
+        best.map(|r| (r.slot, Some(r.slot) == first))
+    }
+
+    /// The prefix-hash pick (consistent hashing with bounded loads, Mirrokni, Thorup and
+    /// Zadimoghaddam 2018): the ready backends in `key`'s rendezvous order, and the first
+    /// below its cap whose load relative to its weight is at most `factor_milli / 1000`
+    /// times the average (`Σ load / Σ weight` over the ready backends that serve the
+    /// request's model). When none is (every one within the bound is at its cap), the
+    /// least loaded below its cap, the highest-ranked among equals. No randomness: the
+    /// same pool, loads and key always give the same backend. With the backend comes
+    /// whether it is the key's first choice.
+    pub(crate) fn bounded_rendezvous(
+        &mut self,
+        slots: &[Option<Backend>],
+        key: u64,
+        factor_milli: u32,
+    ) -> Option<(u32, bool)> {
+        self.refresh(slots);
+        let (mut total_load, mut total_weight) = (0u128, 0u128);
+        for &s in &self.ready {
+            let b = backend(slots, s);
+            if !b.off_model {
+                total_load += u128::from(b.load());
+                total_weight += u128::from(b.weight);
+            }
+        }
+        // load / weight ≤ factor × total_load / total_weight, without division.
+        let within = |b: &Backend| {
+            u128::from(b.load()) * total_weight * 1000
+                <= u128::from(factor_milli) * total_load * u128::from(b.weight)
+        };
+        let mut first: Option<Rank> = None;
+        let mut best: Option<Rank> = None;
+        // The fallback: the least loaded below its cap, the highest-ranked among equals.
+        let mut lightest: Option<Rank> = None;
+        for &s in &self.ready {
+            let b = backend(slots, s);
+            if b.off_model {
+                continue;
+            }
+            let r = Rank::of(b, s, key, self.uniform);
+            if first.is_none_or(|a| r.above(&a)) {
+                first = Some(r);
+            }
+            if b.at_cap() {
+                continue;
+            }
+            if within(b) && best.is_none_or(|a| r.above(&a)) {
+                best = Some(r);
+            }
+            let lighter = lightest.is_none_or(|l| match load_cmp(b, backend(slots, l.slot)) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Equal => r.above(&l),
+                std::cmp::Ordering::Greater => false,
+            });
+            if lighter {
+                lightest = Some(r);
+            }
+        }
+        let chosen = best.or(lightest)?;
+        Some((chosen.slot, first.is_some_and(|f| f.slot == chosen.slot)))
+    }
+}
+
+/// A backend's place in one key's weighted rendezvous order: higher scores first, the
+/// hash breaking ties.
+#[derive(Clone, Copy, Debug)]
+struct Rank {
+    score: f64,
+    hash: u64,
+    slot: u32,
+}
+
+impl Rank {
+    fn of(b: &Backend, slot: u32, key: u64, uniform: bool) -> Rank {
+        let hash = hash::mix64(key ^ b.name_hash);
+        let score = if uniform {
+            0.0
+        } else {
+            // -w / ln(u), u uniform in (0, 1): the weighted HRW score. `libm::log`
+            // rather than `f64::ln` (the platform's libm): identical results everywhere.
+            let u = ((hash >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            -f64::from(b.weight) / libm::log(u)
+        };
+        Rank { score, hash, slot }
+    }
+
+    fn above(&self, other: &Rank) -> bool {
+        self.score > other.score || (self.score == other.score && self.hash > other.hash)
     }
 }
 
@@ -550,7 +646,8 @@ mod tests {
             "consistent-hash".parse::<Policy>(),
             Ok(Policy::ConsistentHash)
         );
-        assert!(Policy::names().contains("cache-aware, consistent-hash"));
+        assert!(Policy::names().contains("cache-aware, consistent-hash, prefix-hash"));
+        assert_eq!("prefix-hash".parse::<Policy>(), Ok(Policy::PrefixHash));
         let err = "fastest".parse::<Policy>().unwrap_err().to_string();
         assert!(
             err.contains("fastest") && err.contains("least-conn") && err.contains("p2c"),

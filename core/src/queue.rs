@@ -109,6 +109,8 @@ pub struct OwnedMeta {
     pub key: Option<Vec<u8>>,
     /// The cache-aware key, see [`RequestMeta::affinity`].
     pub affinity: Option<RequestKey>,
+    /// The model, see [`RequestMeta::model`].
+    pub model: Option<String>,
 }
 
 impl OwnedMeta {
@@ -118,6 +120,7 @@ impl OwnedMeta {
             client_ip: self.client_ip,
             key: self.key.as_deref(),
             affinity: self.affinity.as_ref(),
+            model: self.model.as_deref(),
         }
     }
 }
@@ -128,6 +131,7 @@ impl From<&RequestMeta<'_>> for OwnedMeta {
             client_ip: m.client_ip,
             key: m.key.map(<[u8]>::to_vec),
             affinity: m.affinity.cloned(),
+            model: m.model.map(str::to_owned),
         }
     }
 }

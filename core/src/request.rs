@@ -17,6 +17,9 @@ pub struct RequestMeta<'a> {
     /// [`RequestKey::from_body`]; used by [`Policy::CacheAware`](crate::Policy::CacheAware)
     /// only.
     pub affinity: Option<&'a RequestKey>,
+    /// The model the request names (its JSON body's `model` field): only backends that
+    /// serve it are eligible ([`Balancer::set_models`](crate::Balancer::set_models)).
+    pub model: Option<&'a str>,
 }
 
 impl<'a> RequestMeta<'a> {
@@ -26,6 +29,7 @@ impl<'a> RequestMeta<'a> {
             client_ip: Some(client_ip),
             key: None,
             affinity: None,
+            model: None,
         }
     }
 
@@ -33,6 +37,14 @@ impl<'a> RequestMeta<'a> {
     pub fn with_affinity(self, key: &'a RequestKey) -> Self {
         RequestMeta {
             affinity: Some(key),
+            ..self
+        }
+    }
+
+    /// The same meta with the model the request names.
+    pub fn with_model(self, model: &'a str) -> Self {
+        RequestMeta {
+            model: Some(model),
             ..self
         }
     }
@@ -59,6 +71,17 @@ impl<'a> RequestMeta<'a> {
                 None => hash_bytes(&v6.octets()),
             },
         })
+    }
+
+    /// The prefix-hash key and its depth: the chain value of the first `units` units of
+    /// the prompt (depth: how many units that is), else the hashing key or the client
+    /// address (depth 0).
+    pub(crate) fn prefix_key(&self, units: usize) -> (Option<u64>, u32) {
+        let chain = self.units();
+        match chain.len().min(units) {
+            0 => (self.affinity_hash(), 0),
+            n => (Some(chain[n - 1]), u32::try_from(n).unwrap_or(u32::MAX)),
+        }
     }
 
     /// The cache-aware key's chain units (none without a key).

@@ -90,6 +90,7 @@ mod tests {
             parked: false,
             epoch: 0,
             engine: None,
+            models: None,
         }
     }
 

@@ -105,7 +105,9 @@ impl Harness {
                             assert_eq!(self.waiting.len(), self.size, "refused below the bound");
                         }
                     },
-                    Err(Reject::NoHealthyBackend) => unreachable!("backends never fail here"),
+                    Err(Reject::NoHealthyBackend | Reject::UnknownModel) => {
+                        unreachable!("backends never fail here, and no model is named")
+                    }
                 }
             }
             Op::Release(i) => {

@@ -165,6 +165,7 @@ fn owned_meta(key: Option<u8>) -> OwnedMeta {
             1 => RequestKey::Prefix(vec![u64::from(k / 32), u64::from(k / 8), u64::from(k)]),
             _ => RequestKey::None,
         }),
+        model: None,
     }
 }
 
@@ -274,6 +275,7 @@ impl State {
                 assert!(below_cap(&v), "picked a backend at its cap: {v:?}");
             }
             Err(Reject::NoHealthyBackend) => assert_eq!(ready().count(), 0),
+            Err(Reject::UnknownModel) => unreachable!("no request names a model"),
             Err(Reject::AllAtCapacity) => {
                 assert!(ready().count() > 0);
                 assert_eq!(ready().filter(below_cap).count(), 0);
@@ -495,6 +497,7 @@ pub fn run(data: &[u8]) {
             interval: ms(setup.timeout_ms),
             ..lb_core::EngineLoadConfig::default()
         },
+        ..Config::default()
     };
     let t0 = Instant::now();
     let mut s = State {

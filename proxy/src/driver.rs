@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use lb_core::{Action, ProbeId, ProbeOutcome};
 
+use crate::models::{MAX_MODELS_BODY, MODELS_PATH};
 use crate::proxy::Proxy;
 use crate::runtime::Runtime;
 
@@ -72,21 +73,35 @@ pub async fn drive<R: Runtime>(proxy: Arc<Proxy<R>>) {
 }
 
 /// One probe: `GET <backend prefix><health path>`, bounded by the core's deadline. The
-/// status decides; the body is not read.
+/// status decides health. When the health path is `/v1/models` its body (at most
+/// [`MAX_MODELS_BODY`] bytes) is the backend's model list; else a probe that passes is
+/// followed by a `GET /v1/models` of its own, bounded by the probe timeout (see
+/// [`crate::models`]).
 async fn run_probe<R: Runtime>(proxy: Arc<Proxy<R>>, probe: ProbeId, deadline: Instant) {
     let Some(upstream) = proxy.upstream(probe.backend()) else {
         return;
     };
     let started = Instant::now();
-    let get = proxy
-        .runtime()
-        .get(&upstream, &proxy.settings().health_path, 0);
+    let health_path = &proxy.settings().health_path;
+    let lists = health_path == MODELS_PATH;
+    let get = proxy.runtime().get(
+        &upstream,
+        health_path,
+        if lists { MAX_MODELS_BODY } else { 0 },
+    );
     let timeout = proxy.runtime().sleep_until(deadline);
+    let mut models = None;
     let outcome = match either_value(get, timeout).await {
-        Some(Ok(fetched)) => ProbeOutcome::Status(fetched.status),
+        Some(Ok(fetched)) => {
+            if lists {
+                models = Some(crate::models::parse(&fetched));
+            }
+            ProbeOutcome::Status(fetched.status)
+        }
         Some(Err(e)) => ProbeOutcome::Error(e),
         None => ProbeOutcome::TimedOut,
     };
+    let passed = outcome.passed();
     upstream.stats.probe(started.elapsed());
     let found = outcome.to_string();
     let at = crate::fleet::unix_ms();
@@ -94,12 +109,27 @@ async fn run_probe<R: Runtime>(proxy: Arc<Proxy<R>>, probe: ProbeId, deadline: I
     if proxy.is_shutting_down() {
         return;
     }
+    // The models first: a backend that turns healthy now takes only its models' requests.
+    if let Some(models) = models {
+        proxy.learn_models(&upstream, models);
+    }
     let drained = {
         let mut core = proxy.lock();
         core.balancer.probe_result(Instant::now(), probe, outcome);
         proxy.drain(&mut core)
     };
     proxy.dispatch(drained);
+    if !lists && passed {
+        let get = proxy.runtime().get(&upstream, MODELS_PATH, MAX_MODELS_BODY);
+        let timeout = proxy
+            .runtime()
+            .sleep_until(Instant::now() + proxy.settings().core.health.timeout);
+        if let Some(Ok(fetched)) = either_value(get, timeout).await {
+            if !proxy.is_shutting_down() {
+                proxy.learn_models(&upstream, crate::models::parse(&fetched));
+            }
+        }
+    }
 }
 
 /// Waits for whichever of `a` and `b` ends first.

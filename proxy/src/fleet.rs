@@ -264,6 +264,8 @@ impl<R: Runtime> Proxy<R> {
                     "probed": v.proven,
                     "in_flight": v.in_flight,
                     "max_conns": v.max_conns,
+                    // What its /v1/models listed (null: no list, it serves every model).
+                    "models": v.models.as_ref().map(|l| l.iter().map(|m| &**m).collect::<Vec<_>>()),
                     "last_probe": notes.probe.as_ref().map(|(at, result)| json!({
                         "at": rfc3339_ms(*at),
                         "result": result,

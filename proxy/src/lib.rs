@@ -13,8 +13,10 @@
 //! [`Proxy`] from the [`Settings`]; it spawns [`drive`] once, and for each request:
 //!
 //! 1. reads a request head and checks it with [`rules`] (refusals are [`reply`]s);
-//! 2. reads a body prefix when routing by content ([`Settings::routes_by_body`]), takes
-//!    the [`RouteKeys`] and calls [`Proxy::select_or_wait`] for a [`LeaseGuard`];
+//! 2. answers what `lb` answers itself ([`Proxy::local_reply`]: the merged
+//!    `GET /v1/models`); reads a body prefix when routing by content
+//!    ([`Proxy::routes_by_body`]), takes the [`RouteKeys`] ([`Proxy::route_keys`]) and
+//!    calls [`Proxy::select_or_wait`] for a [`LeaseGuard`];
 //! 3. forwards and streams both ways; a failure becomes [`LeaseGuard::fail`] (before the
 //!    response head: the reply to send) or [`LeaseGuard::cut`] (after it);
 //! 4. lets the guard go: the lease returns to the core with the exchange's outcome.
@@ -34,6 +36,7 @@ pub mod fleet;
 mod lease;
 pub mod load;
 pub mod metrics;
+pub mod models;
 mod proxy;
 pub mod reply;
 pub mod reqlog;

@@ -54,6 +54,9 @@ pub struct Proxy<R: Runtime> {
     affinity: Option<AffinityPolicy>,
     /// The next backend's admin API id.
     pub(crate) serial: std::sync::atomic::AtomicU64,
+    /// Whether some backend lists its models: then requests are routed by their model
+    /// (their body is read first).
+    model_pools: AtomicBool,
 }
 
 /// What the lock guards: the balancer, and the backends by slot.
@@ -116,9 +119,11 @@ impl<R: Runtime> Proxy<R> {
             affinity: match settings_policy {
                 Policy::CacheAware => Some(AffinityPolicy::CacheAware),
                 Policy::ConsistentHash => Some(AffinityPolicy::ConsistentHash),
+                Policy::PrefixHash => Some(AffinityPolicy::PrefixHash),
                 _ => None,
             },
             serial: std::sync::atomic::AtomicU64::new(next_serial),
+            model_pools: AtomicBool::new(false),
         }))
     }
 
@@ -176,6 +181,83 @@ impl<R: Runtime> Proxy<R> {
             }
         };
         self.metrics.encode(scrape, format)
+    }
+
+    /// Whether a request's body (its first
+    /// [`MAX_BODY_PREFIX`](lb_core::affinity::MAX_BODY_PREFIX) bytes) must be read before
+    /// selecting: the policy routes by content ([`Settings::routes_by_body`]), or model
+    /// pools are on (some backend lists its models).
+    pub fn routes_by_body(&self) -> bool {
+        self.settings.routes_by_body() || self.model_pools.load(Ordering::Acquire)
+    }
+
+    /// What a request routes by ([`Settings::route_keys`]), the model included while
+    /// model pools are on. `prefix` is what the adapter read when
+    /// [`routes_by_body`](Self::routes_by_body).
+    pub fn route_keys<'h>(
+        &self,
+        prefix: Option<(&[u8], bool)>,
+        header: impl FnOnce(&str) -> Option<&'h [u8]>,
+    ) -> crate::RouteKeys {
+        let models = self.model_pools.load(Ordering::Acquire);
+        self.settings.route_keys(prefix, header, models)
+    }
+
+    /// What `lb` answers itself instead of proxying, besides `/health`: `GET /v1/models`
+    /// when every healthy backend listed its models (the union, sorted by id, see
+    /// [`crate::models`]); `None`: proxy the request. `path` is without the query.
+    pub fn local_reply(&self, method: &str, path: &str) -> Option<Reply> {
+        if method != "GET" || path != crate::models::MODELS_PATH {
+            return None;
+        }
+        if !self.model_pools.load(Ordering::Acquire) {
+            return None;
+        }
+        let lists = {
+            let core = self.lock();
+            let mut lists = Vec::new();
+            for b in core
+                .balancer
+                .backends()
+                .filter(|b| b.healthy && !b.draining)
+            {
+                lists.push(core.upstream(b.id)?.models()?);
+            }
+            lists
+        };
+        if lists.is_empty() {
+            return None;
+        }
+        Some(Reply {
+            status: 200,
+            headers: &[("cache-control", "no-store")],
+            body: crate::models::union(lists.iter().map(|l| &l[..])),
+            request_id: None,
+            rejection: None,
+        })
+    }
+
+    /// A backend's models, as its `/v1/models` answer listed them (`None`: no list, see
+    /// [`crate::models`]): kept for the merged list and given to the core.
+    pub(crate) fn learn_models(
+        &self,
+        upstream: &Upstream<R>,
+        models: Option<Vec<crate::models::Model>>,
+    ) {
+        let models: Option<Arc<[crate::models::Model]>> =
+            models.filter(|l| !l.is_empty()).map(Into::into);
+        if !upstream.set_models(models.clone()) {
+            return;
+        }
+        let ids = models.map(|l| l.iter().map(|m| m.id.clone()).collect());
+        let d = {
+            let mut core = self.lock();
+            core.balancer.set_models(Instant::now(), upstream.id(), ids);
+            let on = core.upstreams().any(|u| u.models().is_some());
+            self.model_pools.store(on, Ordering::Release);
+            self.drain(&mut core)
+        };
+        self.dispatch(d);
     }
 
     /// The settings it runs with.
@@ -240,6 +322,7 @@ impl<R: Runtime> Proxy<R> {
                 let queued = self.settings.core.queue.enabled();
                 match reject {
                     Reject::NoHealthyBackend => self.metrics.rejected(Rejection::NoHealthy),
+                    Reject::UnknownModel => self.metrics.rejected(Rejection::UnknownModel),
                     Reject::AllAtCapacity if !queued => {
                         self.metrics.rejected(Rejection::AtCapacity)
                     }
@@ -296,6 +379,7 @@ impl<R: Runtime> Proxy<R> {
                 Err(reject) => {
                     self.metrics.rejected(match reject {
                         Reject::NoHealthyBackend => Rejection::NoHealthy,
+                        Reject::UnknownModel => Rejection::UnknownModel,
                         Reject::AllAtCapacity => Rejection::QueueFull,
                     });
                     return Err(reject);

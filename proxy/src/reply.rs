@@ -98,6 +98,12 @@ pub fn error_for(e: ProxyError, id: Option<&RequestId>) -> Reply {
             "no_healthy_backend",
             "no healthy backend is available",
         ),
+        ProxyError::Rejected(Reject::UnknownModel) => (
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            "the requested model does not exist: no backend serves it",
+        ),
         ProxyError::Rejected(Reject::AllAtCapacity) => (
             429,
             "rate_limit_error",
@@ -222,5 +228,8 @@ mod tests {
             503
         );
         assert_eq!(error(ProxyError::GatewayTimeout).status, 504);
+        let r = error(ProxyError::Rejected(Reject::UnknownModel));
+        assert_eq!(r.status, 404);
+        assert!(r.body.contains(r#""code":"model_not_found""#), "{}", r.body);
     }
 }

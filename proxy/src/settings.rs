@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lb_core::affinity::user_of;
+use lb_core::affinity::BodyFields;
 use lb_core::{BackendSpec, Config, Event, Policy, RequestKey, RequestMeta};
 
 /// Idle pooled connections to a backend are closed after this long. vLLM's server
@@ -269,36 +269,54 @@ impl Settings {
         }
     }
 
-    /// Whether routing needs the request body (its first
+    /// Whether the policy needs the request body (its first
     /// [`MAX_BODY_PREFIX`](lb_core::affinity::MAX_BODY_PREFIX) bytes) before selecting.
+    /// Model pools need it too: see [`Proxy::routes_by_body`](crate::Proxy::routes_by_body).
     pub fn routes_by_body(&self) -> bool {
         match self.core.policy {
-            Policy::CacheAware => true,
+            Policy::CacheAware | Policy::PrefixHash => true,
             Policy::ConsistentHash => self.hash_key == HashKey::User,
             _ => false,
         }
     }
 
     /// What a request routes by, from what the adapter read of it: `prefix` is the body's
-    /// first bytes and whether the body ended within them (read exactly when
-    /// [`routes_by_body`](Self::routes_by_body)), and `header` looks a request header up
-    /// by its lowercase name. A body that did not fit in the prefix gives no body key.
+    /// first bytes and whether the body ended within them (read when
+    /// [`routes_by_body`](Self::routes_by_body), or with model pools), `header` looks a
+    /// request header up by its lowercase name, and `models` says whether model pools are
+    /// on (then the body's `model` is taken). A body that did not fit in the prefix gives
+    /// no body key and no model. The body is parsed once.
     pub fn route_keys<'h>(
         &self,
         prefix: Option<(&[u8], bool)>,
         header: impl FnOnce(&str) -> Option<&'h [u8]>,
+        models: bool,
     ) -> RouteKeys {
         let mut keys = RouteKeys::default();
         let policy = self.core.policy;
         if let Some((data, ended)) = prefix {
-            if policy == Policy::CacheAware {
-                keys.affinity = Some(if ended {
-                    RequestKey::from_body(data)
-                } else {
-                    RequestKey::None
-                });
-            } else if ended {
-                keys.key = user_of(data).map(String::into_bytes);
+            let chain = matches!(policy, Policy::CacheAware | Policy::PrefixHash);
+            let fields = if ended {
+                BodyFields::parse(data, chain)
+            } else {
+                BodyFields::default()
+            };
+            if models {
+                keys.model.clone_from(&fields.model);
+            }
+            match policy {
+                Policy::CacheAware => keys.affinity = Some(fields.into_cache_key()),
+                // The prompt first; without one, the user (then the client address).
+                Policy::PrefixHash => {
+                    if fields.chain.is_none() {
+                        keys.key = fields.user.map(String::into_bytes);
+                    }
+                    keys.affinity = Some(fields.chain);
+                }
+                Policy::ConsistentHash if self.hash_key == HashKey::User => {
+                    keys.key = fields.user.map(String::into_bytes);
+                }
+                _ => {}
             }
         }
         if let (Policy::ConsistentHash, HashKey::Header(name)) = (policy, &self.hash_key) {
@@ -313,8 +331,10 @@ impl Settings {
 pub struct RouteKeys {
     /// The hashing key (`--hash-key`'s header or `user` field).
     pub key: Option<Vec<u8>>,
-    /// The cache-aware key.
+    /// The cache-aware key (the prompt chain for prefix-hash).
     pub affinity: Option<RequestKey>,
+    /// The model the body names (with model pools on).
+    pub model: Option<String>,
 }
 
 impl RouteKeys {
@@ -324,6 +344,7 @@ impl RouteKeys {
             client_ip: Some(client_ip),
             key: self.key.as_deref(),
             affinity: self.affinity.as_ref(),
+            model: self.model.as_deref(),
         }
     }
 }
@@ -615,32 +636,60 @@ mod tests {
         // Cache-aware: the key comes from the whole body; a cut body gives RequestKey::None.
         let s = routing(Policy::CacheAware, HashKey::ClientIp);
         assert!(s.routes_by_body());
-        let k = s.route_keys(Some((body, true)), header);
+        let k = s.route_keys(Some((body, true)), header, false);
         assert_eq!(k.affinity, Some(RequestKey::from_body(body)));
         assert_eq!(k.key, None);
         let m = k.meta(ip);
         assert_eq!((m.client_ip, m.key), (Some(ip), None));
         assert_eq!(m.affinity, k.affinity.as_ref());
-        let k = s.route_keys(Some((body, false)), header);
+        let k = s.route_keys(Some((body, false)), header, false);
         assert_eq!(k.affinity, Some(RequestKey::None));
 
         // consistent-hash on `user`: the field of a whole body, nothing from a cut one.
         let s = routing(Policy::ConsistentHash, HashKey::User);
         assert!(s.routes_by_body());
-        let k = s.route_keys(Some((body, true)), header);
+        let k = s.route_keys(Some((body, true)), header, false);
         assert_eq!((k.key.as_deref(), k.affinity), (Some(&b"alice"[..]), None));
-        assert_eq!(s.route_keys(Some((body, false)), header).key, None);
+        assert_eq!(s.route_keys(Some((body, false)), header, false).key, None);
 
         // consistent-hash on a header: its value, or none when absent.
         let s = routing(Policy::ConsistentHash, HashKey::Header("x-session".into()));
         assert!(!s.routes_by_body());
-        assert_eq!(s.route_keys(None, header).key.as_deref(), Some(&b"s-1"[..]));
+        assert_eq!(
+            s.route_keys(None, header, false).key.as_deref(),
+            Some(&b"s-1"[..])
+        );
         let s = routing(Policy::ConsistentHash, HashKey::Header("x-other".into()));
-        assert_eq!(s.route_keys(None, header).key, None);
+        assert_eq!(s.route_keys(None, header, false).key, None);
+
+        // prefix-hash: the prompt chain even with a user; the user without a prompt.
+        let s = routing(Policy::PrefixHash, HashKey::User);
+        assert!(s.routes_by_body());
+        let k = s.route_keys(Some((body, true)), header, false);
+        assert_eq!(k.key, None);
+        assert!(matches!(k.affinity, Some(RequestKey::Prefix(_))));
+        let k = s.route_keys(Some((br#"{"user":"bob"}"#, true)), header, false);
+        assert_eq!(
+            (k.key.as_deref(), k.affinity),
+            (Some(&b"bob"[..]), Some(RequestKey::None))
+        );
+
+        // Model pools: the model of a whole body, under any policy; nothing else changes.
+        let body = br#"{"model":"llama","user":"alice","prompt":"hi"}"#;
+        let s = routing(Policy::IpHash, HashKey::User);
+        assert!(!s.routes_by_body());
+        let k = s.route_keys(Some((body, true)), header, true);
+        assert_eq!(
+            (k.model.as_deref(), k.key.as_deref()),
+            (Some("llama"), None)
+        );
+        assert_eq!(k.meta(ip).model, Some("llama"));
+        assert_eq!(s.route_keys(Some((body, true)), header, false).model, None);
+        assert_eq!(s.route_keys(Some((body, false)), header, true).model, None);
 
         // Policies that do not route by content carry no keys.
         let s = routing(Policy::LeastConn, HashKey::Header("x-session".into()));
-        assert_eq!(s.route_keys(None, header), RouteKeys::default());
+        assert_eq!(s.route_keys(None, header, false), RouteKeys::default());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Upstream<R: Runtime> {
     notes: std::sync::Mutex<crate::fleet::Notes>,
     /// Its engine load polls (see [`crate::load`]).
     load: std::sync::Mutex<crate::load::LoadPoll>,
+    /// The models its `/v1/models` lists (`None`: no list, or an empty one).
+    models: std::sync::Mutex<Option<Arc<[crate::models::Model]>>>,
 }
 
 impl<R: Runtime> Upstream<R> {
@@ -49,6 +51,7 @@ impl<R: Runtime> Upstream<R> {
             source,
             notes: Default::default(),
             load: Default::default(),
+            models: Default::default(),
         }
     }
 
@@ -78,6 +81,24 @@ impl<R: Runtime> Upstream<R> {
 
     pub(crate) fn note(&self, f: impl FnOnce(&mut crate::fleet::Notes)) {
         f(&mut self.notes.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The models its `/v1/models` last listed (`None`: no list, or an empty one).
+    pub fn models(&self) -> Option<Arc<[crate::models::Model]>> {
+        self.models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets its models; whether they changed.
+    pub(crate) fn set_models(&self, models: Option<Arc<[crate::models::Model]>>) -> bool {
+        let mut cur = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == models {
+            return false;
+        }
+        *cur = models;
+        true
     }
 
     /// Its id in the core.

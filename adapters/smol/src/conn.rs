@@ -145,11 +145,20 @@ async fn handle<S: Shard, C: Wire>(
         let pq = path_and_query(&req.target);
         log.capture(arrived, &req.method, pq, acct.id().as_str())
     });
+    if let Some(mut local) = proxy.local_reply(&req.method, path(&req.target)) {
+        // The merged `GET /v1/models`.
+        local.request_id = Some(acct.id().clone());
+        acct.replied(&local);
+        if let Some(c) = &capture {
+            c.reply(&local);
+        }
+        return answer(proxy, client, &req, &local).await;
+    }
 
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.
     let mut prefix = None;
-    if settings.routes_by_body() {
+    if proxy.routes_by_body() {
         let stall = Stall {
             timers: local.timers(),
             limit: settings.client_body_timeout,
@@ -175,7 +184,7 @@ async fn handle<S: Shard, C: Wire>(
         };
         prefix = Some(read);
     }
-    let keys = settings.route_keys(
+    let keys = proxy.route_keys(
         prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
         |name| req.header(name),
     );

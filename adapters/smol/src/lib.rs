@@ -12,10 +12,10 @@
 //! connections (WebSocket); runs health probes when the core asks; and drains gracefully
 //! on SIGTERM/SIGINT.
 //!
-//! LLM-aware routing, as in the tokio build: when the policy routes by content
-//! (`Settings::routes_by_body`: cache-aware, or consistent-hash on the `user` field) the
-//! first 4 MiB of the body are read before selecting, keyed by the core
-//! (`RequestKey::from_body`, `user_of`), then forwarded ahead of the rest; a request that
+//! LLM-aware routing, as in the tokio build: when routing reads the body
+//! (`Proxy::routes_by_body`: cache-aware, prefix-hash, consistent-hash on the `user`
+//! field, or model pools) the first 4 MiB of the body are read before selecting, keyed
+//! by the proxy layer (`Proxy::route_keys`), then forwarded ahead of the rest; a request that
 //! finds every backend at `--max-conns` may wait in the core's admission queue
 //! (`--queue-timeout`), giving its place up if its client leaves; and `--log-to` writes
 //! one `lb_proxy::reqlog` line per request from a writer thread.

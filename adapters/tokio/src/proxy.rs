@@ -131,6 +131,11 @@ async fn proxied(
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         Arc::new(log.capture(arrived, req.method().as_str(), pq, acct.id().as_str()))
     });
+    if let Some(mut r) = proxy.local_reply(req.method().as_str(), req.uri().path()) {
+        // The merged `GET /v1/models`.
+        r.request_id = Some(acct.id().clone());
+        return logged(&capture, acct, r);
+    }
     let (parts, body) = req.into_parts();
     // A body is copied as it goes up, while it fits, to send it again after a keep-alive
     // race (see `pool`).
@@ -148,7 +153,7 @@ async fn proxied(
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
     let mut prefix = None;
-    if settings.routes_by_body() {
+    if proxy.routes_by_body() {
         let read =
             match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
                 .await
@@ -167,7 +172,7 @@ async fn proxied(
             };
         prefix = Some(read);
     }
-    let keys = settings.route_keys(
+    let keys = proxy.route_keys(
         prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
         |name| parts.headers.get(name).map(|v| v.as_bytes()),
     );

@@ -118,13 +118,14 @@ impl RequestKey {
     }
 
     fn from_request(request: &Map<String, Value>) -> RequestKey {
-        if let Some(user) = request
-            .get("user")
-            .and_then(Value::as_str)
-            .filter(|u| !u.is_empty())
-        {
+        if let Some(user) = string_field(request, "user") {
             return RequestKey::from_user(user.as_bytes());
         }
+        RequestKey::prompt_of(request)
+    }
+
+    /// The prompt chain alone (the `user` field ignored).
+    fn prompt_of(request: &Map<String, Value>) -> RequestKey {
         let mut chain = Chain::new(request);
         if let Some(Value::Array(messages)) = request.get("messages") {
             for m in messages {
@@ -137,6 +138,57 @@ impl RequestKey {
             chain.prompt(prompt);
         }
         chain.finish()
+    }
+}
+
+/// A non-empty string field of a request.
+fn string_field<'a>(request: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    request
+        .get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// What routing reads from one JSON request body, parsed once: its `model` (model
+/// pools), its `user`, and with [`BodyFields::parse`]'s `chain`, its prompt chain
+/// regardless of `user` (the `--routing prefix-hash` key, which falls back to `user`
+/// only without a prompt).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BodyFields {
+    /// The `model` field, if a non-empty string.
+    pub model: Option<String>,
+    /// The `user` field, if a non-empty string.
+    pub user: Option<String>,
+    /// The prompt chain ([`RequestKey::Prefix`], or [`RequestKey::None`]); computed only
+    /// when asked for.
+    pub chain: RequestKey,
+}
+
+impl BodyFields {
+    /// The fields of `body` (all empty when it is not a JSON object). `chain`: compute the
+    /// prompt chain too.
+    pub fn parse(body: &[u8], chain: bool) -> BodyFields {
+        let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
+            return BodyFields::default();
+        };
+        BodyFields {
+            model: string_field(&request, "model").map(str::to_owned),
+            user: string_field(&request, "user").map(str::to_owned),
+            chain: if chain {
+                RequestKey::prompt_of(&request)
+            } else {
+                RequestKey::None
+            },
+        }
+    }
+
+    /// The cache-aware key these fields make: what [`RequestKey::from_body`] returns for
+    /// the same body (given a chain was computed).
+    pub fn into_cache_key(self) -> RequestKey {
+        match &self.user {
+            Some(user) => RequestKey::from_user(user.as_bytes()),
+            None => self.chain,
+        }
     }
 }
 
@@ -345,6 +397,36 @@ fn hash_block(bytes: &[u8], tag: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn body_fields_match_the_key() {
+        use super::*;
+        for body in [
+            &br#"{"model":"m","user":"alice","messages":[{"role":"user","content":"hi"}]}"#[..],
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            br#"{"prompt":"once upon a time","model":""}"#,
+            br#"{"model":7}"#,
+            b"not json",
+            b"[1,2]",
+        ] {
+            let f = BodyFields::parse(body, true);
+            assert_eq!(f.clone().into_cache_key(), RequestKey::from_body(body));
+            let g = BodyFields::parse(body, false);
+            assert_eq!(
+                (g.model, g.user, g.chain),
+                (f.model, f.user, RequestKey::None)
+            );
+        }
+        let f = BodyFields::parse(br#"{"model":"m","user":"u","prompt":"p"}"#, true);
+        assert_eq!(
+            (f.model.as_deref(), f.user.as_deref()),
+            (Some("m"), Some("u"))
+        );
+        assert!(
+            matches!(f.chain, RequestKey::Prefix(_)),
+            "the prompt, not the user"
+        );
+    }
+
     use super::*;
 
     fn chain(body: &str) -> Vec<u64> {

@@ -155,7 +155,7 @@ struct Totals {
     queue_wait: Sums,
     client_conns: u64,
     bytes: [u64; 2],
-    affinity: [[u64; 3]; 2],
+    affinity: [[u64; 3]; 3],
     changes: [[u64; 4]; 4],
 }
 
@@ -442,6 +442,7 @@ impl Collector for Collect {
         if let Some((policy, entries)) = s.affinity {
             let i = match policy {
                 "consistent-hash" => AffinityPolicy::ConsistentHash,
+                "prefix-hash" => AffinityPolicy::PrefixHash,
                 _ => AffinityPolicy::CacheAware,
             } as usize;
             let rows: Vec<_> = ["hit", "miss", "overflow"]

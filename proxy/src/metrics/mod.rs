@@ -37,10 +37,12 @@ pub enum Rejection {
     Timeout,
     /// `lb` is shutting down (503).
     ShuttingDown,
+    /// No backend serves the request's model, with `--strict-models` (404).
+    UnknownModel,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 7] = [
+    const ALL: [Rejection; 8] = [
         Rejection::NoHealthy,
         Rejection::AtCapacity,
         Rejection::QueueFull,
@@ -48,6 +50,7 @@ impl Rejection {
         Rejection::BadRequest,
         Rejection::Timeout,
         Rejection::ShuttingDown,
+        Rejection::UnknownModel,
     ];
 
     /// The label value.
@@ -60,6 +63,7 @@ impl Rejection {
             Rejection::BadRequest => "bad_request",
             Rejection::Timeout => "timeout",
             Rejection::ShuttingDown => "shutting_down",
+            Rejection::UnknownModel => "unknown_model",
         }
     }
 }
@@ -100,6 +104,7 @@ pub enum Direction {
 pub(crate) enum AffinityPolicy {
     CacheAware = 0,
     ConsistentHash = 1,
+    PrefixHash = 2,
 }
 
 /// A lookup's result (`lb_affinity_lookups_total{result}`).
@@ -128,7 +133,7 @@ struct Cell {
     queue_wait: Histogram,
     client_conns: AtomicU64,
     bytes: [AtomicU64; 2],
-    affinity: [[AtomicU64; 3]; 2],
+    affinity: [[AtomicU64; 3]; 3],
 }
 
 impl Metrics {

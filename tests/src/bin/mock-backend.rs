@@ -65,6 +65,8 @@
 //!   one entry per `--model`.
 //!   Counted in `/stats` as `health_checks`, not as `requests`.
 //! * `GET /v1/models` (when it is not the health endpoint): the same list.
+//!   Counted in `/stats` as `model_lists`, not as `requests` (`lb` reads it at
+//!   every health sweep to learn the models).
 //! * `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI-shaped JSON
 //!   (`text_completion` / `chat.completion`, with `choices`, `usage`, the
 //!   request's `model` or the first `--model`) of `--tokens` tokens (`token0 token1
@@ -90,7 +92,7 @@
 //!   with any remembered text (computed before remembering it); totals are
 //!   summed over requests; ratio = matched/total (0 when total is 0).
 //! * `POST /prefixstats/reset`: clears the cache and its counters.
-//! * `GET /stats`: `{"requests","in_flight","health_checks","connections",
+//! * `GET /stats`: `{"requests","in_flight","health_checks","model_lists","connections",
 //!   "open_connections","idle_closes","backend_port"}`. `requests` counts
 //!   every request (including failed and never-answered ones) except the
 //!   health endpoint and the control endpoints; `in_flight` is how many of
@@ -401,6 +403,8 @@ struct App {
     requests: AtomicU64,
     in_flight: AtomicU64,
     health_checks: AtomicU64,
+    /// `GET /v1/models` when it is not the health endpoint.
+    model_lists: AtomicU64,
     connections: AtomicU64,
     open_connections: AtomicU64,
     idle_closes: AtomicU64,
@@ -857,12 +861,14 @@ async fn handle(
         app.connections.fetch_sub(1, Ordering::Relaxed);
         app.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
-    let counted = !r.is_control() && r != Route::Health;
+    let counted = !r.is_control() && r != Route::Health && r != Route::Models;
     let guard = RequestGuard::new(conn, counted);
     if counted {
         app.requests.fetch_add(1, Ordering::Relaxed);
     } else if r == Route::Health {
         app.health_checks.fetch_add(1, Ordering::Relaxed);
+    } else if r == Route::Models {
+        app.model_lists.fetch_add(1, Ordering::Relaxed);
     }
     let mut resp = route(&app, r, req).await;
     if let Some(n) = app.args.keep_alive_header {
@@ -977,6 +983,7 @@ fn stats(app: &App) -> Response<BoxBody> {
         "requests": app.requests.load(Ordering::Relaxed),
         "in_flight": app.in_flight.load(Ordering::Relaxed),
         "health_checks": app.health_checks.load(Ordering::Relaxed),
+        "model_lists": app.model_lists.load(Ordering::Relaxed),
         "connections": app.connections.load(Ordering::Relaxed),
         "open_connections": app.open_connections.load(Ordering::Relaxed),
         "idle_closes": app.idle_closes.load(Ordering::Relaxed),
@@ -1649,6 +1656,7 @@ async fn main() -> std::io::Result<()> {
         requests: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         health_checks: AtomicU64::new(0),
+        model_lists: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         open_connections: AtomicU64::new(0),
         idle_closes: AtomicU64::new(0),
