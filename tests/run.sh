@@ -24,6 +24,14 @@ if [ "$(id -u)" = 0 ] && ! command -v promtool >/dev/null 2>&1 && command -v apt
     echo "   could not install prometheus: the promtool check will skip"
   fi
 fi
+if [ "$(id -u)" = 0 ] && ! [ -x /usr/sbin/dnsmasq ] && ! command -v dnsmasq >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing dnsmasq (the DNS discovery suite changes its records while lb runs)"
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends dnsmasq-base) >/dev/null 2>&1; then
+    echo "   could not install dnsmasq: the DNS discovery cases will skip"
+  fi
+fi
 # Where promtool is here, the observability suite must use it (no silent skip).
 if command -v promtool >/dev/null 2>&1; then
   export LB_REQUIRE_PROMTOOL=1

@@ -37,6 +37,27 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub backends_file: Option<PathBuf>,
 
+    /// Backends from DNS: every A/AAAA address of NAME is a backend ADDR:PORT, sent
+    /// Host: NAME[:PORT] (dns+https://: TLS, certificate checked for NAME); looked up at
+    /// start and every --discover-interval; repeatable
+    #[arg(long, value_name = "dns://NAME:PORT", value_parser = discover, action = clap::ArgAction::Append)]
+    pub discover: Vec<lb_proxy::settings::Discover>,
+
+    /// How often each --discover name is looked up again (sooner when its records' TTL is
+    /// shorter, with --resolver; at least 1s).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = duration, allow_hyphen_values = true)]
+    pub discover_interval: Duration,
+
+    /// The DNS server --discover asks (UDP, TTLs honoured), instead of the system
+    /// resolver (/etc/hosts, /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = resolver)]
+    pub resolver: Option<SocketAddr>,
+
+    /// With --check: also resolve each --discover name once, and fail naming it if it
+    /// does not resolve.
+    #[arg(long, requires = "check")]
+    pub resolve: bool,
+
     /// More backend URLs (same syntax as --backends).
     #[arg(value_name = "URL")]
     pub extra_backends: Vec<String>,
@@ -294,6 +315,15 @@ fn admin_bind(s: &str) -> Result<AdminBind, String> {
         .map_err(|_| format!("'{s}' is not ADDR:PORT (e.g. 127.0.0.1:9901, [::1]:9901) or off"))
 }
 
+fn discover(s: &str) -> Result<lb_proxy::settings::Discover, String> {
+    lb_proxy::settings::Discover::parse(s)
+}
+
+fn resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("'{s}' is not ADDR:PORT (e.g. 10.96.0.10:53, [::1]:53)"))
+}
+
 fn log_format(s: &str) -> Result<LogFormat, String> {
     match s {
         "text" => Ok(LogFormat::Text),
@@ -480,8 +510,19 @@ impl Cli {
     /// Checks what clap cannot and builds the settings.
     pub fn into_settings(self) -> Result<Settings, String> {
         let args: Vec<&String> = self.backends.iter().chain(&self.extra_backends).collect();
-        if args.is_empty() && self.backends_file.is_none() {
-            return Err("no backends given: pass --backends URL [URL...] (e.g. --backends http://localhost:8000) or --backends-file PATH".into());
+        if args.is_empty() && self.backends_file.is_none() && self.discover.is_empty() {
+            return Err("no backends given: pass --backends URL [URL...] (e.g. --backends http://localhost:8000), --backends-file PATH or --discover dns://NAME:PORT".into());
+        }
+        for (i, d) in self.discover.iter().enumerate() {
+            if self.discover[..i].contains(d) {
+                return Err(format!("--discover: {d} is listed twice"));
+            }
+        }
+        if self.discover_interval < lb_proxy::settings::MIN_DISCOVER_INTERVAL {
+            return Err(format!(
+                "--discover-interval must be at least 1s (got {})",
+                humantime::format_duration(self.discover_interval)
+            ));
         }
         let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.len());
         for arg in args {
@@ -627,6 +668,9 @@ impl Cli {
             max_conns: self.max_conns,
             admin_token,
             backends_file: self.backends_file,
+            discover: self.discover,
+            discover_interval: self.discover_interval,
+            resolver: self.resolver,
         };
         settings
             .core

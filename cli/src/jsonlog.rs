@@ -188,6 +188,9 @@ pub fn summary(s: &Settings, runtime: &str) -> Value {
             "saturation_kv": f64::from(s.core.engine.saturation_kv_ppm) / 1e6,
             "max_client_conns": s.max_client_conns,
             "backends_file": s.backends_file.as_ref().map(|p| p.display().to_string()),
+            "discover": s.discover.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "discover_interval_s": secs(s.discover_interval),
+            "resolver": s.resolver.map(|r| r.to_string()),
             "backends": s.backends.iter().map(|b| json!({
                 "url": &*b.url,
                 "weight": b.weight,

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     };
     let max_client_conns_given = cli.max_client_conns.is_some();
     let check_only = cli.check;
+    let resolve = cli.resolve;
     let mut settings = match cli.into_settings() {
         Ok(s) => s,
         Err(msg) => return fail(&msg),
@@ -66,9 +67,29 @@ fn main() -> ExitCode {
             lb_proxy::discovery::read_backends_file(p, settings.max_conns).map_or(0, |v| v.len())
         });
         let backends = settings.backends.len() + from_file;
+        let mut found = 0;
+        if resolve {
+            for d in &settings.discover {
+                match lb_proxy::dns::lookup(&d.name, settings.resolver) {
+                    Ok(f) => found += f.addrs.len(),
+                    Err(e) => {
+                        return fail(&format!("--discover: {d}: cannot resolve {}: {e}", d.name))
+                    }
+                }
+            }
+        }
+        let names = settings.discover.len();
         return match check(settings) {
-            Ok(()) => {
+            Ok(()) if names == 0 => {
                 println!("lb: configuration ok ({backends} backends)");
+                ExitCode::SUCCESS
+            }
+            Ok(()) if resolve => {
+                println!("lb: configuration ok ({backends} backends, {names} names to discover: {found} addresses now)");
+                ExitCode::SUCCESS
+            }
+            Ok(()) => {
+                println!("lb: configuration ok ({backends} backends, {names} names to discover)");
                 ExitCode::SUCCESS
             }
             Err(msg) => fail(&msg),

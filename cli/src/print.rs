@@ -206,6 +206,13 @@ pub fn summary(s: &Settings, runtime: &str) -> Vec<String> {
             d(lb_proxy::discovery::POLL)
         ));
     }
+    for name in &s.discover {
+        out.push(format!(
+            "[INFO] discover {name} (every {}, or the TTL if shorter; resolver {})",
+            d(s.discover_interval),
+            s.resolver.map_or("system".to_string(), |r| r.to_string())
+        ));
+    }
     out
 }
 

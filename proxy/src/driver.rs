@@ -27,6 +27,7 @@ pub async fn drive<R: Runtime>(proxy: Arc<Proxy<R>>) {
             .runtime()
             .spawn(crate::load::poll_engines(proxy.clone()));
     }
+    crate::discovery::start_dns(&proxy);
     loop {
         // Listening before reading the deadline: a later input wakes this turn's sleep.
         let rearmed = proxy.rearm.listen();

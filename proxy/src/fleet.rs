@@ -9,14 +9,14 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lb_core::{BackendSpec, PoolError};
+use lb_core::{BackendId, BackendSpec, PoolError};
 use serde_json::{json, Value};
 
 use crate::reqlog::rfc3339_ms;
 use crate::runtime::Runtime;
-use crate::settings::{Notice, Target};
+use crate::settings::{IdleLimit, Notice, Target};
 use crate::upstream::Upstream;
 use crate::{Proxy, StartError};
 
@@ -121,38 +121,51 @@ impl<R: Runtime> Proxy<R> {
     /// before it takes traffic while a probed backend can take it, unless `trust`.
     pub fn add_backend(
         &self,
-        mut spec: BackendSpec,
+        spec: BackendSpec,
         trust: bool,
         origin: Origin,
     ) -> Result<u64, FleetError> {
         let target = Target::parse(&spec.url).map_err(|e| FleetError::Invalid(e.to_string()))?;
-        spec.url = target.url.to_string();
-        let ext = self.runtime().backend(&target).map_err(|e| match e {
-            StartError::Backend(p) => FleetError::Invalid(p.to_string()),
-            other => FleetError::Invalid(other.to_string()),
-        })?;
-        let url = spec.url.clone();
+        self.add_target(spec, target, trust, origin)
+    }
+
+    /// Adds the backend `target` (`spec`'s URL is taken from it), as
+    /// [`add_backend`](Self::add_backend) does.
+    pub(crate) fn add_target(
+        &self,
+        spec: BackendSpec,
+        target: Target,
+        trust: bool,
+        origin: Origin,
+    ) -> Result<u64, FleetError> {
+        let url = target.url.clone();
         let serial = {
             let mut core = self.lock();
-            let id = core
-                .balancer
-                .add_backend(Instant::now(), spec)
+            let next = || self.serial.fetch_add(1, Ordering::Relaxed);
+            let idle = self.settings().pool_idle_timeout;
+            let (id, serial) = core
+                .join(
+                    self.runtime(),
+                    idle,
+                    Instant::now(),
+                    spec,
+                    target,
+                    origin.source,
+                    next,
+                )
                 .map_err(|e| match e {
-                    PoolError::Duplicate { url } => FleetError::Duplicate(url),
+                    StartError::Backend(PoolError::Duplicate { url }) => FleetError::Duplicate(url),
+                    StartError::Backend(other) => FleetError::Invalid(other.to_string()),
                     other => FleetError::Invalid(other.to_string()),
                 })?;
             if trust {
                 core.balancer.trust_backend(id);
             }
-            let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-            let idle = crate::settings::IdleLimit::new(self.settings().pool_idle_timeout);
-            let up = Upstream::new(id, target, idle, ext, serial, origin.source);
-            core.put_upstream(Arc::new(up));
             serial
         };
         // Its first probe is due now: the driver sets its timer again.
         self.rearm.notify(usize::MAX);
-        self.changed_by(&Arc::from(url), Change::Added, origin);
+        self.changed_by(&url, Change::Added, origin);
         Ok(serial)
     }
 
@@ -299,6 +312,32 @@ impl<R: Runtime> Proxy<R> {
 }
 
 impl<R: Runtime> crate::proxy::Core<R> {
+    /// Puts `target` in the pool (`spec` with its URL), prepared by `rt`, with the admin
+    /// id `serial()` (asked only once it has joined): the one way in for the backends
+    /// given at start and those added while running.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn join(
+        &mut self,
+        rt: &R,
+        idle: Duration,
+        now: Instant,
+        mut spec: BackendSpec,
+        target: Target,
+        source: Source,
+        serial: impl FnOnce() -> u64,
+    ) -> Result<(BackendId, u64), StartError> {
+        spec.url = target.url.to_string();
+        let ext = rt.backend(&target)?;
+        let id = self
+            .balancer
+            .add_backend(now, spec)
+            .map_err(StartError::Backend)?;
+        let serial = serial();
+        let up = Upstream::new(id, target, IdleLimit::new(idle), ext, serial, source);
+        self.put_upstream(Arc::new(up));
+        Ok((id, serial))
+    }
+
     fn by_serial(&self, serial: u64) -> Option<Arc<Upstream<R>>> {
         self.upstreams()
             .find(|u| u.serial() == serial && self.balancer.backend(u.id()).is_some())

@@ -31,6 +31,7 @@ mod account;
 pub mod admin;
 pub mod deadline;
 pub mod discovery;
+pub mod dns;
 mod driver;
 pub mod fleet;
 mod lease;

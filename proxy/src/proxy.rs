@@ -26,7 +26,7 @@ use crate::lease::{LeaseGuard, QueueWait, Slot};
 use crate::metrics::{AffinityPolicy, BackendRow, Format, Metrics, Rejection, Scrape};
 use crate::reply::{self, Reply};
 use crate::runtime::Runtime;
-use crate::settings::{IdleLimit, Notice, NoticeSink, Settings, Target};
+use crate::settings::{Notice, NoticeSink, Settings, Target};
 use crate::start::StartError;
 use crate::upstream::Upstream;
 
@@ -49,6 +49,8 @@ pub struct Proxy<R: Runtime> {
     /// Notified when a client connection closes while the count was at
     /// `--max-client-conns`.
     freed: Event,
+    /// Notified once, when shutdown begins: what blocking threads (DNS discovery) wait on.
+    pub(crate) stopping: Event,
     metrics: Arc<Metrics>,
     /// The policy's affinity counters, if it has any.
     affinity: Option<AffinityPolicy>,
@@ -93,15 +95,20 @@ impl<R: Runtime> Proxy<R> {
         let flagged = settings.backends.iter().map(|s| (s, Source::Flag));
         for (spec, source) in flagged.chain(from_file.iter().map(|s| (s, Source::File))) {
             let target = Target::parse(&spec.url).map_err(|e| StartError::Url(e.to_string()))?;
-            let ext = rt.backend(&target)?;
-            let id = core
-                .balancer
-                .add_backend(now, spec.clone())
-                .map_err(StartError::Backend)?;
-            let idle = IdleLimit::new(settings.pool_idle_timeout);
             let serial = core.upstreams().count() as u64 + 1;
-            let up = Upstream::new(id, target, idle, ext, serial, source);
-            core.put_upstream(Arc::new(up));
+            let idle = settings.pool_idle_timeout;
+            core.join(&rt, idle, now, spec.clone(), target, source, || serial)?;
+        }
+        // Each name's backends must be ones this build can reach (dns+https needs TLS).
+        for d in &settings.discover {
+            rt.backend(&d.target(std::net::Ipv4Addr::LOCALHOST.into()))
+                .map_err(|e| match e {
+                    StartError::NoTls(_) => StartError::Discover(format!(
+                        "{d}: this smol build of lb has no TLS for https backends \
+                         (build it with `--features smol,lb-smol/tls`, or use the default tokio build)"
+                    )),
+                    other => StartError::Discover(format!("{d}: {other}")),
+                })?;
         }
         let next_serial = core.upstreams().count() as u64 + 1;
         Ok(Arc::new(Proxy {
@@ -115,6 +122,7 @@ impl<R: Runtime> Proxy<R> {
             waiters: Mutex::new(HashMap::new()),
             rearm: Event::new(),
             freed: Event::new(),
+            stopping: Event::new(),
             metrics: Arc::new(Metrics::new(R::NAME)),
             affinity: match settings_policy {
                 Policy::CacheAware => Some(AffinityPolicy::CacheAware),
@@ -488,6 +496,7 @@ impl<R: Runtime> Proxy<R> {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         self.changed.notify(usize::MAX);
+        self.stopping.notify(usize::MAX);
         self.rearm.notify(usize::MAX);
     }
 

@@ -167,6 +167,92 @@ pub struct Settings {
     /// `--admin-token-file`'s token: needed (as `Authorization: Bearer`) for `/admin/*`
     /// on an admin listener that is not on loopback.
     pub admin_token: Option<String>,
+    /// `--discover`: names whose addresses are backends (see [`crate::discovery`]).
+    pub discover: Vec<Discover>,
+    /// `--discover-interval`: how often each name is resolved again (sooner when its
+    /// records' TTL is shorter; never more than once a second).
+    pub discover_interval: Duration,
+    /// `--resolver`: the DNS server asked (UDP, TTLs honoured); `None`: the system
+    /// resolver.
+    pub resolver: Option<SocketAddr>,
+}
+
+/// The default `--discover-interval`.
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The shortest time between two lookups of one name, whatever its TTL says.
+pub const MIN_DISCOVER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One `--discover` name: `dns://NAME[:PORT]` (http backends) or `dns+https://NAME[:PORT]`
+/// (TLS backends, certificate checked for NAME). Each address NAME resolves to is a
+/// backend at `ADDR:PORT`, sent `Host: NAME[:PORT]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discover {
+    /// The name (a host name, lowercase; no IP literal).
+    pub name: String,
+    /// The backends' port (the scheme's default when none is given: 80, or 443).
+    pub port: u16,
+    /// Whether the backends speak TLS (`dns+https://`).
+    pub tls: bool,
+}
+
+impl Discover {
+    /// Parses `dns://NAME[:PORT]` or `dns+https://NAME[:PORT]`. The error says what is
+    /// wrong, without naming a flag.
+    pub fn parse(arg: &str) -> Result<Discover, String> {
+        let (tls, rest) = match arg.split_once("://") {
+            Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+                "dns" => (false, rest),
+                "dns+https" => (true, rest),
+                "dns+http" => (false, rest),
+                other => {
+                    return Err(format!(
+                        "'{arg}': unsupported scheme '{other}' (use dns://NAME:PORT or dns+https://NAME:PORT)"
+                    ))
+                }
+            },
+            None => {
+                return Err(format!(
+                    "'{arg}': expected dns://NAME:PORT or dns+https://NAME:PORT"
+                ))
+            }
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@', '[', ']']) {
+            return Err(format!(
+                "'{arg}': only a name and a port (no path, query, user or IP literal)"
+            ));
+        }
+        let (name, port) = split_host_port(rest).map_err(|e| format!("'{arg}': {e}"))?;
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok =
+            |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!("'{arg}': '{name}' is not a valid DNS name"));
+        }
+        if name.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "'{arg}': an IP address is no name to discover (use --backends)"
+            ));
+        }
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        if port == 0 {
+            return Err(format!("'{arg}': port 0 is not a valid backend port"));
+        }
+        Ok(Discover { name, port, tls })
+    }
+
+    /// The backend at `ip` that this name resolved to.
+    pub fn target(&self, ip: IpAddr) -> Target {
+        Target::discovered(self.tls, ip, self.port, &self.name)
+    }
+}
+
+impl fmt::Display for Discover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "dns+https" } else { "dns" };
+        write!(f, "{scheme}://{}:{}", self.name, self.port)
+    }
 }
 
 /// Parses one backend in `--backends` syntax: `URL` or `URL#weight=N` (`host:port` means
@@ -266,6 +352,9 @@ impl Settings {
             max_conns: 0,
             admin_token: None,
             backends_file: None,
+            discover: Vec::new(),
+            discover_interval: DEFAULT_DISCOVER_INTERVAL,
+            resolver: None,
         }
     }
 
@@ -400,6 +489,9 @@ pub struct Target {
     pub authority: String,
     /// Path prefix every proxied path is appended to: empty, or `/base` (no trailing slash).
     pub path_prefix: String,
+    /// The name TLS checks the certificate for (and sends as SNI): `host`, but for a
+    /// backend found by `--discover` the name it was found under, not its address.
+    pub tls_name: String,
 }
 
 /// Why a backend URL was refused.
@@ -486,11 +578,48 @@ impl Target {
         Ok(Target {
             url: url.into(),
             tls,
+            tls_name: host.clone(),
             host,
             port,
             authority,
             path_prefix,
         })
+    }
+
+    /// A backend found by `--discover` under `name`: connected to at `ip:port` (its URL
+    /// says so), but sent `Host: name[:port]` (the port left out when it is the scheme's
+    /// default) and, over TLS, checked as `name`: what the backend would see were it
+    /// reached by name.
+    pub fn discovered(tls: bool, ip: IpAddr, port: u16, name: &str) -> Target {
+        let scheme = if tls { "https" } else { "http" };
+        let addr = SocketAddr::new(ip, port.max(1));
+        // An address and a port always parse; the URL is normalised as `--backends` is.
+        let mut t = Target::parse(&format!("{scheme}://{addr}")).unwrap_or_else(|_| Target {
+            url: format!("{scheme}://{addr}").into(),
+            tls,
+            host: ip.to_string(),
+            port,
+            authority: String::new(),
+            path_prefix: String::new(),
+            tls_name: String::new(),
+        });
+        let default_port = if tls { 443 } else { 80 };
+        t.authority = if port == default_port {
+            name.to_string()
+        } else {
+            format!("{name}:{port}")
+        };
+        t.tls_name = name.to_string();
+        t
+    }
+
+    /// `host:port` (brackets around an IPv6 address): where connections go.
+    pub fn connect_authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 

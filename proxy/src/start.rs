@@ -21,6 +21,8 @@ pub enum StartError {
     Backend(PoolError),
     /// A backend URL is not usable.
     Url(String),
+    /// A `--discover` name cannot be followed by this build.
+    Discover(String),
     /// The runtime could not be set up: `what` could not be done (start the runtime, a
     /// worker thread, an event loop, the signal handlers).
     Runtime {
@@ -51,6 +53,7 @@ impl fmt::Display for StartError {
             ),
             StartError::Backend(e) => write!(f, "--backends: {e}"),
             StartError::Url(e) => write!(f, "--backends: {e}"),
+            StartError::Discover(e) => write!(f, "--discover: {e}"),
             StartError::Runtime { what, error } => write!(f, "cannot {what}: {error}"),
         }
     }

@@ -86,7 +86,7 @@ impl Connector {
     #[cfg(feature = "tls")]
     async fn secure(&self, t: &Target, tcp: Io<TcpStream>) -> Result<Stream, String> {
         match (&self.tls, t.tls) {
-            (Some(tls), true) => crate::tls::handshake(tls, &t.host, tcp).await,
+            (Some(tls), true) => crate::tls::handshake(tls, &t.tls_name, tcp).await,
             _ => Ok(Stream::Tcp(tcp)),
         }
     }

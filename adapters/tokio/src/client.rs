@@ -2,20 +2,51 @@
 
 use std::sync::Arc;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use lb_proxy::Settings;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use lb_proxy::StartError;
 
 pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
+/// What connectors are made of: TCP settings and the TLS configuration.
+#[derive(Clone)]
+pub(crate) struct Parts {
+    http: HttpConnector,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Parts {
+    /// The connector every backend uses: TLS checks the URL's host.
+    pub(crate) fn connector(&self) -> Connector {
+        HttpsConnectorBuilder::new()
+            .with_tls_config((*self.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(self.http.clone())
+    }
+
+    /// A connector for a backend whose certificate is checked for (and SNI names)
+    /// `name`, whatever address it is reached at.
+    pub(crate) fn named(&self, name: &str) -> Result<Connector, String> {
+        let name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+        let resolver = Arc::new(FixedServerNameResolver::new(name));
+        Ok(HttpsConnector::new(
+            self.http.clone(),
+            self.tls.clone(),
+            false,
+            resolver,
+        ))
+    }
+}
+
 /// TCP with `TCP_NODELAY`, keep-alive probes (see
 /// [`BACKEND_KEEPALIVE_IDLE`](lb_proxy::settings::BACKEND_KEEPALIVE_IDLE)) and the connect timeout, wrapped in TLS for `https://` backends
 /// (system roots plus `--backend-ca`).
-pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
+pub(crate) fn parts(settings: &Settings) -> Result<Parts, StartError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -54,9 +85,8 @@ pub(crate) fn connector(settings: &Settings) -> Result<Connector, StartError> {
     .map_err(|e| StartError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    Ok(HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+    Ok(Parts {
+        http,
+        tls: Arc::new(tls),
+    })
 }

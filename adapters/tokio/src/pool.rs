@@ -47,7 +47,7 @@ use tower_service::Service;
 
 use crate::client::Connector;
 use crate::proxy::{client_side, describe, describe_connect};
-use crate::rt::Upstream;
+use crate::rt::{Backend, Upstream};
 use crate::upbody::{Replay, UpBody};
 
 /// A backend connection as hyper's client sees it: counted, over TLS or not.
@@ -224,21 +224,24 @@ impl Pool {
         list.push(c);
     }
 
-    /// A new connection to the backend at `base` (scheme and authority). Boxed: its
-    /// future holds a TLS-capable stream and hyper's handshake, state that is gone once
-    /// connected and that the request's own future need not carry.
+    /// A new connection to the backend `to` (at its `base`: scheme and address; with its
+    /// own connector when it has one). Boxed: its future holds a TLS-capable stream and
+    /// hyper's handshake, state that is gone once connected and that the request's own
+    /// future need not carry.
     fn connect<'a>(
         &'a self,
-        base: &'a Uri,
+        to: &'a Backend,
     ) -> Pin<Box<dyn Future<Output = Result<Conn, SendError>> + Send + 'a>> {
-        Box::pin(self.connect_inner(base))
+        Box::pin(self.connect_inner(to))
     }
 
-    async fn connect_inner(&self, base: &Uri) -> Result<Conn, SendError> {
-        let io = self
+    async fn connect_inner(&self, to: &Backend) -> Result<Conn, SendError> {
+        let io = to
             .connector
+            .as_ref()
+            .unwrap_or(&self.connector)
             .clone()
-            .call(base.clone())
+            .call(to.base.clone())
             .await
             .map_err(SendError::Connect)?;
         let read = Arc::new(AtomicU64::new(0));
@@ -259,10 +262,10 @@ impl Pool {
     /// after the `101` the upgraded IO is spliced elsewhere. Never pooled.
     pub(crate) async fn upgrade(
         &self,
-        base: &Uri,
+        to: &Backend,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        let Conn { mut send, conn, .. } = self.connect(base).await?;
+        let Conn { mut send, conn, .. } = self.connect(to).await?;
         if let Some(conn) = conn {
             tokio::spawn((*conn).with_upgrades());
         }
@@ -307,7 +310,7 @@ impl Pool {
         req: Request<UpBody>,
         replay: Option<&Arc<Replay>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let (id, limit, base) = (upstream.id(), upstream.idle.get(), &upstream.ext.base);
+        let (id, limit, base) = (upstream.id(), upstream.idle.get(), &upstream.ext);
         let stats = &upstream.stats;
         let pooled = poll_fn(|cx| Poll::Ready(self.checkout(id, limit, cx))).await;
         let Some(mut c) = pooled else {
@@ -352,7 +355,7 @@ impl Pool {
     /// failed before any byte of it was written) comes back: it may go to another backend.
     async fn fresh(
         &self,
-        base: &Uri,
+        base: &Backend,
         stats: &BackendStats,
         req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {

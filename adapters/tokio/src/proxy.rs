@@ -271,7 +271,7 @@ async fn forward(
     );
 
     let sent = if upgrade {
-        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext.base, req)))
+        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext, req)))
             .await
             .map(|r| r.map(|resp| (resp, None)))
     } else {

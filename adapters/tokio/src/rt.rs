@@ -28,6 +28,8 @@ pub(crate) struct Tokio {
     handle: tokio::runtime::Handle,
     /// Each shard's pool makes its connections with a clone of this.
     pub(crate) connector: Connector,
+    /// What it is made of, for backends that need their own ([`Backend::connector`]).
+    parts: client::Parts,
     /// The most bytes of a response head hyper's client buffers.
     pub(crate) max_head_bytes: usize,
 }
@@ -36,16 +38,21 @@ pub(crate) struct Tokio {
 pub(crate) struct Backend {
     /// The `Host` the backend sees, on requests and probes: its own authority.
     pub(crate) host: HeaderValue,
-    /// Scheme and authority, what a connection is made to.
+    /// Scheme and address (`host:port`), what a connection is made to.
     pub(crate) base: Uri,
+    /// Its own connector, for a backend whose TLS name is not its host (one found by
+    /// `--discover dns+https://NAME`: reached at an address, checked as NAME).
+    pub(crate) connector: Option<Connector>,
 }
 
 impl Tokio {
     /// Call within the runtime the driver and probes will run on.
     pub(crate) fn new(settings: &Settings) -> Result<Self, StartError> {
+        let parts = client::parts(settings)?;
         Ok(Tokio {
             handle: tokio::runtime::Handle::current(),
-            connector: client::connector(settings)?,
+            connector: parts.connector(),
+            parts,
             max_head_bytes: settings.max_head_bytes,
         })
     }
@@ -76,14 +83,24 @@ impl Runtime for Tokio {
         let bad = |e: &dyn std::fmt::Display| StartError::Url(format!("backend {}: {e}", t.url));
         let scheme = if t.tls { Scheme::HTTPS } else { Scheme::HTTP };
         let authority: Authority = t.authority.parse().map_err(|e| bad(&e))?;
+        let address: Authority = t.connect_authority().parse().map_err(|e| bad(&e))?;
         let base = Uri::builder()
             .scheme(scheme)
-            .authority(authority.clone())
+            .authority(address)
             .path_and_query("/")
             .build()
             .map_err(|e| bad(&e))?;
         let host = HeaderValue::from_str(authority.as_str()).map_err(|e| bad(&e))?;
-        Ok(Backend { host, base })
+        let connector = if t.tls && t.tls_name != t.host {
+            Some(self.parts.named(&t.tls_name).map_err(|e| bad(&e))?)
+        } else {
+            None
+        };
+        Ok(Backend {
+            host,
+            base,
+            connector,
+        })
     }
 
     fn sleep_until(&self, deadline: Instant) -> impl Future<Output = ()> + Send + 'static {
@@ -119,6 +136,9 @@ impl Runtime for Tokio {
                 .header(http::header::CONNECTION, "close")
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| e.to_string())?;
+            if let Some(own) = &upstream.ext.connector {
+                connector = own.clone();
+            }
             let io = connector
                 .call(upstream.ext.base.clone())
                 .await
