@@ -148,8 +148,9 @@ pub(crate) async fn forward<S: Shard, C: Wire>(
             }
             Step::Race(message) => {
                 // Sent once more only if the whole request is here: its body complete
-                // (the rest is read now if need be) and kept. A failure on the new
-                // connection is the backend's own.
+                // (the rest is read now if need be) and kept. A new connection that
+                // cannot be made sends it to another backend (as the tokio build does);
+                // any other failure on it is the backend's own.
                 let whole = upward.replay.is_some() && x.hold_rest(cbuf, &mut upward).await;
                 let Some(replay) = upward.replay.take().filter(|_| whole) else {
                     let done = upward.framer.is_done();
@@ -159,9 +160,27 @@ pub(crate) async fn forward<S: Shard, C: Wire>(
                 };
                 req_done.store(true, Ordering::Release);
                 x.up.stats.retry(lb_proxy::metrics::Retry::KeepAliveRace);
-                conn = match x.resend(cbuf, replay.bytes()).await {
-                    Ok(c) => c,
-                    Err(end) => return x.end(guard, end, true).await,
+                let (bytes, body) = replay.into_parts();
+                let mut again = Sent { bytes, body };
+                conn = loop {
+                    match x.resend(cbuf, &again.bytes).await {
+                        Ok(c) => break c,
+                        // The backend is gone (the close was its end): like any request
+                        // that reached no backend, it goes to another one.
+                        Err(End::Failed(f @ Failure::Connect(_))) => {
+                            match guard.fail_over(f, &x.line(), meta, &mut tried) {
+                                Ok(next) => guard = next,
+                                Err(reply) => return x.answer(reply, true).await,
+                            }
+                            x.acct.serve(&mut guard);
+                            x.up = guard.upstream().clone();
+                            if let Some(c) = &capture {
+                                c.backend(x.up.url().clone());
+                            }
+                            x.rehead(&mut again);
+                        }
+                        Err(end) => return x.end(guard, end, true).await,
+                    }
                 };
                 x.reused = false;
             }

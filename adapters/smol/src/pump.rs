@@ -148,6 +148,8 @@ pub(crate) struct Upward<'a> {
 /// out closed before any byte of the response.
 pub(crate) struct Replay {
     bytes: Vec<u8>,
+    /// How many of `bytes` are body.
+    body: usize,
     /// Body bytes it may still take.
     room: usize,
 }
@@ -156,12 +158,16 @@ impl Replay {
     /// `sent` is the head with the body bytes that went with it (`body` of them).
     pub(crate) fn new(sent: Vec<u8>, body: usize, limit: usize) -> Option<Replay> {
         let room = limit.checked_sub(body)?;
-        Some(Replay { bytes: sent, room })
+        Some(Replay {
+            bytes: sent,
+            body,
+            room,
+        })
     }
 
-    /// The bytes to send again.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.bytes
+    /// The bytes to send again, and how many of them (at the end) are body.
+    pub(crate) fn into_parts(self) -> (Vec<u8>, usize) {
+        (self.bytes, self.body)
     }
 }
 
@@ -171,6 +177,7 @@ fn keep(replay: &mut Option<Replay>, body: &[u8]) {
         match r.room.checked_sub(body.len()) {
             Some(room) => {
                 r.room = room;
+                r.body += body.len();
                 r.bytes.extend_from_slice(body);
             }
             None => *replay = None,

@@ -19,8 +19,10 @@
 //!   the response arrived (the backend closed it as the request went out) is sent once
 //!   more on a new connection, if `lb` still holds it whole: hyper hands back one it never
 //!   wrote, else the head was copied before sending and the body kept (`upbody::Replay`)
-//!   within `--replay-buffer`. A failure on the new connection is the backend's own;
-//!   nothing else is re-sent.
+//!   within `--replay-buffer`. If the new connection cannot be made (the backend is
+//!   gone: the close was its end), the request goes to another backend like any request
+//!   that reached none (`--connect-retries`); any other failure there is the backend's
+//!   own, and nothing else is re-sent. The smol build follows the same rule.
 //! - Dropping a lent connection mid-exchange (the client left) closes it: the backend sees
 //!   the request cancelled at once.
 
