@@ -195,8 +195,15 @@ impl<R: Runtime> Proxy<R> {
     /// [`MAX_BODY_PREFIX`](lb_core::affinity::MAX_BODY_PREFIX) bytes) must be read before
     /// selecting: the policy routes by content ([`Settings::routes_by_body`]), or model
     /// pools are on (some backend lists its models).
-    pub fn routes_by_body(&self) -> bool {
-        self.settings.routes_by_body() || self.model_pools.load(Ordering::Acquire)
+    ///
+    /// For model pools alone, only a body that may be JSON is read (`content_type` is the
+    /// request's `Content-Type`): none, `application/json` or `+json`, `text/plain`, or
+    /// `application/x-www-form-urlencoded` (what `curl -d` sends). An upload
+    /// (`multipart/*`, `application/octet-stream`, media) streams through unread and
+    /// routes as if it named no model.
+    pub fn routes_by_body(&self, content_type: Option<&[u8]>) -> bool {
+        self.settings.routes_by_body()
+            || (self.model_pools.load(Ordering::Acquire) && may_name_a_model(content_type))
     }
 
     /// What a request routes by ([`Settings::route_keys`]), the model included while
@@ -658,4 +665,45 @@ impl<R: Runtime> Drop for ConnectionGuard<R> {
 /// addresses as IPv4.
 pub fn client_ip(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
+}
+
+/// Whether a body of this `Content-Type` may be an OpenAI-style JSON request (see
+/// [`Proxy::routes_by_body`]).
+fn may_name_a_model(content_type: Option<&[u8]>) -> bool {
+    let Some(ct) = content_type else {
+        return true;
+    };
+    let essence = ct.split(|&b| b == b';').next().unwrap_or(ct);
+    let essence = essence.trim_ascii().to_ascii_lowercase();
+    essence == b"application/json"
+        || essence.ends_with(b"+json")
+        || essence == b"text/plain"
+        || essence == b"application/x-www-form-urlencoded"
+}
+
+#[cfg(test)]
+mod model_body_tests {
+    use super::may_name_a_model;
+
+    #[test]
+    fn only_bodies_that_may_be_json_are_read_for_the_model() {
+        for yes in [
+            None,
+            Some(&b"application/json"[..]),
+            Some(b"Application/JSON; charset=utf-8"),
+            Some(b"application/vnd.api+json"),
+            Some(b"text/plain"),
+            Some(b"application/x-www-form-urlencoded"),
+        ] {
+            assert!(may_name_a_model(yes), "{yes:?}");
+        }
+        for no in [
+            &b"multipart/form-data; boundary=x"[..],
+            b"application/octet-stream",
+            b"audio/wav",
+            b"image/png",
+        ] {
+            assert!(!may_name_a_model(Some(no)), "{no:?}");
+        }
+    }
 }
