@@ -100,17 +100,10 @@ pub(crate) async fn forward<S: Shard, C: Wire>(
         match x.connect(cbuf, &sent).await {
             Ok(c) => break c,
             Err(End::Failed(f @ Failure::Connect(_))) => {
-                match guard.fail_over(f, &x.line(), meta, &mut tried) {
-                    Ok(next) => guard = next,
+                guard = match x.fail_over(guard, f, meta, &mut tried, &mut sent) {
+                    Ok(next) => next,
                     Err(reply) => return x.answer(reply, body_read).await,
-                }
-                x.acct.serve(&mut guard);
-                x.up = guard.upstream().clone();
-                if let Some(c) = &capture {
-                    c.backend(x.up.url().clone());
-                }
-                // The head names its backend (Host, path prefix): written again for it.
-                x.rehead(&mut sent);
+                };
             }
             Err(end) => return x.end(guard, end, body_read).await,
         }
@@ -168,16 +161,10 @@ pub(crate) async fn forward<S: Shard, C: Wire>(
                         // The backend is gone (the close was its end): like any request
                         // that reached no backend, it goes to another one.
                         Err(End::Failed(f @ Failure::Connect(_))) => {
-                            match guard.fail_over(f, &x.line(), meta, &mut tried) {
-                                Ok(next) => guard = next,
+                            guard = match x.fail_over(guard, f, meta, &mut tried, &mut again) {
+                                Ok(next) => next,
                                 Err(reply) => return x.answer(reply, true).await,
-                            }
-                            x.acct.serve(&mut guard);
-                            x.up = guard.upstream().clone();
-                            if let Some(c) = &capture {
-                                c.backend(x.up.url().clone());
-                            }
-                            x.rehead(&mut again);
+                            };
                         }
                         Err(end) => return x.end(guard, end, true).await,
                     }
@@ -307,6 +294,27 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
             out.extend_from_slice(b"\r\n\r\n");
         }
         Ok(kind)
+    }
+
+    /// The request reached no backend (`failure`): it goes to another one, if one is
+    /// left ([`LeaseGuard::fail_over`]), and `sent` is written again for it (the head
+    /// names its backend: Host, path prefix). Err: the reply for the client.
+    fn fail_over(
+        &mut self,
+        guard: LeaseGuard,
+        failure: Failure,
+        meta: &RequestMeta<'_>,
+        tried: &mut Vec<lb_core::BackendId>,
+        sent: &mut Sent,
+    ) -> Result<LeaseGuard, lb_proxy::reply::Reply> {
+        let mut guard = guard.fail_over(failure, &self.line(), meta, tried)?;
+        self.acct.serve(&mut guard);
+        self.up = guard.upstream().clone();
+        if let Some(c) = self.capture {
+            c.backend(self.up.url().clone());
+        }
+        self.rehead(sent);
+        Ok(guard)
     }
 
     /// `sent` again for the backend now chosen (after a failover): its head, then the
