@@ -196,14 +196,20 @@ impl<R: Runtime> Proxy<R> {
     /// selecting: the policy routes by content ([`Settings::routes_by_body`]), or model
     /// pools are on (some backend lists its models).
     ///
-    /// For model pools alone, only a body that may be JSON is read (`content_type` is the
-    /// request's `Content-Type`): none, `application/json` or `+json`, `text/plain`, or
-    /// `application/x-www-form-urlencoded` (what `curl -d` sends). An upload
-    /// (`multipart/*`, `application/octet-stream`, media) streams through unread and
-    /// routes as if it named no model.
-    pub fn routes_by_body(&self, content_type: Option<&[u8]>) -> bool {
+    /// For model pools alone, only the body of a `POST`, `PUT` or `PATCH` that may be JSON
+    /// is read (`content_type` gives the request's `Content-Type`): none,
+    /// `application/json` or `+json`, `text/plain`, or `application/x-www-form-urlencoded`
+    /// (what `curl -d` sends). An upload (`multipart/*`, `application/octet-stream`,
+    /// media) streams through unread and routes as if it named no model.
+    pub fn routes_by_body<'a>(
+        &self,
+        method: &str,
+        content_type: impl FnOnce() -> Option<&'a [u8]>,
+    ) -> bool {
         self.settings.routes_by_body()
-            || (self.model_pools.load(Ordering::Acquire) && may_name_a_model(content_type))
+            || (self.model_pools.load(Ordering::Acquire)
+                && matches!(method, "POST" | "PUT" | "PATCH")
+                && may_name_a_model(content_type()))
     }
 
     /// What a request routes by ([`Settings::route_keys`]), the model included while

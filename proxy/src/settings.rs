@@ -385,7 +385,8 @@ impl Settings {
         let policy = self.core.policy;
         if let Some((data, ended)) = prefix {
             let chain = matches!(policy, Policy::CacheAware | Policy::PrefixHash);
-            let fields = if ended {
+            // An empty body names nothing (and parsing it would build a JSON error).
+            let fields = if ended && !data.is_empty() {
                 BodyFields::parse(data, chain)
             } else {
                 BodyFields::default()

@@ -158,7 +158,7 @@ async fn handle<S: Shard, C: Wire>(
     // Content-based routing reads at most MAX_BODY_PREFIX body bytes first (into `cbuf`,
     // from where they are forwarded); the rest streams through as usual.
     let mut prefix = None;
-    if proxy.routes_by_body(req.header("content-type")) {
+    if proxy.routes_by_body(&req.method, || req.header("content-type")) {
         let stall = Stall {
             timers: local.timers(),
             limit: settings.client_body_timeout,

@@ -153,12 +153,12 @@ async fn proxied(
     // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
     // to the backend before the rest of the body streams through.
     let mut prefix = None;
-    if proxy.routes_by_body(
+    if proxy.routes_by_body(parts.method.as_str(), || {
         parts
             .headers
             .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes),
-    ) {
+            .map(HeaderValue::as_bytes)
+    }) {
         let read =
             match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
                 .await
