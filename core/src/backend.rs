@@ -122,6 +122,8 @@ pub(crate) struct Backend {
     pub(crate) engine: Option<EngineReport>,
     /// `running + waiting` of the last report while it is fresh, else 0.
     pub(crate) engine_load: u32,
+    /// `in_flight` when the last report came.
+    pub(crate) in_flight_at_report: u32,
     /// Whether the last report is fresh and says the engine is saturated.
     pub(crate) saturated: bool,
     /// Set for the span of one `select` that passes over saturated backends: it then
@@ -149,11 +151,13 @@ impl Backend {
     /// The effective load every load-aware choice ranks by, relative to the weight
     /// ([`crate::policy::load_cmp`], cache-aware's overflow guard, and the bounded-load
     /// walk of [`Policy::PrefixHash`](crate::Policy::PrefixHash)): `max(in_flight,
-    /// running + waiting)` with a fresh engine report, else `in_flight` (see
+    /// running + waiting + what was sent since the report)` with a fresh engine report,
+    /// else `in_flight` (see
     /// [`crate::engine`] for why). `max_conns` is checked against `in_flight` alone.
     #[inline]
     pub(crate) fn load(&self) -> u32 {
-        self.in_flight.max(self.engine_load)
+        self.in_flight
+            .max((self.engine_load + self.in_flight).saturating_sub(self.in_flight_at_report))
     }
 
     /// Whether it serves `model`: its list names it, or it has no list.

@@ -183,6 +183,7 @@ impl<R: Rng> Balancer<R> {
             excluded: false,
             engine: None,
             engine_load: 0,
+            in_flight_at_report: 0,
             saturated: false,
             shunned: false,
             models: None,
@@ -548,6 +549,7 @@ impl<R: Rng> Balancer<R> {
         let was = b.saturated;
         b.engine = Some(EngineReport { at: now, report });
         b.engine_load = report.queued();
+        b.in_flight_at_report = b.in_flight;
         b.saturated = engine.is_saturated(&report);
         let is = b.saturated;
         self.saturated = self.saturated + usize::from(is) - usize::from(was);

@@ -344,3 +344,42 @@ fn reports_steer_least_conn_and_are_shown() {
     assert!(!q.lb.load_report(q.now, gone, LoadReport::new(1, 1)));
     q.finish();
 }
+
+/// A report counts what this balancer sends after it: two engines reported equally busy
+/// share the next requests evenly, rather than the first one taking them all until its
+/// own count passes the report (the herding replicas of the simulator).
+#[test]
+fn requests_sent_after_a_report_count_on_top_of_it() {
+    let specs = vec![
+        Spec {
+            weight: 1,
+            max_conns: 0,
+            leases: 0,
+            report: None,
+        };
+        2
+    ];
+    let mut p = pool(Policy::LeastConn, &specs, 11, false);
+    let (a, b) = (p.ids[0], p.ids[1]);
+    assert!(p.lb.load_report(p.now, a, LoadReport::new(5, 0)));
+    assert!(p.lb.load_report(p.now, b, LoadReport::new(5, 0)));
+    let mut to_a = 0;
+    for i in 0..10 {
+        let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
+        to_a += usize::from(l.backend() == a);
+        p.held.push(l);
+        // After every second request the two are level again.
+        if i % 2 == 1 {
+            assert_eq!(to_a, (i + 1) / 2, "after {} requests", i + 1);
+        }
+    }
+    // A newer report includes what was sent: it is not counted twice.
+    assert!(p.lb.load_report(p.now, a, LoadReport::new(10, 0)));
+    assert!(p.lb.load_report(p.now, b, LoadReport::new(6, 0)));
+    for _ in 0..4 {
+        let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
+        assert_eq!(l.backend(), b);
+        p.held.push(l);
+    }
+    p.finish();
+}
