@@ -364,13 +364,13 @@ fn requests_sent_after_a_report_count_on_top_of_it() {
     assert!(p.lb.load_report(p.now, a, LoadReport::new(5, 0)));
     assert!(p.lb.load_report(p.now, b, LoadReport::new(5, 0)));
     let mut to_a = 0;
-    for i in 0..10 {
+    for i in 0..10_usize {
         let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
         to_a += usize::from(l.backend() == a);
         p.held.push(l);
         // After every second request the two are level again.
         if i % 2 == 1 {
-            assert_eq!(to_a, (i + 1) / 2, "after {} requests", i + 1);
+            assert_eq!(to_a, i.div_ceil(2), "after {} requests", i + 1);
         }
     }
     // A newer report includes what was sent: it is not counted twice.
