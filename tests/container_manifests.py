@@ -228,10 +228,13 @@ for h in heads:
     name, hsel = h["metadata"]["name"], h["spec"].get("selector", {})
     check(bool(hsel) and not subset(hsel, labels), f"k8s: {name} selects pods other than lb's ({hsel})")
     hports = {p["port"] for p in h["spec"].get("ports", [])}
-    for b in backends(args):
-        m = re.match(r"http://([a-z0-9-]+)-(\d+)\.([a-z0-9-]+)(\.[a-z0-9.-]+)?:(\d+)$", b)
-        check(m is not None and m.group(3) == name and int(m.group(5)) in hports,
-              f"k8s: backend {b} is a StatefulSet pod of {name} on one of its ports {sorted(hports)}")
+    disc = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--discover"]
+    check(len(disc) == 1 and not backends(args),
+          f"k8s: lb follows the headless Service with one --discover, no fixed --backends ({disc})")
+    for d in disc:
+        m = re.match(r"dns://([a-z0-9-]+)(\.[a-z0-9.-]+)?:(\d+)$", d)
+        check(m is not None and m.group(1) == name and int(m.group(3)) in hports,
+              f"k8s: --discover {d} names {name} on one of its ports {sorted(hports)}")
 
 print(f"{len(failures)} failed" if failures else "all manifest checks passed")
 sys.exit(1 if failures else 0)
