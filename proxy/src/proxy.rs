@@ -22,6 +22,7 @@ use rand::SeedableRng;
 
 use crate::account::{Account, Arrival};
 use crate::fleet::Source;
+use crate::hold::Held;
 use crate::lease::{LeaseGuard, QueueWait, Slot};
 use crate::metrics::{AffinityPolicy, BackendRow, Format, Metrics, Rejection, Scrape};
 use crate::reply::{self, Reply};
@@ -290,10 +291,10 @@ impl<R: Runtime> Proxy<R> {
         (self.log)(notice);
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Core<R>> {
+    pub(crate) fn lock(&self) -> Held<'_, Core<R>> {
         // A panic while holding the lock cannot leave the core half-updated in a way that
         // matters more than stopping the proxy would, so keep serving.
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        crate::hold::held(self.core.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The backend with this id, while it is in the pool.
