@@ -20,7 +20,8 @@
 //! - `threads/N`: N threads run select + release on one shared proxy; the time is the
 //!   wall time per request, all threads together (the inverse of the throughput). On a
 //!   machine with fewer than N cores this shows what contention costs (lock hand-offs,
-//!   a holder descheduled while others wait), not how it scales.
+//!   a holder descheduled while others wait), not how it scales. `LB_BENCH_THREADS=1,2,16`
+//!   picks other counts (1, 2, 4 and 8 by default), for a machine with more cores.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -165,7 +166,18 @@ fn lock_hold(c: &mut Criterion) {
 fn threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("threads");
     let p = proxy(false);
-    for n in [1usize, 2, 4, 8] {
+    let counts: Vec<usize> = match std::env::var("LB_BENCH_THREADS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("LB_BENCH_THREADS: counts like 1,2,4,8")
+            })
+            .collect(),
+        Err(_) => vec![1, 2, 4, 8],
+    };
+    for n in counts {
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter_custom(|iters| run_threads(&p, n, iters) / n as u32)
         });
