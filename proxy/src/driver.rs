@@ -41,7 +41,7 @@ pub async fn drive<R: Runtime>(proxy: Arc<Proxy<R>>) {
             while let Some(a) = core.balancer.poll_action() {
                 actions.push(a);
             }
-            let drained = proxy.drain(&mut core);
+            let drained = proxy.drain(&mut core, now);
             (drained, core.balancer.poll_timeout())
         };
         proxy.dispatch(drained);
@@ -116,8 +116,9 @@ async fn run_probe<R: Runtime>(proxy: Arc<Proxy<R>>, probe: ProbeId, deadline: I
     }
     let drained = {
         let mut core = proxy.lock();
-        core.balancer.probe_result(Instant::now(), probe, outcome);
-        proxy.drain(&mut core)
+        let now = Instant::now();
+        core.balancer.probe_result(now, probe, outcome);
+        proxy.drain(&mut core, now)
     };
     proxy.dispatch(drained);
     if !lists && passed {

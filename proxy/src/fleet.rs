@@ -187,7 +187,7 @@ impl<R: Runtime> Proxy<R> {
             } else {
                 core.balancer.park_backend(now, up.id());
             }
-            (up.url().clone(), self.drain(&mut core))
+            (up.url().clone(), self.drain(&mut core, now))
         };
         self.dispatch(d);
         let change = if remove {
@@ -205,8 +205,9 @@ impl<R: Runtime> Proxy<R> {
         let (url, d) = {
             let mut core = self.lock();
             let up = core.by_serial(serial).ok_or(FleetError::NotFound(serial))?;
-            core.balancer.remove_backend(Instant::now(), up.id());
-            (up.url().clone(), self.drain(&mut core))
+            let now = Instant::now();
+            core.balancer.remove_backend(now, up.id());
+            (up.url().clone(), self.drain(&mut core, now))
         };
         self.dispatch(d);
         self.changed_by(&url, Change::Removed, origin);

@@ -341,8 +341,9 @@ impl<R: Runtime> Drop for QueueWait<R> {
         }
         let d = {
             let mut core = self.proxy.lock();
-            core.balancer.cancel(Instant::now(), self.ticket);
-            self.proxy.drain(&mut core)
+            let now = Instant::now();
+            core.balancer.cancel(now, self.ticket);
+            self.proxy.drain(&mut core, now)
         };
         self.proxy.waiters().remove(&self.ticket.id());
         // No delivery can land after close(); one that landed before is taken back here.

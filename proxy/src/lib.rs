@@ -34,6 +34,10 @@ pub mod discovery;
 pub mod dns;
 mod driver;
 pub mod fleet;
+#[cfg(feature = "lock-timing")]
+pub mod hold;
+#[cfg(not(feature = "lock-timing"))]
+mod hold;
 mod lease;
 pub mod load;
 pub mod metrics;
