@@ -55,7 +55,8 @@ impl Backend {
             .unwrap()
             .iter()
             .map(|(p, _)| p.clone())
-            .filter(|p| p != "/probe")
+            // Not requests: the probe, and the model list a passing probe is followed by.
+            .filter(|p| p != "/probe" && p != "/v1/models")
             .collect()
     }
 
