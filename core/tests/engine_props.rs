@@ -118,6 +118,19 @@ impl Pool {
     }
 }
 
+/// Two pools alike but for the reports: one got them, its twin none. Cache-aware needs
+/// every backend capped, so uncapped specs get a cap of 1 first.
+fn twins(policy: Policy, mut specs: Vec<Spec>, seed: u64) -> (Vec<Spec>, Pool, Pool) {
+    if policy == Policy::CacheAware {
+        for s in &mut specs {
+            s.max_conns = s.max_conns.max(1);
+        }
+    }
+    let with = pool(policy, &specs, seed, true);
+    let twin = pool(policy, &specs, seed, false);
+    (specs, with, twin)
+}
+
 /// What the core must see: effective load, cap room, saturation.
 fn effective(s: &Spec, with_reports: bool) -> (u32, bool, bool) {
     let own = if s.max_conns == 0 {
@@ -179,14 +192,7 @@ proptest! {
         picks in 1usize..6,
     ) {
         let policy = Policy::ALL[policy];
-        let mut specs = specs;
-        if policy == Policy::CacheAware {
-            for s in &mut specs {
-                s.max_conns = s.max_conns.max(1);
-            }
-        }
-        let mut with = pool(policy, &specs, seed, true);
-        let mut twin = pool(policy, &specs, seed, false);
+        let (specs, mut with, mut twin) = twins(policy, specs, seed);
         for k in 0..picks {
             let key = [k as u8];
             let meta = RequestMeta::default().with_key(&key);
@@ -220,14 +226,7 @@ proptest! {
         late_ms in 1u64..5000,
     ) {
         let policy = Policy::ALL[policy];
-        let mut specs = specs;
-        if policy == Policy::CacheAware {
-            for s in &mut specs {
-                s.max_conns = s.max_conns.max(1);
-            }
-        }
-        let mut with = pool(policy, &specs, seed, true);
-        let mut twin = pool(policy, &specs, seed, false);
+        let (_, mut with, mut twin) = twins(policy, specs, seed);
         let stale = with.lb.config().engine.stale_after() + Duration::from_millis(late_ms);
         let later = with.now + stale;
         for k in 0..4u8 {

@@ -275,40 +275,10 @@ impl<R: Runtime> Proxy<R> {
 mod tests {
     use super::*;
     use crate::fleet::Change;
-    use crate::runtime::Fetched;
     use crate::settings::Settings;
     use std::sync::Mutex;
 
-    /// A runtime that never runs anything: the pool is what is tested.
-    struct Still;
-
-    impl Runtime for Still {
-        const NAME: &'static str = "still";
-        type Backend = ();
-
-        fn backend(&self, _: &Target) -> Result<(), crate::StartError> {
-            Ok(())
-        }
-
-        fn sleep_until(
-            &self,
-            _: Instant,
-        ) -> impl std::future::Future<Output = ()> + Send + 'static {
-            std::future::pending()
-        }
-
-        fn spawn(&self, _: impl std::future::Future<Output = ()> + Send + 'static) {}
-
-        #[allow(clippy::manual_async_fn)]
-        fn get(
-            &self,
-            _: &Arc<crate::Upstream<Self>>,
-            _: &str,
-            _: usize,
-        ) -> impl std::future::Future<Output = Result<Fetched, String>> + Send + 'static {
-            async { Err("no".into()) }
-        }
-    }
+    use crate::runtime::Still;
 
     type Log = Arc<Mutex<Vec<Notice>>>;
 

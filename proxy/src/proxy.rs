@@ -732,36 +732,8 @@ mod queue_tests {
     use lb_core::{OwnedMeta, RequestMeta};
 
     use super::Proxy;
-    use crate::runtime::{Fetched, Runtime};
-    use crate::settings::{parse_backend, Settings, Target};
-
-    /// A runtime that never runs anything: no driver, no probes.
-    struct Still;
-
-    impl Runtime for Still {
-        const NAME: &'static str = "still";
-        type Backend = ();
-
-        fn backend(&self, _: &Target) -> Result<(), crate::StartError> {
-            Ok(())
-        }
-
-        fn sleep_until(&self, _: Instant) -> impl Future<Output = ()> + Send + 'static {
-            std::future::pending()
-        }
-
-        fn spawn(&self, _: impl Future<Output = ()> + Send + 'static) {}
-
-        #[allow(clippy::manual_async_fn)]
-        fn get(
-            &self,
-            _: &Arc<crate::Upstream<Self>>,
-            _: &str,
-            _: usize,
-        ) -> impl Future<Output = Result<Fetched, String>> + Send + 'static {
-            async { Err("no".into()) }
-        }
-    }
+    use crate::runtime::Still;
+    use crate::settings::{parse_backend, Settings};
 
     /// One backend, `--max-conns 1 --queue-timeout 60s`.
     fn proxy() -> Arc<Proxy<Still>> {

@@ -51,3 +51,34 @@ pub struct Fetched {
     /// Whether the body was longer than `max_body`.
     pub truncated: bool,
 }
+
+/// For unit tests: a runtime that never runs anything (no driver, no probes; every
+/// fetch fails), so that what is tested is the proxy's state alone.
+#[cfg(test)]
+pub(crate) struct Still;
+
+#[cfg(test)]
+impl Runtime for Still {
+    const NAME: &'static str = "still";
+    type Backend = ();
+
+    fn backend(&self, _: &Target) -> Result<(), StartError> {
+        Ok(())
+    }
+
+    fn sleep_until(&self, _: Instant) -> impl Future<Output = ()> + Send + 'static {
+        std::future::pending()
+    }
+
+    fn spawn(&self, _: impl Future<Output = ()> + Send + 'static) {}
+
+    #[allow(clippy::manual_async_fn)]
+    fn get(
+        &self,
+        _: &Arc<Upstream<Self>>,
+        _: &str,
+        _: usize,
+    ) -> impl Future<Output = Result<Fetched, String>> + Send + 'static {
+        async { Err("no".into()) }
+    }
+}
