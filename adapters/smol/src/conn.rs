@@ -119,7 +119,8 @@ async fn handle<S: Shard, C: Wire>(
     peer: SocketAddr,
     mut req: RequestHead,
 ) -> After {
-    if path(&req.target) == "/health" {
+    let target_path = path(&req.target);
+    if target_path == "/health" {
         return answer(proxy, client, &req, &proxy.health()).await;
     }
     let settings = proxy.settings();
@@ -145,7 +146,7 @@ async fn handle<S: Shard, C: Wire>(
         let pq = path_and_query(&req.target);
         log.capture(arrived, &req.method, pq, acct.id().as_str())
     });
-    if let Some(mut local) = proxy.local_reply(&req.method, path(&req.target)) {
+    if let Some(mut local) = proxy.local_reply(&req.method, target_path) {
         // The merged `GET /v1/models`.
         local.request_id = Some(acct.id().clone());
         acct.replied(&local);
@@ -356,8 +357,10 @@ pub(crate) async fn read_head<C: Wire>(
 
 /// The path of a request target (origin- or absolute-form), without the query.
 fn path(target: &str) -> &str {
-    let origin = match target.find("://") {
-        Some(i) if !target.starts_with('/') => {
+    // Origin form, the usual case, first: no search for a scheme.
+    let absolute = !target.starts_with('/');
+    let origin = match absolute.then(|| target.find("://")).flatten() {
+        Some(i) => {
             let rest = &target[i + 3..];
             rest.find('/').map_or("/", |j| &rest[j..])
         }
