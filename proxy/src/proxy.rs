@@ -685,12 +685,16 @@ fn may_name_a_model(content_type: Option<&[u8]>) -> bool {
     let Some(ct) = content_type else {
         return true;
     };
-    let essence = ct.split(|&b| b == b';').next().unwrap_or(ct);
-    let essence = essence.trim_ascii().to_ascii_lowercase();
-    essence == b"application/json"
-        || essence.ends_with(b"+json")
-        || essence == b"text/plain"
-        || essence == b"application/x-www-form-urlencoded"
+    let essence = ct.split(|&b| b == b';').next().unwrap_or(ct).trim_ascii();
+    let is = |t: &[u8]| essence.eq_ignore_ascii_case(t);
+    let json_suffix = essence
+        .len()
+        .checked_sub(5)
+        .is_some_and(|i| essence[i..].eq_ignore_ascii_case(b"+json"));
+    is(b"application/json")
+        || json_suffix
+        || is(b"text/plain")
+        || is(b"application/x-www-form-urlencoded")
 }
 
 #[cfg(test)]
