@@ -306,51 +306,71 @@ impl Pool {
     /// Sends `req` to `upstream` and waits for the response head, driving the connection
     /// from the calling task. On success the connection comes back lent to the response
     /// body. `replay` is the request body's copy, if it has a body.
-    pub(crate) async fn send(
-        &self,
-        upstream: &Upstream,
+    ///
+    /// An `async` block, not an `async fn`: that would keep `req` twice (argument and
+    /// local) in a state every request's future carries.
+    #[allow(clippy::manual_async_fn)] // `async fn` would store the arguments twice
+    pub(crate) fn send<'a>(
+        &'a self,
+        upstream: &'a Upstream,
         req: Request<UpBody>,
-        replay: Option<&Arc<Replay>>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let (id, limit, base) = (upstream.id(), upstream.idle.get(), &upstream.ext);
-        let stats = &upstream.stats;
-        let pooled = poll_fn(|cx| Poll::Ready(self.checkout(id, limit, cx))).await;
-        let Some(mut c) = pooled else {
-            return self.fresh(base, stats, req).await;
-        };
-        stats.connection(UpstreamConn::Reused);
-        // Kept until the response head: the request may have to go out again.
-        let head = HeadCopy::of(&req);
-        let read = c.read.load(Ordering::Relaxed);
-        match exchange(&mut c, req).await {
-            Ok(resp) => Ok((resp, c)),
-            Err(mut e) => {
-                let again = match e.take_message() {
-                    // Found closed before any byte of the request went out.
-                    Some(req) => req,
-                    // The keep-alive race: nothing of the response arrived (and the
-                    // client's own body did not fail).
-                    None if c.read.load(Ordering::Relaxed) == read && !client_side(e.error()) => {
-                        // Dropping the connection drops what hyper held of the body,
-                        // which hands the unread rest back to `replay`.
-                        drop(c);
-                        let body = match replay {
-                            None => Some(UpBody::empty()),
-                            Some(r) => r.complete().await.map(UpBody::replayed),
-                        };
-                        match body {
-                            Some(body) => Request::from_parts(head.into_parts(), body),
-                            None => return Err(SendError::Race(e.into_error())),
-                        }
-                    }
-                    None => return Err(SendError::Http(e.into_error())),
-                };
-                stats.retry(Retry::KeepAliveRace);
-                // Boxed: a rare path whose state would otherwise enlarge every request's
-                // future.
-                Box::pin(self.fresh(base, stats, again)).await
+        replay: Option<&'a Arc<Replay>>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Conn), SendError>> + Send + 'a {
+        async move {
+            let (id, limit) = (upstream.id(), upstream.idle.get());
+            let stats = &upstream.stats;
+            let pooled = poll_fn(|cx| Poll::Ready(self.checkout(id, limit, cx))).await;
+            let Some(mut c) = pooled else {
+                // Boxed: a new connection's state (the connect) would otherwise enlarge
+                // every request's future, and a pooled connection is the usual case.
+                return Box::pin(self.fresh(&upstream.ext, stats, req)).await;
+            };
+            stats.connection(UpstreamConn::Reused);
+            // Kept until the response head: the request may have to go out again.
+            let head = HeadCopy::of(&req);
+            let read = c.read.load(Ordering::Relaxed);
+            match exchange(&mut c, req).await {
+                Ok(resp) => Ok((resp, c)),
+                // Boxed, as rare as a new connection.
+                Err(e) => Box::pin(self.again(upstream, c, read, head, e, replay)).await,
             }
         }
+    }
+
+    /// After a failed exchange on a reused connection `c` (which had read `read` bytes
+    /// before it): `req` goes out again on a fresh connection if nothing of the response
+    /// arrived, else the error stands.
+    async fn again(
+        &self,
+        upstream: &Upstream,
+        c: Conn,
+        read: u64,
+        head: HeadCopy,
+        mut e: hyper::client::conn::TrySendError<Request<UpBody>>,
+        replay: Option<&Arc<Replay>>,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        let again = match e.take_message() {
+            // Found closed before any byte of the request went out.
+            Some(req) => req,
+            // The keep-alive race: nothing of the response arrived (and the client's own
+            // body did not fail).
+            None if c.read.load(Ordering::Relaxed) == read && !client_side(e.error()) => {
+                // Dropping the connection drops what hyper held of the body, which hands
+                // the unread rest back to `replay`.
+                drop(c);
+                let body = match replay {
+                    None => Some(UpBody::empty()),
+                    Some(r) => r.complete().await.map(UpBody::replayed),
+                };
+                match body {
+                    Some(body) => Request::from_parts(head.into_parts(), body),
+                    None => return Err(SendError::Race(e.into_error())),
+                }
+            }
+            None => return Err(SendError::Http(e.into_error())),
+        };
+        upstream.stats.retry(Retry::KeepAliveRace);
+        self.fresh(&upstream.ext, &upstream.stats, again).await
     }
 
     /// `req` on a new connection. A request that never left (no connection, or one that
@@ -437,18 +457,34 @@ impl HeadCopy {
 
 /// One request on `c`: queue it, then poll the connection (which writes it and reads the
 /// response head) and the response future together until the head is in.
-async fn exchange(
-    c: &mut Conn,
-    req: Request<UpBody>,
-) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>> {
-    let mut response = std::pin::pin!(c.send.try_send_request(req));
-    poll_fn(|cx| {
+///
+/// A future of its own rather than an `async fn`: that would hold `req` twice (argument and
+/// local), and this state sits in every request's future.
+fn exchange(c: &mut Conn, req: Request<UpBody>) -> Exchange<'_, impl Future<Output = Exchanged>> {
+    let response = c.send.try_send_request(req);
+    Exchange { c, response }
+}
+
+type Exchanged = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>>;
+
+pin_project_lite::pin_project! {
+    struct Exchange<'a, F> {
+        c: &'a mut Conn,
+        #[pin]
+        response: F,
+    }
+}
+
+impl<F: Future<Output = Exchanged>> Future for Exchange<'_, F> {
+    type Output = Exchanged;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exchanged> {
+        let this = self.project();
         // The connection first: it takes the request off the channel, writes it, and
         // reads; the response future then sees what it delivered.
-        c.poll_io(cx);
-        response.as_mut().poll(cx)
-    })
-    .await
+        this.c.poll_io(cx);
+        this.response.poll(cx)
+    }
 }
 
 /// A connection lent to a response body: polled with it, returned to the pool when the

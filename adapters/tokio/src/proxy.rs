@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -50,8 +51,9 @@ impl fmt::Display for ReqLine {
 pub(crate) type Traffic = Arc<Pool>;
 
 /// The client at the other end of a connection: its address, and its IP as an
-/// `X-Forwarded-For` value (formatted once per connection, not per request).
-#[derive(Clone)]
+/// `X-Forwarded-For` value (formatted once per connection, not per request). Shared by the
+/// connection's requests (an `Arc`: a pointer in each request's future, and no copy of the
+/// value per request).
 pub(crate) struct Peer {
     pub(crate) addr: SocketAddr,
     pub(crate) ip: IpAddr,
@@ -59,109 +61,120 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Arc<Self> {
         let ip = lb_proxy::client_ip(addr.ip());
         let forwarded_for = HeaderValue::try_from(ip.to_string())
             .expect("an IP address in text is a valid header value");
-        Peer {
+        Arc::new(Peer {
             addr,
             ip,
             forwarded_for,
-        }
+        })
     }
 }
 
 /// One request: `/health` answered here, else proxied. The request's [`Account`] comes
 /// back with the response: it records the request when the response body has ended.
-pub(crate) async fn handle(
+///
+/// Each of these request functions is an `async` block rather than an `async fn`, which
+/// would keep its arguments twice (as arguments and as locals) in the request's future:
+/// hyper holds that future for every connection.
+#[allow(clippy::manual_async_fn)] // `async fn` would store the arguments twice
+pub(crate) fn handle(
     proxy: Arc<Proxy>,
     traffic: Traffic,
-    peer: Peer,
+    peer: Arc<Peer>,
     req: Request<Incoming>,
-) -> (Response<ProxyBody>, Option<Account>) {
-    if req.uri().path() == "/health" {
-        return (local(proxy.health()), None);
+) -> impl Future<Output = (Response<ProxyBody>, Option<Account>)> + Send {
+    async move {
+        if req.uri().path() == "/health" {
+            return (local(proxy.health()), None);
+        }
+        let arrived = std::time::Instant::now();
+        let version = if req.version() == http::Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        let mut acct = proxy.account(&Arrival {
+            at: arrived,
+            client: peer.addr,
+            method: req.method().as_str(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path(), |p| p.as_str()),
+            version,
+            header: &|name| req.headers().get(name).map(HeaderValue::as_bytes),
+        });
+        let resp = proxied(proxy, traffic, peer, req, &mut acct).await;
+        (resp, Some(acct))
     }
-    let arrived = std::time::Instant::now();
-    let version = if req.version() == http::Version::HTTP_10 {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
-    };
-    let mut acct = proxy.account(&Arrival {
-        at: arrived,
-        client: peer.addr,
-        method: req.method().as_str(),
-        target: req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path(), |p| p.as_str()),
-        version,
-        header: &|name| req.headers().get(name).map(HeaderValue::as_bytes),
-    });
-    let resp = proxied(proxy, traffic, peer, req, &mut acct).await;
-    (resp, Some(acct))
 }
 
-async fn proxied(
+#[allow(clippy::manual_async_fn)] // `async fn` would store the arguments twice
+fn proxied(
     proxy: Arc<Proxy>,
     traffic: Traffic,
-    peer: Peer,
+    peer: Arc<Peer>,
     req: Request<Incoming>,
     acct: &mut Account,
-) -> Response<ProxyBody> {
-    let settings = proxy.settings();
-    if let Err(e) = check_request(&req) {
-        // What the codec refuses (see `headers`): the status alone, and the connection
-        // closes.
-        return answer(acct, reply::refused(e.status()));
-    }
-    if head_size(&req) > settings.max_head_bytes {
-        // hyper's own buffer limit is approximate (a single read may overshoot it), so the
-        // documented limit is enforced here on what was parsed.
-        let status = lb_http1::Error::HeadTooLarge.status();
-        return answer(acct, reply::refused(status));
-    }
-    let arrived = acct.arrived();
-    let deadline = tokio::time::Instant::from_std(lb_proxy::deadline::deadline(
-        arrived,
-        settings.request_timeout,
-    ));
-    let capture = settings.request_log.as_ref().map(|log| {
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        Arc::new(log.capture(arrived, req.method().as_str(), pq, acct.id().as_str()))
-    });
-    if let Some(mut r) = proxy.local_reply(req.method().as_str(), req.uri().path()) {
-        // The merged `GET /v1/models`.
-        r.request_id = Some(acct.id().clone());
-        return logged(&capture, acct, r);
-    }
-    let (parts, body) = req.into_parts();
-    // A body is copied as it goes up, while it fits, to send it again after a keep-alive
-    // race (see `pool`).
-    let replay =
-        (!hyper::body::Body::is_end_stream(&body)).then(|| Replay::new(settings.replay_buffer));
-    let counter = (!hyper::body::Body::is_end_stream(&body)).then(|| acct.body_counter());
-    let mut body = UpBody::new(
-        body,
-        capture.clone(),
-        replay.clone(),
-        counter,
-        settings.client_body_timeout,
-    );
+) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+    async move {
+        let settings = proxy.settings();
+        if let Err(e) = check_request(&req) {
+            // What the codec refuses (see `headers`): the status alone, and the connection
+            // closes.
+            return answer(acct, reply::refused(e.status()));
+        }
+        if head_size(&req) > settings.max_head_bytes {
+            // hyper's own buffer limit is approximate (a single read may overshoot it), so the
+            // documented limit is enforced here on what was parsed.
+            let status = lb_http1::Error::HeadTooLarge.status();
+            return answer(acct, reply::refused(status));
+        }
+        let arrived = acct.arrived();
+        let deadline = tokio::time::Instant::from_std(lb_proxy::deadline::deadline(
+            arrived,
+            settings.request_timeout,
+        ));
+        let capture = settings.request_log.as_ref().map(|log| {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            Arc::new(log.capture(arrived, req.method().as_str(), pq, acct.id().as_str()))
+        });
+        if let Some(mut r) = proxy.local_reply(req.method().as_str(), req.uri().path()) {
+            // The merged `GET /v1/models`.
+            r.request_id = Some(acct.id().clone());
+            return logged(&capture, acct, r);
+        }
+        let (parts, body) = req.into_parts();
+        // A body is copied as it goes up, while it fits, to send it again after a keep-alive
+        // race (see `pool`).
+        let replay =
+            (!hyper::body::Body::is_end_stream(&body)).then(|| Replay::new(settings.replay_buffer));
+        let counter = (!hyper::body::Body::is_end_stream(&body)).then(|| acct.body_counter());
+        let mut body = UpBody::new(
+            body,
+            capture.clone(),
+            replay.clone(),
+            counter,
+            settings.client_body_timeout,
+        );
 
-    // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
-    // to the backend before the rest of the body streams through.
-    let mut prefix = None;
-    if proxy.routes_by_body(parts.method.as_str(), || {
-        parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes)
-    }) {
-        let read =
-            match tokio::time::timeout_at(deadline, Box::pin(body.read_prefix(MAX_BODY_PREFIX)))
-                .await
+        // Content-based routing reads at most MAX_BODY_PREFIX bytes first; they are replayed
+        // to the backend before the rest of the body streams through.
+        let mut prefix = None;
+        if proxy.routes_by_body(parts.method.as_str(), || {
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(HeaderValue::as_bytes)
+        }) {
+            let read = match tokio::time::timeout_at(
+                deadline,
+                Box::pin(body.read_prefix(MAX_BODY_PREFIX)),
+            )
+            .await
             {
                 Ok(Ok(read)) => read,
                 // The client stalled (408), or went away or framed its body badly (400),
@@ -175,222 +188,222 @@ async fn proxied(
                     return logged(&capture, acct, r);
                 }
             };
-        prefix = Some(read);
-    }
-    let keys = proxy.route_keys(
-        prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
-        |name| parts.headers.get(name).map(|v| v.as_bytes()),
-    );
-    let meta = keys.meta(peer.ip);
-    // Boxed: a queue wait is rare, and its state would otherwise enlarge every request's
-    // future.
-    let mut guard = match proxy.select(&meta) {
-        Ok(g) => g,
-        Err(lb_core::Reject::AllAtCapacity) if settings.core.queue.enabled() => {
-            match Box::pin(proxy.select_or_wait(&meta)).await {
-                Ok(g) => g,
-                Err(reject) => {
-                    let r = acct.reply(ProxyError::Rejected(reject));
-                    return logged(&capture, acct, r);
+            prefix = Some(read);
+        }
+        let keys = proxy.route_keys(
+            prefix.as_ref().map(|(data, ended)| (&data[..], *ended)),
+            |name| parts.headers.get(name).map(|v| v.as_bytes()),
+        );
+        let meta = keys.meta(peer.ip);
+        // Boxed: a queue wait is rare, and its state would otherwise enlarge every request's
+        // future.
+        let mut guard = match proxy.select(&meta) {
+            Ok(g) => g,
+            Err(lb_core::Reject::AllAtCapacity) if settings.core.queue.enabled() => {
+                match Box::pin(proxy.select_or_wait(&meta)).await {
+                    Ok(g) => g,
+                    Err(reject) => {
+                        let r = acct.reply(ProxyError::Rejected(reject));
+                        return logged(&capture, acct, r);
+                    }
                 }
             }
-        }
-        Err(reject) => {
-            let r = acct.reply(ProxyError::Rejected(reject));
-            return logged(&capture, acct, r);
-        }
-    };
-    acct.serve(&mut guard);
-    let req = Request::from_parts(parts, body);
-    let to = Route {
-        traffic,
-        peer,
-        meta: &meta,
-        deadline,
-    };
-    forward(to, guard, req, capture, replay, acct).await
+            Err(reject) => {
+                let r = acct.reply(ProxyError::Rejected(reject));
+                return logged(&capture, acct, r);
+            }
+        };
+        acct.serve(&mut guard);
+        let req = Request::from_parts(parts, body);
+        let to = Route {
+            traffic,
+            peer,
+            meta: &meta,
+            deadline,
+        };
+        forward(to, guard, req, capture, replay, acct).await
+    }
 }
 
 /// Where a request goes and how: the shard's backend connections, the client, the
 /// routing keys (for a failover), the request deadline.
 struct Route<'a> {
     traffic: Traffic,
-    peer: Peer,
+    peer: Arc<Peer>,
     meta: &'a lb_core::RequestMeta<'a>,
     deadline: tokio::time::Instant,
 }
 
-async fn forward(
-    to: Route<'_>,
+#[allow(clippy::manual_async_fn)] // `async fn` would store the arguments twice
+fn forward<'a>(
+    to: Route<'a>,
     mut guard: LeaseGuard,
     mut req: Request<UpBody>,
     capture: Option<Arc<Capture>>,
     replay: Option<Arc<Replay>>,
-    acct: &mut Account,
-) -> Response<ProxyBody> {
-    let Route {
-        traffic,
-        peer,
-        meta,
-        deadline,
-    } = to;
-    let mut upstream = guard.upstream().clone();
-    if let Some(c) = &capture {
-        c.backend(upstream.url().clone());
-    }
-    let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    let client_authority = req.uri().authority().cloned();
-    let uri = match request_uri(&upstream, req.uri().path_and_query()) {
-        Ok(u) => u,
-        Err(_) => {
-            drop(guard); // not the backend's fault: released as cancelled
-            let r = acct.reply(ProxyError::BadRequest);
-            return logged(&capture, acct, r);
+    acct: &'a mut Account,
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+    async move {
+        // Borrowed, not moved out: moved, they would be stored twice in this future.
+        let (traffic, peer, meta, deadline) = (&to.traffic, &to.peer, to.meta, to.deadline);
+        let mut upstream = guard.upstream().clone();
+        if let Some(c) = &capture {
+            c.backend(upstream.url().clone());
         }
-    };
-    *req.uri_mut() = uri;
-    // Taken from the rewritten target, a fresh allocation: a clone of the client's URI
-    // would keep hyper's whole 8 KiB read buffer alive for as long as the request runs.
-    let line = ReqLine {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-    };
-    // The authority of an absolute-form target wins over `Host` (RFC 9112 §3.2.2).
-    let authority = client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    // One value for the id, on the request (unless the client's stays) and the response.
-    let kept = acct.kept_client_id();
-    let id = match kept {
-        true => req.headers().get(&REQUEST_ID).cloned(),
-        false => None,
-    }
-    .or_else(|| HeaderValue::from_bytes(acct.id().as_bytes()).ok());
-    rewrite_request_headers(
-        req.headers_mut(),
-        &peer,
-        &upstream.ext.host,
-        authority,
-        upgrade,
-        id.as_ref().filter(|_| !kept),
-    );
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let sent = if upgrade {
-        tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext, req)))
-            .await
-            .map(|r| r.map(|resp| (resp, None)))
-    } else {
-        let mut tried = Vec::new();
-        loop {
-            let send = traffic.send(&upstream, req, replay.as_ref());
-            match tokio::time::timeout_at(deadline, send).await {
-                // The backend could not be reached: the request goes to another one.
-                Ok(Err(SendError::Unreached(why, back))) => {
-                    match guard.fail_over(Failure::Connect(why), &line, meta, &mut tried) {
-                        Ok(next) => guard = next,
-                        Err(reply) => return logged(&capture, acct, reply),
-                    }
-                    acct.serve(&mut guard);
-                    req = *back;
-                    retarget(&mut req, &upstream, guard.upstream());
-                    upstream = guard.upstream().clone();
-                    if let Some(c) = &capture {
-                        c.backend(upstream.url().clone());
-                    }
-                }
-                sent => break sent.map(|r| r.map(|(resp, c)| (resp, Some(c)))),
+        let client_authority = req.uri().authority().cloned();
+        let uri = match request_uri(&upstream, req.uri().path_and_query()) {
+            Ok(u) => u,
+            Err(_) => {
+                drop(guard); // not the backend's fault: released as cancelled
+                let r = acct.reply(ProxyError::BadRequest);
+                return logged(&capture, acct, r);
             }
-        }
-    };
-    if let Some(r) = &replay {
-        // The response has begun (or the exchange failed): no re-send any more.
-        r.close();
-    }
-    let (mut resp, conn) = match sent {
-        Ok(Ok(sent)) => sent,
-        Ok(Err(SendError::Http(e))) if client_side(&e) => {
-            // The client's request body failed (it stalled: 408; it went away mid-upload
-            // or framed it badly: 400): not the backend's fault.
-            drop(guard);
-            let answer = if stalled(&e) {
-                ProxyError::BodyTimeout
-            } else {
-                ProxyError::BadRequest
-            };
-            let r = acct.reply(answer);
-            return logged(&capture, acct, r);
-        }
-        Ok(Err(e)) => {
-            let failure = match &e {
-                SendError::Connect(e) => Failure::Connect(describe_connect(e.as_ref())),
-                SendError::Http(e) if e.is_parse_too_large() => Failure::Unsupported(format!(
-                    "invalid response: {}",
-                    lb_http1::Error::HeadTooLarge
-                )),
-                SendError::Http(e) if e.is_parse() => {
-                    Failure::Invalid(format!("invalid response: {}", describe(e)))
-                }
-                SendError::Http(e) => Failure::Io(describe(e)),
-                SendError::Race(e) => Failure::Race(describe(e)),
-                SendError::Unreached(why, _) => Failure::Connect(why.clone()),
-            };
-            return logged(&capture, acct, guard.fail(failure, &line));
-        }
-        Err(_) => return logged(&capture, acct, guard.fail(Failure::Timeout, &line)),
-    };
-    if let Err(failure) = check_response(resp.version(), resp.headers()) {
-        return logged(&capture, acct, guard.fail(failure, &line));
-    }
-    if fields_size(resp.headers()) > guard.proxy().settings().max_head_bytes {
-        // As for requests: hyper's buffer limit is approximate; the head limit is ours.
-        let why = lb_http1::Error::HeadTooLarge;
-        let failure = Failure::Unsupported(format!("invalid response: {why}"));
-        return logged(&capture, acct, guard.fail(failure, &line));
-    }
-    let status = resp.status().as_u16();
-    if let Some(c) = &capture {
-        c.status(status);
-    }
-    if let Some(ka) = resp.headers().get(&KEEP_ALIVE) {
-        upstream.idle.learn(ka.as_bytes());
-    }
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
-            // A 101 nobody asked for: the codec refuses it too.
-            let why = lb_http1::Error::UnexpectedUpgrade;
-            let failure = Failure::Invalid(format!("invalid response: {why}"));
-            return logged(&capture, acct, guard.fail(failure, &line));
         };
-        let backend_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
-        let (mut parts, _) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, true);
-        set_request_id(&mut parts.headers, id);
-        parts.version = http::Version::HTTP_11;
-        return Response::from_parts(parts, Either::Left(Full::default()));
-    }
+        *req.uri_mut() = uri;
+        // Taken from the rewritten target, a fresh allocation: a clone of the client's URI
+        // would keep hyper's whole 8 KiB read buffer alive for as long as the request runs.
+        let line = ReqLine {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        };
+        // The authority of an absolute-form target wins over `Host` (RFC 9112 §3.2.2).
+        let authority = client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        // One value for the id, on the request (unless the client's stays) and the response.
+        let kept = acct.kept_client_id();
+        let id = match kept {
+            true => req.headers().get(&REQUEST_ID).cloned(),
+            false => None,
+        }
+        .or_else(|| HeaderValue::from_bytes(acct.id().as_bytes()).ok());
+        rewrite_request_headers(
+            req.headers_mut(),
+            peer,
+            &upstream.ext.host,
+            authority,
+            upgrade,
+            id.as_ref().filter(|_| !kept),
+        );
 
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    set_request_id(&mut parts.headers, id);
-    // A proxy sends its own version: hyper then frames the body for the client (chunks
-    // for a close-delimited HTTP/1.0 answer to an HTTP/1.1 client).
-    parts.version = http::Version::HTTP_11;
-    // No connection comes back for an upgrade request the backend answered without
-    // switching: its one-off connection runs as a task and closes after this body.
-    let lent = Lent::new(conn, traffic.clone(), upstream);
-    let body = if hyper::body::Body::is_end_stream(&body) {
-        drop(body);
-        lent.finish_now().await;
-        guard.respond(status);
-        Either::Left(Full::default())
-    } else {
-        Either::Right(Streamed::new(
-            body, lent, deadline, guard, status, line, capture,
-        ))
-    };
-    Response::from_parts(parts, body)
+        let sent = if upgrade {
+            tokio::time::timeout_at(deadline, Box::pin(traffic.upgrade(&upstream.ext, req)))
+                .await
+                .map(|r| r.map(|resp| (resp, None)))
+        } else {
+            let mut tried = Vec::new();
+            loop {
+                let send = traffic.send(&upstream, req, replay.as_ref());
+                match tokio::time::timeout_at(deadline, send).await {
+                    // The backend could not be reached: the request goes to another one.
+                    Ok(Err(SendError::Unreached(why, back))) => {
+                        match guard.fail_over(Failure::Connect(why), &line, meta, &mut tried) {
+                            Ok(next) => guard = next,
+                            Err(reply) => return logged(&capture, acct, reply),
+                        }
+                        acct.serve(&mut guard);
+                        req = *back;
+                        retarget(&mut req, &upstream, guard.upstream());
+                        upstream = guard.upstream().clone();
+                        if let Some(c) = &capture {
+                            c.backend(upstream.url().clone());
+                        }
+                    }
+                    sent => break sent.map(|r| r.map(|(resp, c)| (resp, Some(c)))),
+                }
+            }
+        };
+        if let Some(r) = &replay {
+            // The response has begun (or the exchange failed): no re-send any more.
+            r.close();
+        }
+        let (mut resp, conn) = match sent {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(SendError::Http(e))) if client_side(&e) => {
+                // The client's request body failed (it stalled: 408; it went away mid-upload
+                // or framed it badly: 400): not the backend's fault.
+                drop(guard);
+                let answer = if stalled(&e) {
+                    ProxyError::BodyTimeout
+                } else {
+                    ProxyError::BadRequest
+                };
+                let r = acct.reply(answer);
+                return logged(&capture, acct, r);
+            }
+            Ok(Err(e)) => {
+                let failure = match &e {
+                    SendError::Connect(e) => Failure::Connect(describe_connect(e.as_ref())),
+                    SendError::Http(e) if e.is_parse_too_large() => Failure::Unsupported(format!(
+                        "invalid response: {}",
+                        lb_http1::Error::HeadTooLarge
+                    )),
+                    SendError::Http(e) if e.is_parse() => {
+                        Failure::Invalid(format!("invalid response: {}", describe(e)))
+                    }
+                    SendError::Http(e) => Failure::Io(describe(e)),
+                    SendError::Race(e) => Failure::Race(describe(e)),
+                    SendError::Unreached(why, _) => Failure::Connect(why.clone()),
+                };
+                return logged(&capture, acct, guard.fail(failure, &line));
+            }
+            Err(_) => return logged(&capture, acct, guard.fail(Failure::Timeout, &line)),
+        };
+        if let Err(failure) = check_response(resp.version(), resp.headers()) {
+            return logged(&capture, acct, guard.fail(failure, &line));
+        }
+        if fields_size(resp.headers()) > guard.proxy().settings().max_head_bytes {
+            // As for requests: hyper's buffer limit is approximate; the head limit is ours.
+            let why = lb_http1::Error::HeadTooLarge;
+            let failure = Failure::Unsupported(format!("invalid response: {why}"));
+            return logged(&capture, acct, guard.fail(failure, &line));
+        }
+        let status = resp.status().as_u16();
+        if let Some(c) = &capture {
+            c.status(status);
+        }
+        if let Some(ka) = resp.headers().get(&KEEP_ALIVE) {
+            upstream.idle.learn(ka.as_bytes());
+        }
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                // A 101 nobody asked for: the codec refuses it too.
+                let why = lb_http1::Error::UnexpectedUpgrade;
+                let failure = Failure::Invalid(format!("invalid response: {why}"));
+                return logged(&capture, acct, guard.fail(failure, &line));
+            };
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(splice(client_upgrade, backend_upgrade, guard, status));
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, true);
+            set_request_id(&mut parts.headers, id);
+            parts.version = http::Version::HTTP_11;
+            return Response::from_parts(parts, Either::Left(Full::default()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        set_request_id(&mut parts.headers, id);
+        // A proxy sends its own version: hyper then frames the body for the client (chunks
+        // for a close-delimited HTTP/1.0 answer to an HTTP/1.1 client).
+        parts.version = http::Version::HTTP_11;
+        // No connection comes back for an upgrade request the backend answered without
+        // switching: its one-off connection runs as a task and closes after this body.
+        let lent = Lent::new(conn, traffic.clone(), upstream);
+        let body = if hyper::body::Body::is_end_stream(&body) {
+            drop(body);
+            lent.finish_now().await;
+            guard.respond(status);
+            Either::Left(Full::default())
+        } else {
+            Either::Right(Streamed::new(
+                body, lent, deadline, guard, status, line, capture,
+            ))
+        };
+        Response::from_parts(parts, body)
+    }
 }
 
 /// Points a request meant for `from` at `to` (a failover): its target's path prefix and
