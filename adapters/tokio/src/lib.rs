@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -198,7 +198,8 @@ async fn shard(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.head_timeout)
+        // The head timeout is `Graceful`'s: hyper's arms a timer per request.
+        .header_read_timeout(None)
         .max_buf_size((2 * settings.max_head_bytes).max(8192))
         .keep_alive(true);
     // Every connection task holds a receiver (never polled): `closed()` resolves once the
@@ -206,6 +207,7 @@ async fn shard(
     let (conns_tx, conns_rx) = tokio::sync::watch::channel(false);
     let closing = Arc::new(Stop::default());
     let write_timeout = settings.client_write_timeout;
+    let head_timeout = settings.head_timeout;
     loop {
         // At --max-client-conns, wait for a connection to close before accepting.
         tokio::select! {
@@ -255,7 +257,7 @@ async fn shard(
                     // Finishes the request in progress once the shard stops, then closes;
                     // a connection with no response in progress (idle, or holding part
                     // of a head) closes at once.
-                    let ended = Graceful::new(conn, &closing, || activity.quiet(), |c| c.graceful_shutdown()).await;
+                    let ended = Graceful::new(conn, &closing, &activity, head_timeout, |c| c.graceful_shutdown()).await;
                     if let Some(Err(e)) = ended {
                         // A head hyper refused itself (it answered it): counted as lb's.
                         if e.is_parse_too_large() {
@@ -294,50 +296,70 @@ impl Stop {
 }
 
 pin_project_lite::pin_project! {
-    /// A client connection that shuts down gracefully when its shard stops.
+    /// A client connection that shuts down gracefully when its shard stops, and is closed
+    /// when a request head takes longer than `--head-timeout` to arrive.
     ///
     /// A `select!` against a stop channel would poll that channel each time the task wakes,
     /// several times per request. Here the task's waker is registered with the stop signal
     /// once, on the first poll (a connection task's waker never changes), and each later
-    /// wake costs one atomic load. When the stop comes, a connection that `quiet` says has
-    /// nothing in progress is dropped (closed) rather than asked to finish.
-    struct Graceful<'a, C, Q, F> {
+    /// wake costs one atomic load. When the stop comes, a connection that has nothing in
+    /// progress ([`stall::Activity::quiet`]) is dropped (closed) rather than asked to
+    /// finish.
+    ///
+    /// The head timeout is one timer per connection, not one per request (hyper's own arms
+    /// and cancels a timer for every head): an exchange only notes when it ended; when the
+    /// timer fires, a connection that has waited `head_timeout` since for a head is closed
+    /// (as hyper's own timeout does, without an answer), else the timer is set again for
+    /// the time that is left.
+    struct Graceful<'a, C, F> {
         #[pin]
         conn: C,
         #[pin]
         notified: tokio::sync::futures::Notified<'a>,
         stopping: &'a AtomicBool,
         registered: bool,
-        quiet: Q,
+        activity: &'a stall::Activity,
+        #[pin]
+        head_timer: tokio::time::Sleep,
+        head_timeout: Duration,
         shutdown: Option<F>,
     }
 }
 
-impl<'a, C, Q, F> Graceful<'a, C, Q, F>
+impl<'a, C, F> Graceful<'a, C, F>
 where
     C: Future,
-    Q: Fn() -> bool,
     F: FnOnce(Pin<&mut C>),
 {
-    fn new(conn: C, stop: &'a Stop, quiet: Q, shutdown: F) -> Self {
+    fn new(
+        conn: C,
+        stop: &'a Stop,
+        activity: &'a stall::Activity,
+        head_timeout: Duration,
+        shutdown: F,
+    ) -> Self {
+        let first = activity
+            .head_deadline(head_timeout)
+            .unwrap_or_else(|| tokio::time::Instant::now() + head_timeout);
         Graceful {
             conn,
             notified: stop.notify.notified(),
             stopping: &stop.stopping,
             registered: false,
-            quiet,
+            activity,
+            head_timer: tokio::time::sleep_until(first),
+            head_timeout,
             shutdown: Some(shutdown),
         }
     }
 }
 
-impl<C, Q, F> Future for Graceful<'_, C, Q, F>
+impl<C, F> Future for Graceful<'_, C, F>
 where
     C: Future,
-    Q: Fn() -> bool,
     F: FnOnce(Pin<&mut C>),
 {
-    /// `None`: dropped at the stop with nothing in progress.
+    /// `None`: dropped at the stop with nothing in progress, or for a late head.
     type Output = Option<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -348,11 +370,21 @@ where
             let _ = this.notified.as_mut().poll(cx);
         }
         if this.stopping.load(Ordering::Acquire) {
-            if (this.quiet)() {
+            if this.activity.quiet() {
                 return Poll::Ready(None);
             }
             if let Some(shutdown) = this.shutdown.take() {
                 shutdown(this.conn.as_mut());
+            }
+        }
+        while this.head_timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            match this.activity.head_deadline(*this.head_timeout) {
+                Some(late) if late <= now => return Poll::Ready(None),
+                Some(late) => this.head_timer.as_mut().reset(late),
+                // Checked again a whole timeout after now: the next head's wait starts
+                // later than that.
+                None => this.head_timer.as_mut().reset(now + *this.head_timeout),
             }
         }
         this.conn.poll(cx).map(Some)

@@ -111,15 +111,30 @@ impl AsyncWrite for WriteStall {
     }
 }
 
-/// What a client connection is doing, as far as its shard's stop needs to know: how many
-/// exchanges are between their head (hyper calls the service) and the end of their
-/// response body, and whether a write is waiting on the client. A connection with neither
-/// holds at most a partial head, which a stop need not wait for: hyper's graceful
-/// shutdown would wait for that head until `--head-timeout`.
-#[derive(Default)]
+/// What a client connection is doing, as far as its shard's stop and the head timeout
+/// need to know: how many exchanges are between their head (hyper calls the service) and
+/// the end of their response body, whether a write is waiting on the client, and since
+/// when none has been in progress. A connection with neither holds at most a partial head,
+/// which a stop need not wait for: hyper's graceful shutdown would wait for that head until
+/// `--head-timeout`.
 pub(crate) struct Activity {
     exchanges: std::sync::atomic::AtomicU32,
     writing: std::sync::atomic::AtomicBool,
+    /// When the last exchange ended (or the connection opened), in milliseconds after
+    /// `opened`.
+    idle_since: std::sync::atomic::AtomicU64,
+    opened: tokio::time::Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            exchanges: Default::default(),
+            writing: Default::default(),
+            idle_since: Default::default(),
+            opened: tokio::time::Instant::now(),
+        }
+    }
 }
 
 impl Activity {
@@ -133,6 +148,17 @@ impl Activity {
     pub(crate) fn quiet(&self) -> bool {
         self.exchanges.load(Ordering::Acquire) == 0 && !self.writing.load(Ordering::Acquire)
     }
+
+    /// When a head that has not arrived by then is too late (`limit` after the last
+    /// exchange ended, or after the connection opened), or `None` while an exchange is in
+    /// progress (the next head is waited for only after it).
+    pub(crate) fn head_deadline(&self, limit: Duration) -> Option<tokio::time::Instant> {
+        if self.exchanges.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+        Some(self.opened + since + limit)
+    }
 }
 
 /// An exchange in progress (see [`Activity`]).
@@ -140,7 +166,14 @@ pub(crate) struct Exchange(Arc<Activity>);
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.0.exchanges.fetch_sub(1, Ordering::Release);
+        let a = &self.0;
+        if a.exchanges.load(Ordering::Relaxed) == 1 {
+            // The last one ends: the wait for the next head starts now. (Stored before
+            // the count falls, so a head timer that sees no exchange sees this time.)
+            let ms = a.opened.elapsed().as_millis() as u64;
+            a.idle_since.store(ms, Ordering::Release);
+        }
+        a.exchanges.fetch_sub(1, Ordering::Release);
     }
 }
 
