@@ -147,6 +147,10 @@ fn qname(name: &str) -> Result<Name<'_>, String> {
     Name::new(bare).map_err(|_| format!("'{name}': not a valid DNS name (too long)"))
 }
 
+/// The most aliases (CNAME records) followed from the name asked, as resolvers bound
+/// their chains too (BIND follows 16).
+const MAX_ALIASES: usize = 16;
+
 /// Reads the reply to the question `id` (`kind` for `name`). The addresses are those of
 /// `name` or of the names it is an alias of (CNAME chains), whatever else the reply
 /// holds. A reply that is not an answer to the question is an error.
@@ -179,13 +183,16 @@ fn decode(reply: &[u8], id: u16, name: &str, kind: TYPE) -> Result<Answer, Strin
         code => return Err(format!("the server answered {}", rcode_name(code, head[3]))),
     }
     // The name and its aliases: each round adds the CNAME targets of names already in;
-    // at most one round per record. Names compare without regard to ASCII case.
+    // at most one round per record, and at most MAX_ALIASES aliases (a reply of thousands
+    // of chained records costs rounds × records × names). Names compare without regard
+    // to ASCII case.
     let mut names = vec![qname(name)?];
-    for _ in 0..msg.answers.len() {
+    for _ in 0..msg.answers.len().min(MAX_ALIASES) {
         let before = names.len();
         for r in &msg.answers {
             if let RData::CNAME(CNAME(target)) = &r.rdata {
-                if names.contains(&r.name) && !names.contains(target) {
+                if names.len() <= MAX_ALIASES && names.contains(&r.name) && !names.contains(target)
+                {
                     names.push(target.clone());
                 }
             }
@@ -373,6 +380,27 @@ mod tests {
             got,
             Ok(Answer::Records(vec![(IpAddr::V6(Ipv6Addr::LOCALHOST), 3)]))
         );
+        // A chain longer than MAX_ALIASES is followed that far, no further.
+        let chain = |len: usize| {
+            let mut answers: Vec<_> = (0..len)
+                .map(|i| {
+                    let from = if i == 0 {
+                        "vllm.test".to_string()
+                    } else {
+                        format!("n{i}.test")
+                    };
+                    let to = name(&format!("n{}.test", i + 1)).into_owned();
+                    record(&from, 5, RData::CNAME(CNAME(to)))
+                })
+                .collect();
+            answers.push(record(&format!("n{len}.test"), 5, a([10, 0, 0, 3])));
+            decode(&reply(7, RCODE::NoError, answers), 7, "vllm.test", TYPE::A)
+        };
+        assert_eq!(
+            chain(MAX_ALIASES),
+            Ok(Answer::Records(vec![(IpAddr::from([10, 0, 0, 3]), 5)]))
+        );
+        assert_eq!(chain(MAX_ALIASES + 1), Ok(Answer::Records(vec![])));
         // No record of the kind asked: an empty answer, not an error.
         let got = decode(
             &reply(7, RCODE::NoError, vec![]),
