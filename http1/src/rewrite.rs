@@ -11,11 +11,10 @@
 //! Headers the proxy adds itself are written after the filtering and can't
 //! be removed by a `Connection` token.
 
-use std::io::Write as _;
 use std::net::IpAddr;
 
 use super::framing::content_length;
-use super::head::{has_token, header_values, split_absolute, write_header};
+use super::head::{has_token, header_values, push_decimal, split_absolute, write_header};
 use super::rules::{forwarded_for, is_hop_by_hop};
 use super::{BodyKind, Error, Header, RequestHead, ResponseHead, Version};
 
@@ -188,7 +187,18 @@ pub fn rewrite_response(
     }
 
     out.extend_from_slice(b"HTTP/1.1 ");
-    let _ = write!(out, "{:03} ", resp.status);
+    // At least three digits (a parsed status is 100..=999).
+    let status = resp.status;
+    if status < 1000 {
+        out.extend_from_slice(&[
+            b'0' + (status / 100) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
+    } else {
+        push_decimal(out, u64::from(status));
+    }
+    out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in kept(&resp.headers, plan.is_upgrade(), &[]) {
@@ -248,7 +258,9 @@ fn is_expect_continue(h: &Header) -> bool {
 fn write_framing(out: &mut Vec<u8>, body: BodyKind) {
     match body {
         BodyKind::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         BodyKind::Chunked => write_header(out, b"Transfer-Encoding", b"chunked"),
         BodyKind::None | BodyKind::CloseDelimited | BodyKind::Tunnel => {}

@@ -10,7 +10,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
-use crate::head::{list_items, split_absolute};
+use crate::head::{list_items, push_decimal, split_absolute};
 use crate::{Error, Version};
 
 /// Fields that describe one connection, not the message, and are never forwarded (RFC
@@ -96,7 +96,19 @@ pub fn forwarded_for<'a>(
         out.extend_from_slice(item);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{client}");
+    match client {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{client}");
+        }
+    }
 }
 
 #[cfg(test)]
