@@ -15,6 +15,7 @@
 
 use super::framing::declared_framing;
 use super::Error;
+use super::FieldBytes;
 
 /// Default for [`Limits::max_head_bytes`]: 64 KiB.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -81,30 +82,30 @@ impl Version {
 
 /// One header line: a name and a value, as received.
 ///
-/// The name keeps its case (compare with `eq_ignore_ascii_case`); the value
-/// has leading and trailing whitespace removed and may contain obs-text
-/// (bytes >= 0x80), hence bytes rather than a string.
+/// The name keeps its case (compare with [`Header::is`]); the value has leading and
+/// trailing whitespace removed and may contain obs-text (bytes >= 0x80), hence bytes
+/// rather than a string. Both are [`FieldBytes`]: short ones need no allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Header {
     /// Header name, a token (`Content-Type`).
-    pub name: String,
+    pub name: FieldBytes,
     /// Header value, without surrounding whitespace.
-    pub value: Vec<u8>,
+    pub value: FieldBytes,
 }
 
 impl Header {
     /// Builds a header. The caller guarantees `name` is a token and `value`
     /// has no CR, LF or NUL (heads from the parser always satisfy this).
-    pub fn new(name: impl Into<String>, value: impl Into<Vec<u8>>) -> Header {
+    pub fn new(name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Header {
         Header {
-            name: name.into(),
-            value: value.into(),
+            name: FieldBytes::new(name.as_ref()),
+            value: FieldBytes::new(value.as_ref()),
         }
     }
 
     /// Whether this header is called `name` (ASCII case-insensitive).
     pub fn is(&self, name: &str) -> bool {
-        self.name.eq_ignore_ascii_case(name)
+        self.name.eq_ignore_ascii_case(name.as_bytes())
     }
 }
 
@@ -149,8 +150,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
         return Ok(Status::Partial);
     };
     check_request_line(&buf[span.start..span.first_line_end])?;
-    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
-    let mut req = httparse::Request::new(&mut slots);
+    let (mut stack, mut heap) = ([httparse::EMPTY_HEADER; STACK_SLOTS], Vec::new());
+    let slots = header_slots(span.header_lines, &mut stack, &mut heap);
+    let mut req = httparse::Request::new(slots);
     match req.parse(&buf[..span.end]) {
         Ok(httparse::Status::Complete(n)) if n == span.end => {}
         Ok(_) => return Err(Error::InvalidRequestLine),
@@ -185,8 +187,9 @@ pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead
         Err(Error::UriTooLong) => return Err(Error::HeadTooLarge),
         Err(e) => return Err(e),
     };
-    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
-    let mut res = httparse::Response::new(&mut slots);
+    let (mut stack, mut heap) = ([httparse::EMPTY_HEADER; STACK_SLOTS], Vec::new());
+    let slots = header_slots(span.header_lines, &mut stack, &mut heap);
+    let mut res = httparse::Response::new(slots);
     match res.parse(&buf[..span.end]) {
         Ok(httparse::Status::Complete(n)) if n == span.end => {}
         Ok(_) => return Err(Error::InvalidStatusLine),
@@ -454,6 +457,24 @@ fn map_httparse(e: httparse::Error, start_line: Error) -> Error {
     }
 }
 
+/// How many header slots the parsers keep on the stack (a head with more gets them from
+/// the heap).
+const STACK_SLOTS: usize = 16;
+
+/// `n` empty slots for httparse: from `stack` when there are enough, else in `heap`.
+fn header_slots<'s, 'b>(
+    n: usize,
+    stack: &'s mut [httparse::Header<'b>; STACK_SLOTS],
+    heap: &'s mut Vec<httparse::Header<'b>>,
+) -> &'s mut [httparse::Header<'b>] {
+    if n <= STACK_SLOTS {
+        &mut stack[..n]
+    } else {
+        heap.resize(n, httparse::EMPTY_HEADER);
+        heap
+    }
+}
+
 fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
     headers
         .iter()
@@ -488,7 +509,7 @@ fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
 
 fn write_headers(out: &mut Vec<u8>, headers: &[Header]) {
     for h in headers {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, &h.name, &h.value);
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -61,6 +61,7 @@ mod body;
 mod date;
 mod dechunk;
 mod error;
+mod field;
 mod framing;
 mod head;
 mod rewrite;
@@ -72,6 +73,7 @@ pub use body::{
 pub use date::{http_date, HTTP_DATE_LEN};
 pub use dechunk::Dechunk;
 pub use error::Error;
+pub use field::FieldBytes;
 pub use framing::{chunked, content_length, BodyKind};
 pub use head::{
     keep_alive_timeout, parse_request, parse_response, Header, Limits, RequestHead, ResponseHead,

@@ -92,7 +92,7 @@ pub fn rewrite_request(
         "x-forwarded-host",
     ];
     for h in kept(&req.headers, upgrade, &REPLACED) {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, &h.name, &h.value);
     }
 
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -202,7 +202,7 @@ pub fn rewrite_response(
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in kept(&resp.headers, plan.is_upgrade(), &[]) {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, &h.name, &h.value);
     }
     match body {
         BodyKind::None if resp.status >= 200 && resp.status != 204 && resp.status != 304 => {
@@ -244,7 +244,7 @@ fn kept<'a>(
             || is_expect_continue(h)
             || h.is("content-length")
             || replaced.iter().any(|&n| h.is(n))
-            || has_token(headers, "connection", h.name.as_bytes());
+            || has_token(headers, "connection", &h.name);
         !dropped
     })
 }

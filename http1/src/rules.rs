@@ -31,8 +31,11 @@ pub const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Whether `name` is hop-by-hop by itself ([`HOP_BY_HOP`], ASCII case-insensitive).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+pub fn is_hop_by_hop(name: impl AsRef<[u8]>) -> bool {
+    let name = name.as_ref();
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Whether a `Connection` field's values name `name` (its token list, case-insensitive):
@@ -119,7 +122,7 @@ mod tests {
     fn hop_by_hop_names() {
         for name in HOP_BY_HOP {
             assert!(is_hop_by_hop(name));
-            assert!(is_hop_by_hop(&name.to_ascii_uppercase()));
+            assert!(is_hop_by_hop(name.to_ascii_uppercase()));
         }
         for name in ["trailer", "content-length", "x-forwarded-for", "host"] {
             assert!(!is_hop_by_hop(name), "{name}");
