@@ -84,28 +84,139 @@ impl Version {
 ///
 /// The name keeps its case (compare with [`Header::is`]); the value has leading and
 /// trailing whitespace removed and may contain obs-text (bytes >= 0x80), hence bytes
-/// rather than a string. Both are [`FieldBytes`]: short ones need no allocation.
+/// rather than a string. Both are [`FieldBytes`]: short ones need no allocation. The
+/// names `lb` looks for are recognised once, when the header is made, so that looking
+/// one up compares a tag, not a string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Header {
-    /// Header name, a token (`Content-Type`).
-    pub name: FieldBytes,
-    /// Header value, without surrounding whitespace.
-    pub value: FieldBytes,
+    name: FieldBytes,
+    value: FieldBytes,
+    known: Known,
 }
 
 impl Header {
     /// Builds a header. The caller guarantees `name` is a token and `value`
     /// has no CR, LF or NUL (heads from the parser always satisfy this).
     pub fn new(name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Header {
+        let name = name.as_ref();
         Header {
-            name: FieldBytes::new(name.as_ref()),
+            name: FieldBytes::new(name),
             value: FieldBytes::new(value.as_ref()),
+            known: Known::of(name),
         }
+    }
+
+    /// Header name, a token (`Content-Type`), as received.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Header value, without surrounding whitespace.
+    pub fn value(&self) -> &[u8] {
+        &self.value
     }
 
     /// Whether this header is called `name` (ASCII case-insensitive).
     pub fn is(&self, name: &str) -> bool {
-        self.name.eq_ignore_ascii_case(name.as_bytes())
+        self.is_named(Known::of(name.as_bytes()), name)
+    }
+
+    /// [`is`](Self::is), with `name` already recognised as `known`.
+    fn is_named(&self, known: Known, name: &str) -> bool {
+        match known {
+            Known::Other => {
+                self.known == Known::Other && self.name.eq_ignore_ascii_case(name.as_bytes())
+            }
+            k => self.known == k,
+        }
+    }
+
+    /// Whether this header is the `known` one.
+    pub(crate) fn is_known(&self, known: Known) -> bool {
+        self.known == known
+    }
+
+    /// Which of the names looked for this header has (or [`Known::Other`]).
+    pub(crate) fn known(&self) -> Known {
+        self.known
+    }
+}
+
+/// The header names the codec (and the proxy) looks for, recognised case-insensitively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Known {
+    Connection,
+    ContentLength,
+    ContentType,
+    Date,
+    Expect,
+    Host,
+    KeepAlive,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    ProxyConnection,
+    Te,
+    TransferEncoding,
+    Upgrade,
+    UserAgent,
+    XForwardedFor,
+    XForwardedHost,
+    XForwardedProto,
+    XRequestId,
+    /// Any other name.
+    Other,
+}
+
+impl Known {
+    /// What `name` is (ASCII case-insensitive): by its length first, then among the few
+    /// names of that length.
+    pub(crate) fn of(name: &[u8]) -> Known {
+        use Known::*;
+        let candidates: &[(&str, Known)] = match name.len() {
+            2 => &[("te", Te)],
+            4 => &[("host", Host), ("date", Date)],
+            6 => &[("expect", Expect)],
+            7 => &[("upgrade", Upgrade)],
+            10 => &[
+                ("connection", Connection),
+                ("keep-alive", KeepAlive),
+                ("user-agent", UserAgent),
+            ],
+            12 => &[("content-type", ContentType), ("x-request-id", XRequestId)],
+            14 => &[("content-length", ContentLength)],
+            15 => &[("x-forwarded-for", XForwardedFor)],
+            16 => &[
+                ("proxy-connection", ProxyConnection),
+                ("x-forwarded-host", XForwardedHost),
+            ],
+            17 => &[
+                ("transfer-encoding", TransferEncoding),
+                ("x-forwarded-proto", XForwardedProto),
+            ],
+            18 => &[("proxy-authenticate", ProxyAuthenticate)],
+            19 => &[("proxy-authorization", ProxyAuthorization)],
+            _ => return Other,
+        };
+        candidates
+            .iter()
+            .find(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+            .map_or(Other, |&(_, k)| k)
+    }
+
+    /// Whether this name is hop-by-hop by itself ([`crate::rules::HOP_BY_HOP`]).
+    pub(crate) fn is_hop_by_hop(self) -> bool {
+        use Known::*;
+        matches!(
+            self,
+            Connection
+                | KeepAlive
+                | ProxyConnection
+                | Te
+                | TransferEncoding
+                | Upgrade
+                | ProxyAuthenticate
+                | ProxyAuthorization
+        )
     }
 }
 
@@ -165,7 +276,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
         headers: owned_headers(req.headers),
     };
     crate::rules::check_target(&head.method, &head.target)?;
-    crate::rules::check_host(head.version, header_values(&head.headers, "host"))?;
+    crate::rules::check_host(head.version, known_values(&head.headers, Known::Host))?;
     declared_framing(head.version, &head.headers)?;
     Ok(Status::Complete(head, span.end))
 }
@@ -275,15 +386,15 @@ impl RequestHead {
     /// tokens. (`Upgrade` in HTTP/1.0 is ignored, RFC 9110 §7.8.)
     pub fn is_upgrade(&self) -> bool {
         self.version == Version::Http11
-            && header_values(&self.headers, "upgrade").any(|v| !v.is_empty())
-            && has_token(&self.headers, "connection", b"upgrade")
+            && known_values(&self.headers, Known::Upgrade).any(|v| !v.is_empty())
+            && connection_has(&self.headers, b"upgrade")
     }
 
     /// Whether the client waits for `100 Continue` before sending the body
     /// (`Expect: 100-continue` in HTTP/1.1).
     pub fn expects_continue(&self) -> bool {
         self.version == Version::Http11
-            && header_values(&self.headers, "expect")
+            && known_values(&self.headers, Known::Expect)
                 .any(|v| v.eq_ignore_ascii_case(b"100-continue"))
     }
 
@@ -413,18 +524,22 @@ fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
     }
 }
 
-/// The index of the first CR or LF in `s`: a block of 16 bytes at a time (compiled to
-/// a few vector instructions), then the byte within the block.
-fn next_line_byte(s: &[u8]) -> Option<usize> {
+/// The index of the first CR or LF in `s`: 8 bytes at a time as one word (any byte
+/// equal to CR or LF makes a zero byte after the XOR, which the subtraction trick finds),
+/// then the byte within the block.
+pub(crate) fn next_line_byte(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const CR: u64 = u64::from_ne_bytes([b'\r'; 8]);
+    const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
     let mut at = 0;
-    for block in s.chunks_exact(16) {
-        if block
-            .iter()
-            .fold(false, |hit, &b| hit | (b == b'\r') | (b == b'\n'))
-        {
+    for block in s.chunks_exact(8) {
+        let w = u64::from_ne_bytes(block.try_into().unwrap_or_default());
+        if has_zero(w ^ CR) || has_zero(w ^ LF) {
             break;
         }
-        at += 16;
+        at += 8;
     }
     s[at..]
         .iter()
@@ -543,9 +658,18 @@ pub(crate) fn header_values<'a, 'n>(
     headers: &'a [Header],
     name: &'n str,
 ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+    let known = Known::of(name.as_bytes());
     headers
         .iter()
-        .filter(move |h| h.is(name))
+        .filter(move |h| h.is_named(known, name))
+        .map(|h| h.value.as_slice())
+}
+
+/// Values of all headers that are `known`, in order.
+pub(crate) fn known_values(headers: &[Header], known: Known) -> impl Iterator<Item = &[u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.known == known)
         .map(|h| h.value.as_slice())
 }
 
@@ -558,18 +682,18 @@ pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|item| !item.is_empty())
 }
 
-/// Whether any `name` header lists `token` (ASCII case-insensitive).
-pub(crate) fn has_token(headers: &[Header], name: &str, token: &[u8]) -> bool {
-    header_values(headers, name)
+/// Whether any `Connection` header lists `token` (ASCII case-insensitive).
+pub(crate) fn connection_has(headers: &[Header], token: &[u8]) -> bool {
+    known_values(headers, Known::Connection)
         .flat_map(list_items)
         .any(|item| item.eq_ignore_ascii_case(token))
 }
 
 fn keep_alive(version: Version, headers: &[Header]) -> bool {
-    if has_token(headers, "connection", b"close") {
+    if connection_has(headers, b"close") {
         return false;
     }
-    version == Version::Http11 || has_token(headers, "connection", b"keep-alive")
+    version == Version::Http11 || connection_has(headers, b"keep-alive")
 }
 
 /// The idle limit a `Keep-Alive` response field announces (`timeout=N`, seconds; RFC

@@ -126,7 +126,18 @@ mod tests {
         }
         for name in ["trailer", "content-length", "x-forwarded-for", "host"] {
             assert!(!is_hop_by_hop(name), "{name}");
+            assert!(
+                !crate::head::Known::of(name.as_bytes()).is_hop_by_hop(),
+                "{name}"
+            );
         }
+        // The parsed heads' tags say the same as the table.
+        let tagged: std::collections::HashSet<_> = HOP_BY_HOP
+            .iter()
+            .map(|n| crate::head::Known::of(n.to_ascii_uppercase().as_bytes()))
+            .collect();
+        assert_eq!(tagged.len(), HOP_BY_HOP.len());
+        assert!(tagged.iter().all(|k| k.is_hop_by_hop()));
         assert!(connection_names(
             [&b"close, X-Hop"[..], b" x-other"],
             b"x-other"

@@ -648,3 +648,34 @@ fn leading_empty_lines_cut_at_a_cr_are_incomplete() {
     let (head, _) = res_ok("\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(head.status, 200);
 }
+
+#[test]
+fn line_bytes_are_found_at_every_offset() {
+    for len in 0..40 {
+        for at in 0..=len {
+            for end in [b'\r', b'\n'] {
+                // Bytes that sit next to CR and LF, and obs-text, around the one to find.
+                let mut s: Vec<u8> = (0..len)
+                    .map(|i| [b'\x0b', b'\x0c', b'\x8d', b'a'][i % 4])
+                    .collect();
+                if at < len {
+                    s[at] = end;
+                }
+                let want = (at < len).then_some(at);
+                assert_eq!(crate::head::next_line_byte(&s), want, "{len} {at}");
+            }
+        }
+    }
+}
+
+#[test]
+fn header_names_compare_case_insensitively_known_or_not() {
+    let h = Header::new("Content-LENGTH", "1");
+    assert!(h.is("content-length") && h.is("CONTENT-length"));
+    assert!(!h.is("content-type") && !h.is("content-lengthx"));
+    let x = Header::new("X-Custom", "");
+    assert!(x.is("x-custom") && !x.is("x-customs") && !x.is("host"));
+    assert!(!Header::new("Hos", "").is("host"));
+    assert_eq!(h.name(), b"Content-LENGTH");
+    assert_eq!(h.value(), b"1");
+}
