@@ -679,3 +679,54 @@ fn header_names_compare_case_insensitively_known_or_not() {
     assert_eq!(h.name(), b"Content-LENGTH");
     assert_eq!(h.value(), b"1");
 }
+
+#[test]
+fn known_names_are_recognised_in_any_case_and_only_them() {
+    use crate::head::Known;
+    let names = [
+        "te",
+        "host",
+        "date",
+        "expect",
+        "upgrade",
+        "connection",
+        "keep-alive",
+        "user-agent",
+        "content-type",
+        "x-request-id",
+        "content-length",
+        "x-forwarded-for",
+        "proxy-connection",
+        "x-forwarded-host",
+        "transfer-encoding",
+        "x-forwarded-proto",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        let k = Known::of(n.as_bytes());
+        assert_ne!(k, Known::Other, "{n}");
+        assert!(seen.insert(k), "{n}");
+        assert_eq!(Known::of(n.to_ascii_uppercase().as_bytes()), k, "{n}");
+        // One byte off (a letter's neighbour in the table, or a non-letter whose
+        // case bit differs) is another name.
+        for i in 0..n.len() {
+            for swap in [b'@', b'[', b'`', b'{', b'\r', b'_'] {
+                let mut m = n.as_bytes().to_vec();
+                m[i] = swap;
+                assert_eq!(Known::of(&m), Known::Other, "{m:?}");
+            }
+        }
+    }
+    for n in [
+        "",
+        "t",
+        "hos",
+        "hostt",
+        "x-forwarded-forx",
+        "proxy-authorizationx",
+    ] {
+        assert_eq!(Known::of(n.as_bytes()), Known::Other, "{n}");
+    }
+}
