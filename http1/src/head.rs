@@ -555,6 +555,27 @@ pub(crate) fn next_line_byte(s: &[u8]) -> Option<usize> {
         .map(|n| at + n)
 }
 
+/// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
+/// CRLF or bare-LF form (`\n\n` or `\n\r\n`). A reader that parses again only then
+/// spends linear time on a head trickled in byte by byte, not quadratic. (The parser
+/// itself decides; this only saves calls.)
+pub fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let window = &buf[from.saturating_sub(3)..];
+    let mut i = 0;
+    while let Some(n) = next_line_byte(&window[i..]) {
+        let at = i + n;
+        if window[at] == b'\n' {
+            match window.get(at + 1) {
+                Some(b'\n') => return true,
+                Some(b'\r') if window.get(at + 2) == Some(&b'\n') => return true,
+                _ => {}
+            }
+        }
+        i = at + 1;
+    }
+    false
+}
+
 /// Checks what httparse would report vaguely: a missing version (HTTP/0.9)
 /// and a well-formed but unsupported `HTTP/x.y`.
 fn check_request_line(line: &[u8]) -> Result<(), Error> {

@@ -730,3 +730,27 @@ fn known_names_are_recognised_in_any_case_and_only_them() {
         assert_eq!(Known::of(n.as_bytes()), Known::Other, "{n}");
     }
 }
+
+#[test]
+fn may_end_head_is_a_blank_line_search() {
+    // Every string of up to 7 bytes over `a`, CR and LF, from every offset, against the
+    // plain definition.
+    let alphabet = [b'a', b'\r', b'\n'];
+    for len in 0..=7u32 {
+        for code in 0..3usize.pow(len) {
+            let s: Vec<u8> = (0..len)
+                .map(|i| alphabet[code / 3usize.pow(i) % 3])
+                .collect();
+            for from in 0..=s.len() {
+                let w = &s[from.saturating_sub(3)..];
+                let want =
+                    w.windows(2).any(|w| w == b"\n\n") || w.windows(3).any(|w| w == b"\n\r\n");
+                assert_eq!(may_end_head(&s, from), want, "{s:?} {from}");
+            }
+        }
+    }
+    // Longer than a word, the blank line past it.
+    let head = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
+    assert!(may_end_head(head, 0));
+    assert!(!may_end_head(&head[..head.len() - 1], 0));
+}
