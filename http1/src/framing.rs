@@ -17,7 +17,7 @@
 //! [`parse_request`](super::parse_request) / [`parse_response`](super::parse_response)
 //! only fail [`ResponseHead::body_kind`] for an unexpected 101.
 
-use super::head::{header_values, list_items, RequestHead, ResponseHead, Version};
+use super::head::{known_values, list_items, Known, RequestHead, ResponseHead, Version};
 use super::{Error, Header};
 
 /// How the body after a head is delimited.
@@ -52,8 +52,8 @@ pub(crate) enum Declared {
 
 /// Validates the framing headers and says what they declare.
 pub(crate) fn declared_framing(version: Version, headers: &[Header]) -> Result<Declared, Error> {
-    let length = content_length(header_values(headers, "content-length"))?;
-    let chunked = chunked(version, header_values(headers, "transfer-encoding"))?;
+    let length = content_length(known_values(headers, Known::ContentLength))?;
+    let chunked = chunked(version, known_values(headers, Known::TransferEncoding))?;
     match (length, chunked) {
         (Some(_), true) => Err(Error::ContentLengthAndTransferEncoding),
         (Some(n), false) => Ok(Declared::Length(n)),
@@ -148,7 +148,7 @@ impl ResponseHead {
     pub fn body_kind(&self, req: &RequestHead) -> Result<BodyKind, Error> {
         let declared = declared_framing(self.version, &self.headers)?;
         if self.status == 101 {
-            let has_upgrade = header_values(&self.headers, "upgrade").any(|v| !v.is_empty());
+            let has_upgrade = known_values(&self.headers, Known::Upgrade).any(|v| !v.is_empty());
             return if req.is_upgrade() && has_upgrade {
                 Ok(BodyKind::Tunnel)
             } else {

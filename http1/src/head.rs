@@ -15,6 +15,7 @@
 
 use super::framing::declared_framing;
 use super::Error;
+use super::FieldBytes;
 
 /// Default for [`Limits::max_head_bytes`]: 64 KiB.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -81,30 +82,149 @@ impl Version {
 
 /// One header line: a name and a value, as received.
 ///
-/// The name keeps its case (compare with `eq_ignore_ascii_case`); the value
-/// has leading and trailing whitespace removed and may contain obs-text
-/// (bytes >= 0x80), hence bytes rather than a string.
+/// The name keeps its case (compare with [`Header::is`]); the value has leading and
+/// trailing whitespace removed and may contain obs-text (bytes >= 0x80), hence bytes
+/// rather than a string. Both are [`FieldBytes`]: short ones need no allocation. The
+/// names `lb` looks for are recognised once, when the header is made, so that looking
+/// one up compares a tag, not a string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Header {
-    /// Header name, a token (`Content-Type`).
-    pub name: String,
-    /// Header value, without surrounding whitespace.
-    pub value: Vec<u8>,
+    name: FieldBytes,
+    value: FieldBytes,
+    known: Known,
 }
 
 impl Header {
     /// Builds a header. The caller guarantees `name` is a token and `value`
     /// has no CR, LF or NUL (heads from the parser always satisfy this).
-    pub fn new(name: impl Into<String>, value: impl Into<Vec<u8>>) -> Header {
+    pub fn new(name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Header {
+        let name = name.as_ref();
         Header {
-            name: name.into(),
-            value: value.into(),
+            name: FieldBytes::new(name),
+            value: FieldBytes::new(value.as_ref()),
+            known: Known::of(name),
         }
+    }
+
+    /// Header name, a token (`Content-Type`), as received.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Header value, without surrounding whitespace.
+    pub fn value(&self) -> &[u8] {
+        &self.value
     }
 
     /// Whether this header is called `name` (ASCII case-insensitive).
     pub fn is(&self, name: &str) -> bool {
-        self.name.eq_ignore_ascii_case(name)
+        self.is_named(Known::of(name.as_bytes()), name)
+    }
+
+    /// [`is`](Self::is), with `name` already recognised as `known`.
+    fn is_named(&self, known: Known, name: &str) -> bool {
+        match known {
+            Known::Other => {
+                self.known == Known::Other && self.name.eq_ignore_ascii_case(name.as_bytes())
+            }
+            k => self.known == k,
+        }
+    }
+
+    /// Whether this header is the `known` one.
+    pub(crate) fn is_known(&self, known: Known) -> bool {
+        self.known == known
+    }
+
+    /// Which of the names looked for this header has (or [`Known::Other`]).
+    pub(crate) fn known(&self) -> Known {
+        self.known
+    }
+}
+
+/// Whether `name` equals `lower` (of the same length; lower-case letters and `-` only)
+/// ASCII case-insensitively: a letter may differ by its case bit, anything else must be
+/// equal. Every byte is looked at (no branch a byte), the first one first.
+fn same_name(name: &[u8], lower: &[u8]) -> bool {
+    let case = |c: u8| u8::from(c.is_ascii_lowercase()) << 5;
+    let differs = |(&b, &c): (&u8, &u8)| (b | case(c)) ^ c;
+    name.len() == lower.len()
+        && differs((&name[0], &lower[0])) == 0
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0, |acc, pair| acc | differs(pair))
+            == 0
+}
+
+/// The header names the codec (and the proxy) looks for, recognised case-insensitively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Known {
+    Connection,
+    ContentLength,
+    ContentType,
+    Date,
+    Expect,
+    Host,
+    KeepAlive,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    ProxyConnection,
+    Te,
+    TransferEncoding,
+    Upgrade,
+    UserAgent,
+    XForwardedFor,
+    XForwardedHost,
+    XForwardedProto,
+    XRequestId,
+    /// Any other name.
+    Other,
+}
+
+impl Known {
+    /// What `name` is (ASCII case-insensitive): by its length, then among the few
+    /// names of that length.
+    pub(crate) fn of(name: &[u8]) -> Known {
+        use Known::*;
+        let is = |lower: &[u8]| same_name(name, lower);
+        match name.len() {
+            2 if is(b"te") => Te,
+            4 if is(b"host") => Host,
+            4 if is(b"date") => Date,
+            6 if is(b"expect") => Expect,
+            7 if is(b"upgrade") => Upgrade,
+            10 if is(b"connection") => Connection,
+            10 if is(b"keep-alive") => KeepAlive,
+            10 if is(b"user-agent") => UserAgent,
+            12 if is(b"content-type") => ContentType,
+            12 if is(b"x-request-id") => XRequestId,
+            14 if is(b"content-length") => ContentLength,
+            15 if is(b"x-forwarded-for") => XForwardedFor,
+            16 if is(b"proxy-connection") => ProxyConnection,
+            16 if is(b"x-forwarded-host") => XForwardedHost,
+            17 if is(b"transfer-encoding") => TransferEncoding,
+            17 if is(b"x-forwarded-proto") => XForwardedProto,
+            18 if is(b"proxy-authenticate") => ProxyAuthenticate,
+            19 if is(b"proxy-authorization") => ProxyAuthorization,
+            _ => Other,
+        }
+    }
+
+    /// Whether this name is hop-by-hop by itself ([`crate::rules::HOP_BY_HOP`]).
+    pub(crate) fn is_hop_by_hop(self) -> bool {
+        use Known::*;
+        matches!(
+            self,
+            Connection
+                | KeepAlive
+                | ProxyConnection
+                | Te
+                | TransferEncoding
+                | Upgrade
+                | ProxyAuthenticate
+                | ProxyAuthorization
+        )
     }
 }
 
@@ -149,8 +269,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
         return Ok(Status::Partial);
     };
     check_request_line(&buf[span.start..span.first_line_end])?;
-    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
-    let mut req = httparse::Request::new(&mut slots);
+    let (mut stack, mut heap) = ([httparse::EMPTY_HEADER; STACK_SLOTS], Vec::new());
+    let slots = header_slots(span.header_lines, &mut stack, &mut heap);
+    let mut req = httparse::Request::new(slots);
     match req.parse(&buf[..span.end]) {
         Ok(httparse::Status::Complete(n)) if n == span.end => {}
         Ok(_) => return Err(Error::InvalidRequestLine),
@@ -163,7 +284,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Status<RequestHead>,
         headers: owned_headers(req.headers),
     };
     crate::rules::check_target(&head.method, &head.target)?;
-    crate::rules::check_host(head.version, header_values(&head.headers, "host"))?;
+    crate::rules::check_host(head.version, known_values(&head.headers, Known::Host))?;
     declared_framing(head.version, &head.headers)?;
     Ok(Status::Complete(head, span.end))
 }
@@ -185,8 +306,9 @@ pub fn parse_response(buf: &[u8], limits: &Limits) -> Result<Status<ResponseHead
         Err(Error::UriTooLong) => return Err(Error::HeadTooLarge),
         Err(e) => return Err(e),
     };
-    let mut slots = vec![httparse::EMPTY_HEADER; span.header_lines];
-    let mut res = httparse::Response::new(&mut slots);
+    let (mut stack, mut heap) = ([httparse::EMPTY_HEADER; STACK_SLOTS], Vec::new());
+    let slots = header_slots(span.header_lines, &mut stack, &mut heap);
+    let mut res = httparse::Response::new(slots);
     match res.parse(&buf[..span.end]) {
         Ok(httparse::Status::Complete(n)) if n == span.end => {}
         Ok(_) => return Err(Error::InvalidStatusLine),
@@ -272,15 +394,15 @@ impl RequestHead {
     /// tokens. (`Upgrade` in HTTP/1.0 is ignored, RFC 9110 §7.8.)
     pub fn is_upgrade(&self) -> bool {
         self.version == Version::Http11
-            && header_values(&self.headers, "upgrade").any(|v| !v.is_empty())
-            && has_token(&self.headers, "connection", b"upgrade")
+            && known_values(&self.headers, Known::Upgrade).any(|v| !v.is_empty())
+            && connection_has(&self.headers, b"upgrade")
     }
 
     /// Whether the client waits for `100 Continue` before sending the body
     /// (`Expect: 100-continue` in HTTP/1.1).
     pub fn expects_continue(&self) -> bool {
         self.version == Version::Http11
-            && header_values(&self.headers, "expect")
+            && known_values(&self.headers, Known::Expect)
                 .any(|v| v.eq_ignore_ascii_case(b"100-continue"))
     }
 
@@ -361,6 +483,11 @@ fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
     let mut first_line_end = None;
     let mut header_lines = 0;
     while i < limit {
+        // Straight to the line's end: the bytes between are the parser's to judge.
+        match next_line_byte(&buf[i..limit]) {
+            Some(n) => i += n,
+            None => break,
+        }
         match buf[i] {
             b'\r' => {
                 if i + 1 >= limit {
@@ -391,8 +518,7 @@ fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
                     return Err(Error::ObsFold);
                 }
             }
-            b'\n' => return Err(Error::BareLf),
-            _ => i += 1,
+            _ => return Err(Error::BareLf),
         }
     }
     if buf.len() < limits.max_head_bytes {
@@ -404,6 +530,50 @@ fn scan_head(buf: &[u8], limits: &Limits) -> Result<Option<HeadSpan>, Error> {
     } else {
         Err(Error::HeadTooLarge)
     }
+}
+
+/// The index of the first CR or LF in `s`: 8 bytes at a time as one word (any byte
+/// equal to CR or LF makes a zero byte after the XOR, which the subtraction trick finds),
+/// then the byte within the block.
+pub(crate) fn next_line_byte(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const CR: u64 = u64::from_ne_bytes([b'\r'; 8]);
+    const LF: u64 = u64::from_ne_bytes([b'\n'; 8]);
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let mut at = 0;
+    for block in s.chunks_exact(8) {
+        let w = u64::from_ne_bytes(block.try_into().unwrap_or_default());
+        if has_zero(w ^ CR) || has_zero(w ^ LF) {
+            break;
+        }
+        at += 8;
+    }
+    s[at..]
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .map(|n| at + n)
+}
+
+/// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
+/// CRLF or bare-LF form (`\n\n` or `\n\r\n`). A reader that parses again only then
+/// spends linear time on a head trickled in byte by byte, not quadratic. (The parser
+/// itself decides; this only saves calls.)
+pub fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let window = &buf[from.saturating_sub(3)..];
+    let mut i = 0;
+    while let Some(n) = next_line_byte(&window[i..]) {
+        let at = i + n;
+        if window[at] == b'\n' {
+            match window.get(at + 1) {
+                Some(b'\n') => return true,
+                Some(b'\r') if window.get(at + 2) == Some(&b'\n') => return true,
+                _ => {}
+            }
+        }
+        i = at + 1;
+    }
+    false
 }
 
 /// Checks what httparse would report vaguely: a missing version (HTTP/0.9)
@@ -428,6 +598,24 @@ fn map_httparse(e: httparse::Error, start_line: Error) -> Error {
         httparse::Error::Version => Error::UnsupportedVersion,
         httparse::Error::Status => Error::InvalidStatusLine,
         httparse::Error::NewLine | httparse::Error::Token => start_line,
+    }
+}
+
+/// How many header slots the parsers keep on the stack (a head with more gets them from
+/// the heap).
+const STACK_SLOTS: usize = 16;
+
+/// `n` empty slots for httparse: from `stack` when there are enough, else in `heap`.
+fn header_slots<'s, 'b>(
+    n: usize,
+    stack: &'s mut [httparse::Header<'b>; STACK_SLOTS],
+    heap: &'s mut Vec<httparse::Header<'b>>,
+) -> &'s mut [httparse::Header<'b>] {
+    if n <= STACK_SLOTS {
+        &mut stack[..n]
+    } else {
+        heap.resize(n, httparse::EMPTY_HEADER);
+        heap
     }
 }
 
@@ -465,9 +653,24 @@ fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
 
 fn write_headers(out: &mut Vec<u8>, headers: &[Header]) {
     for h in headers {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, &h.name, &h.value);
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal, without going through `fmt` (a head is written per request).
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Appends `name: value\r\n`.
@@ -484,9 +687,18 @@ pub(crate) fn header_values<'a, 'n>(
     headers: &'a [Header],
     name: &'n str,
 ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+    let known = Known::of(name.as_bytes());
     headers
         .iter()
-        .filter(move |h| h.is(name))
+        .filter(move |h| h.is_named(known, name))
+        .map(|h| h.value.as_slice())
+}
+
+/// Values of all headers that are `known`, in order.
+pub(crate) fn known_values(headers: &[Header], known: Known) -> impl Iterator<Item = &[u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.known == known)
         .map(|h| h.value.as_slice())
 }
 
@@ -499,18 +711,18 @@ pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|item| !item.is_empty())
 }
 
-/// Whether any `name` header lists `token` (ASCII case-insensitive).
-pub(crate) fn has_token(headers: &[Header], name: &str, token: &[u8]) -> bool {
-    header_values(headers, name)
+/// Whether any `Connection` header lists `token` (ASCII case-insensitive).
+pub(crate) fn connection_has(headers: &[Header], token: &[u8]) -> bool {
+    known_values(headers, Known::Connection)
         .flat_map(list_items)
         .any(|item| item.eq_ignore_ascii_case(token))
 }
 
 fn keep_alive(version: Version, headers: &[Header]) -> bool {
-    if has_token(headers, "connection", b"close") {
+    if connection_has(headers, b"close") {
         return false;
     }
-    version == Version::Http11 || has_token(headers, "connection", b"keep-alive")
+    version == Version::Http11 || connection_has(headers, b"keep-alive")
 }
 
 /// The idle limit a `Keep-Alive` response field announces (`timeout=N`, seconds; RFC

@@ -61,6 +61,7 @@ mod body;
 mod date;
 mod dechunk;
 mod error;
+mod field;
 mod framing;
 mod head;
 mod rewrite;
@@ -72,10 +73,11 @@ pub use body::{
 pub use date::{http_date, HTTP_DATE_LEN};
 pub use dechunk::Dechunk;
 pub use error::Error;
+pub use field::FieldBytes;
 pub use framing::{chunked, content_length, BodyKind};
 pub use head::{
-    keep_alive_timeout, parse_request, parse_response, Header, Limits, RequestHead, ResponseHead,
-    Status, Version, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,
+    keep_alive_timeout, may_end_head, parse_request, parse_response, Header, Limits, RequestHead,
+    ResponseHead, Status, Version, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,
 };
 pub use rewrite::{rewrite_request, rewrite_response, Forwarding, ResponsePlan};
 

@@ -11,12 +11,13 @@
 //! Headers the proxy adds itself are written after the filtering and can't
 //! be removed by a `Connection` token.
 
-use std::io::Write as _;
 use std::net::IpAddr;
 
 use super::framing::content_length;
-use super::head::{has_token, header_values, split_absolute, write_header};
-use super::rules::{forwarded_for, is_hop_by_hop};
+use super::head::{
+    connection_has, known_values, push_decimal, split_absolute, write_header, Known,
+};
+use super::rules::forwarded_for;
 use super::{BodyKind, Error, Header, RequestHead, ResponseHead, Version};
 
 /// Where and how a request is forwarded.
@@ -86,19 +87,19 @@ pub fn rewrite_request(
     out.extend_from_slice(b"\r\n");
 
     write_header(out, b"Host", fwd.backend_authority.as_bytes());
-    const REPLACED: [&str; 4] = [
-        "host",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
+    const REPLACED: [Known; 4] = [
+        Known::Host,
+        Known::XForwardedFor,
+        Known::XForwardedProto,
+        Known::XForwardedHost,
     ];
     for h in kept(&req.headers, upgrade, &REPLACED) {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, h.name(), h.value());
     }
 
     out.extend_from_slice(b"X-Forwarded-For: ");
-    let prior = header_values(&req.headers, "x-forwarded-for")
-        .filter(|_| !has_token(&req.headers, "connection", b"x-forwarded-for"));
+    let prior = known_values(&req.headers, Known::XForwardedFor)
+        .filter(|_| !connection_has(&req.headers, b"x-forwarded-for"));
     forwarded_for(prior, fwd.client_ip, out);
     out.extend_from_slice(b"\r\n");
     write_header(out, b"X-Forwarded-Proto", fwd.client_proto.as_bytes());
@@ -188,15 +189,26 @@ pub fn rewrite_response(
     }
 
     out.extend_from_slice(b"HTTP/1.1 ");
-    let _ = write!(out, "{:03} ", resp.status);
+    // At least three digits (a parsed status is 100..=999).
+    let status = resp.status;
+    if status < 1000 {
+        out.extend_from_slice(&[
+            b'0' + (status / 100) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
+    } else {
+        push_decimal(out, u64::from(status));
+    }
+    out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in kept(&resp.headers, plan.is_upgrade(), &[]) {
-        write_header(out, h.name.as_bytes(), &h.value);
+        write_header(out, h.name(), h.value());
     }
     match body {
         BodyKind::None if resp.status >= 200 && resp.status != 204 && resp.status != 304 => {
-            if let Ok(Some(n)) = content_length(header_values(&resp.headers, "content-length")) {
+            if let Ok(Some(n)) = content_length(known_values(&resp.headers, Known::ContentLength)) {
                 write_framing(out, BodyKind::Length(n));
             }
         }
@@ -224,17 +236,19 @@ pub fn rewrite_response(
 fn kept<'a>(
     headers: &'a [Header],
     upgrade: bool,
-    replaced: &'a [&'a str],
+    replaced: &'a [Known],
 ) -> impl Iterator<Item = &'a Header> + 'a {
+    // Most heads have no `Connection` field: then no name needs looking for in one.
+    let listed = headers.iter().any(|h| h.is_known(Known::Connection));
     headers.iter().filter(move |h| {
-        if upgrade && h.is("upgrade") {
+        if upgrade && h.is_known(Known::Upgrade) {
             return true;
         }
-        let dropped = is_hop_by_hop(&h.name)
+        let dropped = h.known().is_hop_by_hop()
             || is_expect_continue(h)
-            || h.is("content-length")
-            || replaced.iter().any(|&n| h.is(n))
-            || has_token(headers, "connection", h.name.as_bytes());
+            || h.is_known(Known::ContentLength)
+            || replaced.iter().any(|&k| h.is_known(k))
+            || (listed && connection_has(headers, h.name()));
         !dropped
     })
 }
@@ -242,13 +256,15 @@ fn kept<'a>(
 /// `Expect: 100-continue`: the proxy answers it itself (when it starts reading the body),
 /// so the backend is not asked again.
 fn is_expect_continue(h: &Header) -> bool {
-    h.is("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
+    h.is_known(Known::Expect) && h.value().eq_ignore_ascii_case(b"100-continue")
 }
 
 fn write_framing(out: &mut Vec<u8>, body: BodyKind) {
     match body {
         BodyKind::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         BodyKind::Chunked => write_header(out, b"Transfer-Encoding", b"chunked"),
         BodyKind::None | BodyKind::CloseDelimited | BodyKind::Tunnel => {}

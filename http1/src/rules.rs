@@ -10,7 +10,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
-use crate::head::{list_items, split_absolute};
+use crate::head::{list_items, push_decimal, split_absolute};
 use crate::{Error, Version};
 
 /// Fields that describe one connection, not the message, and are never forwarded (RFC
@@ -31,8 +31,11 @@ pub const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Whether `name` is hop-by-hop by itself ([`HOP_BY_HOP`], ASCII case-insensitive).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+pub fn is_hop_by_hop(name: impl AsRef<[u8]>) -> bool {
+    let name = name.as_ref();
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Whether a `Connection` field's values name `name` (its token list, case-insensitive):
@@ -96,7 +99,19 @@ pub fn forwarded_for<'a>(
         out.extend_from_slice(item);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{client}");
+    match client {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{client}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -107,11 +122,22 @@ mod tests {
     fn hop_by_hop_names() {
         for name in HOP_BY_HOP {
             assert!(is_hop_by_hop(name));
-            assert!(is_hop_by_hop(&name.to_ascii_uppercase()));
+            assert!(is_hop_by_hop(name.to_ascii_uppercase()));
         }
         for name in ["trailer", "content-length", "x-forwarded-for", "host"] {
             assert!(!is_hop_by_hop(name), "{name}");
+            assert!(
+                !crate::head::Known::of(name.as_bytes()).is_hop_by_hop(),
+                "{name}"
+            );
         }
+        // The parsed heads' tags say the same as the table.
+        let tagged: std::collections::HashSet<_> = HOP_BY_HOP
+            .iter()
+            .map(|n| crate::head::Known::of(n.to_ascii_uppercase().as_bytes()))
+            .collect();
+        assert_eq!(tagged.len(), HOP_BY_HOP.len());
+        assert!(tagged.iter().all(|k| k.is_hop_by_hop()));
         assert!(connection_names(
             [&b"close, X-Hop"[..], b" x-other"],
             b"x-other"

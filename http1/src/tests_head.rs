@@ -648,3 +648,109 @@ fn leading_empty_lines_cut_at_a_cr_are_incomplete() {
     let (head, _) = res_ok("\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(head.status, 200);
 }
+
+#[test]
+fn line_bytes_are_found_at_every_offset() {
+    for len in 0..40 {
+        for at in 0..=len {
+            for end in [b'\r', b'\n'] {
+                // Bytes that sit next to CR and LF, and obs-text, around the one to find.
+                let mut s: Vec<u8> = (0..len)
+                    .map(|i| [b'\x0b', b'\x0c', b'\x8d', b'a'][i % 4])
+                    .collect();
+                if at < len {
+                    s[at] = end;
+                }
+                let want = (at < len).then_some(at);
+                assert_eq!(crate::head::next_line_byte(&s), want, "{len} {at}");
+            }
+        }
+    }
+}
+
+#[test]
+fn header_names_compare_case_insensitively_known_or_not() {
+    let h = Header::new("Content-LENGTH", "1");
+    assert!(h.is("content-length") && h.is("CONTENT-length"));
+    assert!(!h.is("content-type") && !h.is("content-lengthx"));
+    let x = Header::new("X-Custom", "");
+    assert!(x.is("x-custom") && !x.is("x-customs") && !x.is("host"));
+    assert!(!Header::new("Hos", "").is("host"));
+    assert_eq!(h.name(), b"Content-LENGTH");
+    assert_eq!(h.value(), b"1");
+}
+
+#[test]
+fn known_names_are_recognised_in_any_case_and_only_them() {
+    use crate::head::Known;
+    let names = [
+        "te",
+        "host",
+        "date",
+        "expect",
+        "upgrade",
+        "connection",
+        "keep-alive",
+        "user-agent",
+        "content-type",
+        "x-request-id",
+        "content-length",
+        "x-forwarded-for",
+        "proxy-connection",
+        "x-forwarded-host",
+        "transfer-encoding",
+        "x-forwarded-proto",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        let k = Known::of(n.as_bytes());
+        assert_ne!(k, Known::Other, "{n}");
+        assert!(seen.insert(k), "{n}");
+        assert_eq!(Known::of(n.to_ascii_uppercase().as_bytes()), k, "{n}");
+        // One byte off (a letter's neighbour in the table, or a non-letter whose
+        // case bit differs) is another name.
+        for i in 0..n.len() {
+            for swap in [b'@', b'[', b'`', b'{', b'\r', b'_'] {
+                let mut m = n.as_bytes().to_vec();
+                m[i] = swap;
+                assert_eq!(Known::of(&m), Known::Other, "{m:?}");
+            }
+        }
+    }
+    for n in [
+        "",
+        "t",
+        "hos",
+        "hostt",
+        "x-forwarded-forx",
+        "proxy-authorizationx",
+    ] {
+        assert_eq!(Known::of(n.as_bytes()), Known::Other, "{n}");
+    }
+}
+
+#[test]
+fn may_end_head_is_a_blank_line_search() {
+    // Every string of up to 7 bytes over `a`, CR and LF, from every offset, against the
+    // plain definition.
+    let alphabet = [b'a', b'\r', b'\n'];
+    for len in 0..=7u32 {
+        for code in 0..3usize.pow(len) {
+            let s: Vec<u8> = (0..len)
+                .map(|i| alphabet[code / 3usize.pow(i) % 3])
+                .collect();
+            for from in 0..=s.len() {
+                let w = &s[from.saturating_sub(3)..];
+                let want =
+                    w.windows(2).any(|w| w == b"\n\n") || w.windows(3).any(|w| w == b"\n\r\n");
+                assert_eq!(may_end_head(&s, from), want, "{s:?} {from}");
+            }
+        }
+    }
+    // Longer than a word, the blank line past it.
+    let head = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
+    assert!(may_end_head(head, 0));
+    assert!(!may_end_head(&head[..head.len() - 1], 0));
+}

@@ -111,7 +111,7 @@ async fn write(client: &Stream, r: &AdminResponse, keep: bool, body: bool) -> st
     let mut headers = vec![
         Header::new("Content-Type", r.content_type),
         Header::new("Content-Length", r.body.len().to_string().into_bytes()),
-        Header::new("Date", date_now().to_vec()),
+        Header::new("Date", date_now()),
     ];
     for (k, v) in r.headers {
         headers.push(Header::new(*k, *v));

@@ -426,9 +426,9 @@ async fn write_local_head<C: Wire>(
         closing |= name.eq_ignore_ascii_case("connection");
         headers.push(Header::new(*name, *value));
     }
-    headers.push(Header::new("Date", date_now().to_vec()));
+    headers.push(Header::new("Date", date_now()));
     if let Some(id) = &reply.request_id {
-        headers.push(Header::new("X-Request-Id", id.as_bytes().to_vec()));
+        headers.push(Header::new("X-Request-Id", id.as_bytes()));
     }
     if say_close && !closing {
         headers.push(Header::new("Connection", "close"));

@@ -107,11 +107,10 @@ pub(crate) fn head_read_size(held: usize, limit: usize, size: &ReadSize) -> usiz
 }
 
 /// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
-/// CRLF or bare-LF form. Parsing is retried only then, so a head trickled in byte by byte
-/// costs linear time, not quadratic. (The parser itself decides; this only saves calls.)
+/// CRLF or bare-LF form ([`lb_http1::may_end_head`]). Parsing is retried only then, so a
+/// head trickled in byte by byte costs linear time, not quadratic.
 pub(crate) fn may_end_head(buf: &[u8], from: usize) -> bool {
-    let window = &buf[from.saturating_sub(3)..];
-    window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
+    lb_http1::may_end_head(buf, from)
 }
 
 /// Waits until `s` may have something to read (see [`Wire::poll_readable`]).

@@ -299,8 +299,11 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
                     // Room for what is added (Date, X-Request-Id) and the body bytes
                     // already here, which go out with the head: no regrowth.
                     let mut out = Vec::with_capacity(n + 256 + bbuf.len().min(1 << 18));
-                    let date = date_now();
-                    let plan = rewrite_response(&resp, req, close, Some(&date), &mut out)
+                    // Only a response without a Date gets one (the clock is not read
+                    // for the others).
+                    let date = (!resp.is_interim() && resp.header("date").is_none()).then(date_now);
+                    let date = date.as_ref().map(|d| &d[..]);
+                    let plan = rewrite_response(&resp, req, close, date, &mut out)
                         .map_err(HeadFail::Invalid)?;
                     if !resp.is_interim() {
                         // The request's id, before the head's final empty line.
