@@ -24,9 +24,10 @@
 //! report (herding; `simulate_prefix` showed least-conn's p99 time to first token
 //! doubling at 2 to 8 replicas). Both figures are lower bounds of the true queue, so the
 //! larger is the better estimate; the sum would count this `lb`'s requests twice once
-//! the engine reports them. least-conn and p2c rank by `load / weight`; cache-aware's
-//! overflow guard compares it with the least-loaded backend's; consistent hashing
-//! (and its bounded-load walk) reads the same figure, through `Backend::load`.
+//! the engine reports them. p2c ranks by `load / weight`; cache-aware's overflow guard
+//! compares it with the least-loaded backend's; consistent hashing (and its bounded-load
+//! walk) reads the same figure, through `Backend::load`. least-conn, which sends to the
+//! minimum, ranks by the estimate below instead.
 //!
 //! # Ranking with several replicas (least-conn)
 //!
