@@ -21,8 +21,8 @@
 //! - Keys are chains shaped as [`RequestKey::from_body`](lb_core::RequestKey::from_body)
 //!   builds them: one unit per 256-token block (1 KiB of text) of each message,
 //!   cumulative hashes. Consistent hashing keys by session (the OpenAI `user` field);
-//!   prefix-hash by the first `--prefix-units` units (default 4: the first 1 k tokens of
-//!   the system prompt).
+//!   prefix-hash by the first `--prefix-units` units (`lb`'s default, 16: the whole
+//!   system prompt up to 4 k tokens, and for shorter ones the conversation's start).
 //!
 //! # Replicas
 //!

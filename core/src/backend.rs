@@ -122,6 +122,8 @@ pub(crate) struct Backend {
     pub(crate) engine: Option<EngineReport>,
     /// `running + waiting` of the last report while it is fresh, else 0.
     pub(crate) engine_load: u32,
+    /// Whether the last report is fresh (it counts in [`Backend::load`]).
+    pub(crate) fresh: bool,
     /// `in_flight` when the last report came.
     pub(crate) in_flight_at_report: u32,
     /// Whether the last report is fresh and says the engine is saturated.

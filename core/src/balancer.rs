@@ -46,6 +46,9 @@ pub struct Balancer<R = SmallRng> {
     report_expiry: Option<Instant>,
     /// Backends whose fresh report says saturated.
     saturated: usize,
+    /// Backends with a fresh report (least-conn then ranks by [`crate::engine`]'s
+    /// estimate).
+    fresh: usize,
 }
 
 impl<R> Drop for Balancer<R> {
@@ -86,6 +89,7 @@ impl<R: Rng> Balancer<R> {
             events: VecDeque::new(),
             report_expiry: None,
             saturated: 0,
+            fresh: 0,
         }
     }
 
@@ -183,6 +187,7 @@ impl<R: Rng> Balancer<R> {
             excluded: false,
             engine: None,
             engine_load: 0,
+            fresh: false,
             in_flight_at_report: 0,
             saturated: false,
             shunned: false,
@@ -202,6 +207,7 @@ impl<R: Rng> Balancer<R> {
         }
         let b = self.slots[id.slot as usize].take().expect("checked above");
         self.saturated -= usize::from(b.saturated);
+        self.fresh -= usize::from(b.fresh);
         self.gens[id.slot as usize] = id.gen.wrapping_add(1);
         self.free.push(id.slot);
         self.selector.invalidate();
@@ -442,6 +448,12 @@ impl<R: Rng> Balancer<R> {
                         .map(|s| (s, Route::Miss)),
                 }
             }
+            // With fresh engine reports, least-conn ranks by the replica-aware estimate
+            // of `crate::engine`; without, exactly as it always did.
+            Policy::LeastConn if self.fresh > 0 => self
+                .selector
+                .least_conn_signals(&self.slots, &mut self.rng)
+                .map(|s| (s, Route::Plain)),
             Policy::CacheAware => self.cache_aware.as_mut().and_then(|c| {
                 c.pick(
                     now,
@@ -547,12 +559,15 @@ impl<R: Rng> Balancer<R> {
             return false;
         };
         let was = b.saturated;
+        let was_fresh = b.fresh;
         b.engine = Some(EngineReport { at: now, report });
         b.engine_load = report.queued();
+        b.fresh = true;
         b.in_flight_at_report = b.in_flight;
         b.saturated = engine.is_saturated(&report);
         let is = b.saturated;
         self.saturated = self.saturated + usize::from(is) - usize::from(was);
+        self.fresh += usize::from(!was_fresh);
         let expiry = now + engine.stale_after();
         if self.report_expiry.is_none_or(|e| expiry < e) {
             self.report_expiry = Some(expiry);
@@ -577,7 +592,9 @@ impl<R: Rng> Balancer<R> {
                 }
             } else {
                 self.saturated -= usize::from(b.saturated);
+                self.fresh -= usize::from(b.fresh);
                 b.engine_load = 0;
+                b.fresh = false;
                 b.saturated = false;
             }
         }

@@ -24,9 +24,54 @@
 //! report (herding; `simulate_prefix` showed least-conn's p99 time to first token
 //! doubling at 2 to 8 replicas). Both figures are lower bounds of the true queue, so the
 //! larger is the better estimate; the sum would count this `lb`'s requests twice once
-//! the engine reports them. least-conn and p2c rank by `load / weight`; cache-aware's
-//! overflow guard compares it with the least-loaded backend's; consistent hashing
-//! (and its bounded-load walk) reads the same figure, through `Backend::load`.
+//! the engine reports them. p2c ranks by `load / weight`; cache-aware's overflow guard
+//! compares it with the least-loaded backend's; consistent hashing (and its bounded-load
+//! walk) reads the same figure, through `Backend::load`. least-conn, which sends to the
+//! minimum, ranks by the estimate below instead.
+//!
+//! # Ranking with several replicas (least-conn)
+//!
+//! The effective load above is the right figure for one `lb`, and for every use that
+//! compares a backend with a bound (cache-aware's guard, the bounded-load walk). But
+//! least-conn sends each request to the *minimum*, and several `lb` replicas reading the
+//! same report agree on the minimum: each counts its own sends since the report, none
+//! sees the others', so all of them herd onto the engine that reported least until the
+//! next report (`simulate_prefix`: p99 time to first token 1.97 s at 4 replicas against
+//! 1.26 s at one). So while some backend has a fresh report, least-conn ranks by
+//!
+//! ```text
+//! own + shrink(foreign - mean foreign) / R + (R - 1) (own - own_then)
+//! shrink(d) = sign(d) max(0, |d| - √(mean foreign))
+//! ```
+//!
+//! (relative to weight; ties uniformly at random; a backend without a fresh report
+//! ranks by `own`, as if it carried the mean foreign load), where `own` is in flight
+//! through this `lb`, `own_then` that when the report came, `foreign = max(0, running +
+//! waiting - own_then)` what the engine holds for others, and `R = Σ (running + waiting)
+//! / Σ own_then` over the fresh backends (clamped to 1 to 16; 1 when this `lb` had
+//! nothing in flight at the reports): how many balancers' worth of load
+//! the engines carry for one of this `lb`'s, R replicas when they share the traffic.
+//!
+//! - `own` is exact and fresh, and each replica's differs: it keeps the replicas' choices
+//!   apart, as without signals.
+//! - The *others' deviation* from the mean is what the report adds. Another replica's
+//!   share of it is that replica's own imbalance, which it corrects itself; every replica
+//!   acting on all of it at once is the herd. So each takes `1/R` of it (R balancers share
+//!   the correction), and none of the part within one Poisson standard deviation of the
+//!   mean (`√(mean foreign)`), the churn the other replicas' own balancing makes. A
+//!   large, lasting deviation, load that no `lb` placed (clients reaching the engine
+//!   directly, a slow engine holding its requests), still steers requests away, by
+//!   `1/R` of what exceeds the band; the saturation skip handles an engine that queues.
+//! - *Sent since the report* counts `R` times: each other replica, reading the same
+//!   report, likely sent what this one did.
+//!
+//! With one `lb` and no other client, `R = 1` and `mean foreign` is 0: the rank is
+//! `own`, least-conn as without signals, save for the engine's lag in counting
+//! finished requests. In the simulator (8 engines, 500 ms polls, 50 ms old) this brings
+//! least-conn's p99 time to first token at 4 replicas to within 10% of one replica's.
+//! Without a fresh report anywhere least-conn is exactly as without engine signals
+//! (same picks, same random draws); p2c, cache-aware and prefix-hash keep using the
+//! effective load.
 //!
 //! # Saturation
 //!

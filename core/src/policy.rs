@@ -21,8 +21,9 @@ pub enum Policy {
     /// nginx's smooth weighted round robin.
     WeightedRoundRobin,
     /// Least loaded relative to weight; ties broken uniformly at random. The load is the
-    /// effective one of [`crate::engine`]: in flight, or the engine's own queue when it
-    /// reports more.
+    /// number in flight; while some backend has a fresh engine report, the replica-aware
+    /// rank of [`crate::engine`] ("Ranking with several replicas"), which keeps several
+    /// `lb` replicas from herding onto the engine that reported least.
     LeastConn,
     /// Uniform at random, weighted by weight.
     Random,
@@ -309,6 +310,44 @@ impl Selector {
             .unwrap_or(0)
     }
 
+    /// least-conn's pick while some backend has a fresh engine report: the least
+    /// [`signal_rank`](SignalRanks) relative to weight among ready backends below their
+    /// cap, ties uniformly at random (see [`crate::engine`]).
+    pub(crate) fn least_conn_signals<R: Rng>(
+        &mut self,
+        slots: &[Option<Backend>],
+        rng: &mut R,
+    ) -> Option<u32> {
+        self.refresh(slots);
+        let ranks = SignalRanks::of(&self.ready, slots);
+        let mut best: Option<(u32, i128)> = None;
+        let mut ties = 0u32;
+        for &s in &self.ready {
+            let b = backend(slots, s);
+            if b.at_cap() {
+                continue;
+            }
+            let rank = ranks.rank(b);
+            let order = best.map(|(bs, br)| {
+                (rank * i128::from(backend(slots, bs).weight)).cmp(&(br * i128::from(b.weight)))
+            });
+            match order {
+                None | Some(std::cmp::Ordering::Less) => {
+                    best = Some((s, rank));
+                    ties = 1;
+                }
+                Some(std::cmp::Ordering::Equal) => {
+                    ties += 1;
+                    if rng.random_range(0..ties) == 0 {
+                        best = Some((s, rank));
+                    }
+                }
+                Some(std::cmp::Ordering::Greater) => {}
+            }
+        }
+        best.map(|(s, _)| s)
+    }
+
     /// A least-connections pick among ready backends below their cap.
     pub(crate) fn least_conn<R: Rng>(
         &mut self,
@@ -526,6 +565,92 @@ impl Rank {
     }
 }
 
+/// The largest replica count [`SignalRanks`] estimates: a bound on how much one of this
+/// `lb`'s sends since a report can weigh.
+pub(crate) const MAX_REPLICA_ESTIMATE: i128 = 16;
+
+/// What least-conn ranks by while engine reports are fresh ([`crate::engine`], "Ranking
+/// with several replicas"), in thousandths of a request: for a backend with a fresh
+/// report
+///
+/// ```text
+/// own + shrink(foreign - mean foreign) / R + (R - 1) (own - own_then)
+/// shrink(d) = sign(d) max(0, |d| - √(mean foreign))
+/// ```
+///
+/// and `own` for one without. `own`: in flight through this `lb`; `own_then`: that when
+/// the report came; `foreign = max(0, running + waiting - own_then)`, the load the engine
+/// holds for others; `mean foreign` over the ready backends with a fresh report; `R = Σ
+/// (running + waiting) / Σ own_then` over them, clamped to `1..=MAX_REPLICA_ESTIMATE`
+/// (1 when this `lb` had nothing in flight at the reports: no evidence of peers): how many balancers' worth of load the engines carry for one of this `lb`'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SignalRanks {
+    /// `R`, in thousandths.
+    replicas_milli: i128,
+    /// The mean foreign load over the fresh backends, in thousandths.
+    mean_foreign_milli: i128,
+    /// `√(mean foreign)`, in thousandths.
+    dead_zone_milli: i128,
+}
+
+impl SignalRanks {
+    /// The figures of `ready`'s fresh reports.
+    pub(crate) fn of(ready: &[u32], slots: &[Option<Backend>]) -> SignalRanks {
+        let (mut engine, mut own, mut foreign, mut n) = (0i128, 0i128, 0i128, 0i128);
+        for &s in ready {
+            let b = backend(slots, s);
+            if b.fresh {
+                engine += i128::from(b.engine_load);
+                own += i128::from(b.in_flight_at_report);
+                foreign += i128::from(b.engine_load.saturating_sub(b.in_flight_at_report));
+                n += 1;
+            }
+        }
+        // Nothing of this `lb`'s in flight at the reports: no evidence of peers, R = 1.
+        let replicas_milli = if own == 0 {
+            1000
+        } else {
+            (1000 * engine / own).clamp(1000, 1000 * MAX_REPLICA_ESTIMATE)
+        };
+        let mean_foreign_milli = 1000 * foreign / n.max(1);
+        SignalRanks {
+            replicas_milli,
+            mean_foreign_milli,
+            dead_zone_milli: isqrt(mean_foreign_milli * 1000),
+        }
+    }
+
+    /// Backend `b`'s rank, in thousandths of a request (lower is preferred).
+    #[inline]
+    pub(crate) fn rank(&self, b: &Backend) -> i128 {
+        let own = 1000 * i128::from(b.in_flight);
+        if !b.fresh {
+            return own;
+        }
+        let foreign = 1000 * i128::from(b.engine_load.saturating_sub(b.in_flight_at_report));
+        let d = foreign - self.mean_foreign_milli;
+        let past = (d.abs() - self.dead_zone_milli).max(0) * d.signum();
+        let deviation = past * 1000 / self.replicas_milli;
+        let sent_since = i128::from(b.in_flight) - i128::from(b.in_flight_at_report);
+        own + deviation + (self.replicas_milli - 1000) * sent_since
+    }
+}
+
+/// The integer square root (`⌊√x⌋`, 0 for negatives).
+fn isqrt(x: i128) -> i128 {
+    if x <= 0 {
+        return 0;
+    }
+    let mut r = (x as f64).sqrt() as i128;
+    while r * r > x {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) <= x {
+        r += 1;
+    }
+    r
+}
+
 /// Fewest in flight relative to weight among backends below their cap; ties uniformly at
 /// random.
 fn least_conn<R: Rng>(ready: &[u32], slots: &[Option<Backend>], rng: &mut R) -> Option<u32> {
@@ -653,6 +778,18 @@ mod tests {
             err.contains("fastest") && err.contains("least-conn") && err.contains("p2c"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn isqrt_is_the_floor() {
+        for x in 0..10_000i128 {
+            let r = isqrt(x);
+            assert!(r * r <= x && (r + 1) * (r + 1) > x, "{x}");
+        }
+        assert_eq!(isqrt(-5), 0);
+        let big = (1i128 << 90) + 12345;
+        let r = isqrt(big);
+        assert!(r * r <= big && (r + 1) * (r + 1) > big);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Engine load signals ([`Balancer::load_report`]): property tests of the effective load
 //! (`max(in_flight, running + waiting)`), of staleness, and of the saturation skip.
 //!
-//! - **ordering:** least-conn picks a backend whose effective load relative to weight is
-//!   the least among the unsaturated backends below their cap (among all below their cap
-//!   when every one of those is saturated); p2c never picks the strictly more loaded of
-//!   two;
+//! - **ordering:** least-conn picks a backend whose rank (the replica-aware one of
+//!   `lb_core::engine`, modelled here) relative to weight is the least among the
+//!   unsaturated backends below their cap (among all below their cap when every one of
+//!   those is saturated); p2c never picks the strictly more loaded of two (effective
+//!   load);
 //! - **staleness:** reports older than three intervals change nothing: a balancer fed
 //!   them picks exactly as its twin (same seed) that never heard of engines;
 //! - **saturation skip:** a request is placed whenever its twin without reports would
@@ -145,14 +146,50 @@ fn effective(s: &Spec, with_reports: bool) -> (u32, bool, bool) {
     }
 }
 
+/// The documented least-conn rank with fresh reports (`lb_core::engine`, "Ranking with
+/// several replicas"), in requests, for the pool of `specs` (reports fed after the own
+/// leases, nothing sent since): `own + shrink(foreign - mean) / R`.
+fn ranks(specs: &[Spec]) -> Vec<f64> {
+    let own = |s: &Spec| {
+        f64::from(if s.max_conns == 0 {
+            s.leases
+        } else {
+            s.leases.min(s.max_conns)
+        })
+    };
+    let fresh: Vec<(f64, f64)> = specs
+        .iter()
+        .filter_map(|s| s.report.map(|(r, w, _)| (f64::from(r + w), own(s))))
+        .collect();
+    let (engine, mine): (f64, f64) = fresh.iter().fold((0.0, 0.0), |a, f| (a.0 + f.0, a.1 + f.1));
+    let r = if mine == 0.0 {
+        1.0
+    } else {
+        (engine / mine).clamp(1.0, 16.0)
+    };
+    let n = fresh.len().max(1) as f64;
+    let mean = fresh.iter().map(|&(e, o)| (e - o).max(0.0)).sum::<f64>() / n;
+    specs
+        .iter()
+        .map(|s| match s.report {
+            None => own(s),
+            Some((run, wait, _)) => {
+                let d = (f64::from(run + wait) - own(s)).max(0.0) - mean;
+                own(s) + d.signum() * (d.abs() - mean.sqrt()).max(0.0) / r
+            }
+        })
+        .collect()
+}
+
 proptest! {
     #[test]
-    fn least_conn_ranks_by_effective_load_and_skips_saturation(
+    fn least_conn_ranks_by_signal_rank_and_skips_saturation(
         specs in proptest::collection::vec(spec(), 1..6),
         seed in any::<u64>(),
     ) {
         let mut p = pool(Policy::LeastConn, &specs, seed, true);
         let views: Vec<_> = specs.iter().map(|s| effective(s, true)).collect();
+        let ranks = ranks(&specs);
         let picked = p.lb.select(p.now, &RequestMeta::default());
         let any_room = views.iter().any(|v| v.1);
         let free_unsaturated = views.iter().any(|v| v.1 && !v.2);
@@ -163,16 +200,17 @@ proptest! {
             }
             Ok(l) => {
                 let i = p.ids.iter().position(|&id| id == l.backend()).unwrap();
-                let (load, room, saturated) = views[i];
+                let (_, room, saturated) = views[i];
                 prop_assert!(room, "picked a full backend");
                 prop_assert!(!saturated || !free_unsaturated, "picked saturated b{i} with an unsaturated one free: {specs:?}");
-                // Least effective load / weight among the candidates of its class.
+                // Least rank / weight among the candidates of its class (the core
+                // rounds to thousandths of a request).
                 for (j, v) in views.iter().enumerate() {
                     if v.1 && (v.2 == saturated || !free_unsaturated) {
                         prop_assert!(
-                            u64::from(load) * u64::from(specs[j].weight)
-                                <= u64::from(v.0) * u64::from(specs[i].weight),
-                            "b{i} (load {load}) picked over b{j} (load {}): {specs:?}", v.0
+                            ranks[i] / f64::from(specs[i].weight)
+                                <= ranks[j] / f64::from(specs[j].weight) + 0.01,
+                            "b{i} (rank {}) picked over b{j} (rank {}): {specs:?}", ranks[i], ranks[j]
                         );
                     }
                 }
@@ -311,14 +349,15 @@ fn reports_steer_least_conn_and_are_shown() {
     ];
     let mut p = pool(Policy::LeastConn, &specs, 7, false);
     let (a, b) = (p.ids[0], p.ids[1]);
-    // a's engine is busy with other clients' work: everything goes to b.
+    // a's engine is busy with other clients' work (4 foreign, b's 0: a deviation of ±2
+    // around the mean, √2 of it within the band): b takes the next two.
     assert!(p.lb.load_report(p.now, a, LoadReport::new(4, 0)));
-    for _ in 0..4 {
+    assert!(p.lb.load_report(p.now, b, LoadReport::new(0, 0)));
+    for _ in 0..2 {
         let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
         assert_eq!(l.backend(), b);
         p.held.push(l);
     }
-    // b now holds 4 own: a tie with a's 4, either may get the next.
     // a's engine is saturated (waiting 6): b takes it even though it is more loaded.
     assert!(p.lb.load_report(p.now, a, LoadReport::new(0, 6)));
     for _ in 0..3 {
@@ -372,13 +411,75 @@ fn requests_sent_after_a_report_count_on_top_of_it() {
             assert_eq!(to_a, i.div_ceil(2), "after {} requests", i + 1);
         }
     }
-    // A newer report includes what was sent: it is not counted twice.
+    // A newer report includes what was sent (5 own each, 5 others' each): it is not
+    // counted twice, and the next requests alternate again.
     assert!(p.lb.load_report(p.now, a, LoadReport::new(10, 0)));
-    assert!(p.lb.load_report(p.now, b, LoadReport::new(6, 0)));
-    for _ in 0..4 {
+    assert!(p.lb.load_report(p.now, b, LoadReport::new(10, 0)));
+    let mut to_a = 0;
+    for i in 0..6_usize {
+        let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
+        to_a += usize::from(l.backend() == a);
+        p.held.push(l);
+        if i % 2 == 1 {
+            assert_eq!(to_a, i.div_ceil(2), "after {} requests", i + 1);
+        }
+    }
+    p.finish();
+}
+
+/// Several replicas reading the same report: engine 0 reported least (6 against 8, 2 of
+/// each this replica's), a difference within the others' churn. With R = 30 / 8 other
+/// replicas likely sending what this one sends, each send counts 3.75: a replica's next
+/// four requests go to four different engines, not all to engine 0 until the next report
+/// (the herd of the simulator).
+#[test]
+fn replicas_do_not_herd_onto_the_engine_that_reported_least() {
+    let spec = Spec {
+        weight: 1,
+        max_conns: 0,
+        leases: 2,
+        report: None,
+    };
+    for seed in 0..8 {
+        let mut p = pool(Policy::LeastConn, &vec![spec.clone(); 4], seed, false);
+        for (i, &id) in p.ids.iter().enumerate() {
+            let queued = if i == 0 { 6 } else { 8 };
+            assert!(p.lb.load_report(p.now, id, LoadReport::new(queued, 0)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
+            seen.insert(l.backend());
+            p.held.push(l);
+        }
+        assert_eq!(seen.len(), 4, "seed {seed}");
+        p.finish();
+    }
+}
+
+/// A large, lasting deviation steers least-conn (by 1/R of what exceeds the band): an
+/// engine holding 20 requests of other clients gets none of the next two.
+#[test]
+fn a_large_foreign_load_is_avoided() {
+    let spec = Spec {
+        weight: 1,
+        max_conns: 0,
+        leases: 4,
+        report: None,
+    };
+    let mut p = pool(Policy::LeastConn, &vec![spec; 2], 3, false);
+    let (a, b) = (p.ids[0], p.ids[1]);
+    assert!(p.lb.load_report(p.now, a, LoadReport::new(24, 0)));
+    assert!(p.lb.load_report(p.now, b, LoadReport::new(4, 0)));
+    // R = 28 / 8 = 3.5, mean foreign 10, band √10: a ranks 4 + 1.95, b 4 - 1.95; each
+    // send to b counts 1 + 2.5.
+    for _ in 0..2 {
         let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
         assert_eq!(l.backend(), b);
         p.held.push(l);
     }
+    let l = p.lb.select(p.now, &RequestMeta::default()).unwrap();
+    assert_eq!(l.backend(), a);
+    p.held.push(l);
     p.finish();
 }
