@@ -184,9 +184,9 @@ pub struct Cli {
     #[arg(long, default_value = "user", value_parser = hash_key)]
     pub hash_key: HashKey,
 
-    /// prefix-hash routing keys a request by this many units of its prompt (a message, or
-    /// a 1 KiB block of a long message or prompt; 16 cover a 16 KiB system prompt); 1 to
-    /// 256.
+    /// prefix-hash routing keys a request by at most this many units of its prompt (a
+    /// message, or a 1 KiB block of a long message or prompt), and a chat by no more than
+    /// its opening (the messages up to the first user message); 1 to 256.
     #[arg(long, value_name = "N", default_value_t = lb_core::DEFAULT_PREFIX_UNITS, value_parser = prefix_units, allow_negative_numbers = true)]
     pub prefix_units: usize,
 
@@ -811,7 +811,7 @@ mod tests {
         let s = parse(&["--backends", "a:1", "--routing", "prefix-hash"]).unwrap();
         assert_eq!(s.core.policy, Policy::PrefixHash);
         assert_eq!(s.core.prefix_hash, PrefixHashConfig::default());
-        assert_eq!(s.core.prefix_hash.units, 16, "the documented default");
+        assert_eq!(s.core.prefix_hash.units, 32, "the documented default");
         assert!(!s.core.strict_models);
         let s = parse(&[
             "--backends",

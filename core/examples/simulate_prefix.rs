@@ -21,8 +21,9 @@
 //! - Keys are chains shaped as [`RequestKey::from_body`](lb_core::RequestKey::from_body)
 //!   builds them: one unit per 256-token block (1 KiB of text) of each message,
 //!   cumulative hashes. Consistent hashing keys by session (the OpenAI `user` field);
-//!   prefix-hash by the first `--prefix-units` units (`lb`'s default, 16: the whole
-//!   system prompt up to 4 k tokens, and for shorter ones the conversation's start).
+//!   prefix-hash by the chat's opening (the system prompt and the first user message,
+//!   [`RequestKey::Chat`](lb_core::RequestKey::Chat)), at most `--prefix-units` units
+//!   (`lb`'s default, 32).
 //!
 //! # Replicas
 //!
@@ -506,7 +507,12 @@ impl Router {
                 leases,
                 user_key,
             } => {
-                let key = RequestKey::Prefix(units.iter().map(|u| u.hash).collect());
+                // As `RequestKey::from_body` keys a chat: its opening is the system
+                // prompt and the first user message (turn 0's prompt).
+                let key = RequestKey::Chat {
+                    chain: units.iter().map(|u| u.hash).collect(),
+                    opening: session.prompt_end[0],
+                };
                 let user = session.id.to_le_bytes();
                 let mut meta = RequestMeta::default().with_affinity(&key);
                 if *user_key {

@@ -74,11 +74,16 @@ impl<'a> RequestMeta<'a> {
     }
 
     /// The prefix-hash key and its depth: the chain value of the first `units` units of
-    /// the prompt (depth: how many units that is), else the hashing key or the client
-    /// address (depth 0).
+    /// the prompt, and of a chat no more than its opening ([`RequestKey::opening`]), so
+    /// every turn of a conversation has one key (depth: how many units that is); else
+    /// the hashing key or the client address (depth 0).
     pub(crate) fn prefix_key(&self, units: usize) -> (Option<u64>, u32) {
         let chain = self.units();
-        match chain.len().min(units) {
+        let opening = self
+            .affinity
+            .and_then(RequestKey::opening)
+            .unwrap_or(usize::MAX);
+        match chain.len().min(units).min(opening) {
             0 => (self.affinity_hash(), 0),
             n => (Some(chain[n - 1]), u32::try_from(n).unwrap_or(u32::MAX)),
         }

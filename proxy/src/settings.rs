@@ -797,7 +797,7 @@ mod tests {
         assert!(s.routes_by_body());
         let k = s.route_keys(Some((body, true)), header, false);
         assert_eq!(k.key, None);
-        assert!(matches!(k.affinity, Some(RequestKey::Prefix(_))));
+        assert!(matches!(k.affinity, Some(RequestKey::Chat { .. })));
         let k = s.route_keys(Some((br#"{"user":"bob"}"#, true)), header, false);
         assert_eq!(
             (k.key.as_deref(), k.affinity),

@@ -24,7 +24,7 @@
 # (new sessions per modelled second, 4: ~19 requests/s, ~75 through lb per wall second),
 # KV_BLOCKS (3000), DURATION (wall s of arrivals, 30; QUICK 4), WARMUP (wall s, 8; QUICK 1),
 # SEED (1), LOAD_INTERVAL_MS (500 / SPEED), POLICIES (a space-separated subset of the rows'
-# keys: lc lc-off p2c ca ch ph), REPLICAS ("1 3", each 1 to 8).
+# keys: lc lc-off p2c ca ch ph ph4), REPLICAS ("1 3", each 1 to 8).
 # Needs: cargo build --release -p lb-tests (mock-backend, llm-bench), curl, python3.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -41,7 +41,7 @@ else
   DURATION=${DURATION:-30}; WARMUP=${WARMUP:-8}
 fi
 SPEED=${SPEED:-4}; RATE=${RATE:-4}; SEED=${SEED:-1}; KV_BLOCKS=${KV_BLOCKS:-3000}
-POLICIES=${POLICIES:-lc lc-off p2c ca ch ph}
+POLICIES=${POLICIES:-lc lc-off p2c ca ch ph ph4}
 REPLICAS=${REPLICAS:-1 3}
 DRAIN=20
 ENGINES=4
@@ -126,7 +126,8 @@ row_name() {
     ca) echo "cache-aware" ;;
     ch) echo "consistent-hash (user)" ;;
     ph) echo "prefix-hash" ;;
-    *) echo "llm_bench: unknown policy key '$1' in POLICIES (lc lc-off p2c ca ch ph)" >&2; exit 2 ;;
+    ph4) echo "prefix-hash, --prefix-units 4" ;;
+    *) echo "llm_bench: unknown policy key '$1' in POLICIES (lc lc-off p2c ca ch ph ph4)" >&2; exit 2 ;;
   esac
 }
 row_flags() {
@@ -137,6 +138,7 @@ row_flags() {
     ca) echo "--routing cache-aware" ;;
     ch) echo "--routing consistent-hash --hash-key user" ;;
     ph) echo "--routing prefix-hash" ;;
+    ph4) echo "--routing prefix-hash --prefix-units 4" ;;
   esac
 }
 for p in $POLICIES; do row_name "$p" >/dev/null; done

@@ -1,7 +1,8 @@
 //! `--routing prefix-hash`, end to end: three `lb` replicas with the same flags in front
 //! of the same three mocks send each prompt to the same backend, with no shared state;
-//! a conversation's turns (its first `--prefix-units` units unchanged) stay on one
-//! backend; and a prefix that is hot walks on to the next backend in its order.
+//! a conversation's turns (its opening, or its first `--prefix-units` units, unchanged)
+//! stay on one backend; and a prefix that is hot walks on to the next backend in its
+//! order.
 //!
 //! Requests go one at a time and each replica is idle (no request in flight) before the
 //! next, so every replica sees the same loads (zero) and the same healthy set.
@@ -89,6 +90,33 @@ fn a_conversation_stays_on_one_backend_through_any_replica() {
     let mut with_user = chat(&system, 2);
     with_user["user"] = json!("alice");
     assert_eq!(served(&lbs[1], "/v1/chat/completions", &with_user), a);
+}
+
+/// The default key is a chat's opening: with a short shared system prompt and short
+/// messages, every turn of a conversation (whose chain grows by two units a turn) goes
+/// to one backend through any replica, and conversations spread.
+#[test]
+fn a_chat_is_keyed_by_its_opening() {
+    let mocks: Vec<Mock> = (0..3).map(|_| Mock::spawn::<&str>(&[])).collect();
+    let lbs = replicas(&mocks, &[]);
+    let mut homes = HashSet::new();
+    for c in 0..12 {
+        let mut ports = HashSet::new();
+        for turns in 1..=5 {
+            let mut body = chat("You are brief.", turns);
+            body["messages"][1]["content"] = json!(format!("conversation {c}: hello"));
+            ports.insert(served(
+                &lbs[(c + turns) % lbs.len()],
+                "/v1/chat/completions",
+                &body,
+            ));
+        }
+        assert_eq!(ports.len(), 1, "conversation {c}: turns went to {ports:?}");
+        homes.extend(ports);
+    }
+    // 12 conversations over 3 backends, all on one: a key past the opening's system
+    // prompt only (odds 3^-11 otherwise).
+    assert!(homes.len() > 1, "{homes:?}");
 }
 
 /// A hot prefix: while its backend has a request in flight (a slow stream), the next

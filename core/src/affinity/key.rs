@@ -56,6 +56,19 @@ pub enum RequestKey {
     /// units (messages, or blocks of long ones), so equal values mean identical prefixes.
     /// At most [`CHAIN_CAP`] long.
     Prefix(Vec<u64>),
+    /// A chat's chain (as [`RequestKey::Prefix`]), and its opening: how many of its units
+    /// are the messages up to and including the first `user` message (at least 1).
+    ///
+    /// Every turn of one conversation resends its opening (the system prompt and the
+    /// first question), so [`Policy::PrefixHash`](crate::Policy::PrefixHash) keys no
+    /// deeper than it: its key is the same for every turn, however short the messages.
+    /// Cache-aware matches the whole chain, as for a prefix.
+    Chat {
+        /// The cumulative chain, as in [`RequestKey::Prefix`].
+        chain: Vec<u64>,
+        /// Units in the opening: `chain[opening - 1]` identifies it.
+        opening: usize,
+    },
 }
 
 impl RequestKey {
@@ -108,7 +121,16 @@ impl RequestKey {
         match self {
             RequestKey::None => &[],
             RequestKey::User(u) => std::slice::from_ref(u),
-            RequestKey::Prefix(chain) => chain,
+            RequestKey::Prefix(chain) | RequestKey::Chat { chain, .. } => chain,
+        }
+    }
+
+    /// A chat's opening ([`RequestKey::Chat`]): how many units its messages up to the
+    /// first `user` message make. None for any other key.
+    pub fn opening(&self) -> Option<usize> {
+        match self {
+            RequestKey::Chat { opening, .. } => Some(*opening),
+            _ => None,
         }
     }
 
@@ -127,17 +149,26 @@ impl RequestKey {
     /// The prompt chain alone (the `user` field ignored).
     fn prompt_of(request: &Map<String, Value>) -> RequestKey {
         let mut chain = Chain::new(request);
+        let mut opening = None;
         if let Some(Value::Array(messages)) = request.get("messages") {
             for m in messages {
                 if chain.full() {
                     break;
                 }
                 chain.message(m);
+                if opening.is_none() && m.get("role").and_then(Value::as_str) == Some("user") {
+                    opening = Some(chain.units.len());
+                }
             }
         } else if let Some(prompt) = request.get("prompt") {
             chain.prompt(prompt);
         }
-        chain.finish()
+        match (chain.finish(), opening) {
+            (RequestKey::Prefix(chain), Some(opening)) if opening > 0 => {
+                RequestKey::Chat { chain, opening }
+            }
+            (key, _) => key,
+        }
     }
 }
 
@@ -159,7 +190,8 @@ pub struct BodyFields {
     pub model: Option<String>,
     /// The `user` field, if a non-empty string.
     pub user: Option<String>,
-    /// The prompt chain ([`RequestKey::Prefix`], or [`RequestKey::None`]); computed only
+    /// The prompt chain ([`RequestKey::Prefix`] or [`RequestKey::Chat`], or
+    /// [`RequestKey::None`]); computed only
     /// when asked for.
     pub chain: RequestKey,
 }
@@ -431,7 +463,7 @@ mod tests {
 
     fn chain(body: &str) -> Vec<u64> {
         match RequestKey::from_body(body.as_bytes()) {
-            RequestKey::Prefix(c) => c,
+            RequestKey::Prefix(c) | RequestKey::Chat { chain: c, .. } => c,
             other => panic!("expected a chain for {body}, got {other:?}"),
         }
     }
@@ -550,6 +582,42 @@ mod tests {
         }
         assert!(RequestKey::None.is_none());
         assert_eq!(RequestKey::User(7).units(), &[7]);
+    }
+
+    #[test]
+    fn a_chat_knows_its_opening() {
+        let opening = |body: &str| RequestKey::from_body(body.as_bytes()).opening();
+        let system = "s".repeat(3000); // three blocks
+        let turn1 = format!(
+            r#"{{"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"q1"}}]}}"#
+        );
+        let turn2 = format!(
+            r#"{{"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"q1"}},{{"role":"assistant","content":"a1"}},{{"role":"user","content":"q2"}}]}}"#
+        );
+        assert_eq!(opening(&turn1), Some(4));
+        assert_eq!(opening(&turn2), Some(4));
+        assert_eq!(chain(&turn1)[3], chain(&turn2)[3], "the same opening");
+        assert_eq!(chain(&turn2).len(), 6);
+        // No user message, a prompt, a user field: no opening.
+        assert_eq!(
+            opening(r#"{"messages":[{"role":"system","content":"x"}]}"#),
+            None
+        );
+        assert_eq!(opening(r#"{"prompt":"hello"}"#), None);
+        assert_eq!(
+            opening(r#"{"user":"u","messages":[{"role":"user","content":"x"}]}"#),
+            None
+        );
+        // The prefix-hash key of every turn is the opening's, below the units cap.
+        let (k1, k2) = (
+            RequestKey::from_body(turn1.as_bytes()),
+            RequestKey::from_body(turn2.as_bytes()),
+        );
+        let m1 = crate::RequestMeta::default().with_affinity(&k1);
+        let m2 = crate::RequestMeta::default().with_affinity(&k2);
+        assert_eq!(m1.prefix_key(32), m2.prefix_key(32));
+        assert_eq!(m2.prefix_key(32).1, 4);
+        assert_eq!(m2.prefix_key(2), (Some(chain(&turn2)[1]), 2));
     }
 
     #[test]
