@@ -472,7 +472,15 @@ impl<R: Runtime> Proxy<R> {
                 }
             }
             if let lb_core::Event::Removed { backend, .. } = &e {
-                core.take_upstream(*backend);
+                if core
+                    .take_upstream(*backend)
+                    .is_some_and(|u| u.models().is_some())
+                {
+                    // It may have been the last backend with a list: model pools (and
+                    // reading bodies for them) end with it.
+                    let on = core.upstreams().any(|u| u.models().is_some());
+                    self.model_pools.store(on, Ordering::Release);
+                }
             }
             d.events.push(e);
         }
@@ -628,11 +636,12 @@ impl<R: Runtime> Core<R> {
     }
 
     /// Takes a removed backend's upstream out (its leases keep their own handle).
-    pub(crate) fn take_upstream(&mut self, id: BackendId) {
-        if let Some(s) = self.upstreams.get_mut(id.slot()) {
-            if s.as_ref().is_some_and(|u| u.id() == id) {
-                *s = None;
-            }
+    pub(crate) fn take_upstream(&mut self, id: BackendId) -> Option<Arc<Upstream<R>>> {
+        let s = self.upstreams.get_mut(id.slot())?;
+        if s.as_ref().is_some_and(|u| u.id() == id) {
+            s.take()
+        } else {
+            None
         }
     }
 

@@ -601,6 +601,9 @@ fn round_robin_rotates_evenly() {
     }
     let lb = Lb::spawn(&args);
     lb.wait_healthy(3);
+    // Until each has passed its first probe, an unprobed backend is passed over while a
+    // probed one has room: the rotation would skip it.
+    lb.wait_probed(3);
     let by_port = sequential_completions(&lb, 30);
     for m in &mocks {
         let n = by_port.get(&m.port).copied().unwrap_or(0);
@@ -624,6 +627,7 @@ fn weighted_round_robin_follows_weights() {
         &b.url(),
     ]);
     lb.wait_healthy(2);
+    lb.wait_probed(2);
     let by_port = sequential_completions(&lb, 40);
     let na = by_port.get(&a.port).copied().unwrap_or(0);
     assert!(
@@ -660,6 +664,7 @@ fn random_reaches_every_backend() {
     let b = Mock::spawn::<&str>(&[]);
     let lb = Lb::spawn(&["--routing", "random", "--backends", &a.url(), &b.url()]);
     lb.wait_healthy(2);
+    lb.wait_probed(2);
     let by_port = sequential_completions(&lb, 40);
     assert_eq!(by_port.len(), 2, "{by_port:?}");
 }
