@@ -179,6 +179,10 @@ pub(crate) async fn forward<S: Shard, C: Wire>(
     tunnel(client, guard, conn, cbuf, &bbuf, resp.status, out).await
 }
 
+/// Room for what [`Exchange::head`] adds to a request head: the request line's version,
+/// `Host`, the `X-Forwarded-*` headers with an IPv6 client address, `X-Request-Id`.
+const ADDED_HEADERS: usize = 192;
+
 /// The request head as sent, with the body bytes that went with it.
 struct Sent {
     bytes: Vec<u8>,
@@ -241,7 +245,22 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
     /// The head for the backend with the body bytes already read (taken from `cbuf`),
     /// and the body's way up. `None` when the request's framing is invalid.
     fn outgoing(&mut self, cbuf: &mut Vec<u8>) -> Option<(Sent, Upward<'a>)> {
-        let mut head = Vec::with_capacity(1024);
+        // Room for the head as rewritten and the body bytes here: it is kept for the
+        // whole exchange when the connection is reused (the keep-alive race's replay),
+        // so it is sized to what it will hold rather than to a round guess.
+        let room = self.req.method.len()
+            + self.req.target.len()
+            + self.up.target.authority.len()
+            + self.up.target.path_prefix.len()
+            + self
+                .req
+                .headers
+                .iter()
+                .map(|h| h.name().len() + h.value().len() + 4)
+                .sum::<usize>()
+            + ADDED_HEADERS
+            + cbuf.len();
+        let mut head = Vec::with_capacity(room);
         let kind = self.head(&mut head).ok()?;
         let mut framer = BodyFramer::new(kind);
         let mut tap = Tap::new(self.capture, Side::Request, kind);
