@@ -272,6 +272,8 @@ impl<R: Runtime> Proxy<R> {
                 Some(json!({
                     "id": up.serial(),
                     "url": &*v.url,
+                    // The `Host` it is sent: for a backend found by DNS, the name.
+                    "host": &*up.target.authority,
                     "weight": v.weight,
                     "source": up.source().name(),
                     "state": state,

@@ -218,6 +218,8 @@ fn dns_records_are_followed_and_a_dead_server_keeps_the_pool() {
     let admin = lb.admin_port().expect("an admin listener");
     let all = wait_dns_backends(admin, &[url(0)]);
     assert_eq!(all[0]["source"], "dns", "{all:?}");
+    // Its address is its url; the name it was found by is its host.
+    assert_eq!(all[0]["host"], format!("{NAME}:{port}"), "{all:?}");
     lb.wait_healthy(1);
 
     // The backend sees the name, not its address.

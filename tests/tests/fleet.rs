@@ -60,6 +60,7 @@ fn the_admin_api_changes_the_pool_while_a_stream_runs() {
     assert_eq!(list[0]["id"], 1);
     assert_eq!(list[0]["source"], "flag");
     assert_eq!(list[0]["url"], a.url().as_str());
+    assert_eq!(list[0]["host"], a.addr(), "{v}");
 
     // A stream on a (the only backend so far).
     let mut c = Conn::open(lb.port).unwrap();
