@@ -32,6 +32,7 @@ pub use serde_json::{json, Value};
 pub mod netns;
 pub mod relay;
 pub mod scripted;
+pub mod tls;
 pub use scripted::{After, Continue, Received, Script, ScriptedBackend, KEEPALIVE_PATH};
 
 /// How long helpers wait for a condition before they give up (and panic).

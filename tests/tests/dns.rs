@@ -195,6 +195,42 @@ fn wait_dns_backends(admin: u16, urls: &[String]) -> Vec<Value> {
     }
 }
 
+/// `dns+https://NAME:PORT`: each address is reached over TLS with NAME as the server
+/// name (SNI) and in `Host`, and the certificate is checked for NAME, not the address.
+#[test]
+fn dns_https_reaches_each_address_by_the_name() {
+    let Some(bin) = skip_without_dnsmasq() else {
+        return;
+    };
+    if !lb_tests::tls::build_has_tls() {
+        return;
+    }
+    let Some(b) = lb_tests::tls::TlsBackend::start(&[NAME]) else {
+        return;
+    };
+    let dns = Dns::start(bin, &format!("127.0.0.1 {NAME}\n"));
+    let discover = format!("dns+https://{NAME}:{}", b.port);
+    let ca = b.ca();
+    let lb = Lb::spawn(&[
+        "--discover",
+        &discover,
+        "--resolver",
+        &dns.addr(),
+        "--backend-ca",
+        ca.to_str().unwrap(),
+    ]);
+    let admin = lb.admin_port().expect("an admin listener");
+    let all = wait_dns_backends(admin, &[b.url("127.0.0.1")]);
+    assert_eq!(all[0]["host"], format!("{NAME}:{}", b.port), "{all:?}");
+    lb.wait_probed(1);
+    let r = lb.get("/v1/models");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["sni"], NAME, "{v}");
+    assert_eq!(v["host"], format!("{NAME}:{}", b.port), "{v}");
+    assert_eq!(v["path"], "/v1/models", "{v}");
+}
+
 #[test]
 fn dns_records_are_followed_and_a_dead_server_keeps_the_pool() {
     let Some(bin) = skip_without_dnsmasq() else {
