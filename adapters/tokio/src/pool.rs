@@ -52,28 +52,47 @@ use crate::proxy::{client_side, describe, describe_connect};
 use crate::rt::{Backend, Upstream};
 use crate::upbody::{Replay, UpBody};
 
-/// A backend connection as hyper's client sees it: counted, over TLS or not.
-type Io = TokioIo<Counted<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>>;
+/// A backend connection as hyper's client sees it.
+type Io = TokioIo<Counted>;
 
-pin_project_lite::pin_project! {
-    /// Counts the bytes read from a connection, so that a failed exchange tells whether
-    /// any of its response arrived (see the keep-alive race in the module docs).
-    pub(crate) struct Counted<T> {
-        #[pin]
-        inner: T,
-        read: Arc<AtomicU64>,
+/// A backend connection's stream. Plain TCP is read and written directly; hyper-rustls's
+/// stream (hyper's traits over tokio's, over hyper's) is kept only for `https://`
+/// backends, boxed as it holds the TLS session (so a plain connection does not carry its
+/// size). Taking plain requests off its two adapter layers saved 0.2k instructions per
+/// request (`tests/load/instructions.sh`: 43,344 -> 43,159).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>),
+}
+
+impl From<MaybeHttpsStream<TokioIo<TcpStream>>> for Stream {
+    fn from(io: MaybeHttpsStream<TokioIo<TcpStream>>) -> Self {
+        match io {
+            MaybeHttpsStream::Http(tcp) => Stream::Plain(tcp.into_inner()),
+            tls => Stream::Tls(Box::new(TokioIo::new(tls))),
+        }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Counted<T> {
+/// A backend stream that counts the bytes read from it, so that a failed exchange tells
+/// whether any of its response arrived (see the keep-alive race in the module docs).
+pub(crate) struct Counted {
+    stream: Stream,
+    read: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
+        let polled = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        };
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read.fetch_add(n as u64, Ordering::Relaxed);
@@ -82,13 +101,16 @@ impl<T: AsyncRead> AsyncRead for Counted<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for Counted<T> {
+impl AsyncWrite for Counted {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -96,19 +118,31 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -248,7 +282,7 @@ impl Pool {
             .map_err(SendError::Connect)?;
         let read = Arc::new(AtomicU64::new(0));
         let io = TokioIo::new(Counted {
-            inner: TokioIo::new(io),
+            stream: io.into(),
             read: read.clone(),
         });
         let (send, conn) = self.builder.handshake(io).await.map_err(SendError::Http)?;
