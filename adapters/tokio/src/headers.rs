@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Version};
+use http::Version;
 use lb_http1::rules;
 use lb_proxy::Failure;
 
@@ -41,13 +41,25 @@ fn values<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [
     h.get_all(name).iter().map(HeaderValue::as_bytes)
 }
 
-/// The request checks the codec makes (hyper has parsed the rest): no `CONNECT`, exactly
-/// one valid `Host` in HTTP/1.1, a transfer coding that is exactly `chunked`. (hyper drops
-/// a `Content-Length` sent with `Transfer-Encoding` before `lb` sees it: the README lists
+/// The request checks the codec makes (hyper has parsed the rest): the target
+/// ([`rules::check_target`]: origin-form, absolute-form `http(s)` without user info, `*`
+/// for `OPTIONS` only; no `CONNECT`, no authority-form, nothing but ASCII), exactly one
+/// valid `Host` in HTTP/1.1, a transfer coding that is exactly `chunked`. (hyper drops a
+/// `Content-Length` sent with `Transfer-Encoding` before `lb` sees it: the README lists
 /// that difference.)
 pub(crate) fn check_request<B>(req: &http::Request<B>) -> Result<(), lb_http1::Error> {
-    if req.method() == Method::CONNECT {
-        return Err(lb_http1::Error::InvalidTarget);
+    let uri = req.uri();
+    let method = req.method().as_str();
+    match (uri.scheme(), uri.authority()) {
+        // Origin-form or `*`, the usual case: checked as it came, without allocating.
+        (None, None) => {
+            let target = uri.path_and_query().map_or("", |p| p.as_str());
+            rules::check_target(method, target)?;
+        }
+        (Some(_), Some(_)) => rules::check_target(method, &uri.to_string())?,
+        // Authority-form (`host:port`, or a bare word hyper read as a host): `CONNECT`'s
+        // alone, which `lb` refuses.
+        _ => return Err(lb_http1::Error::InvalidTarget),
     }
     let (v, h) = (version(req.version()), req.headers());
     rules::check_host(v, values(h, &header::HOST))?;
@@ -55,11 +67,16 @@ pub(crate) fn check_request<B>(req: &http::Request<B>) -> Result<(), lb_http1::E
     Ok(())
 }
 
-/// Whether a backend's response can be passed on: both `Content-Length` and
+/// Whether a backend's response can be passed on: a `Content-Length` that is not one
+/// number (a list, lines that differ) is invalid, as is both `Content-Length` and
 /// `Transfer-Encoding` is invalid; a transfer coding other than exactly `chunked` is one
 /// `lb` cannot keep intact (hyper would take the chunks off and leave, say, `gzip` bytes
 /// the client is not told about).
 pub(crate) fn check_response(v: Version, h: &HeaderMap) -> Result<(), Failure> {
+    // hyper reads `Content-Length: 2, 2` as 2 but forwards the list: the codec's rule.
+    if let Err(e) = lb_http1::content_length(values(h, &header::CONTENT_LENGTH)) {
+        return Err(Failure::Invalid(format!("invalid response: {e}")));
+    }
     if !h.contains_key(header::TRANSFER_ENCODING) {
         return Ok(());
     }
@@ -73,8 +90,17 @@ pub(crate) fn check_response(v: Version, h: &HeaderMap) -> Result<(), Failure> {
     }
 }
 
-pub(crate) fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
+/// Whether an HTTP/1.0 message asks to keep the connection (`Connection: keep-alive`).
+pub(crate) fn wants_keep_alive(h: &HeaderMap) -> bool {
+    rules::connection_names(values(h, &header::CONNECTION), b"keep-alive")
+}
+
+/// Whether a request asks for an upgrade (e.g. WebSocket): HTTP/1.1, `Upgrade`, and
+/// `upgrade` among the `Connection` tokens. `Upgrade` in HTTP/1.0 is ignored (RFC 9110
+/// §7.8), as the codec does: it goes as a hop-by-hop header.
+pub(crate) fn is_upgrade(v: Version, h: &HeaderMap) -> bool {
+    v == Version::HTTP_11
+        && h.contains_key(header::UPGRADE)
         && rules::connection_names(values(h, &header::CONNECTION), b"upgrade")
 }
 
@@ -238,6 +264,33 @@ mod tests {
         assert!(check_request(&req("GET", "/", &[("host", "a"), ("host", "a")])).is_err());
         assert!(check_request(&req("GET", "/", &[("host", "a b")])).is_err());
         assert!(check_request(&req("CONNECT", "example.com:443", &[("host", "a")])).is_err());
+        // The target, as `rules::check_target` has it (the codec's rule).
+        for ok in ["/x?y", "http://b.example:99/x", "https://b/"] {
+            assert!(
+                check_request(&req("GET", ok, &[("host", "a")])).is_ok(),
+                "{ok}"
+            );
+        }
+        assert!(check_request(&req("OPTIONS", "*", &[("host", "a")])).is_ok());
+        for bad in [
+            "b.example:443",
+            "x",
+            "*",
+            "http://u:p@b.example:99/x",
+            "ftp://b/x",
+            "/caf\u{e9}",
+        ] {
+            let Ok(uri) = http::Uri::try_from(bad) else {
+                continue; // hyper refuses it itself
+            };
+            let r = http::Request::builder()
+                .method("GET")
+                .uri(uri)
+                .header("host", "a")
+                .body(())
+                .unwrap();
+            assert!(check_request(&r).is_err(), "{bad}");
+        }
         for te in ["gzip, chunked", "chunked, gzip", "identity", "gzip"] {
             let r = req("POST", "/", &[("host", "a"), ("transfer-encoding", te)]);
             assert!(check_request(&r).is_err(), "{te}");

@@ -25,7 +25,7 @@ pub(crate) static REQUEST_ID: header::HeaderName =
 use crate::body::Streamed;
 use crate::headers::{
     check_request, check_response, is_upgrade, rewrite_request_headers, strip_hop_by_hop,
-    KEEP_ALIVE,
+    wants_keep_alive, KEEP_ALIVE,
 };
 use crate::pool::{Lent, Pool, SendError};
 use crate::rt::{request_uri, LeaseGuard, Proxy, Upstream};
@@ -107,7 +107,9 @@ pub(crate) fn handle(
             version,
             header: &|name| req.headers().get(name).map(HeaderValue::as_bytes),
         });
-        let resp = proxied(proxy, traffic, peer, req, &mut acct).await;
+        let ends = Ends::of(&req);
+        let mut resp = proxied(proxy, traffic, peer, req, &mut acct).await;
+        ends.say_close(&mut resp);
         (resp, Some(acct))
     }
 }
@@ -250,7 +252,7 @@ fn forward<'a>(
         if let Some(c) = &capture {
             c.backend(upstream.url().clone());
         }
-        let upgrade = is_upgrade(req.headers());
+        let upgrade = is_upgrade(req.version(), req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let client_authority = req.uri().authority().cloned();
@@ -483,7 +485,66 @@ pub(crate) fn local(reply: Reply) -> Response<ProxyBody> {
             h.insert(&REQUEST_ID, v);
         }
     }
+    resp.extensions_mut().insert(Local);
     resp
+}
+
+/// Marks a reply `lb` made itself (see [`Ends`]).
+#[derive(Clone, Copy)]
+struct Local;
+
+/// What decides, once the response is known, whether the connection ends after it, and
+/// says so with `Connection: close` as the smol build does (RFC 9112 §9.6), where hyper
+/// would close without a word or, worse, say `keep-alive`:
+/// - a reply `lb` makes itself to a request with a body: the body may not have been read
+///   (a refused or failed request; a stalled or badly framed upload), so the connection
+///   closes after the answer;
+/// - an answer without a length to an HTTP/1.0 client that asked to keep the connection:
+///   the body ends when the connection does (hyper would announce `keep-alive`).
+///
+/// An HTTP/1.0 client that did not ask to keep the connection needs no word.
+struct Ends {
+    body: bool,
+    http10: bool,
+    keep_alive: bool,
+    head: bool,
+}
+
+impl Ends {
+    fn of(req: &Request<Incoming>) -> Self {
+        let http10 = req.version() == http::Version::HTTP_10;
+        Ends {
+            body: !hyper::body::Body::is_end_stream(req.body()),
+            http10,
+            keep_alive: !http10 || wants_keep_alive(req.headers()),
+            head: req.method() == Method::HEAD,
+        }
+    }
+
+    fn say_close(&self, resp: &mut Response<ProxyBody>) {
+        if !self.keep_alive || resp.headers().contains_key(header::CONNECTION) {
+            return;
+        }
+        let local = self.body && resp.extensions().get::<Local>().is_some();
+        let status = resp.status();
+        let bodiless = self.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let unframed = self.http10
+            && !bodiless
+            && !resp.headers().contains_key(header::CONTENT_LENGTH)
+            && hyper::body::Body::size_hint(resp.body()).exact().is_none();
+        if local || unframed {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if self.http10 {
+                // hyper answers an HTTP/1.0 client in HTTP/1.0 whatever the version; said
+                // here, it closes without adding `keep-alive` to our `close`.
+                *resp.version_mut() = http::Version::HTTP_10;
+            }
+        }
+    }
 }
 
 /// The bytes a request head took on the wire, near enough: request line and header lines.
