@@ -68,6 +68,7 @@ pub fn run(data: &[u8]) {
     assert!(!plan.keep_alive || req.keep_alive());
     assert_eq!(plan.is_upgrade(), plan.body == BodyKind::Tunnel);
     assert!(!plan.rechunk || plan.body == BodyKind::CloseDelimited);
+    assert!(!plan.dechunk || (plan.body == BodyKind::Chunked && !plan.keep_alive));
     if out.is_empty() {
         assert!(resp.is_interim() && req.version == Version::Http10);
     } else {
@@ -75,9 +76,12 @@ pub fn run(data: &[u8]) {
             Ok(Status::Complete(back, m)) => {
                 assert_eq!(m, out.len());
                 assert_eq!(back.status, resp.status);
-                // What the client reads: chunked when a close-delimited body is re-chunked.
+                // What the client reads: chunked when a close-delimited body is re-chunked;
+                // close-delimited when a chunked one goes without its chunks.
                 let sent = if plan.rechunk {
                     BodyKind::Chunked
+                } else if plan.dechunk {
+                    BodyKind::CloseDelimited
                 } else {
                     plan.body
                 };

@@ -555,6 +555,24 @@ pub(crate) fn next_line_byte(s: &[u8]) -> Option<usize> {
         .map(|n| at + n)
 }
 
+/// Whether the start of what a client sent cannot begin a request: past any empty lines
+/// (RFC 9112 §2.2 lets a server skip them), a byte that is not a token character before
+/// the method ends, within its first 32 bytes. A TLS ClientHello on the plain port, say,
+/// gets its 400 at once, as hyper gives it, instead of waiting out the head timeout for a
+/// line end that never comes. (Bounded, so that a head trickled in byte by byte costs
+/// linear time.)
+pub fn cannot_start_request(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    buf[start..]
+        .iter()
+        .take(32)
+        .take_while(|&&b| b != b' ')
+        .any(|&b| !crate::body::is_tchar(b))
+}
+
 /// Whether the bytes from `from` on (with the 3 before) may end a head: a blank line, in
 /// CRLF or bare-LF form (`\n\n` or `\n\r\n`). A reader that parses again only then
 /// spends linear time on a head trickled in byte by byte, not quadratic. (The parser

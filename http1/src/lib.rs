@@ -76,8 +76,9 @@ pub use error::Error;
 pub use field::FieldBytes;
 pub use framing::{chunked, content_length, BodyKind};
 pub use head::{
-    keep_alive_timeout, may_end_head, parse_request, parse_response, Header, Limits, RequestHead,
-    ResponseHead, Status, Version, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEAD_BYTES,
+    cannot_start_request, keep_alive_timeout, may_end_head, parse_request, parse_response, Header,
+    Limits, RequestHead, ResponseHead, Status, Version, DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEAD_BYTES,
 };
 pub use rewrite::{rewrite_request, rewrite_response, Forwarding, ResponsePlan};
 

@@ -127,6 +127,11 @@ pub struct ResponsePlan {
     /// connection can stay open): wrap each part read in a chunk, and end
     /// with the last chunk `0\r\n\r\n` when the backend closes.
     pub rechunk: bool,
+    /// A chunked body to an HTTP/1.0 client (from a backend that should not have sent
+    /// one, RFC 9112 §6.1) goes to the client as its data alone, without the chunk
+    /// framing and trailers ([`Dechunk`](crate::Dechunk)), and the connection closes at
+    /// its end.
+    pub dechunk: bool,
 }
 
 impl ResponsePlan {
@@ -152,7 +157,9 @@ impl ResponsePlan {
 /// * framing re-emitted from the body kind; for a response without body
 ///   (HEAD) a valid `Content-Length` is kept as information, for 1xx, 204
 ///   and 304 it is dropped; a close-delimited body goes to an HTTP/1.1 client
-///   chunked ([`ResponsePlan::rechunk`]), so its connection can stay open;
+///   chunked ([`ResponsePlan::rechunk`]), so its connection can stay open; a
+///   chunked body to an HTTP/1.0 client goes without its chunks, delimited by the
+///   close ([`ResponsePlan::dechunk`]);
 /// * `Connection: close` if the client connection will not be kept open
 ///   (but to an HTTP/1.0 client that did not ask for `keep-alive`: closing
 ///   is its default), and `Connection: keep-alive` for an HTTP/1.0 client
@@ -173,16 +180,16 @@ pub fn rewrite_response(
 ) -> Result<ResponsePlan, Error> {
     let body = resp.body_kind(req)?;
     let rechunk = body == BodyKind::CloseDelimited && req.version == Version::Http11;
+    let dechunk = body == BodyKind::Chunked && req.version == Version::Http10;
     let self_delimited = rechunk
-        || matches!(
-            body,
-            BodyKind::None | BodyKind::Length(_) | BodyKind::Chunked
-        );
+        || matches!(body, BodyKind::None | BodyKind::Length(_))
+        || (body == BodyKind::Chunked && !dechunk);
     let keep_alive = !close && req.keep_alive() && self_delimited;
     let plan = ResponsePlan {
         body,
         keep_alive,
         rechunk,
+        dechunk,
     };
     if resp.is_interim() && req.version == Version::Http10 {
         return Ok(plan);
@@ -213,6 +220,8 @@ pub fn rewrite_response(
             }
         }
         _ if rechunk => write_framing(out, BodyKind::Chunked),
+        // Its data alone, delimited by the close.
+        _ if dechunk => {}
         _ => write_framing(out, body),
     }
     if let Some(date) = date.filter(|_| resp.header("date").is_none() && !resp.is_interim()) {

@@ -754,3 +754,30 @@ fn may_end_head_is_a_blank_line_search() {
     assert!(may_end_head(head, 0));
     assert!(!may_end_head(&head[..head.len() - 1], 0));
 }
+
+#[test]
+fn what_cannot_start_a_request_is_known_from_its_first_bytes() {
+    let tls_hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03AAAA";
+    assert!(crate::cannot_start_request(tls_hello));
+    assert!(crate::cannot_start_request(b"\r\nGE\x00"));
+    assert!(crate::cannot_start_request(b"GET/x\r"));
+    for ok in [
+        &b""[..],
+        b"G",
+        b"GET",
+        b"GET /",
+        b"\r\n\r\nPOST /x HTTP/1.1\r\n",
+        b"PRI * HTTP/2.0\r\n",
+        b"M-SEARCH * HTTP/1.1",
+    ] {
+        assert!(
+            !crate::cannot_start_request(ok),
+            "{:?}",
+            String::from_utf8_lossy(ok)
+        );
+    }
+    // Only the first 32 bytes are looked at: a long method is left to the parser.
+    let mut long = vec![b'A'; 40];
+    long.push(b'\x00');
+    assert!(!crate::cannot_start_request(&long));
+}

@@ -174,6 +174,7 @@ fn response_rewrite_drops_hop_by_hop_and_keeps_framing() {
             body: BodyKind::Chunked,
             keep_alive: true,
             rechunk: false,
+            dechunk: false,
         }
     );
     assert_eq!(
@@ -192,6 +193,7 @@ fn close_delimited_response_goes_chunked_to_an_http11_client() {
             body: BodyKind::CloseDelimited,
             keep_alive: true,
             rechunk: true,
+            dechunk: false,
         }
     );
     assert_eq!(
@@ -206,6 +208,30 @@ fn close_delimited_response_goes_chunked_to_an_http11_client() {
         out,
         "HTTP/1.1 200 OK\r\nServer: s\r\nConnection: close\r\n\r\n"
     );
+}
+
+#[test]
+fn a_chunked_response_goes_to_an_http10_client_without_its_chunks() {
+    let r = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\nServer: s\r\n\r\n";
+    let http10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let (out, plan) = rw_res(r, http10, false);
+    assert_eq!(
+        plan,
+        ResponsePlan {
+            body: BodyKind::Chunked,
+            keep_alive: false,
+            rechunk: false,
+            dechunk: true,
+        }
+    );
+    assert_eq!(
+        out,
+        "HTTP/1.1 200 OK\r\nTrailer: X-T\r\nServer: s\r\nConnection: close\r\n\r\n"
+    );
+    // Without `keep-alive`, closing is the HTTP/1.0 client's default: no word.
+    let (out, plan) = rw_res(r, "GET / HTTP/1.0\r\n\r\n", false);
+    assert!(plan.dechunk && !plan.keep_alive);
+    assert_eq!(out, "HTTP/1.1 200 OK\r\nTrailer: X-T\r\nServer: s\r\n\r\n");
 }
 
 #[test]
@@ -272,6 +298,7 @@ fn bodiless_responses_keep_or_drop_content_length() {
             body: BodyKind::None,
             keep_alive: true,
             rechunk: false,
+            dechunk: false,
         }
     );
     assert_eq!(out, "HTTP/1.1 204 No Content\r\n\r\n");

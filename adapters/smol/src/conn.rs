@@ -344,6 +344,9 @@ pub(crate) async fn read_head<C: Wire>(
                 Ok(n) => {
                     size.record(n);
                     check = may_end_head(cbuf, before) || cbuf.len() >= limit;
+                    if !check && lb_http1::cannot_start_request(cbuf) {
+                        return Head::Bad(lb_http1::Error::InvalidRequestLine);
+                    }
                 }
             }
         }

@@ -529,6 +529,7 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
         let mut framer = BodyFramer::new(plan.body);
         let mut tap = Tap::new(self.capture, Side::Response, plan.body);
         let early_data;
+        let mut dechunk = plan.dechunk.then(lb_http1::Dechunk::default);
         match framer.push(bbuf) {
             Ok(p) => {
                 early_data = p.data;
@@ -537,6 +538,8 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
                 }
                 if plan.rechunk {
                     chunk(&mut out, &bbuf[..p.consumed]);
+                } else if let Some(d) = &mut dechunk {
+                    d.feed(&bbuf[..p.consumed], |data| out.extend_from_slice(data));
                 } else {
                     out.extend_from_slice(&bbuf[..p.consumed]);
                 }
@@ -560,7 +563,7 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
                 framer,
                 (out, early_data),
                 tap,
-                plan.rechunk,
+                (plan.rechunk, dechunk),
                 &mut *self.acct,
             ));
             let timer = &mut self.timer;

@@ -363,7 +363,8 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
 ///
 /// With `rechunk` (a close-delimited body to an HTTP/1.1 client, see
 /// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
-/// stream as the last chunk.
+/// stream as the last chunk. With a `Dechunk` (a chunked body to an HTTP/1.0 client, see
+/// `ResponsePlan::dechunk`), only the chunks' data goes down.
 ///
 /// A client that takes nothing of it for `--client-write-timeout` is gone (see
 /// `io::Client`).
@@ -375,7 +376,7 @@ pub(crate) async fn download<C: Wire, B: Wire>(
     mut framer: BodyFramer,
     (out, early_data): (Vec<u8>, usize),
     mut tap: Option<Tap<'_>>,
-    rechunk: bool,
+    (rechunk, mut dechunk): (bool, Option<lb_http1::Dechunk>),
     acct: &mut Account,
 ) -> DownEnd {
     if early_data > 0 {
@@ -432,6 +433,10 @@ pub(crate) async fn download<C: Wire, B: Wire>(
         let part = if rechunk {
             chunked.clear();
             chunk(&mut chunked, &bbuf[..p.consumed]);
+            &chunked[..]
+        } else if let Some(d) = &mut dechunk {
+            chunked.clear();
+            d.feed(&bbuf[..p.consumed], |data| chunked.extend_from_slice(data));
             &chunked[..]
         } else {
             &bbuf[..p.consumed]

@@ -747,6 +747,19 @@ pub(crate) fn cases() -> Vec<Case> {
             ok("got it"),
         )
         .rejected_400(),
+        // A body that turns out badly framed: `lb` answers 400 itself and says the
+        // connection ends (the rest of the body is not read).
+        Case::new(
+            "req_chunked_bad_size",
+            raw(
+                &["POST /upload HTTP/1.1", h, "Transfer-Encoding: chunked"],
+                "zz\r\nhello\r\n0\r\n\r\n",
+            ),
+            ok("got it"),
+        )
+        .status(400)
+        .keep_alive(false)
+        .check("says close", client_values("connection", &["close"])),
         Case::new(
             "req_te_chunked_on_two_lines",
             raw(
@@ -925,6 +938,15 @@ pub(crate) fn cases() -> Vec<Case> {
                 &["HTTP/1.1 200 OK", "Content-Length: 5", "Content-Length: 6"],
                 "hello!",
             ),
+        )
+        .closing()
+        .status(502),
+        // A list, even of equal values, is not one length (hyper read it as one and
+        // passed the list on).
+        Case::new(
+            "resp_cl_list_equal",
+            raw(&["GET /cllist HTTP/1.1", h], ""),
+            raw(&["HTTP/1.1 200 OK", "Content-Length: 2, 2"], "ok"),
         )
         .closing()
         .status(502),
@@ -1179,7 +1201,103 @@ pub(crate) fn cases() -> Vec<Case> {
         .closing()
         .status(200)
         .check("client body", client_body("hello from 1.0")),
+        // An HTTP/1.0 client asked to keep the connection, but the body can only end
+        // with it: both builds say `close` (hyper alone said `keep-alive`).
+        Case::new(
+            "http10_keep_alive_close_delimited_answer",
+            raw(
+                &["GET /old-stream HTTP/1.0", h, "Connection: keep-alive"],
+                "",
+            ),
+            raw(
+                &["HTTP/1.0 200 OK", "Content-Type: text/event-stream"],
+                "data: 1\n\n",
+            ),
+        )
+        .closing()
+        .status(200)
+        .keep_alive(false)
+        .check("client body", client_body("data: 1\n\n"))
+        .check("says close", client_values("connection", &["close"])),
+        // A backend that answers an HTTP/1.0 request in chunks (RFC 9112 §6.1 forbids it):
+        // the client gets the data alone, delimited by the close.
+        Case::new(
+            "http10_client_chunked_answer",
+            raw(
+                &["GET /old-chunks HTTP/1.0", h, "Connection: keep-alive"],
+                "",
+            ),
+            raw(
+                &["HTTP/1.1 200 OK", "Transfer-Encoding: chunked"],
+                "5;ext=1\r\nhello\r\n0\r\n\r\n",
+            ),
+        )
+        .status(200)
+        .keep_alive(false)
+        .check("client body", client_body("hello"))
+        .check("no chunks", client_lacks(&["transfer-encoding"]))
+        .check("says close", client_values("connection", &["close"])),
+        // `Upgrade` in HTTP/1.0 is ignored (RFC 9110 §7.8): a plain request.
+        Case::new(
+            "http10_upgrade_ignored",
+            raw(
+                &[
+                    "GET /ws HTTP/1.0",
+                    h,
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version: 13",
+                ],
+                "",
+            ),
+            ok("plain"),
+        )
+        .status(200)
+        .forwarded(true)
+        .check("no upgrade upstream", backend_lacks(&["upgrade"]))
+        .check("client body", client_body("plain")),
         // -- request targets and methods -------------------------------------
+        // Authority-form is CONNECT's alone, `*` OPTIONS' alone (RFC 9112 §3.2.3-4);
+        // an absolute-form target is `http(s)` without user info (RFC 9110 §4.2.4).
+        Case::new(
+            "authority_form_target",
+            raw(&["GET b.example:443 HTTP/1.1", h], ""),
+            ok("no"),
+        )
+        .rejected_400(),
+        Case::new(
+            "bare_word_target",
+            raw(&["GET x HTTP/1.1", h], ""),
+            ok("no"),
+        )
+        .rejected_400(),
+        Case::new(
+            "asterisk_target_not_options",
+            raw(&["GET * HTTP/1.1", h], ""),
+            ok("no"),
+        )
+        .rejected_400(),
+        Case::new(
+            "absolute_form_with_user_info",
+            raw(&["GET http://u:p@b.example:99/x HTTP/1.1", h], ""),
+            ok("no"),
+        )
+        .rejected_400(),
+        Case::new(
+            "absolute_form_other_scheme",
+            raw(&["GET ftp://b.example/x HTTP/1.1", h], ""),
+            ok("no"),
+        )
+        .rejected_400(),
+        // Bytes that cannot begin a request (a TLS ClientHello on the plain port): 400 at
+        // once, not after the head timeout.
+        Case::new(
+            "tls_client_hello",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03AAAAAAAAAAAAAAAAAAAAAAAA".to_vec(),
+            ok("no"),
+        )
+        .rejected_400(),
         Case::new(
             "absolute_form_target",
             raw(&["GET http://conformance.test/abs?q=1 HTTP/1.1", h], ""),
