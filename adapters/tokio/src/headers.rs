@@ -73,9 +73,13 @@ pub(crate) fn check_request<B>(req: &http::Request<B>) -> Result<(), lb_http1::E
 /// `lb` cannot keep intact (hyper would take the chunks off and leave, say, `gzip` bytes
 /// the client is not told about).
 pub(crate) fn check_response(v: Version, h: &HeaderMap) -> Result<(), Failure> {
-    // hyper reads `Content-Length: 2, 2` as 2 but forwards the list: the codec's rule.
-    if let Err(e) = lb_http1::content_length(values(h, &header::CONTENT_LENGTH)) {
-        return Err(Failure::Invalid(format!("invalid response: {e}")));
+    // hyper reads `Content-Length: 2, 2` as 2 but forwards the list: the codec's rule,
+    // where the value is not plain digits.
+    let cl = h.get(header::CONTENT_LENGTH).map(HeaderValue::as_bytes);
+    if cl.is_some_and(|v| !v.iter().all(u8::is_ascii_digit)) {
+        if let Err(e) = lb_http1::content_length(values(h, &header::CONTENT_LENGTH)) {
+            return Err(Failure::Invalid(format!("invalid response: {e}")));
+        }
     }
     if !h.contains_key(header::TRANSFER_ENCODING) {
         return Ok(());

@@ -522,7 +522,11 @@ impl Ends {
     }
 
     fn say_close(&self, resp: &mut Response<ProxyBody>) {
-        if !self.keep_alive || resp.headers().contains_key(header::CONNECTION) {
+        // The usual request (HTTP/1.1, no body) has nothing to look at.
+        if !(self.body || self.http10)
+            || !self.keep_alive
+            || resp.headers().contains_key(header::CONNECTION)
+        {
             return;
         }
         let local = self.body && resp.extensions().get::<Local>().is_some();
