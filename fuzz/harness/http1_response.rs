@@ -78,14 +78,7 @@ pub fn run(data: &[u8]) {
                 assert_eq!(back.status, resp.status);
                 // What the client reads: chunked when a close-delimited body is re-chunked;
                 // close-delimited when a chunked one goes without its chunks.
-                let sent = if plan.rechunk {
-                    BodyKind::Chunked
-                } else if plan.dechunk {
-                    BodyKind::CloseDelimited
-                } else {
-                    plan.body
-                };
-                assert_eq!(back.body_kind(&req), Ok(sent));
+                assert_eq!(back.body_kind(&req), Ok(plan.sent_body()));
             }
             other => panic!("rewritten head does not parse: {other:?}"),
         }

@@ -140,6 +140,18 @@ impl ResponsePlan {
     pub fn is_upgrade(&self) -> bool {
         self.body == BodyKind::Tunnel
     }
+
+    /// How the body is framed as the client reads it: chunked when re-chunked,
+    /// close-delimited when its chunks are taken off, else as the backend framed it.
+    pub fn sent_body(&self) -> BodyKind {
+        if self.rechunk {
+            BodyKind::Chunked
+        } else if self.dechunk {
+            BodyKind::CloseDelimited
+        } else {
+            self.body
+        }
+    }
 }
 
 /// Writes the head to send to the client for the backend's response `resp`
@@ -219,10 +231,7 @@ pub fn rewrite_response(
                 write_framing(out, BodyKind::Length(n));
             }
         }
-        _ if rechunk => write_framing(out, BodyKind::Chunked),
-        // Its data alone, delimited by the close.
-        _ if dechunk => {}
-        _ => write_framing(out, body),
+        _ => write_framing(out, plan.sent_body()),
     }
     if let Some(date) = date.filter(|_| resp.header("date").is_none() && !resp.is_interim()) {
         write_header(out, b"Date", date);

@@ -352,14 +352,7 @@ proptest! {
                     panic!("rewritten response does not parse: {:?}", String::from_utf8_lossy(&out));
                 };
                 // A close-delimited body goes to an HTTP/1.1 client re-chunked.
-                let sent = if plan.rechunk {
-                    BodyKind::Chunked
-                } else if plan.dechunk {
-                    BodyKind::CloseDelimited
-                } else {
-                    plan.body
-                };
-                prop_assert_eq!(back.body_kind(&req), Ok(sent));
+                prop_assert_eq!(back.body_kind(&req), Ok(plan.sent_body()));
                 prop_assert!(!plan.rechunk || plan.body == BodyKind::CloseDelimited);
                 prop_assert!(!plan.dechunk || (plan.body == BodyKind::Chunked && !plan.keep_alive));
                 prop_assert_eq!(back.status, resp.status);
