@@ -43,8 +43,8 @@ use crate::conn::{write_reply, After};
 use crate::connect::describe;
 use crate::io::{send, splice, watch, Stall};
 use crate::pump::{
-    chunk, download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
-    HeadFail, Replay, UpEnd, Upward, WATCH_CAP,
+    download, hold_rest, poll_upload, response_head, send_fresh, send_head, upload, DownEnd,
+    HeadFail, Reframe, Replay, UpEnd, Upward, WATCH_CAP,
 };
 use crate::reqlog::{Side, Tap};
 use crate::rt::{LeaseGuard, Proxy, Shard, Upstream};
@@ -529,20 +529,14 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
         let mut framer = BodyFramer::new(plan.body);
         let mut tap = Tap::new(self.capture, Side::Response, plan.body);
         let early_data;
-        let mut dechunk = plan.dechunk.then(lb_http1::Dechunk::default);
+        let mut reframe = Reframe::of(&plan);
         match framer.push(bbuf) {
             Ok(p) => {
                 early_data = p.data;
                 if let Some(tap) = &mut tap {
                     tap.feed(&bbuf[..p.consumed]);
                 }
-                if plan.rechunk {
-                    chunk(&mut out, &bbuf[..p.consumed]);
-                } else if let Some(d) = &mut dechunk {
-                    d.feed(&bbuf[..p.consumed], |data| out.extend_from_slice(data));
-                } else {
-                    out.extend_from_slice(&bbuf[..p.consumed]);
-                }
+                reframe.push(&bbuf[..p.consumed], &mut out);
                 bbuf.drain(..p.consumed);
             }
             Err(e) => {
@@ -563,7 +557,7 @@ impl<'a, S: Shard, C: Wire> Exchange<'a, S, C> {
                 framer,
                 (out, early_data),
                 tap,
-                (plan.rechunk, dechunk),
+                reframe,
                 &mut *self.acct,
             ));
             let timer = &mut self.timer;

@@ -361,10 +361,8 @@ pub(crate) async fn response_head<C: Wire, B: Wire>(
 /// (copied to `tap`), each read written through at once (server-sent events are not held
 /// back).
 ///
-/// With `rechunk` (a close-delimited body to an HTTP/1.1 client, see
-/// `ResponsePlan::rechunk`), each part read goes down as a chunk, and the backend's end of
-/// stream as the last chunk. With a `Dechunk` (a chunked body to an HTTP/1.0 client, see
-/// `ResponsePlan::dechunk`), only the chunks' data goes down.
+/// The body goes down as [`Reframe`] says: as it came, each part as a chunk (and the
+/// backend's end of stream as the last chunk), or the chunks' data alone.
 ///
 /// A client that takes nothing of it for `--client-write-timeout` is gone (see
 /// `io::Client`).
@@ -376,7 +374,7 @@ pub(crate) async fn download<C: Wire, B: Wire>(
     mut framer: BodyFramer,
     (out, early_data): (Vec<u8>, usize),
     mut tap: Option<Tap<'_>>,
-    (rechunk, mut dechunk): (bool, Option<lb_http1::Dechunk>),
+    mut reframe: Reframe,
     acct: &mut Account,
 ) -> DownEnd {
     if early_data > 0 {
@@ -403,10 +401,12 @@ pub(crate) async fn download<C: Wire, B: Wire>(
             Ok(0) => {
                 return match framer.finish() {
                     // Close-delimited: complete at EOF.
-                    Ok(()) if rechunk => match send(client, b"0\r\n\r\n").await {
-                        Ok(()) => DownEnd::Done,
-                        Err(_) => DownEnd::ClientGone,
-                    },
+                    Ok(()) if matches!(reframe, Reframe::Rechunk) => {
+                        match send(client, b"0\r\n\r\n").await {
+                            Ok(()) => DownEnd::Done,
+                            Err(_) => DownEnd::ClientGone,
+                        }
+                    }
                     Ok(()) => DownEnd::Done,
                     Err(e) => DownEnd::Backend(Failure::Io(e.to_string())),
                 };
@@ -430,16 +430,12 @@ pub(crate) async fn download<C: Wire, B: Wire>(
             acct.first_byte();
             acct.bytes_out(p.data as u64);
         }
-        let part = if rechunk {
-            chunked.clear();
-            chunk(&mut chunked, &bbuf[..p.consumed]);
-            &chunked[..]
-        } else if let Some(d) = &mut dechunk {
-            chunked.clear();
-            d.feed(&bbuf[..p.consumed], |data| chunked.extend_from_slice(data));
-            &chunked[..]
-        } else {
+        let part = if let Reframe::AsIs = reframe {
             &bbuf[..p.consumed]
+        } else {
+            chunked.clear();
+            reframe.push(&bbuf[..p.consumed], &mut chunked);
+            &chunked[..]
         };
         if send(client, part).await.is_err() {
             return DownEnd::ClientGone;
@@ -450,8 +446,41 @@ pub(crate) async fn download<C: Wire, B: Wire>(
     DownEnd::Done
 }
 
+/// How a response body's bytes go to the client (see `lb_http1::ResponsePlan`).
+pub(crate) enum Reframe {
+    /// As they came.
+    AsIs,
+    /// Each part as a chunk (`ResponsePlan::rechunk`: a close-delimited body to an
+    /// HTTP/1.1 client); the last chunk is sent at the backend's end of stream.
+    Rechunk,
+    /// The chunks' data alone (`ResponsePlan::dechunk`: a chunked body to an HTTP/1.0
+    /// client).
+    Dechunk(lb_http1::Dechunk),
+}
+
+impl Reframe {
+    pub(crate) fn of(plan: &lb_http1::ResponsePlan) -> Self {
+        if plan.rechunk {
+            Reframe::Rechunk
+        } else if plan.dechunk {
+            Reframe::Dechunk(lb_http1::Dechunk::default())
+        } else {
+            Reframe::AsIs
+        }
+    }
+
+    /// Appends the body bytes `wire`, reframed, to `out`.
+    pub(crate) fn push(&mut self, wire: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Reframe::AsIs => out.extend_from_slice(wire),
+            Reframe::Rechunk => chunk(out, wire),
+            Reframe::Dechunk(d) => d.feed(wire, |data| out.extend_from_slice(data)),
+        }
+    }
+}
+
 /// Appends `data` as one chunk (nothing if it is empty: that would be the last chunk).
-pub(crate) fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
