@@ -559,9 +559,10 @@ pub(crate) fn next_line_byte(s: &[u8]) -> Option<usize> {
 /// (RFC 9112 §2.2 lets a server skip them), a byte that is not a token character before
 /// the method ends, within its first 32 bytes. A TLS ClientHello on the plain port, say,
 /// gets its 400 at once, as hyper gives it, instead of waiting out the head timeout for a
-/// line end that never comes. (Bounded, so that a head trickled in byte by byte costs
-/// linear time.)
+/// line end that never comes. (Only the first 64 bytes are looked at, so that a head
+/// trickled in byte by byte costs linear time, empty lines included.)
 pub fn cannot_start_request(buf: &[u8]) -> bool {
+    let buf = &buf[..buf.len().min(64)];
     let start = buf
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')

@@ -776,8 +776,15 @@ fn what_cannot_start_a_request_is_known_from_its_first_bytes() {
             String::from_utf8_lossy(ok)
         );
     }
-    // Only the first 32 bytes are looked at: a long method is left to the parser.
+    // Only the first 32 bytes of the method are looked at: a long one is left to the
+    // parser.
     let mut long = vec![b'A'; 40];
     long.push(b'\x00');
     assert!(!crate::cannot_start_request(&long));
+    // Nor more than 64 bytes in all: a trickle of bare CRs costs each read the same.
+    let mut crs = vec![b'\r'; 63];
+    crs.push(b'\x00');
+    assert!(crate::cannot_start_request(&crs));
+    crs.insert(0, b'\r');
+    assert!(!crate::cannot_start_request(&crs));
 }
