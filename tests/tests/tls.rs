@@ -17,18 +17,24 @@ fn backend() -> Option<TlsBackend> {
     TlsBackend::start(&[])
 }
 
-#[test]
-fn an_https_backend_is_reached_over_tls_by_its_name() {
-    let Some(b) = backend() else { return };
+/// `lb` in front of `b` reached at `host`, trusting its CA, once its first probe (over
+/// TLS) has passed.
+fn lb_trusting(b: &TlsBackend, host: &str) -> Lb {
     let ca = b.ca();
     let lb = Lb::spawn(&[
         "--backends",
-        &b.url("localhost"),
+        &b.url(host),
         "--backend-ca",
         ca.to_str().unwrap(),
     ]);
-    // Its first probe, over TLS, passed.
     lb.wait_probed(1);
+    lb
+}
+
+#[test]
+fn an_https_backend_is_reached_over_tls_by_its_name() {
+    let Some(b) = backend() else { return };
+    let lb = lb_trusting(&b, "localhost");
     let r = lb.get("/v1/anything?x=1");
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -51,14 +57,7 @@ fn an_https_backend_is_reached_over_tls_by_its_name() {
 #[test]
 fn an_https_backend_by_address_is_checked_against_its_ip() {
     let Some(b) = backend() else { return };
-    let ca = b.ca();
-    let lb = Lb::spawn(&[
-        "--backends",
-        &b.url("127.0.0.1"),
-        "--backend-ca",
-        ca.to_str().unwrap(),
-    ]);
-    lb.wait_probed(1);
+    let lb = lb_trusting(&b, "127.0.0.1");
     let r = lb.get("/x");
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
